@@ -1,0 +1,137 @@
+"""Config to objects, for the entry points only: the one place where epochs become steps.
+
+Library modules never see a config; entry points call these builders and hand the results over.
+"""
+
+import math
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from snapens import schedules
+from snapens.data import Augmentation, Dataset, load_cifar, load_image_folder, make_synthetic, prepare
+from snapens.errors import SnapensError
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SnapensError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def build_data(cfg: DictConfig) -> Dataset:
+    """Load (or make) the dataset named by `cfg.data` and take its validation split and subsets."""
+    if cfg.name in ("cifar10", "cifar100"):
+        train, test, classes = load_cifar(cfg.root, cfg.name, cfg.download)
+    elif cfg.name == "imagefolder":
+        train, test, classes = load_image_folder(cfg.root, cfg.image_size)
+    else:
+        train, test, classes = make_synthetic(cfg.num_classes, cfg.train_size, cfg.test_size, cfg.size)
+    if len(classes) != cfg.num_classes:
+        raise SnapensError(f"data.num_classes={cfg.num_classes} but the data has {len(classes)} classes "
+                           f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}); "
+                           f"set data.num_classes={len(classes)}")
+    return prepare(train, test, classes, train_limit=cfg.train_limit, test_limit=cfg.test_limit,
+                   val_size=cfg.val_size, seed=cfg.subset_seed)
+
+
+def build_augmentation(cfg: DictConfig) -> Augmentation:
+    return Augmentation(padding=cfg.crop_padding, flip=cfg.flip, cutout=cfg.cutout)
+
+
+def build_model(cfg: DictConfig) -> torch.nn.Module:
+    return instantiate(cfg)
+
+
+def model_name(cfg: DictConfig) -> str:
+    """A short name for snapshot metadata: resnet20, wrn28_10, or the class path for other models."""
+    target = cfg._target_.rsplit(".", 1)[-1]
+    if target == "CifarResNet":
+        return f"resnet{cfg.depth}"
+    if target == "WideResNet":
+        return f"wrn{cfg.depth}_{cfg.widen_factor}"
+    return cfg._target_
+
+
+def build_optimizer(model: torch.nn.Module, cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD or AdamW over the model's parameters; optionally no weight decay on BatchNorm weights and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 and not cfg.decay_bn_and_bias else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def _epochs(steps: int, steps_per_epoch: int) -> str:
+    return f"{steps / steps_per_epoch:.4g}"
+
+
+def build_schedule(cfg: DictConfig, epochs: float, steps_per_epoch: int) -> schedules.Schedule:
+    """The schedule named by `cfg` (the scheduler group) over a budget of `epochs`, in optimizer steps."""
+    total = round(epochs * steps_per_epoch)
+
+    def steps(key: str, value: float | None = None) -> int:
+        value = cfg[key] if value is None else value
+        n = round(value * steps_per_epoch) if cfg.get("unit", "epoch") == "epoch" else round(value)
+        if value and n < 1:
+            raise SnapensError(f"scheduler.{key}={value} {cfg.unit}s is shorter than one step "
+                               f"({steps_per_epoch} steps per epoch)")
+        return n
+
+    try:
+        schedule = _make(cfg, total, steps)
+        if cfg.get("warmup"):
+            schedule = schedules.Warmup(schedule, steps("warmup"))
+    except ValueError as e:
+        raise SnapensError(f"scheduler={cfg.name}: {e}") from None
+    _check_budget(schedule, epochs, steps_per_epoch)
+    return schedule
+
+
+def _make(cfg: DictConfig, total: int, steps) -> schedules.Schedule:
+    name = cfg.name
+    if name == "constant":
+        return schedules.Constant(cfg.eta_max, total)
+    if name == "step":
+        milestones = tuple(steps("milestones", m) for m in cfg.milestones)
+        return schedules.StepDecay(cfg.eta_max, total, milestones, cfg.gamma)
+    if name == "cosine":
+        return schedules.Cosine(cfg.eta_max, total, cfg.eta_min)
+    if name == "sgdr":
+        return schedules.SGDR(cfg.eta_max, steps("T_0"), total, cfg.T_mult, cfg.eta_min, cfg.decay)
+    if name == "snapshot":
+        return schedules.Snapshot(cfg.eta_max, total, cfg.cycles, cfg.eta_min)
+    if name == "onecycle":
+        return schedules.OneCycle(cfg.eta_max, total, cfg.pct_start, cfg.div_factor, cfg.final_div_factor,
+                                  cfg.anneal, cfg.three_phase, cfg.cycle_momentum, cfg.base_momentum,
+                                  cfg.max_momentum)
+    if name == "cyclic":
+        down = steps("step_size_down") if cfg.step_size_down else None
+        return schedules.Cyclic(cfg.eta_min, cfg.eta_max, steps("step_size_up"), total, down, cfg.mode, cfg.gamma,
+                                cfg.cycle_momentum, cfg.base_momentum, cfg.max_momentum)
+    raise SnapensError(f"scheduler.name={name} is not a known schedule")
+
+
+def _check_budget(schedule: schedules.Schedule, epochs: float, steps_per_epoch: int) -> None:
+    """A cyclic schedule's budget must end where a cycle ends, so the last snapshot is taken at a minimum."""
+    total = schedule.total_steps
+    inner = getattr(schedule, "inner", schedule)
+    if isinstance(inner, schedules.SGDR):
+        ends = inner.ends_until(total)
+    elif isinstance(inner, schedules.Cyclic):
+        length = inner.step_size_up + (inner.step_size_down or inner.step_size_up)
+        ends = list(range(length, total + length, length))
+    else:
+        return
+    if total not in ends:
+        cycle = next(i for i, e in enumerate(ends) if e > total) + 1
+        shown = ", ".join(_epochs(e, steps_per_epoch) for e in ends)
+        raise SnapensError(f"trainer.epochs={epochs:g} ends inside cycle {cycle}; cycles end at {shown} epochs: "
+                           "set trainer.epochs to one of them")

@@ -1,0 +1,308 @@
+"""Datasets as uint8 tensors, and batched augmentation on the training device.
+
+Every dataset becomes `Split`s: images uint8 N x 3 x H x W and labels int64 N. Decoding happens once: the tensors
+are cached next to the data (safetensors, keyed by a fingerprint of the source files), so a second run starts in
+seconds. A "loader" is the tensors plus a permutation from an explicit torch.Generator; crops, flips, cutout and
+normalisation run on whole batches where the data lives (the way airbench does it, github.com/KellerJordan).
+"""
+
+import hashlib
+import json
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from snapens.errors import SnapensError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what torchvision.io.decode_image reads
+CACHE_VERSION = "1"
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8, N x 3 x H x W
+    labels: torch.Tensor  # int64, N
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "Split":
+        return Split(self.images[index], self.labels[index])
+
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class Dataset:
+    train: Split
+    test: Split
+    val: Optional[Split]
+    classes: list[str]
+    mean: tuple[float, float, float]  # per channel, of the training images on 0..1 pixels
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation of He et al. 2016 (arXiv 1512.03385): pad-and-crop, horizontal flip; cutout optional."""
+
+    padding: int = 4  # pixels of zero padding before the random crop; 0: no crop
+    flip: bool = True
+    cutout: int = 0  # side of the zeroed square (DeVries & Taylor 2017, arXiv 1708.04552); 0: none
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+def load_cifar(root: str, name: str, download: bool) -> tuple[Split, Split, list[str]]:
+    """CIFAR-10/100 from torchvision's python format in `root`, downloading when allowed and possible."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+
+    def read(train: bool):
+        ds = cls(root, train=train, download=False)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        return Split(images, torch.tensor(ds.targets, dtype=torch.int64)), list(ds.classes)
+
+    def fetch():
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(60)  # torchvision's urlopen has no timeout of its own
+        try:
+            cls(root, train=True, download=True)
+        finally:
+            socket.setdefaulttimeout(old)
+
+    missing = f"{name} is not in {Path(root).resolve()}: put {cls.base_folder}/ (extracted from {cls.filename}, {cls.url}) there"
+    try:
+        if download and not (Path(root) / cls.base_folder).is_dir():
+            fetch()
+        (train, classes), (test, _) = read(True), read(False)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise SnapensError(f"{missing}, or pass data.root=DIR where it is ({e})") from None
+    except OSError as e:  # no network, refused, timed out
+        raise SnapensError(f"{missing}; downloading it failed ({e})") from None
+    return train, test, classes
+
+
+def _scan_split(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise SnapensError(f"class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                               "add images or remove the folder")
+        paths += files
+        labels += [label] * len(files)
+    return paths, labels
+
+
+def _decode(path: Path, size: int) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import resize
+
+    try:
+        image = decode_image(str(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError) as e:
+        raise SnapensError(f"cannot read image {path}: {e}; replace or remove the file") from None
+    return resize(image, [size, size], antialias=True) if size else image
+
+
+def _stack(images: list[torch.Tensor], paths: list[Path]) -> torch.Tensor:
+    first = images[0].shape
+    for image, path in zip(images, paths):
+        if image.shape != first:
+            raise SnapensError(f"images differ in size: {paths[0]} is {first[2]}x{first[1]}, {path} is "
+                               f"{image.shape[2]}x{image.shape[1]}; set data.image_size=N to resize all to NxN")
+    return torch.stack(images)
+
+
+def _fingerprint(paths: list[Path], root: Path, size: int) -> str:
+    h = hashlib.sha1(f"{CACHE_VERSION} {size}".encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.relative_to(root)} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_dir(root: Path) -> Path:
+    """Next to the data; in ~/.cache/snapens when the data folder is read-only."""
+    here = root / ".snapens_cache"
+    try:
+        here.mkdir(exist_ok=True)
+        if os.access(here, os.W_OK):
+            return here
+    except OSError:
+        pass
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    elsewhere = Path.home() / ".cache" / "snapens" / key
+    elsewhere.mkdir(parents=True, exist_ok=True)
+    return elsewhere
+
+
+def _load_or_decode(split: str, root: Path, classes: list[str], size: int) -> Split:
+    paths, labels = _scan_split(root / split, classes)
+    cache = _cache_dir(root) / f"{split}-{_fingerprint(paths, root, size)}.safetensors"
+    try:
+        tensors = load_file(cache)
+        return Split(tensors["images"], tensors["labels"])
+    except (FileNotFoundError, SafetensorError, KeyError):
+        pass  # first run, or a damaged cache: decode again
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # libjpeg releases the GIL
+        images = _stack(list(pool.map(lambda p: _decode(p, size), paths)), paths)
+    result = Split(images, torch.tensor(labels, dtype=torch.int64))
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    save_file({"images": result.images, "labels": result.labels}, tmp, metadata={"classes": json.dumps(classes)})
+    os.replace(tmp, cache)
+    return result
+
+
+def load_image_folder(root: str, image_size: int = 0) -> tuple[Split, Split, list[str]]:
+    """Images in root/train/<class>/* and root/test/<class>/*; classes sorted by name, as torchvision's ImageFolder."""
+    base = Path(root)
+    for split in ("train", "test"):
+        if not (base / split).is_dir():
+            raise SnapensError(f"data.root={root} has no {split}/ folder: expected {root}/train/<class>/*.jpg and "
+                               f"{root}/test/<class>/*.jpg")
+    classes = sorted(d.name for d in (base / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise SnapensError(f"data.root={root} has no images: {root}/train has no class folders")
+    extra = sorted(d.name for d in (base / "test").iterdir() if d.is_dir() and d.name not in classes)
+    if extra:
+        raise SnapensError(f"{root}/test has class folders that {root}/train lacks: {', '.join(extra)}")
+    train = _load_or_decode("train", base, classes, image_size)
+    test_classes = [c for c in classes if (base / "test" / c).is_dir()]
+    test = _load_or_decode("test", base, test_classes, image_size)
+    test.labels = torch.tensor([classes.index(c) for c in test_classes])[test.labels]
+    return train, test, classes
+
+
+def make_synthetic(num_classes: int, train_size: int, test_size: int, size: int, seed: int = 0):
+    """Tiny random images whose class sets a dominant colour and a stripe period: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> Split:
+        labels = torch.arange(n) % num_classes
+        images = torch.randint(0, 96, (n, 3, size, size), generator=g)
+        images[torch.arange(n), labels % 3] += 120
+        rows = torch.arange(size)[None, :] % (2 + labels[:, None] // 3) == 0  # n x size
+        images += 35 * rows[:, None, :, None]
+        return Split(images.to(torch.uint8), labels)
+
+    return split(train_size), split(test_size), [f"class{i}" for i in range(num_classes)]
+
+
+# --- subsets and statistics ---------------------------------------------------------------------------------------
+def balanced_subset(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of n examples, as equal per class as possible, chosen at random; sorted ascending."""
+    order = torch.randperm(len(labels), generator=generator)
+    shuffled = labels[order]
+    # rank of each example within its class (in shuffled order): take all rank-0s first, then rank-1s, ...
+    rank = torch.empty_like(shuffled)
+    for c in shuffled.unique():
+        where = (shuffled == c).nonzero().flatten()
+        rank[where] = torch.arange(len(where))
+    pick = torch.argsort(rank * (int(labels.max()) + 1) + shuffled, stable=True)[:n]
+    return order[pick].sort().values
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images on the 0..1 scale, in float64 chunks (exact and memory-light)."""
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for chunk in images.split(4096):
+        x = chunk.to(torch.float64) / 255
+        total += x.sum((0, 2, 3))
+        squares += (x * x).sum((0, 2, 3))
+    count = images.numel() / 3
+    mean = total / count
+    std = (squares / count - mean**2).clamp_min(1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def prepare(train: Split, test: Split, classes: list[str], *, train_limit: int = 0, test_limit: int = 0,
+            val_size: int = 0, seed: int = 0) -> Dataset:
+    """Hold out a class-balanced validation split, take seeded class-balanced subsets, measure the train statistics."""
+    g = torch.Generator().manual_seed(seed)
+    val = None
+    if val_size:
+        if val_size >= len(train):
+            raise SnapensError(f"data.val_size={val_size} leaves no training images (train has {len(train)})")
+        val_index = balanced_subset(train.labels, val_size, g)
+        keep = torch.ones(len(train), dtype=torch.bool)
+        keep[val_index] = False
+        val, train = train.subset(val_index), train.subset(keep.nonzero().flatten())
+    if train_limit and train_limit < len(train):
+        train = train.subset(balanced_subset(train.labels, train_limit, g))
+    if test_limit and test_limit < len(test):
+        test = test.subset(balanced_subset(test.labels, test_limit, g))
+    mean, std = channel_stats(train.images)
+    return Dataset(train, test, val, classes, mean, std)
+
+
+# --- batches on the device ------------------------------------------------------------------------------------------
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 B x 3 x H x W -> float32, standardised per channel."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """A different random HxW window of the zero-padded image for every image of the batch, in one gather."""
+    b, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, b, 1), generator=generator, device=images.device)
+    rows = (dy + torch.arange(h, device=images.device))[:, None, :, None]  # b x 1 x h x 1
+    cols = (dx + torch.arange(w, device=images.device))[:, None, None, :]  # b x 1 x 1 x w
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero a size x size square (clipped at the borders) centred at a random pixel of each image."""
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b, 1), generator=generator, device=x.device)
+    cx = torch.randint(0, w, (b, 1), generator=generator, device=x.device)
+    ys = torch.arange(h, device=x.device) - cy + size // 2  # b x h, in [0, size) inside the square
+    xs = torch.arange(w, device=x.device) - cx + size // 2
+    inside = ((ys >= 0) & (ys < size))[:, :, None] & ((xs >= 0) & (xs < size))[:, None, :]
+    return x * ~inside[:, None]
+
+
+def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug: Augmentation,
+                  mean, std) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled, augmented, normalised batches (the last one may be smaller).
+
+    The generator must live on the same device as the split; it alone decides the order and the augmentation.
+    """
+    order = torch.randperm(len(split), generator=generator, device=split.images.device)
+    for index in order.split(batch_size):
+        images = split.images[index]
+        if aug.padding:
+            images = random_crop(images, aug.padding, generator)
+        if aug.flip:
+            images = random_flip(images, generator)
+        x = normalize(images, mean, std)
+        if aug.cutout:
+            x = cutout(x, aug.cutout, generator)
+        yield x, split.labels[index]
+
+
+def eval_batches(split: Split, batch_size: int, mean, std) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The split in order, normalised, without augmentation."""
+    for start in range(0, len(split), batch_size):
+        yield normalize(split.images[start:start + batch_size], mean, std), split.labels[start:start + batch_size]

@@ -1,0 +1,97 @@
+"""Snapshots: one safetensors file per cycle end, `snapshots/cycle_XX.safetensors` in the run dir.
+
+A snapshot holds the model's complete state_dict (BatchNorm buffers included) and string metadata: cycle, step,
+epoch, lr, model name, number of classes, class names, the input normalisation and a hash of the resolved config,
+so inference needs nothing else. safetensors never runs code on load (unlike pickle), and every write goes to a
+temporary file in the same folder that is then renamed, so a reader never sees half a file.
+"""
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from snapens.errors import SnapensError
+
+FORMAT = "snapens-1"
+
+
+def snapshot_path(run_dir: str | Path, cycle: int) -> Path:
+    """Cycles count from 1 in file names: cycle_01 is the first snapshot."""
+    return Path(run_dir) / "snapshots" / f"cycle_{cycle:02d}.safetensors"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it: all or nothing, even on a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_snapshot(path: Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
+    """Save the model's state_dict with metadata (values stored as JSON strings)."""
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, **{k: json.dumps(v) for k, v in metadata.items()}}
+    write_atomic(path, save(state, metadata=meta))
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The metadata of a snapshot, values decoded from JSON; reads only the header."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+    except FileNotFoundError:
+        raise SnapensError(f"snapshot {path} does not exist") from None
+    except (SafetensorError, OSError) as e:
+        raise SnapensError(f"snapshot {path} is not a readable safetensors file ({e}); it is truncated or corrupt")
+    if raw.get("format") != FORMAT:
+        raise SnapensError(f"{path} is not a snapens snapshot (metadata format={raw.get('format')!r})")
+    return {k: json.loads(v) for k, v in raw.items() if k != "format"}
+
+
+def load_snapshot(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (state_dict, metadata) of a snapshot file."""
+    metadata = read_metadata(path)
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise SnapensError(f"snapshot {path} is not a readable safetensors file ({e}); it is truncated or corrupt")
+    return state, metadata
+
+
+def load_into(model: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """Load a snapshot's weights into `model` (strictly: every tensor must fit); return its metadata."""
+    state, metadata = load_snapshot(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1].strip() if "\n" in str(e).strip() else str(e)
+        raise SnapensError(f"snapshot {path} does not fit the model ({first}): it was saved from "
+                           f"{metadata.get('model')} with {metadata.get('num_classes')} classes") from None
+    return metadata
+
+
+def list_snapshots(run_dir: str | Path) -> list[Path]:
+    """The run's snapshot files in cycle order."""
+    found = [(re.fullmatch(r"cycle_(\d+)", p.stem), p) for p in (Path(run_dir) / "snapshots").glob("*.safetensors")]
+    return [p for m, p in sorted((int(m[1]), p) for m, p in found if m)]

@@ -8,6 +8,7 @@ the last snapshot alone.
 
 import hashlib
 import json
+import logging
 import math
 import sys
 import time
@@ -20,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from snapens.build import (build_augmentation, build_data, build_model, build_optimizer, build_schedule,
                            model_name, pick_device)
@@ -30,6 +32,7 @@ from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, read_metadata, save_snapshot, snapshot_path
 
 register_configs()
+log = logging.getLogger(__name__)
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) -> None:
@@ -89,13 +92,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     metadata = {"model": model_name(cfg.model), "num_classes": len(data.classes), "classes": data.classes,
                 "mean": list(data.mean), "std": list(data.std), "config_hash": config_hash(cfg)}
-    print(f"{metadata['model']} on {cfg.data.name} ({len(data.train)} train / {len(data.test)} test images), "
+    log.info(f"{metadata['model']} on {cfg.data.name} ({len(data.train)} train / {len(data.test)} test images), "
           f"{cfg.scheduler.name}: {schedule.total_steps} steps, snapshots after steps {cycle_ends}, on {device}")
 
     # ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----
     step, epoch, start = 0, 0, time.perf_counter()
-    bar = tqdm(total=schedule.total_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
-    with open(run_dir / "metrics.jsonl", "w") as metrics:
+    bar = tqdm(total=schedule.total_steps, unit="step", dynamic_ncols=True, disable=None)  # None: off when not a tty
+    with open(run_dir / "metrics.jsonl", "w") as metrics, logging_redirect_tqdm():
         while step < schedule.total_steps:
             model.train()
             loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
@@ -130,10 +133,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                       "train_acc": correct.item() / seen, "seconds": time.perf_counter() - start}
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+            log.info("epoch {epoch} step {step} lr {lr:.4g} loss {train_loss:.4f} acc {train_acc:.4f} "
+                     "{seconds:.1f}s".format(**record))
     bar.close()
 
     report = evaluate_snapshots(cfg, run_dir, model, data, device)
-    print(format_report(report))
+    log.info("\n" + format_report(report))
     return report["ensemble"]["acc"]
 
 

@@ -1,0 +1,465 @@
+"""Learning-rate schedules as pure functions of the optimizer-update index.
+
+Conventions shared by the whole package:
+
+* ``t`` counts optimizer updates, 0-based; ``lr(t)`` is the rate used by update ``t``.
+* A cycle that *ends at step e* is over once ``e`` updates are done (a snapshot is taken then),
+  and update ``e - 1`` used the cycle's smallest learning rate.
+* Schedules only know steps; epoch -> step conversion happens elsewhere.
+* Every schedule is a frozen dataclass, so ``lr(t)`` does not depend on call order (resuming,
+  plotting and testing all see the same values).
+
+No torch here on purpose: this is plain arithmetic, checked value for value against
+``torch.optim.lr_scheduler`` in tests/test_schedules.py.
+"""
+
+import math
+from dataclasses import dataclass
+
+CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
+ANNEAL_STRATEGIES = ("cos", "linear")
+
+
+def _require(ok: bool, message: str) -> None:
+    """Raise a one-line ValueError unless ``ok`` (written so that NaN fails every check)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_steps(name: str, value: int, minimum: int = 1) -> None:
+    """Steps are whole optimizer updates: require an int >= ``minimum`` (0 or 1)."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    kind = "a positive" if minimum == 1 else "a non-negative"
+    _require(is_int and value >= minimum, f"{name} must be {kind} number of steps, got {value!r}")
+
+
+def _check_lr_range(eta_min: float, eta_max: float) -> None:
+    _require(eta_max > 0, f"eta_max must be a positive learning rate, got {eta_max!r}")
+    _require(eta_min >= 0, f"eta_min must be a learning rate >= 0, got {eta_min!r}")
+    _require(eta_min <= eta_max, f"eta_min ({eta_min}) must not exceed eta_max ({eta_max})")
+
+
+def _check_momentum(base_momentum: float, max_momentum: float) -> None:
+    _require(0 <= base_momentum <= max_momentum, "momentum must satisfy 0 <= base_momentum <= max_momentum, "
+             f"got base_momentum={base_momentum!r}, max_momentum={max_momentum!r}")
+
+
+def _cosine(peak: float, floor: float, t_cur: int, length: int) -> float:
+    """SGDR eq. (5) (arXiv:1608.03983): half a cosine from ``peak`` at ``t_cur = 0`` towards ``floor``,
+    which would be reached at ``t_cur = length`` (the next restart)."""
+    if t_cur == 0:
+        return float(peak)  # floor + (peak - floor) can round away from peak; a restart must hit it exactly
+    # Same operation order as torch (pi * t / T), so the tests agree with it to the last bit.
+    return floor + (peak - floor) * (1 + math.cos(math.pi * t_cur / length)) / 2
+
+
+class Schedule:
+    """Base class: a learning rate (and optionally a momentum) for each optimizer update.
+
+    Subclasses are frozen dataclasses with a ``total_steps`` field (or property).
+    """
+
+    total_steps: int
+
+    def lr(self, t: int) -> float:
+        """Learning rate used by update ``t``.
+
+        Raises:
+            ValueError: ``t`` is not an int in ``[0, total_steps)``.
+        """
+        raise NotImplementedError
+
+    def momentum(self, t: int) -> float | None:
+        """Momentum for update ``t``; ``None`` keeps the optimizer's own momentum."""
+        self._check_t(t)
+        return None
+
+    def cycle_ends(self) -> list[int]:
+        """Steps at which a cycle ends, ascending; the last one is always ``total_steps``."""
+        return [self.total_steps]
+
+    def _check_t(self, t: int) -> None:
+        # A step outside the budget is almost always an off-by-one in the caller: fail loudly.
+        ok = isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.total_steps
+        _require(ok, f"t must be an int in [0, total_steps={self.total_steps}), got {t!r}")
+
+
+@dataclass(frozen=True)
+class Constant(Schedule):
+    """The same learning rate for every update."""
+
+    eta_max: float
+    total_steps: int
+
+    def __post_init__(self) -> None:
+        _check_steps("total_steps", self.total_steps)
+        _check_lr_range(0.0, self.eta_max)
+
+    def lr(self, t: int) -> float:
+        self._check_t(t)
+        return float(self.eta_max)
+
+
+@dataclass(frozen=True)
+class StepDecay(Schedule):
+    """``eta_max * gamma ** (number of milestones <= t)``: torch ``MultiStepLR``.
+
+    torch ``StepLR(step_size)`` is ``milestones=(step_size, 2 * step_size, ...)``. A milestone listed twice
+    decays twice, as in torch; milestones at or past ``total_steps`` simply never take effect.
+
+    Args:
+        milestones: Steps at which the rate is multiplied by ``gamma``, ascending, each >= 1.
+        gamma: Decay factor, > 0.
+    """
+
+    eta_max: float
+    total_steps: int
+    milestones: tuple[int, ...]
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_steps("total_steps", self.total_steps)
+        _check_lr_range(0.0, self.eta_max)
+        object.__setattr__(self, "milestones", tuple(self.milestones))  # a list would make it unhashable
+        for m in self.milestones:
+            _check_steps("every milestone", m)
+        _require(list(self.milestones) == sorted(self.milestones),
+                 f"milestones must be in ascending order, got {self.milestones}")
+        _require(self.gamma > 0, f"gamma must be > 0, got {self.gamma!r}")
+
+    def lr(self, t: int) -> float:
+        self._check_t(t)
+        return float(self.eta_max * self.gamma ** sum(1 for m in self.milestones if m <= t))
+
+
+@dataclass(frozen=True)
+class Cosine(Schedule):
+    """One cosine from ``eta_max`` to ``eta_min`` over the budget: torch ``CosineAnnealingLR(T_max=total_steps)``,
+    i.e. SGDR (arXiv:1608.03983) without restarts."""
+
+    eta_max: float
+    total_steps: int
+    eta_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_steps("total_steps", self.total_steps)
+        _check_lr_range(self.eta_min, self.eta_max)
+
+    def lr(self, t: int) -> float:
+        self._check_t(t)
+        return _cosine(self.eta_max, self.eta_min, t, self.total_steps)
+
+
+@dataclass(frozen=True)
+class SGDR(Schedule):
+    """Cosine annealing with warm restarts (Loshchilov & Hutter, arXiv:1608.03983).
+
+    Cycle ``i`` lasts ``T_i = T_0 * T_mult**i`` steps (rounded when ``T_mult`` is not an integer) and anneals
+    from ``eta_max * decay**i`` towards ``eta_min``. ``decay < 1`` shrinks later peaks (timm's ``cycle_decay``);
+    keep ``eta_max * decay**i >= eta_min`` for the cycles you train, or a cycle would anneal upwards.
+
+    Args:
+        eta_max: Peak rate of cycle 0, used by its first update.
+        T_0: Length of cycle 0 in steps.
+        total_steps: Budget; it may end inside a cycle (see ``cycle_ends``).
+        T_mult: Cycle-length growth factor, >= 1; 2 and 2.0 both use exact integer lengths.
+        eta_min: Rate the cosine anneals towards (reached at the restart, never used).
+        decay: Peak multiplier per cycle, in (0, 1].
+    """
+
+    eta_max: float
+    T_0: int
+    total_steps: int
+    T_mult: float = 1.0
+    eta_min: float = 0.0
+    decay: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_steps("T_0", self.T_0)
+        _check_steps("total_steps", self.total_steps)
+        _check_lr_range(self.eta_min, self.eta_max)
+        _require(self.T_mult >= 1 and math.isfinite(self.T_mult), f"T_mult must be >= 1, got {self.T_mult!r}")
+        _require(0 < self.decay <= 1, f"decay must be in (0, 1], got {self.decay!r}")
+        # Every rounded T_i is >= 1 without a check: T_0 is an int >= 1 and T_mult >= 1.
+
+    def _length(self, i: int) -> int:
+        """T_i, in exact integer arithmetic whenever T_mult is integral (2 and 2.0 alike)."""
+        if float(self.T_mult).is_integer():
+            return self.T_0 * int(self.T_mult) ** i
+        return round(self.T_0 * self.T_mult**i)
+
+    def _locate(self, t: int) -> tuple[int, int, int]:
+        """(cycle index, first step of that cycle, its length) for update ``t``."""
+        if self.T_mult == 1:
+            i = t // self.T_0  # O(1) for the common fixed-length case
+            return i, i * self.T_0, self.T_0
+        # Walk whole cycles in integers, O(log t). The closed-form logarithm used by timm and by torch's
+        # step(epoch) lands in the previous cycle at some restarts, e.g. t = 121*T_0 with T_mult = 3.
+        i, start, length = 0, 0, self.T_0
+        while t >= start + length:
+            start += length
+            i += 1
+            length = self._length(i)
+        return i, start, length
+
+    def cycle(self, t: int) -> int:
+        """0-based index of the cycle containing update ``t``.
+
+        Args:
+            t: Any step >= 0; cycles are those of the unbounded SGDR sequence, as in ``ends_until``.
+        """
+        _check_steps("t", t, minimum=0)
+        return self._locate(t)[0]
+
+    def ends_until(self, n: int) -> list[int]:
+        """Cycle ends of the unbounded sequence, ascending, up to and including the first end >= ``n``.
+
+        Lets the caller explain a budget: "100 epochs ends inside cycle 4; cycles end at 10, 30, 70, 150".
+
+        Args:
+            n: A number of steps, >= 1 (typically the budget).
+
+        Returns:
+            Ascending cycle ends; the last is the first end >= ``n``.
+        """
+        _check_steps("n", n)
+        ends = [self.T_0]
+        while ends[-1] < n:
+            ends.append(ends[-1] + self._length(len(ends)))
+        return ends
+
+    def cycle_ends(self) -> list[int]:
+        ends = self.ends_until(self.total_steps)
+        ends[-1] = self.total_steps  # the budget may stop inside the last cycle
+        return ends
+
+    def lr(self, t: int) -> float:
+        self._check_t(t)
+        i, start, length = self._locate(t)
+        return _cosine(self.eta_max * self.decay**i, self.eta_min, t - start, length)
+
+
+@dataclass(frozen=True)
+class Snapshot(Schedule):
+    """Snapshot Ensembles schedule (Huang et al., arXiv:1704.00109, eq. 2).
+
+    ``cycles`` (M) cosine cycles share the budget T: cycle k spans steps ``[k*T//M, (k+1)*T//M)``. That is the
+    paper's formula when M divides T; otherwise lengths differ by at most one step (instead of the paper's
+    ceil(T/M) leaving a short last cycle).
+
+    Args:
+        cycles: Number of cycles M (= snapshots), 1 <= M <= total_steps.
+    """
+
+    eta_max: float
+    total_steps: int
+    cycles: int
+    eta_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_steps("total_steps", self.total_steps)
+        _check_steps("cycles", self.cycles)
+        _require(self.cycles <= self.total_steps, f"cycles ({self.cycles}) must not exceed total_steps "
+                 f"({self.total_steps}): every cycle needs at least one step")
+        _check_lr_range(self.eta_min, self.eta_max)
+
+    def _start(self, k: int) -> int:
+        return k * self.total_steps // self.cycles
+
+    def cycle(self, t: int) -> int:
+        """0-based index of the cycle containing update ``t``."""
+        self._check_t(t)
+        return ((t + 1) * self.cycles - 1) // self.total_steps  # largest k with k*T//M <= t, i.e. k*T < (t+1)*M
+
+    def cycle_ends(self) -> list[int]:
+        return [self._start(k + 1) for k in range(self.cycles)]
+
+    def lr(self, t: int) -> float:
+        k = self.cycle(t)
+        start, end = self._start(k), self._start(k + 1)
+        return _cosine(self.eta_max, self.eta_min, t - start, end - start)
+
+
+@dataclass(frozen=True)
+class OneCycle(Schedule):
+    """1cycle policy (Smith & Topin, super-convergence, arXiv:1708.07120).
+
+    A port of torch ``OneCycleLR`` (same phases, same float arithmetic), so both give identical learning rates
+    and momenta for every update.
+
+    Args:
+        eta_max: Peak rate; the start is ``eta_max / div_factor``, the end that divided by ``final_div_factor``.
+        pct_start: Fraction of the budget spent rising, in (0, 1).
+        anneal: ``"cos"`` or ``"linear"`` interpolation inside each phase.
+        three_phase: Fall back to the start rate symmetrically before annihilating (the paper's version).
+        cycle_momentum: Cycle momentum inversely between ``max_momentum`` and ``base_momentum``; if False,
+            ``momentum()`` returns None and the optimizer's own momentum is kept.
+    """
+
+    eta_max: float
+    total_steps: int
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    anneal: str = "cos"
+    three_phase: bool = False
+    cycle_momentum: bool = True
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
+
+    def __post_init__(self) -> None:
+        _check_steps("total_steps", self.total_steps)
+        _check_lr_range(0.0, self.eta_max)
+        _require(0 < self.pct_start < 1, f"pct_start must be in (0, 1), got {self.pct_start!r}")
+        # Otherwise the warm-up phase has zero length and torch divides by zero at step 0.
+        _require(self.pct_start * self.total_steps != 1, "pct_start * total_steps must not be exactly 1 "
+                 f"(zero-length warm-up), got pct_start={self.pct_start}, total_steps={self.total_steps}")
+        _require(self.div_factor > 0, f"div_factor must be > 0, got {self.div_factor!r}")
+        _require(self.final_div_factor > 0, f"final_div_factor must be > 0, got {self.final_div_factor!r}")
+        _require(self.anneal in ANNEAL_STRATEGIES, f"anneal must be one of {ANNEAL_STRATEGIES}, got {self.anneal!r}")
+        _check_momentum(self.base_momentum, self.max_momentum)
+
+    def _phases(self) -> list[tuple[float, float, float, float, float]]:
+        """(end_step, start_lr, end_lr, start_momentum, end_momentum) of each phase, computed as torch does."""
+        initial = self.eta_max / self.div_factor
+        final = initial / self.final_div_factor
+        peak, low_m, high_m = self.eta_max, self.base_momentum, self.max_momentum
+        up = (float(self.pct_start * self.total_steps) - 1, initial, peak, high_m, low_m)
+        last = float(self.total_steps - 1)
+        if not self.three_phase:
+            return [up, (last, peak, final, low_m, high_m)]
+        down = (float(2 * self.pct_start * self.total_steps) - 2, peak, initial, low_m, high_m)
+        return [up, down, (last, initial, final, high_m, high_m)]
+
+    def _anneal(self, start: float, end: float, pct: float) -> float:
+        if self.anneal == "cos":
+            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+        return (end - start) * pct + start
+
+    def _values(self, t: int) -> tuple[float, float]:
+        """(lr, momentum) of update ``t``: interpolate inside the first phase that has not ended yet."""
+        self._check_t(t)
+        phases = self._phases()
+        phase_start = 0.0
+        for i, (end_step, lr0, lr1, m0, m1) in enumerate(phases):
+            if t <= end_step or i == len(phases) - 1:
+                pct = (t - phase_start) / (end_step - phase_start)
+                return float(self._anneal(lr0, lr1, pct)), float(self._anneal(m0, m1, pct))
+            phase_start = end_step
+        raise AssertionError("unreachable: the last phase takes every remaining step")
+
+    def lr(self, t: int) -> float:
+        return self._values(t)[0]
+
+    def momentum(self, t: int) -> float | None:
+        momentum = self._values(t)[1]
+        return momentum if self.cycle_momentum else None
+
+
+@dataclass(frozen=True)
+class Cyclic(Schedule):
+    """Cyclical learning rates (Smith, arXiv:1506.01186): a port of torch ``CyclicLR``.
+
+    The rate climbs from ``eta_min`` to ``eta_max`` in ``step_size_up`` steps and falls back in
+    ``step_size_down`` (default: the same); momentum moves the opposite way. ``mode`` scales the amplitude:
+    ``triangular`` by 1, ``triangular2`` by half each cycle, ``exp_range`` by ``gamma**t``.
+
+    Args:
+        eta_min: Lower bound (torch ``base_lr``), used at every cycle start.
+        eta_max: Upper bound (torch ``max_lr``).
+        step_size_up: Steps rising from ``eta_min`` to ``eta_max``, >= 1.
+        step_size_down: Steps falling back, >= 1; None means ``step_size_up``.
+        mode: One of ``CYCLIC_MODES``; ``gamma`` (> 0) is used by ``exp_range`` only.
+        cycle_momentum: As in ``OneCycle``, between ``base_momentum`` and ``max_momentum``.
+    """
+
+    eta_min: float
+    eta_max: float
+    step_size_up: int
+    total_steps: int
+    step_size_down: int | None = None
+    mode: str = "triangular"
+    gamma: float = 1.0
+    cycle_momentum: bool = True
+    base_momentum: float = 0.8
+    max_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        _check_steps("step_size_up", self.step_size_up)
+        if self.step_size_down is not None:
+            _check_steps("step_size_down", self.step_size_down)
+        _check_steps("total_steps", self.total_steps)
+        _check_lr_range(self.eta_min, self.eta_max)
+        _require(self.mode in CYCLIC_MODES, f"mode must be one of {CYCLIC_MODES}, got {self.mode!r}")
+        _require(self.gamma > 0, f"gamma must be > 0, got {self.gamma!r}")
+        _check_momentum(self.base_momentum, self.max_momentum)
+
+    def _period(self) -> int:
+        down = self.step_size_up if self.step_size_down is None else self.step_size_down
+        return self.step_size_up + down
+
+    def _shape(self, t: int) -> tuple[float, float]:
+        """(position on the triangle in [0, 1], amplitude scale) of update ``t``, in torch's float order."""
+        self._check_t(t)
+        total = float(self._period())
+        ratio = float(self.step_size_up) / total
+        cycle = math.floor(1 + t / total)
+        x = 1.0 + t / total - cycle
+        height = x / ratio if x <= ratio else (x - 1) / (ratio - 1)
+        if self.mode == "triangular":
+            return height, 1.0
+        if self.mode == "triangular2":
+            return height, 1 / (2.0 ** (cycle - 1))
+        return height, self.gamma**t
+
+    def lr(self, t: int) -> float:
+        height, scale = self._shape(t)
+        return float(self.eta_min + (self.eta_max - self.eta_min) * height * scale)
+
+    def momentum(self, t: int) -> float | None:
+        height, scale = self._shape(t)
+        if not self.cycle_momentum:
+            return None
+        return float(self.max_momentum - (self.max_momentum - self.base_momentum) * height * scale)
+
+    def cycle_ends(self) -> list[int]:
+        """Each cycle starts and ends at ``eta_min``; the budget may stop inside the last one."""
+        period = self._period()
+        return list(range(period, self.total_steps, period)) + [self.total_steps]
+
+
+@dataclass(frozen=True)
+class Warmup(Schedule):
+    """Linear warm-up in front of any schedule (gradual warm-up, Goyal et al., arXiv:1706.02677).
+
+    For ``t < warmup_steps`` (W): ``lr(t) = inner.lr(W) * (t + 1) / (W + 1)``, which ramps to exactly the value
+    the inner schedule has at step W, so nothing jumps; from W on it is ``inner.lr(t)``. ``total_steps``,
+    ``momentum`` and ``cycle_ends`` are the inner schedule's.
+
+    Args:
+        inner: The schedule to warm up.
+        warmup_steps: W, with 0 <= W < ``inner.total_steps``; 0 leaves ``inner`` unchanged.
+    """
+
+    inner: Schedule
+    warmup_steps: int
+
+    def __post_init__(self) -> None:
+        _check_steps("warmup_steps", self.warmup_steps, minimum=0)
+        _require(self.warmup_steps < self.inner.total_steps, f"warmup_steps ({self.warmup_steps}) must be < "
+                 f"total_steps ({self.inner.total_steps}) of the wrapped schedule")
+
+    @property
+    def total_steps(self) -> int:  # type: ignore[override]
+        return self.inner.total_steps
+
+    def lr(self, t: int) -> float:
+        self._check_t(t)
+        w = self.warmup_steps
+        return self.inner.lr(t) if t >= w else float(self.inner.lr(w) * (t + 1) / (w + 1))
+
+    def momentum(self, t: int) -> float | None:
+        return self.inner.momentum(t)
+
+    def cycle_ends(self) -> list[int]:
+        return self.inner.cycle_ends()

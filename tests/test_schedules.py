@@ -1,0 +1,392 @@
+"""Tests for snapens.schedules: exact values, cycle invariants, and agreement with torch."""
+
+import ast
+import dataclasses
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from snapens.schedules import (
+    SGDR,
+    Constant,
+    Cosine,
+    Cyclic,
+    OneCycle,
+    Schedule,
+    Snapshot,
+    StepDecay,
+    Warmup,
+)
+
+SCHEDULES_PY = pathlib.Path(__file__).resolve().parents[1] / "snapens" / "schedules.py"
+TOL = 1e-12
+
+
+# ---------------------------------------------------------------- torch references
+
+
+def torch_trace(make_scheduler, steps, lr=0.1, momentum=0.9):
+    """lr and momentum of update t = 0..steps-1, read from the optimizer before each step,
+    with the scheduler stepped once per update (the way a training loop uses it)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=lr, momentum=momentum)
+    scheduler = make_scheduler(opt)
+    lrs, moms = [], []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        scheduler.step()
+    return lrs, moms
+
+
+def max_diff(ours, theirs):
+    assert len(ours) == len(theirs)
+    return max(abs(a - b) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("T_mult", [1, 2, 3])
+@pytest.mark.parametrize("T_0", [1, 7, 50])
+def test_sgdr_matches_torch_warm_restarts(T_0, T_mult):
+    steps = 1000
+    ours = SGDR(0.1, T_0, steps, T_mult=T_mult, eta_min=1e-3)
+    theirs, _ = torch_trace(
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0, T_mult, eta_min=1e-3),
+        steps,
+    )
+    assert max_diff([ours.lr(t) for t in range(steps)], theirs) <= TOL
+
+
+@pytest.mark.parametrize("eta_min", [0.0, 1e-3])
+def test_cosine_matches_torch_cosine_annealing(eta_min):
+    # CosineAnnealingLR's recursive update drifts by only ~1e-16 over 1000 steps, so the
+    # plain stepping path is compared, not _get_closed_form_lr.
+    steps = 1000
+    ours = Cosine(0.1, steps, eta_min=eta_min)
+    theirs, _ = torch_trace(
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps, eta_min=eta_min), steps
+    )
+    assert max_diff([ours.lr(t) for t in range(steps)], theirs) <= TOL
+
+
+def test_step_decay_matches_torch_multistep_and_step():
+    steps = 600
+    milestones = (100, 250, 250, 400)  # a repeated milestone decays twice, as in torch
+    ours = StepDecay(0.1, steps, milestones, gamma=0.2)
+    theirs, _ = torch_trace(
+        lambda o: torch.optim.lr_scheduler.MultiStepLR(o, list(milestones), gamma=0.2), steps
+    )
+    assert max_diff([ours.lr(t) for t in range(steps)], theirs) <= TOL
+
+    ours = StepDecay(0.1, steps, tuple(range(90, steps, 90)), gamma=0.5)
+    theirs, _ = torch_trace(lambda o: torch.optim.lr_scheduler.StepLR(o, 90, gamma=0.5), steps)
+    assert max_diff([ours.lr(t) for t in range(steps)], theirs) <= TOL
+
+
+@pytest.mark.parametrize("anneal", ["cos", "linear"])
+@pytest.mark.parametrize("three_phase", [False, True])
+@pytest.mark.parametrize("total_steps, pct_start", [(1000, 0.3), (97, 0.25), (3, 0.5), (1, 0.3)])
+def test_onecycle_matches_torch(anneal, three_phase, total_steps, pct_start):
+    ours = OneCycle(0.4, total_steps, pct_start=pct_start, anneal=anneal, three_phase=three_phase)
+    lrs, moms = torch_trace(
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(
+            o, 0.4, total_steps=total_steps, pct_start=pct_start,
+            anneal_strategy=anneal, three_phase=three_phase,
+        ),
+        total_steps,
+    )
+    ts = range(total_steps)
+    assert max_diff([ours.lr(t) for t in ts], lrs) <= TOL
+    assert max_diff([ours.momentum(t) for t in ts], moms) <= TOL
+
+
+def test_onecycle_momentum_none_when_not_cycled():
+    ours = OneCycle(0.4, 100, cycle_momentum=False)
+    assert all(ours.momentum(t) is None for t in range(100))
+    assert ours.lr(0) == pytest.approx(0.4 / 25)
+
+
+@pytest.mark.parametrize("mode, gamma", [("triangular", 1.0), ("triangular2", 1.0), ("exp_range", 0.997)])
+@pytest.mark.parametrize("up, down", [(20, None), (7, 13), (1, 1)])
+def test_cyclic_matches_torch(mode, gamma, up, down):
+    steps = 500
+    ours = Cyclic(0.01, 0.1, up, steps, step_size_down=down, mode=mode, gamma=gamma)
+    lrs, moms = torch_trace(
+        lambda o: torch.optim.lr_scheduler.CyclicLR(
+            o, base_lr=0.01, max_lr=0.1, step_size_up=up, step_size_down=down, mode=mode, gamma=gamma
+        ),
+        steps,
+    )
+    assert max_diff([ours.lr(t) for t in range(steps)], lrs) <= TOL
+    assert max_diff([ours.momentum(t) for t in range(steps)], moms) <= TOL
+
+
+def test_cyclic_cycle_ends_and_no_momentum():
+    ours = Cyclic(0.01, 0.1, 7, 100, step_size_down=13, cycle_momentum=False)
+    assert ours.cycle_ends() == [20, 40, 60, 80, 100]
+    assert Cyclic(0.01, 0.1, 7, 90, step_size_down=13).cycle_ends() == [20, 40, 60, 80, 90]
+    assert ours.momentum(5) is None
+    assert ours.lr(0) == ours.lr(20) == 0.01 and ours.lr(7) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- SGDR restarts
+
+
+@pytest.mark.parametrize("T_0", [1, 7, 390])
+@pytest.mark.parametrize("T_mult, offset, index", [(3, 121, 5), (10, 111, 3)])
+def test_sgdr_restart_where_log_formula_fails(T_0, T_mult, offset, index):
+    # 1+3+9+27+81 = 121 and 1+10+100 = 111: these steps start a new cycle, but the
+    # float logarithm used by timm / torch's step(epoch) puts them in the previous one.
+    start = offset * T_0
+    sgdr = SGDR(0.1, T_0, start + T_0 * T_mult**index, T_mult=T_mult, eta_min=1e-4)
+    assert [sgdr.cycle(t) for t in range(max(0, start - 3), start + 3)] == [
+        index - 1 if t < start else index for t in range(max(0, start - 3), start + 3)
+    ]
+    assert sgdr.lr(start) == 0.1
+    previous = range(start - T_0 * T_mult ** (index - 1), start)
+    assert sgdr.cycle(previous[0]) == index - 1 and sgdr.lr(previous[0]) == 0.1
+    assert min(sgdr.lr(t) for t in previous) == sgdr.lr(start - 1)
+    assert start in sgdr.cycle_ends()
+
+
+@pytest.mark.parametrize("T_mult", [1, 2, 3, 1.5])
+@pytest.mark.parametrize("decay", [1.0, 0.5])
+def test_sgdr_restarts_to_exact_peak(T_mult, decay):
+    sgdr = SGDR(0.3, 5, 2000, T_mult=T_mult, eta_min=0.1, decay=decay)
+    ends = sgdr.cycle_ends()
+    assert sgdr.lr(0) == 0.3
+    for i, end in enumerate(ends[:-1]):
+        assert sgdr.cycle(end - 1) == i and sgdr.cycle(end) == i + 1
+        assert sgdr.lr(end) == 0.3 * decay ** (i + 1)
+
+
+def test_restart_is_exact_even_where_the_formula_rounds():
+    # For this pair eta_min + (eta_max - eta_min) * 1 != eta_max in floating point.
+    hi, lo = 0.7958349767894685, 0.19466745934924484
+    assert lo + (hi - lo) * (1 + math.cos(0.0)) / 2 != hi
+    assert SGDR(hi, 10, 100, eta_min=lo).lr(50) == hi
+    assert Snapshot(hi, 100, 4, eta_min=lo).lr(75) == Cosine(hi, 100, eta_min=lo).lr(0) == hi
+
+
+def cycles_of(schedule):
+    ends = schedule.cycle_ends()
+    return list(zip([0] + ends[:-1], ends))
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        SGDR(0.1, 10, 400, eta_min=1e-3),
+        SGDR(0.1, 10, 310, T_mult=2),  # budget ends inside cycle 4 (150..310)
+        SGDR(0.1, 3, 500, T_mult=1.5, decay=0.8, eta_min=1e-3),
+        Snapshot(0.1, 300, 6),
+        Snapshot(0.1, 301, 7, eta_min=1e-3),
+        Snapshot(0.2, 5, 5),
+    ],
+    ids=repr,
+)
+def test_each_cycle_starts_at_peak_and_ends_at_minimum(schedule):
+    for i, (start, end) in enumerate(cycles_of(schedule)):
+        values = [schedule.lr(t) for t in range(start, end)]
+        assert values[0] == max(values) == schedule.eta_max * getattr(schedule, "decay", 1.0) ** i
+        assert values[-1] == min(values)
+        assert all(a > b for a, b in zip(values, values[1:]))  # strictly annealing
+        assert {schedule.cycle(t) for t in range(start, end)} == {i}
+
+
+def test_sgdr_non_integer_T_mult_uses_rounded_lengths():
+    sgdr = SGDR(0.1, 4, 100, T_mult=1.5)
+    lengths = [round(4 * 1.5**i) for i in range(7)]
+    assert lengths == [4, 6, 9, 14, 20, 30, 46]  # 13.5 -> 14, 20.25 -> 20, 30.375 -> 30
+    ends = [sum(lengths[: i + 1]) for i in range(7)]
+    assert sgdr.ends_until(100) == ends == [4, 10, 19, 33, 53, 83, 129]
+    assert sgdr.cycle_ends() == ends[:6] + [100]
+    assert all(sgdr.lr(end) == 0.1 and sgdr.cycle(end) == i + 1 for i, end in enumerate(ends[:6]))
+
+
+def test_sgdr_integral_float_T_mult_is_exact_integer():
+    as_float, as_int = SGDR(0.1, 7, 3000, T_mult=2.0), SGDR(0.1, 7, 3000, T_mult=2)
+    assert as_float.cycle_ends() == as_int.cycle_ends() == [7, 21, 49, 105, 217, 441, 889, 1785, 3000]
+    assert [as_float.lr(t) for t in range(3000)] == [as_int.lr(t) for t in range(3000)]
+    # Exact integers far beyond float precision: the 60th restart of T_0=1, T_mult=2.
+    assert SGDR(0.1, 1, 2**61, T_mult=2.0).cycle(2**60 - 1) == 60
+
+
+def test_sgdr_decay_shrinks_peaks():
+    sgdr = SGDR(1.0, 10, 100, T_mult=1, decay=0.5)
+    assert [sgdr.lr(start) for start in range(0, 100, 10)] == [0.5**i for i in range(10)]
+    assert sgdr.cycle_ends() == list(range(10, 101, 10))
+
+
+@pytest.mark.parametrize(
+    "T_0, T_mult, total, ends_until, cycle_ends",
+    [
+        (10, 2, 100, [10, 30, 70, 150], [10, 30, 70, 100]),
+        (10, 2, 70, [10, 30, 70], [10, 30, 70]),
+        (10, 1, 25, [10, 20, 30], [10, 20, 25]),
+        (10, 3, 5, [10], [5]),
+    ],
+)
+def test_sgdr_ends_until_and_budget_inside_cycle(T_0, T_mult, total, ends_until, cycle_ends):
+    sgdr = SGDR(0.1, T_0, total, T_mult=T_mult)
+    assert sgdr.ends_until(total) == ends_until
+    assert sgdr.cycle_ends() == cycle_ends
+    assert sgdr.cycle(total - 1) == len(cycle_ends) - 1
+
+
+# ---------------------------------------------------------------- Snapshot
+
+
+@pytest.mark.parametrize("total, cycles", [(10, 3), (300, 6), (1001, 7), (7, 7), (50, 1)])
+def test_snapshot_cycle_boundaries(total, cycles):
+    snap = Snapshot(0.1, total, cycles)
+    ends = snap.cycle_ends()
+    assert ends == [(k + 1) * total // cycles for k in range(cycles)] and ends[-1] == total
+    lengths = [end - start for start, end in cycles_of(snap)]
+    assert max(lengths) - min(lengths) <= 1
+    brute = [k for k, (start, end) in enumerate(cycles_of(snap)) for _ in range(start, end)]
+    assert [snap.cycle(t) for t in range(total)] == brute
+
+
+def test_snapshot_not_divisible():
+    snap = Snapshot(0.1, 10, 3)
+    assert snap.cycle_ends() == [3, 6, 10]
+    assert [snap.lr(t) for t in (0, 3, 6)] == [0.1, 0.1, 0.1]
+    assert snap.lr(9) == pytest.approx(0.1 * (1 + math.cos(math.pi * 3 / 4)) / 2, abs=1e-15)
+
+
+def test_snapshot_matches_paper_equation_when_divisible():
+    # Huang et al. 2017 eq. (2), with the paper's 1-based t shifted to our 0-based t.
+    T, M, a0 = 300, 6, 0.2
+    snap = Snapshot(a0, T, M)
+    paper = [a0 / 2 * (math.cos(math.pi * (t % math.ceil(T / M)) / math.ceil(T / M)) + 1) for t in range(T)]
+    assert max_diff([snap.lr(t) for t in range(T)], paper) <= 1e-15
+
+
+# ---------------------------------------------------------------- Warmup, Constant, common
+
+
+def test_warmup_ramps_linearly_to_inner_value():
+    inner = Cosine(0.1, 100, eta_min=1e-3)
+    warm = Warmup(inner, 10)
+    target = inner.lr(10)
+    assert [warm.lr(t) for t in range(10)] == [target * (t + 1) / 11 for t in range(10)]
+    assert all(warm.lr(t) == inner.lr(t) for t in range(10, 100))
+    ramp = [warm.lr(t) for t in range(11)]
+    assert all(a < b for a, b in zip(ramp, ramp[1:]))
+    assert [Warmup(inner, 0).lr(t) for t in range(100)] == [inner.lr(t) for t in range(100)]
+
+
+@pytest.mark.parametrize("inner", [SGDR(0.1, 10, 100, T_mult=2), OneCycle(0.4, 100), Cyclic(0.01, 0.1, 5, 100)])
+def test_warmup_keeps_inner_steps_cycles_and_momentum(inner):
+    warm = Warmup(inner, 5)
+    assert warm.total_steps == inner.total_steps
+    assert warm.cycle_ends() == inner.cycle_ends()
+    assert [warm.momentum(t) for t in range(100)] == [inner.momentum(t) for t in range(100)]
+
+
+def test_constant_and_defaults():
+    const = Constant(0.05, 10)
+    assert [const.lr(t) for t in range(10)] == [0.05] * 10
+    assert const.cycle_ends() == [10] and const.momentum(3) is None
+    assert StepDecay(0.1, 50, (10,)).cycle_ends() == [50] and Cosine(0.1, 50).cycle_ends() == [50]
+
+
+ALL = [
+    Constant(1, 20), StepDecay(1, 20, [5, 10]), Cosine(1, 20), SGDR(1, 3, 20, T_mult=2),
+    Snapshot(1, 20, 3), OneCycle(1, 20), Cyclic(0, 1, 3, 20, mode="exp_range", gamma=0.9), Warmup(Cosine(1, 20), 4),
+]
+
+
+@pytest.mark.parametrize("schedule", ALL, ids=lambda s: type(s).__name__)
+def test_common_contract(schedule):
+    assert isinstance(schedule, Schedule)
+    assert all(type(schedule.lr(t)) is float for t in range(20))
+    assert all(schedule.momentum(t) is None or type(schedule.momentum(t)) is float for t in range(20))
+    ends = schedule.cycle_ends()
+    assert ends == sorted(set(ends)) and ends[-1] == schedule.total_steps
+    for bad in (-1, 20, 2.0):
+        with pytest.raises(ValueError, match=r"t must be an int in \[0, total_steps=20\)"):
+            schedule.lr(bad)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        schedule.eta_max = 2
+    assert hash(schedule) == hash(dataclasses.replace(schedule))
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: SGDR(0.1, 0, 100), "T_0 must be a positive number of steps, got 0"),
+        (lambda: SGDR(0.1, 2.5, 100), "T_0 must be a positive number of steps, got 2.5"),
+        (lambda: SGDR(0.1, 10, 100, eta_min=0.2), r"eta_min \(0.2\) must not exceed eta_max \(0.1\)"),
+        (lambda: SGDR(0.1, 10, 100, T_mult=0.5), "T_mult must be >= 1, got 0.5"),
+        (lambda: SGDR(0.1, 10, 100, decay=0), r"decay must be in \(0, 1\], got 0"),
+        (lambda: SGDR(0.1, 10, 0), "total_steps must be a positive number of steps, got 0"),
+        (lambda: Cosine(-0.1, 100), "eta_max must be a positive learning rate, got -0.1"),
+        (lambda: Cosine(0.1, 100, eta_min=-1.0), "eta_min must be a learning rate >= 0, got -1.0"),
+        (lambda: Constant(0.1, -5), "total_steps must be a positive number of steps, got -5"),
+        (lambda: Snapshot(0.1, 100, 0), "cycles must be a positive number of steps, got 0"),
+        (lambda: Snapshot(0.1, 10, 11), r"cycles \(11\) must not exceed total_steps \(10\)"),
+        (lambda: StepDecay(0.1, 100, (10,), gamma=0), "gamma must be > 0, got 0"),
+        (lambda: StepDecay(0.1, 100, (50, 10)), r"milestones must be in ascending order, got \(50, 10\)"),
+        (lambda: StepDecay(0.1, 100, (0, 10)), "every milestone must be a positive number of steps, got 0"),
+        (lambda: OneCycle(0.1, 100, pct_start=1.0), r"pct_start must be in \(0, 1\), got 1.0"),
+        (lambda: OneCycle(0.1, 100, pct_start=0.0), r"pct_start must be in \(0, 1\), got 0.0"),
+        (lambda: OneCycle(0.1, 10, pct_start=0.1), "pct_start \\* total_steps must not be exactly 1"),
+        (lambda: OneCycle(0.1, 100, anneal="exp"), r"anneal must be one of \('cos', 'linear'\), got 'exp'"),
+        (lambda: OneCycle(0.1, 100, div_factor=0), "div_factor must be > 0, got 0"),
+        (lambda: OneCycle(0.1, 100, base_momentum=0.99), "base_momentum <= max_momentum"),
+        (lambda: Cyclic(0.01, 0.1, 0, 100), "step_size_up must be a positive number of steps, got 0"),
+        (lambda: Cyclic(0.01, 0.1, 5, 100, step_size_down=0), "step_size_down must be a positive number"),
+        (lambda: Cyclic(0.01, 0.1, 5, 100, mode="sine"), "mode must be one of .*triangular2.*got 'sine'"),
+        (lambda: Cyclic(0.01, 0.1, 5, 100, gamma=-1.0), "gamma must be > 0, got -1.0"),
+        (lambda: Cyclic(0.2, 0.1, 5, 100), r"eta_min \(0.2\) must not exceed eta_max \(0.1\)"),
+        (lambda: Warmup(Cosine(0.1, 100), -1), "warmup_steps must be a non-negative number of steps, got -1"),
+        (lambda: Warmup(Cosine(0.1, 100), 100), r"warmup_steps \(100\) must be < total_steps \(100\)"),
+    ],
+)
+def test_validation_errors(make, message):
+    with pytest.raises(ValueError, match=message) as info:
+        make()
+    assert "\n" not in str(info.value)
+
+
+def test_sgdr_helpers_validate_arguments():
+    sgdr = SGDR(0.1, 10, 100)
+    with pytest.raises(ValueError, match="t must be a non-negative number of steps, got -1"):
+        sgdr.cycle(-1)
+    with pytest.raises(ValueError, match="n must be a positive number of steps, got 0"):
+        sgdr.ends_until(0)
+    assert sgdr.cycle(10**6) == 10**5  # cycle() describes the unbounded sequence
+
+
+# ---------------------------------------------------------------- purity
+
+
+def test_module_imports_only_stdlib_arithmetic():
+    tree = ast.parse(SCHEDULES_PY.read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "math", "dataclasses", "typing"}
+
+
+def test_module_loads_without_torch():
+    # Load the file on its own (not through snapens/__init__, which may pull in torch).
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('schedules', {str(SCHEDULES_PY)!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['schedules'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "assert module.SGDR(0.1, 10, 100).lr(10) == 0.1\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

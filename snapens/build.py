@@ -7,7 +7,7 @@ import math
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from snapens import schedules
 from snapens.data import Augmentation, Dataset, load_cifar, load_image_folder, make_synthetic, prepare
@@ -24,6 +24,9 @@ def pick_device(name: str) -> torch.device:
 
 def build_data(cfg: DictConfig) -> Dataset:
     """Load (or make) the dataset named by `cfg.data` and take its validation split and subsets."""
+    if cfg.name != "synthetic" and OmegaConf.is_missing(cfg, "root"):
+        raise SnapensError(f"data.root is required for data={cfg.name}: pass data.root=DIR "
+                           + ("(DIR/train/<class>/*, DIR/test/<class>/*)" if cfg.name == "imagefolder" else ""))
     if cfg.name in ("cifar10", "cifar100"):
         train, test, classes = load_cifar(cfg.root, cfg.name, cfg.download)
     elif cfg.name == "imagefolder":
@@ -132,6 +135,7 @@ def _check_budget(schedule: schedules.Schedule, epochs: float, steps_per_epoch: 
         return
     if total not in ends:
         cycle = next(i for i, e in enumerate(ends) if e > total) + 1
-        shown = ", ".join(_epochs(e, steps_per_epoch) for e in ends)
+        shown = [_epochs(e, steps_per_epoch) for e in ends]
+        shown = ", ".join(shown if len(shown) <= 8 else shown[:3] + ["..."] + shown[-3:])
         raise SnapensError(f"trainer.epochs={epochs:g} ends inside cycle {cycle}; cycles end at {shown} epochs: "
                            "set trainer.epochs to one of them")

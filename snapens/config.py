@@ -1,6 +1,6 @@
 """Structured configs: a dataclass per config-group option, registered in Hydra's ConfigStore.
 
-Each yaml file under conf/ starts from one of these schemas (`defaults: [base_<name>, _self_]`), so every key has a
+Each yaml file under conf/ starts from one of these schemas (`defaults: [/schema/<group>/<name>@_here_, _self_]`), so every key has a
 type and a misspelt key is rejected by Hydra before anything runs. `check_config` then checks the values that a
 type cannot (choices, ranges, orderings), so a bad value fails in one line that names the key and what is allowed.
 """
@@ -18,7 +18,7 @@ from snapens.errors import SnapensError
 @dataclass
 class DataConfig:
     name: str = MISSING  # cifar10 | cifar100 | imagefolder | synthetic
-    root: str = "data"  # where the files are (and where the decoded cache is kept)
+    root: str = MISSING  # where the files are (and where the decoded cache is kept)
     num_classes: int = 10  # must equal the number of classes in the data; the model's output size
     download: bool = True  # cifar only: fetch missing files when the network allows
     image_size: int = 0  # imagefolder only: resize every image to this square size; 0 keeps the files' size
@@ -135,7 +135,7 @@ class OneCycleConfig(ScheduleConfig):
 class CyclicConfig(ScheduleConfig):
     name: str = "cyclic"
     eta_min: float = 0.001
-    step_size_up: float = 2.0
+    step_size_up: float = 15.0
     step_size_down: Optional[float] = None
     mode: str = "triangular"
     gamma: float = 1.0
@@ -174,17 +174,17 @@ class Config:
 
 
 SCHEMAS = {
-    "data": {"base_data": DataConfig, "base_synthetic": SyntheticDataConfig},
-    "model": {"base_resnet": ResNetConfig, "base_wrn": WRNConfig},
-    "optimizer": {"base_sgd": SGDConfig, "base_adamw": AdamWConfig},
+    "data": {"files": DataConfig, "synthetic": SyntheticDataConfig},
+    "model": {"resnet": ResNetConfig, "wrn": WRNConfig},
+    "optimizer": {"sgd": SGDConfig, "adamw": AdamWConfig},
     "scheduler": {
-        "base_constant": ConstantConfig,
-        "base_step": StepConfig,
-        "base_cosine": CosineConfig,
-        "base_sgdr": SGDRConfig,
-        "base_snapshot": SnapshotConfig,
-        "base_onecycle": OneCycleConfig,
-        "base_cyclic": CyclicConfig,
+        "constant": ConstantConfig,
+        "step": StepConfig,
+        "cosine": CosineConfig,
+        "sgdr": SGDRConfig,
+        "snapshot": SnapshotConfig,
+        "onecycle": OneCycleConfig,
+        "cyclic": CyclicConfig,
     },
 }
 
@@ -192,10 +192,10 @@ SCHEMAS = {
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore; entry points call this before composing."""
     cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
+    cs.store(name="schema", node=Config)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
-            cs.store(group=group, name=name, node=node)
+            cs.store(group=f"schema/{group}", name=name, node=node)
 
 
 CHOICES = {

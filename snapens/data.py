@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from snapens.errors import SnapensError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what torchvision.io.decode_image reads
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")  # read with Pillow
 CACHE_VERSION = "1"
 
 
@@ -80,7 +82,8 @@ def load_cifar(root: str, name: str, download: bool) -> tuple[Split, Split, list
         finally:
             socket.setdefaulttimeout(old)
 
-    missing = f"{name} is not in {Path(root).resolve()}: put {cls.base_folder}/ (extracted from {cls.filename}, {cls.url}) there"
+    missing = (f"{name} is not in {Path(root).resolve()}: put {cls.base_folder}/ "
+               f"(extracted from {cls.filename}, {cls.url}) there")
     try:
         if download and not (Path(root) / cls.base_folder).is_dir():
             fetch()
@@ -105,14 +108,15 @@ def _scan_split(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]
 
 
 def _decode(path: Path, size: int) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import resize
-
+    """One image file -> uint8 3 x H x W (RGB; resized to size x size when size > 0)."""
     try:
-        image = decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError) as e:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if size:
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SnapensError(f"cannot read image {path}: {e}; replace or remove the file") from None
-    return resize(image, [size, size], antialias=True) if size else image
 
 
 def _stack(images: list[torch.Tensor], paths: list[Path]) -> torch.Tensor:
@@ -155,7 +159,7 @@ def _load_or_decode(split: str, root: Path, classes: list[str], size: int) -> Sp
         return Split(tensors["images"], tensors["labels"])
     except (FileNotFoundError, SafetensorError, KeyError):
         pass  # first run, or a damaged cache: decode again
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # libjpeg releases the GIL
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # Pillow releases the GIL while decoding
         images = _stack(list(pool.map(lambda p: _decode(p, size), paths)), paths)
     result = Split(images, torch.tensor(labels, dtype=torch.int64))
     tmp = cache.with_suffix(f".tmp{os.getpid()}")

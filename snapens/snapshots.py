@@ -20,6 +20,7 @@ from safetensors.torch import save
 from snapens.errors import SnapensError
 
 FORMAT = "snapens-1"
+METADATA_KEY = "snapens"
 
 
 def snapshot_path(run_dir: str | Path, cycle: int) -> Path:
@@ -55,14 +56,16 @@ def _umask() -> int:
 
 
 def save_snapshot(path: Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
-    """Save the model's state_dict with metadata (values stored as JSON strings)."""
+    """Save the model's state_dict with metadata (any JSON-serialisable values)."""
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, **{k: json.dumps(v) for k, v in metadata.items()}}
+    # One metadata key holding sorted JSON: safetensors writes a dict's keys in hash order, which would make the
+    # bytes of two identical snapshots differ.
+    meta = {METADATA_KEY: json.dumps({"format": FORMAT, **metadata}, sort_keys=True)}
     write_atomic(path, save(state, metadata=meta))
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The metadata of a snapshot, values decoded from JSON; reads only the header."""
+    """The metadata of a snapshot (decoded from its JSON); reads only the header."""
     try:
         with safe_open(path, framework="pt") as f:
             raw = f.metadata() or {}
@@ -70,9 +73,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise SnapensError(f"snapshot {path} does not exist") from None
     except (SafetensorError, OSError) as e:
         raise SnapensError(f"snapshot {path} is not a readable safetensors file ({e}); it is truncated or corrupt")
-    if raw.get("format") != FORMAT:
-        raise SnapensError(f"{path} is not a snapens snapshot (metadata format={raw.get('format')!r})")
-    return {k: json.loads(v) for k, v in raw.items() if k != "format"}
+    metadata = json.loads(raw.get(METADATA_KEY, "{}"))
+    if metadata.pop("format", None) != FORMAT:
+        raise SnapensError(f"{path} is not a snapens snapshot (no '{METADATA_KEY}' metadata of format {FORMAT})")
+    return metadata
 
 
 def load_snapshot(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

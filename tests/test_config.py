@@ -1,0 +1,139 @@
+"""Config: every group option composes, and every bad value fails before training with one line naming the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from snapens.build import build_schedule
+from snapens.errors import SnapensError
+from snapens.train import train
+
+from conftest import CONF, FAST
+
+GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("data", "model", "optimizer", "scheduler")}
+
+
+def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snapens.train", *overrides], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_groups_hold_the_options_the_design_names():
+    assert GROUPS["data"] == ["cifar10", "cifar100", "imagefolder", "synthetic"]
+    assert GROUPS["model"] == ["resnet110", "resnet20", "resnet32", "resnet44", "resnet56", "wrn16_4", "wrn28_10"]
+    assert GROUPS["optimizer"] == ["adamw", "sgd"]
+    assert GROUPS["scheduler"] == ["constant", "cosine", "cyclic", "onecycle", "sgdr", "snapshot", "step"]
+
+
+@pytest.mark.parametrize("name", GROUPS["scheduler"])
+def test_every_scheduler_builds_with_its_defaults(make_cfg, name):
+    """Each scheduler file's defaults make a valid schedule over a budget that fits it (SGDR: 150 epochs)."""
+    cfg = make_cfg(f"scheduler={name}")
+    schedule = build_schedule(cfg.scheduler, cfg.trainer.epochs, steps_per_epoch=3)
+    assert schedule.total_steps == 450
+    assert schedule.cycle_ends()[-1] == 450
+    assert 0 < schedule.lr(0) <= cfg.scheduler.eta_max
+
+
+def test_sgdr_defaults_snapshot_at_the_papers_epochs(make_cfg):
+    """T_0=10, T_mult=2 over 150 epochs ends cycles at 10, 30, 70, 150 epochs (arXiv 1608.03983)."""
+    cfg = make_cfg("scheduler=sgdr")
+    assert build_schedule(cfg.scheduler, 150, steps_per_epoch=391).cycle_ends() == [3910, 11730, 27370, 58650]
+
+
+def test_lengths_in_steps(make_cfg):
+    cfg = make_cfg("scheduler=sgdr", "scheduler.unit=step", "scheduler.T_0=5", "scheduler.T_mult=1")
+    assert build_schedule(cfg.scheduler, 3, steps_per_epoch=10).cycle_ends() == [5, 10, 15, 20, 25, 30]
+
+
+def test_model_config_instantiates_into_a_module(make_cfg):
+    cfg = make_cfg("model=resnet32", "data=cifar100")
+    model = instantiate(cfg.model)
+    assert isinstance(model, torch.nn.Module) and model.fc.out_features == 100
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["scheduler.T_0=0"], "scheduler.T_0=0.0 must be > 0"),
+    (["scheduler.eta_min=0.5"], "scheduler.eta_min=0.5 must not exceed scheduler.eta_max=0.1"),
+    (["trainer.epochs=100", "scheduler.T_0=10", "scheduler.T_mult=2"],
+     "trainer.epochs=100 ends inside cycle 4; cycles end at 10, 30, 70, 150 epochs"),
+    (["trainer.device=gpu"], "trainer.device=gpu is not allowed; choose one of: auto, cpu, cuda"),
+    (["trainer.clip_mode=l2"], "trainer.clip_mode=l2 is not allowed; choose one of: norm, value"),
+    (["ensemble.rule=median"], "ensemble.rule=median is not allowed; choose one of: logits, probs, vote"),
+    (["trainer.batch_size=0"], "trainer.batch_size=0 must be > 0"),
+    (["trainer.grad_clip=-1"], "trainer.grad_clip=-1.0 must be >= 0"),
+    (["scheduler.T_mult=0.5"], "scheduler.T_mult=0.5 must be >= 1"),
+    (["scheduler.T_0=0.001"], "scheduler.T_0=0.001 epochs is shorter than one step"),
+    (["scheduler=cyclic", "trainer.epochs=45"], "trainer.epochs=45 ends inside cycle 2; cycles end at 30, 60 epochs"),
+    (["scheduler.T_mult=1", "trainer.epochs=99.5"],
+     "trainer.epochs=99.5 ends inside cycle 10; cycles end at 10, 20, 30, ..., 80, 90, 100 epochs"),
+])
+def test_bad_values_fail_before_training(make_cfg, tmp_path, overrides, message):
+    """Each bad value raises one line naming the key; nothing is written to the run dir."""
+    cfg = make_cfg(*FAST, *overrides)
+    with pytest.raises(SnapensError) as info:
+        train(cfg, tmp_path / "run")
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_cli_unknown_option_lists_the_choices(tmp_path):
+    result = run_cli("scheduler=sgdrr", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Could not find 'scheduler/sgdrr'" in result.stderr
+    assert all(f"\t{name}\n" in result.stderr for name in GROUPS["scheduler"])
+
+
+def test_cli_misspelt_key_is_rejected(tmp_path):
+    result = run_cli("data=synthetic", "scheduler.T0=3", cwd=tmp_path)
+    assert result.returncode != 0 and "Key 'T0' not in 'SGDRConfig'" in result.stderr
+
+
+def test_cli_bad_value_is_one_line_and_exit_2(tmp_path):
+    result = run_cli(*FAST, "trainer.epochs=100", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "snapens: error: trainer.epochs=100 ends inside cycle 4; cycles end at 10, 30, 70, 150 epochs: "
+        "set trainer.epochs to one of them"]
+
+
+def test_cli_imagefolder_needs_a_root(tmp_path):
+    result = run_cli("data=imagefolder", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("snapens: error: data.root is required for data=imagefolder: "
+                                     "pass data.root=DIR (DIR/train/<class>/*, DIR/test/<class>/*)")
+
+
+def test_offline_cifar_without_files_says_what_to_put_where(make_cfg, tmp_path):
+    cfg = make_cfg("data=cifar10", f"data.root={tmp_path}", "data.download=false", "trainer.device=cpu")
+    with pytest.raises(SnapensError, match=f"cifar10 is not in {tmp_path}: put cifar-10-batches-py/"):
+        train(cfg, tmp_path / "run")
+
+
+def test_class_count_must_match_the_folders(make_cfg, tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for name in ("cat", "dog", "emu"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "data" / split / name / "0.png")
+    cfg = make_cfg("data=imagefolder", f"data.root={tmp_path / 'data'}", "trainer.device=cpu")
+    with pytest.raises(SnapensError, match=r"data.num_classes=10 but the data has 3 classes \(cat, dog, emu\); "
+                                           r"set data.num_classes=3"):
+        train(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("make_tree, message", [
+    (lambda root: (root / "train").mkdir(parents=True), "has no test/ folder"),
+    (lambda root: [(root / s).mkdir(parents=True) for s in ("train", "test")], "has no images"),
+    (lambda root: [(root / s / "cat").mkdir(parents=True) for s in ("train", "test")], "has no images"),
+])
+def test_image_folder_without_images(make_cfg, tmp_path, make_tree, message):
+    make_tree(tmp_path / "data")
+    cfg = make_cfg("data=imagefolder", f"data.root={tmp_path / 'data'}", "trainer.device=cpu")
+    with pytest.raises(SnapensError, match=message):
+        train(cfg, tmp_path / "run")

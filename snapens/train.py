@@ -53,6 +53,18 @@ def clip_gradients(model: torch.nn.Module, max_value: float, mode: str) -> None:
         torch.nn.utils.clip_grad_value_(model.parameters(), max_value)
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               grad_clip: float, clip_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update on one batch; returns the (detached) mean loss and the logits, without a host sync."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_gradients(model, grad_clip, clip_mode)
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
 def check_run_dir(run_dir: Path) -> None:
     """Never write over an earlier run's results."""
     earlier = [p.name for p in (run_dir / "snapshots", run_dir / "metrics.jsonl", run_dir / "results.json")
@@ -93,7 +105,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     metadata = {"model": model_name(cfg.model), "num_classes": len(data.classes), "classes": data.classes,
                 "mean": list(data.mean), "std": list(data.std), "config_hash": config_hash(cfg)}
     log.info(f"{metadata['model']} on {cfg.data.name} ({len(data.train)} train / {len(data.test)} test images), "
-          f"{cfg.scheduler.name}: {schedule.total_steps} steps, snapshots after steps {cycle_ends}, on {device}")
+             f"{cfg.scheduler.name}: {schedule.total_steps} steps, snapshots after steps {cycle_ends}, on {device}")
 
     # ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----
     step, epoch, start = 0, 0, time.perf_counter()
@@ -105,15 +117,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
             for x, y in train_batches(train_split, t.batch_size, generator, augmentation, data.mean, data.std):
-                lr, momentum = schedule.lr(step), schedule.momentum(step)
-                set_hyperparameters(optimizer, lr, momentum)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                clip_gradients(model, t.grad_clip, t.clip_mode)
-                optimizer.step()
-                loss_sum += loss.detach() * len(y)
+                lr = schedule.lr(step)
+                set_hyperparameters(optimizer, lr, schedule.momentum(step))
+                loss, logits = train_step(model, optimizer, x, y, t.grad_clip, t.clip_mode)
+                loss_sum += loss * len(y)
                 correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
                 step += 1

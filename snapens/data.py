@@ -178,7 +178,8 @@ def load_image_folder(root: str, image_size: int = 0) -> tuple[Split, Split, lis
     classes = sorted(d.name for d in (base / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise SnapensError(f"data.root={root} has no images: {root}/train has no class folders")
-    extra = sorted(d.name for d in (base / "test").iterdir() if d.is_dir() and d.name not in classes)
+    extra = sorted(d.name for d in (base / "test").iterdir()
+                   if d.is_dir() and not d.name.startswith(".") and d.name not in classes)
     if extra:
         raise SnapensError(f"{root}/test has class folders that {root}/train lacks: {', '.join(extra)}")
     train = _load_or_decode("train", base, classes, image_size)

@@ -91,14 +91,22 @@ def load_snapshot(path: Path, device: str | torch.device = "cpu") -> tuple[dict[
 
 
 def load_into(model: torch.nn.Module, path: Path) -> dict[str, Any]:
-    """Load a snapshot's weights into `model` (strictly: every tensor must fit); return its metadata."""
+    """Load a snapshot's weights into `model` and return its metadata.
+
+    Every tensor must fit: names and shapes are compared first, so a mismatched snapshot leaves the model untouched
+    (torch's load_state_dict would copy the tensors that fit before raising).
+    """
     state, metadata = load_snapshot(path)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[1].strip() if "\n" in str(e).strip() else str(e)
-        raise SnapensError(f"snapshot {path} does not fit the model ({first}): it was saved from "
-                           f"{metadata.get('model')} with {metadata.get('num_classes')} classes") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+        shapes = [k for k in expected.keys() & found.keys() if expected[k] != found[k]]
+        problem = (f"{shapes[0]} has shape {list(found[shapes[0]])}, the model wants {list(expected[shapes[0]])}"
+                   if shapes else f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise SnapensError(f"snapshot {path} does not fit the model ({problem}): it was saved from "
+                           f"{metadata.get('model')} with {metadata.get('num_classes')} classes")
+    model.load_state_dict(state)
     return metadata
 
 

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from snapens.config import register_configs
@@ -11,6 +12,16 @@ from snapens.config import register_configs
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FAST = ["data=synthetic", "model=resnet20", "trainer.batch_size=64", "trainer.device=cpu", "trainer.num_threads=1",
         "model.depth=8"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors run fastest on one intra-op thread (two wait on each other at every op on a busy 2-core
+    machine); restored afterwards, since train() sets the thread count for the whole process."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture

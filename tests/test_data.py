@@ -1,0 +1,643 @@
+"""Tests for snapens.data: augmentation invariants, loaders, subsets, statistics and the image-folder cache."""
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.io import encode_png, write_jpeg, write_png
+
+import snapens.data
+from snapens.data import (
+    Augmentation,
+    Split,
+    balanced_subset,
+    channel_stats,
+    cutout,
+    eval_batches,
+    load_cifar,
+    load_image_folder,
+    make_synthetic,
+    normalize,
+    prepare,
+    random_crop,
+    random_flip,
+    train_batches,
+)
+from snapens.errors import SnapensError
+
+# The tests write their image files with torchvision.io, which warns that it is deprecated (torchcodec replaces it).
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
+MEAN = (0.49, 0.48, 0.45)
+STD = (0.25, 0.24, 0.26)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_images(n: int, size: int = 8, seed: int = 0, low: int = 0) -> torch.Tensor:
+    """uint8 n x 3 x size x size; low=1 keeps 0 for the padding only."""
+    return torch.randint(low, 256, (n, 3, size, size), generator=gen(seed), dtype=torch.uint8)
+
+
+def direct_normalize(images: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
+    """(x/255 - mean)/std in float64, written out independently of the library."""
+    m = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    return (images.double() / 255 - m) / s
+
+
+def indexed_split(n: int, size: int = 8) -> Split:
+    """Labels 0..n-1 (unique), so a batch's labels say exactly which images it holds."""
+    return Split(random_images(n, size), torch.arange(n))
+
+
+def crop_offsets(out: torch.Tensor, images: torch.Tensor, padding: int) -> list[list[tuple[int, int]]]:
+    """For every image, all (dy, dx) whose window of the zero-padded input equals the output (brute force)."""
+    h, w = images.shape[2:]
+    padded = F.pad(images, (padding,) * 4)
+    return [[(dy, dx) for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)
+             if torch.equal(out[b], padded[b, :, dy:dy + h, dx:dx + w])] for b in range(len(images))]
+
+
+def zero_rectangle(mask: torch.Tensor) -> tuple[int, int, int, int]:
+    """(top, height, left, width) of the zeroed pixels of an H x W mask, asserting they form one rectangle."""
+    rows = mask.any(1).nonzero().flatten()
+    cols = mask.any(0).nonzero().flatten()
+    assert len(rows) and len(cols), "cutout zeroed nothing"
+    assert torch.equal(rows, torch.arange(int(rows[0]), int(rows[-1]) + 1)), "zeroed rows are not contiguous"
+    assert torch.equal(cols, torch.arange(int(cols[0]), int(cols[-1]) + 1)), "zeroed columns are not contiguous"
+    rect = torch.zeros_like(mask)
+    rect[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = True
+    assert torch.equal(mask, rect), "zeroed pixels are not a rectangle"
+    return int(rows[0]), len(rows), int(cols[0]), len(cols)
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
+    return torch.bincount(labels, minlength=num_classes).tolist()
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+@pytest.mark.parametrize("padding", [1, 2, 4])
+def test_random_crop_outputs_windows_of_the_padded_image(padding):
+    """Each output image is exactly one HxW window of its zero-padded input; shape and dtype are kept."""
+    images = random_images(48, low=1)
+    out = random_crop(images, padding, gen(1))
+    assert out.shape == images.shape and out.dtype == images.dtype
+    offsets = crop_offsets(out, images, padding)
+    assert all(len(o) == 1 for o in offsets), "some output is not a window of its padded input"
+    assert len({o[0] for o in offsets}) > 1, "every image got the same crop"
+
+
+def test_random_crop_offsets_cover_the_whole_range():
+    """With padding 1 every shift -1, 0, +1 occurs on each axis (both ends of the range are reachable)."""
+    images = random_images(200, size=6, low=1)
+    offsets = [o[0] for o in crop_offsets(random_crop(images, 1, gen(2)), images, 1)]
+    assert {dy for dy, _ in offsets} == {0, 1, 2}
+    assert {dx for _, dx in offsets} == {0, 1, 2}
+
+
+def test_random_crop_padding_zero_is_identity():
+    """padding=0 leaves the only window there is: the image itself."""
+    images = random_images(16)
+    assert torch.equal(random_crop(images, 0, gen()), images)
+
+
+def test_random_flip_is_identity_or_mirror_and_both_occur():
+    """Every output is the input or its left-right mirror, and a batch of 64 has both."""
+    images = random_images(64)
+    out = random_flip(images, gen(3))
+    same = [torch.equal(o, i) for o, i in zip(out, images)]
+    mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, images)]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert any(same) and any(mirrored)
+
+
+@pytest.mark.parametrize("size", [1, 3, 4])
+def test_cutout_zeroes_one_clipped_square(size):
+    """Cutout zeroes one size x size square (clipped at the borders, same in every channel) and nothing else."""
+    h = w = 12
+    x = torch.ones(96, 3, h, w)
+    out = cutout(x, size, gen(4))
+    assert out.shape == x.shape
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+    shapes = set()
+    for image in out:
+        zero = image == 0
+        assert torch.equal(zero[0], zero[1]) and torch.equal(zero[0], zero[2]), "channels differ"
+        top, height, left, width = zero_rectangle(zero[0])
+        for start, length, limit in ((top, height, h), (left, width, w)):
+            if 0 < start and start + length < limit:  # away from the border: the whole side
+                assert length == size
+            else:  # the centre pixel is in the image, so at least half the square around it is kept
+                assert (size + 1) // 2 <= length <= size
+        shapes.add((height, width))
+    assert (size, size) in shapes, "no whole square in 96 draws"
+    assert size == 1 or len(shapes) > 1, "no square clipped at a border in 96 draws"
+
+
+def test_normalize_matches_direct_formula():
+    """normalize gives float32 (x/255 - mean)/std per channel."""
+    images = random_images(5, size=4)
+    out = normalize(images, MEAN, STD)
+    assert out.dtype == torch.float32 and out.shape == images.shape
+    torch.testing.assert_close(out.double(), direct_normalize(images), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def collect(batches):
+    xs, ys = zip(*batches)
+    return list(xs), list(ys)
+
+
+def test_train_batches_are_reproducible_for_a_seed():
+    """The same seed gives identical batches, images and labels, augmentation included."""
+    split = indexed_split(50)
+    aug = Augmentation(padding=2, flip=True, cutout=3)
+    xs1, ys1 = collect(train_batches(split, 16, gen(7), aug, MEAN, STD))
+    xs2, ys2 = collect(train_batches(split, 16, gen(7), aug, MEAN, STD))
+    assert len(xs1) == len(xs2)
+    assert all(torch.equal(a, b) for a, b in zip(xs1, xs2))
+    assert all(torch.equal(a, b) for a, b in zip(ys1, ys2))
+
+
+def test_train_batches_order_depends_on_seed():
+    """Different seeds give different example orders."""
+    split = indexed_split(64)
+    aug = Augmentation(padding=0, flip=False)
+    _, ys1 = collect(train_batches(split, 16, gen(0), aug, MEAN, STD))
+    _, ys2 = collect(train_batches(split, 16, gen(1), aug, MEAN, STD))
+    assert not torch.equal(torch.cat(ys1), torch.cat(ys2))
+
+
+@pytest.mark.parametrize("n, batch_size", [(50, 16), (48, 16), (5, 8)])
+def test_train_batches_cover_each_example_once(n, batch_size):
+    """One epoch visits every example exactly once; only the last batch may be smaller."""
+    split = indexed_split(n)
+    xs, ys = collect(train_batches(split, batch_size, gen(), Augmentation(), MEAN, STD))
+    sizes = [len(y) for y in ys]
+    expected = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    assert sizes == expected
+    assert [len(x) for x in xs] == sizes
+    assert sorted(torch.cat(ys).tolist()) == list(range(n))
+    assert all(x.dtype == torch.float32 and x.shape[1:] == (3, 8, 8) for x in xs)
+
+
+def test_train_batches_without_augmentation_are_normalised_images_in_shuffled_order():
+    """padding=0, flip=False, cutout=0: each batch is exactly the normalised images of its labels."""
+    split = indexed_split(40)
+    xs, ys = collect(train_batches(split, 16, gen(5), Augmentation(padding=0, flip=False, cutout=0), MEAN, STD))
+    order = torch.cat(ys)
+    assert not torch.equal(order, torch.arange(40)), "the order should be shuffled"
+    torch.testing.assert_close(torch.cat(xs).double(), direct_normalize(split.images[order]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("aug", [Augmentation(padding=0, flip=True), Augmentation(padding=0, flip=False, cutout=3)],
+                         ids=["flip", "cutout"])
+def test_train_batches_apply_the_augmentation(aug):
+    """flip: each image is the normalised input or its mirror, both occur; cutout: only a square becomes 0."""
+    split = indexed_split(64)
+    xs, ys = collect(train_batches(split, 16, gen(6), aug, MEAN, STD))
+    plain = direct_normalize(split.images[torch.cat(ys)]).float()
+    out = torch.cat(xs)
+
+    def close(a, b):
+        return torch.allclose(a, b, rtol=0, atol=1e-5)
+
+    if aug.flip:
+        same = [close(o, p) for o, p in zip(out, plain)]
+        mirrored = [close(o, p.flip(-1)) for o, p in zip(out, plain)]
+        assert all(s or m for s, m in zip(same, mirrored)) and any(same) and any(mirrored)
+    else:
+        changed = ~torch.isclose(out, plain, rtol=0, atol=1e-5)
+        assert torch.all(out[changed] == 0) and changed.any()
+        for image in changed:
+            _, height, _, width = zero_rectangle(image.any(0))
+            assert height <= 3 and width <= 3
+
+
+def test_eval_batches_in_order_without_augmentation():
+    """eval_batches yields the split in order, normalised, in batch_size chunks."""
+    split = indexed_split(21)
+    xs, ys = collect(eval_batches(split, 8, MEAN, STD))
+    assert [len(y) for y in ys] == [8, 8, 5]
+    assert torch.equal(torch.cat(ys), torch.arange(21))
+    torch.testing.assert_close(torch.cat(xs).double(), direct_normalize(split.images), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- subsets and statistics
+
+
+@pytest.mark.parametrize("class_sizes, n", [
+    ([10, 10, 10], 12),  # divisible: exactly n/C each
+    ([10, 10, 10], 13),  # not divisible: counts differ by one
+    ([7, 12, 9, 20], 22),
+    ([2, 10, 10], 12),  # a small class is used up, the rest share the remainder
+])
+def test_balanced_subset_is_as_balanced_as_possible(class_sizes, n):
+    """Per-class counts differ by at most 1 among classes that are not used up; no index repeats."""
+    labels = torch.cat([torch.full((s,), c) for c, s in enumerate(class_sizes)])
+    labels = labels[torch.randperm(len(labels), generator=gen(9))]
+    index = balanced_subset(labels, n, gen())
+    assert len(index) == n and len(set(index.tolist())) == n
+    assert torch.equal(index, index.sort().values)
+    counts = class_counts(labels[index], len(class_sizes))
+    for count_a, size_a in zip(counts, class_sizes):
+        assert count_a <= size_a
+        if count_a < size_a:  # class a still had examples: nobody may have more than one extra
+            assert all(count_b <= count_a + 1 for count_b in counts)
+    if n % len(class_sizes) == 0 and min(class_sizes) >= n // len(class_sizes):
+        assert counts == [n // len(class_sizes)] * len(class_sizes)
+
+
+def test_balanced_subset_is_deterministic_for_a_seed():
+    """The same seed picks the same indices; another seed picks others."""
+    labels = torch.arange(100) % 5
+    a = balanced_subset(labels, 20, gen(1))
+    assert torch.equal(a, balanced_subset(labels, 20, gen(1)))
+    assert not torch.equal(a, balanced_subset(labels, 20, gen(2)))
+
+
+def direct_stats(images: torch.Tensor):
+    x = images.double() / 255
+    return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3), correction=0).tolist()
+
+
+def test_channel_stats_matches_direct_computation():
+    """Per-channel mean and population std on the 0..1 scale, across several 4096-image chunks."""
+    images = torch.randint(0, 256, (9000, 3, 2, 2), generator=gen(), dtype=torch.uint8)
+    images[:, 1] //= 2  # make the channels differ
+    mean, std = channel_stats(images)
+    exp_mean, exp_std = direct_stats(images)
+    assert mean == pytest.approx(exp_mean, abs=1e-12)
+    assert std == pytest.approx(exp_std, abs=1e-10)
+
+
+def id_split(n: int, num_classes: int, size: int = 4, seed: int = 0) -> Split:
+    """Image i carries its id i in pixel (0, 0, 0) and has label i % num_classes; the other pixels are noise."""
+    images = random_images(n, size, seed)
+    images[:, 0, 0, 0] = torch.arange(n, dtype=torch.uint8)
+    return Split(images, torch.arange(n) % num_classes)
+
+
+def ids(split: Split) -> list[int]:
+    return split.images[:, 0, 0, 0].tolist()
+
+
+@pytest.mark.parametrize("val_size", [12, 10])
+def test_prepare_holds_out_a_balanced_disjoint_validation_split(val_size):
+    """val and train are disjoint, together exactly the original train; val is class-balanced; labels stay put."""
+    train, test = id_split(60, 3), id_split(30, 3, seed=1)
+    ds = prepare(train, test, ["a", "b", "c"], val_size=val_size, seed=3)
+    assert len(ds.val) == val_size and len(ds.train) == 60 - val_size
+    assert set(ids(ds.val)).isdisjoint(ids(ds.train))
+    assert sorted(ids(ds.val) + ids(ds.train)) == list(range(60))
+    counts = class_counts(ds.val.labels, 3)
+    assert max(counts) - min(counts) <= 1
+    for part in (ds.val, ds.train):
+        assert part.labels.tolist() == [i % 3 for i in ids(part)]
+    assert ds.test is test and ds.classes == ["a", "b", "c"]
+
+
+def test_prepare_limits_and_statistics():
+    """train_limit/test_limit give balanced subsets of those sizes after the val split; stats are of train."""
+    train, test = id_split(90, 3), id_split(60, 3, seed=1)
+    ds = prepare(train, test, ["a", "b", "c"], train_limit=30, test_limit=21, val_size=9, seed=0)
+    assert (len(ds.train), len(ds.test), len(ds.val)) == (30, 21, 9)
+    assert class_counts(ds.train.labels, 3) == [10, 10, 10]
+    assert class_counts(ds.test.labels, 3) == [7, 7, 7]
+    assert set(ids(ds.val)).isdisjoint(ids(ds.train))
+    assert class_counts(ds.val.labels, 3) == [3, 3, 3]
+    assert len(set(ids(ds.test))) == 21
+    exp_mean, exp_std = direct_stats(ds.train.images)
+    assert ds.mean == pytest.approx(exp_mean, abs=1e-12)
+    assert ds.std == pytest.approx(exp_std, abs=1e-10)
+
+
+def test_prepare_is_deterministic_for_a_seed():
+    """The same seed gives the same val/train split; another seed another one."""
+    train, test = id_split(60, 3), id_split(30, 3)
+    a, b, c = (prepare(train, test, ["a", "b", "c"], val_size=9, train_limit=21, seed=s) for s in (5, 5, 6))
+    assert ids(a.val) == ids(b.val) and ids(a.train) == ids(b.train)
+    assert ids(a.val) != ids(c.val)
+
+
+@pytest.mark.parametrize("val_size", [60, 61])
+def test_prepare_rejects_val_size_that_leaves_no_training_images(val_size):
+    """val_size >= len(train) is a SnapensError naming the key."""
+    with pytest.raises(SnapensError, match="val_size"):
+        prepare(id_split(60, 3), id_split(30, 3), ["a", "b", "c"], val_size=val_size)
+
+
+def test_make_synthetic_shapes_balance_and_determinism():
+    """Synthetic splits are uint8 N x 3 x S x S, balanced, seeded, and each class has its dominant colour."""
+    train, test, classes = make_synthetic(4, 40, 20, 6, seed=1)
+    assert classes == ["class0", "class1", "class2", "class3"]
+    for split, n in ((train, 40), (test, 20)):
+        assert split.images.shape == (n, 3, 6, 6) and split.images.dtype == torch.uint8
+        assert split.labels.dtype == torch.int64
+        assert class_counts(split.labels, 4) == [n // 4] * 4
+        channel_means = split.images.double().mean((2, 3))  # n x 3
+        assert torch.equal(channel_means.argmax(1), split.labels % 3)
+    again, _, _ = make_synthetic(4, 40, 20, 6, seed=1)
+    other, _, _ = make_synthetic(4, 40, 20, 6, seed=2)
+    assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
+    assert not torch.equal(other.images, train.images)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def solid(colour, size=(8, 8)) -> torch.Tensor:
+    return torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, *size).contiguous()
+
+
+def write_image(path: Path, image: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".png":
+        write_png(image, str(path))
+    else:
+        write_jpeg(image, str(path), quality=100)
+
+
+def write_tree(root: Path, tree: dict) -> None:
+    """tree: {split: {class: {file name: image}}}."""
+    for split, classes in tree.items():
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for name, files in classes.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for file, image in files.items():
+                write_image(root / split / name / file, image)
+
+
+def small_tree() -> dict:
+    """Classes created unsorted; test lacks 'moose'; one JPEG; PNGs of noise so every pixel is checked."""
+    def noise(seed):
+        return random_images(1, 8, seed)[0]
+
+    return {
+        "train": {
+            "zebra": {"b.png": noise(1), "a.png": noise(2)},
+            "ant": {"c.jpg": solid((200, 40, 90)), "a.png": noise(3)},
+            "moose": {"x.png": noise(4)},
+        },
+        "test": {
+            "zebra": {"t.png": noise(5)},
+            "ant": {"u.png": noise(6), "s.png": noise(7)},
+        },
+    }
+
+
+def expected_split(tree_split: dict, classes: list[str]):
+    """Images, labels and which files are JPEGs, in class-name order, then file-name order."""
+    images, labels, lossy = [], [], []
+    for name in sorted(tree_split):
+        for file in sorted(tree_split[name]):
+            images.append(tree_split[name][file])
+            labels.append(classes.index(name))
+            lossy.append(file.endswith(".jpg"))
+    return torch.stack(images), labels, lossy
+
+
+def assert_images_match(actual: torch.Tensor, expected: torch.Tensor, lossy: list[bool]) -> None:
+    assert actual.shape == expected.shape and actual.dtype == torch.uint8
+    for a, e, jpeg in zip(actual, expected, lossy):
+        if jpeg:  # a solid colour survives JPEG at quality 100 almost exactly
+            assert (a.int() - e.int()).abs().max() <= 3
+        else:
+            assert torch.equal(a, e)
+
+
+def assert_splits_equal(a: Split, b: Split) -> None:
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_load_image_folder_reads_images_labels_and_class_order(tmp_path):
+    """Classes sorted by name; images in class then file order; a test split lacking a class keeps train's labels."""
+    tree = small_tree()
+    write_tree(tmp_path, tree)
+    train, test, classes = load_image_folder(str(tmp_path))
+    assert classes == ["ant", "moose", "zebra"]
+    for split, name in ((train, "train"), (test, "test")):
+        images, labels, lossy = expected_split(tree[name], classes)
+        assert_images_match(split.images, images, lossy)
+        assert split.labels.tolist() == labels
+    assert test.labels.tolist() == [0, 0, 2]  # zebra is class 2 even though test has only two classes
+
+
+def test_load_image_folder_second_load_reads_the_cache(tmp_path, monkeypatch):
+    """After one load, a second one decodes nothing (decoding is made to fail) and returns equal tensors."""
+    write_tree(tmp_path, small_tree())
+    first = load_image_folder(str(tmp_path))
+    assert len(list((tmp_path / ".snapens_cache").glob("*.safetensors"))) == 2
+
+    def no_decode(*args):
+        raise AssertionError("decoded an image although the cache is valid")
+
+    monkeypatch.setattr(snapens.data, "_decode", no_decode)
+    second = load_image_folder(str(tmp_path))
+    assert_splits_equal(first[0], second[0])
+    assert_splits_equal(first[1], second[1])
+    assert first[2] == second[2]
+
+
+def same_length_png(old: torch.Tensor) -> torch.Tensor:
+    """A different solid image whose PNG has exactly as many bytes as `old`'s."""
+    want = len(encode_png(old))
+    for value in range(256):
+        image = solid((value, 255 - value, 7))
+        if not torch.equal(image, old) and len(encode_png(image)) == want:
+            return image
+    raise AssertionError("no same-length PNG found")
+
+
+@pytest.mark.parametrize("change", ["size", "mtime"])
+def test_load_image_folder_changed_file_invalidates_the_cache(tmp_path, change):
+    """Editing an image is seen: a new byte size (same mtime) or a new mtime (same byte size) both re-decode."""
+    path = tmp_path / "train" / "cat" / "a.png"
+    write_tree(tmp_path, {"train": {"cat": {"a.png": solid((10, 20, 30)), "b.png": solid((1, 2, 3))}},
+                          "test": {"cat": {"c.png": solid((4, 5, 6))}}})
+    load_image_folder(str(tmp_path))
+    before = path.stat()
+    if change == "size":
+        new = random_images(1, 8, seed=11)[0]
+        write_image(path, new)
+        assert path.stat().st_size != before.st_size
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    else:
+        new = same_length_png(solid((10, 20, 30)))
+        write_image(path, new)
+        assert path.stat().st_size == before.st_size
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    train, _, _ = load_image_folder(str(tmp_path))
+    assert torch.equal(train.images[0], new)
+
+
+def test_load_image_folder_image_size_resizes(tmp_path):
+    """data.image_size=N resizes images of any size to N x N (a solid colour stays that colour)."""
+    colours = [(200, 10, 50), (0, 128, 255)]
+    write_tree(tmp_path, {"train": {"a": {"big.png": solid(colours[0], (12, 10))},
+                                    "b": {"small.png": solid(colours[1], (5, 7))}},
+                          "test": {"a": {"t.png": solid(colours[0], (9, 9))}}})
+    train, test, _ = load_image_folder(str(tmp_path), image_size=6)
+    assert train.images.shape == (2, 3, 6, 6) and test.images.shape == (1, 3, 6, 6)
+    for image, colour in zip(train.images, colours):
+        assert (image.int() - solid(colour, (6, 6)).int()).abs().max() <= 1
+
+
+def _only_test(root):
+    write_tree(root, {"test": {"a": {"x.png": solid((1, 1, 1))}}})
+
+
+def _only_train(root):
+    write_tree(root, {"train": {"a": {"x.png": solid((1, 1, 1))}}})
+
+
+def _no_classes(root):
+    write_image(root / "train" / "loose.png", solid((1, 1, 1)))  # an image, but not in a class folder
+    (root / "test").mkdir()
+
+
+def _empty_class(root):
+    write_tree(root, {"train": {"a": {"x.png": solid((1, 1, 1))}, "b": {}}, "test": {"a": {"y.png": solid((1, 1, 1))}}})
+    (root / "train" / "b" / "notes.txt").write_text("not an image")
+
+
+def _corrupt(root):
+    write_tree(root, {"train": {"a": {"x.png": solid((1, 1, 1))}}, "test": {"a": {"y.png": solid((1, 1, 1))}}})
+    (root / "train" / "a" / "broken.png").write_bytes(b"\x89PNG this is not really a png")
+
+
+def _mixed_sizes(root):
+    write_tree(root, {"train": {"a": {"x.png": solid((1, 1, 1), (8, 8))}, "b": {"y.png": solid((1, 1, 1), (6, 8))}},
+                      "test": {"a": {"z.png": solid((1, 1, 1))}}})
+
+
+def _extra_test_class(root):
+    write_tree(root, {"train": {"a": {"x.png": solid((1, 1, 1))}},
+                      "test": {"a": {"y.png": solid((1, 1, 1))}, "ghost": {"z.png": solid((1, 1, 1))}}})
+
+
+@pytest.mark.parametrize("make, fragments", [
+    (_only_test, lambda r: ["no train/ folder"]),
+    (_only_train, lambda r: ["no test/ folder"]),
+    (_no_classes, lambda r: ["no images", "no class folders"]),
+    (_empty_class, lambda r: [str(r / "train" / "b"), "no images"]),
+    (_corrupt, lambda r: [str(r / "train" / "a" / "broken.png"), "cannot read"]),
+    (_mixed_sizes, lambda r: ["differ in size", "data.image_size"]),
+    (_extra_test_class, lambda r: ["ghost"]),
+], ids=["no-train", "no-test", "no-classes", "empty-class", "corrupt", "mixed-sizes", "extra-test-class"])
+def test_load_image_folder_errors_name_the_problem(tmp_path, make, fragments):
+    """Each malformed folder gives a SnapensError whose message names what is wrong."""
+    make(tmp_path)
+    with pytest.raises(SnapensError) as info:
+        load_image_folder(str(tmp_path))
+    for fragment in fragments(tmp_path):
+        assert fragment in str(info.value)
+
+
+def test_load_image_folder_ignores_hidden_folders_in_train(tmp_path):
+    """A hidden folder in train/ (here with an image in it) is not a class."""
+    write_tree(tmp_path, {"train": {"a": {"x.png": solid((1, 1, 1))}, ".hidden": {"y.png": solid((2, 2, 2))}},
+                          "test": {"a": {"z.png": solid((3, 3, 3))}}})
+    train, _, classes = load_image_folder(str(tmp_path))
+    assert classes == ["a"] and train.labels.tolist() == [0]
+
+
+def test_load_image_folder_ignores_hidden_folders_in_test(tmp_path):
+    """A hidden folder such as .ipynb_checkpoints is ignored in test/ as it is in train/."""
+    write_tree(tmp_path, {"train": {"a": {"x.png": solid((1, 1, 1))}, ".ipynb_checkpoints": {}},
+                          "test": {"a": {"y.png": solid((2, 2, 2))}, ".ipynb_checkpoints": {}}})
+    train, test, classes = load_image_folder(str(tmp_path))
+    assert classes == ["a"] and test.labels.tolist() == [0]
+
+
+def test_load_image_folder_read_only_root_caches_under_home(tmp_path, monkeypatch):
+    """A read-only data folder gets its cache in $HOME/.cache/snapens, and the second load reads it from there."""
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod cannot stop root from writing, so the data folder is never read-only")
+    root, home = tmp_path / "data", tmp_path / "home"
+    write_tree(root, small_tree())
+    monkeypatch.setenv("HOME", str(home))
+    root.chmod(0o555)
+    try:
+        first = load_image_folder(str(root))
+        assert not (root / ".snapens_cache").exists()
+        assert len(list((home / ".cache" / "snapens").rglob("*.safetensors"))) == 2
+        monkeypatch.setattr(snapens.data, "_decode", lambda *a: pytest.fail("decoded although cached"))
+        second = load_image_folder(str(root))
+    finally:
+        root.chmod(0o755)
+    assert_splits_equal(first[0], second[0])
+    assert_splits_equal(first[1], second[1])
+
+
+# ---------------------------------------------------------------- CIFAR
+
+
+def test_load_cifar_missing_without_download_names_folder(tmp_path):
+    """download=False on an empty folder: a SnapensError naming cifar-10-batches-py and the folder."""
+    with pytest.raises(SnapensError) as info:
+        load_cifar(str(tmp_path), "cifar10", download=False)
+    assert "cifar-10-batches-py" in str(info.value)
+    assert str(tmp_path.resolve()) in str(info.value)
+
+
+def write_fake_cifar10(root: Path, per_batch: int = 2, n_test: int = 3):
+    """torchvision's python format: pickled dicts of uint8 N x 3072 rows (R plane, G plane, B plane, row-major)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    g = gen(0)
+    rows, labels = {}, {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        n = n_test if name == "test_batch" else per_batch
+        rows[name] = torch.randint(0, 256, (n, 3072), generator=g, dtype=torch.uint8).numpy()
+        labels[name] = torch.randint(0, 10, (n,), generator=g).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rows[name], "labels": labels[name], "batch_label": name}, f)
+    names = [f"name{i}" for i in range(10)]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch}, f)
+    return rows, labels, names
+
+
+def images_from_rows(rows) -> torch.Tensor:
+    """Pixel (c, y, x) of an image is byte c*1024 + y*32 + x of its row."""
+    c, y, x = torch.meshgrid(torch.arange(3), torch.arange(32), torch.arange(32), indexing="ij")
+    return torch.from_numpy(rows)[:, c * 1024 + y * 32 + x]
+
+
+def test_load_cifar_reads_torchvision_python_format(tmp_path, monkeypatch):
+    """A tiny fake CIFAR-10 loads to uint8 N x 3 x 32 x 32 in RGB channel order with its labels and class names."""
+    rows, labels, names = write_fake_cifar10(tmp_path)
+    first = rows["data_batch_1"]
+    first[0, [0 * 1024 + 5 * 32 + 7, 1 * 1024 + 5 * 32 + 7, 2 * 1024 + 5 * 32 + 7]] = [11, 22, 33]
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump({"data": first, "labels": labels["data_batch_1"]}, f)
+    # the files are not the real ones, so their md5 sums cannot match
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+
+    train, test, classes = load_cifar(str(tmp_path), "cifar10", download=False)
+    assert classes == names
+    assert train.images.shape == (10, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert train.images[0, :, 5, 7].tolist() == [11, 22, 33]
+    train_rows = [rows[f"data_batch_{i}"] for i in range(1, 6)]
+    assert torch.equal(train.images, images_from_rows(np.concatenate(train_rows)))
+    assert train.labels.tolist() == sum((labels[f"data_batch_{i}"] for i in range(1, 6)), [])
+    assert train.labels.dtype == torch.int64
+    assert torch.equal(test.images, images_from_rows(rows["test_batch"]))
+    assert test.labels.tolist() == labels["test_batch"]

@@ -1,0 +1,192 @@
+"""Tests for snapens.ensemble: the combination rules by hand, accuracy, the report, and logits from snapshots."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from snapens.data import Split
+from snapens.ensemble import RULES, accuracy, combine, ensemble_report, format_report, snapshot_logits
+from snapens.models import CifarResNet
+from snapens.snapshots import save_snapshot, snapshot_path
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+# Two members, three classes, two images. Worked by hand (softmax rounded to 3 places):
+# image 0: A = [1, 10, 0] -> p ~ [0.000, 1.000, 0.000];  B = [1, -10, 0] -> p ~ [0.731, 0.000, 0.269]
+#   mean logits [1, 0, 0] -> class 0; mean probs [0.366, 0.500, 0.134] -> class 1;
+#   votes A: 1, B: 0 (a tie), broken by mean probability 0.500 > 0.366 -> class 1.
+# image 1: A = [2, 1.9, -5] -> p ~ [0.525, 0.475, 0.000];  B = [-5, 1.9, 2.2] -> p ~ [0.000, 0.425, 0.574]
+#   mean logits [-1.5, 1.9, -1.4] -> class 1; mean probs [0.263, 0.450, 0.287] -> class 1;
+#   votes A: 0, B: 2 (a tie), broken by mean probability 0.287 > 0.263 -> class 2 (not the lower index).
+TWO_MEMBERS = [
+    [[1.0, 10.0, 0.0], [2.0, 1.9, -5.0]],
+    [[1.0, -10.0, 0.0], [-5.0, 1.9, 2.2]],
+]
+EXPECTED = {"logits": [0, 1], "probs": [1, 1], "vote": [1, 2]}
+
+
+def softmax(row: list[float]) -> list[float]:
+    exps = [math.exp(v) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def argmax(row: list[float]) -> int:
+    return max(range(len(row)), key=lambda c: row[c])
+
+
+def mean_probs(members: list[list[list[float]]]) -> list[list[float]]:
+    """N x C mean of the members' softmax probabilities, in plain Python."""
+    per_member = [[softmax(row) for row in member] for member in members]
+    return [[sum(m[i][c] for m in per_member) / len(members) for c in range(len(members[0][0]))]
+            for i in range(len(members[0]))]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_combine_hand_computed_two_member_example(rule):
+    """Each rule picks its hand-computed classes on an example where the three rules disagree."""
+    scores = combine(torch.tensor(TWO_MEMBERS, dtype=torch.float64), rule)
+    assert scores.shape == (2, 3)
+    assert scores.argmax(-1).tolist() == EXPECTED[rule]
+
+
+def test_combine_scores_are_the_documented_means():
+    """logits: mean logit; probs: mean softmax; vote: member count per class plus half the mean probability."""
+    logits = torch.tensor(TWO_MEMBERS, dtype=torch.float64)
+    probs = mean_probs(TWO_MEMBERS)
+    mean_logits = [[(a + b) / 2 for a, b in zip(ra, rb)] for ra, rb in zip(*TWO_MEMBERS)]
+    votes = [[sum(argmax(member[i]) == c for member in TWO_MEMBERS) for c in range(3)] for i in range(2)]
+    assert votes == [[1, 1, 0], [1, 0, 1]]
+    expected_vote = [[v + 0.5 * p for v, p in zip(vr, pr)] for vr, pr in zip(votes, probs)]
+    for rule, expected in (("logits", mean_logits), ("probs", probs), ("vote", expected_vote)):
+        torch.testing.assert_close(combine(logits, rule), torch.tensor(expected, dtype=torch.float64),
+                                   rtol=0, atol=1e-12)
+
+
+def test_vote_majority_beats_confidence():
+    """Two members weakly for class 0 outvote one member certain of class 1, though mean probability favours 1."""
+    logits = torch.tensor([[[0.1, 0.0]], [[0.1, 0.0]], [[0.0, 50.0]]], dtype=torch.float64)
+    probs = mean_probs(logits.tolist())[0]
+    assert probs[1] > probs[0]
+    assert combine(logits, "vote").argmax(-1).tolist() == [0]
+    assert combine(logits, "probs").argmax(-1).tolist() == [1]
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("members", [1, 3, 7])
+def test_identical_members_act_as_the_single_model(rule, members):
+    """An ensemble of M copies of one model predicts exactly what the model does, with the same accuracy."""
+    g = torch.Generator().manual_seed(members)
+    single = torch.randn(200, 10, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 10, (200,), generator=g)
+    scores = combine(single.expand(members, -1, -1), rule)
+    assert torch.equal(scores.argmax(-1), single.argmax(-1))
+    assert accuracy(scores, labels) == accuracy(single, labels)
+
+
+def test_unknown_rule_is_rejected():
+    """A rule outside RULES is a ValueError naming it and the choices."""
+    with pytest.raises(ValueError, match="'median'") as info:
+        combine(torch.zeros(2, 3, 4), "median")
+    assert all(rule in str(info.value) for rule in RULES)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_accuracy_is_the_fraction_of_correct_argmaxes(seed):
+    """accuracy equals a direct count of rows whose largest score is at the label."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(97, 5, generator=g)
+    labels = torch.randint(0, 5, (97,), generator=g)
+    correct = sum(argmax(row) == y for row, y in zip(scores.tolist(), labels.tolist()))
+    assert accuracy(scores, labels) == pytest.approx(correct / 97, abs=1e-15)
+
+
+# ---------------------------------------------------------------- report
+
+LABELS = [0, 1, 2, 1]
+PREDICTIONS = [[0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 2, 0]]  # per snapshot: 1/4, 2/4, 3/4 right
+PATHS = [Path("run/snapshots") / f"cycle_{c:02d}.safetensors" for c in (1, 2, 3)]
+METADATA = [{"cycle": c, "step": 100 * c, "lr": 0.0} for c in (1, 2, 3)]
+
+
+def report_inputs():
+    """Logits that are 5 x one-hot of the given predictions, so every rule picks the per-image majority."""
+    logits = 5 * torch.nn.functional.one_hot(torch.tensor(PREDICTIONS), 3).double()
+    return logits, torch.tensor(LABELS)
+
+
+def majority_accuracy() -> float:
+    columns = list(zip(*PREDICTIONS))
+    majority = [max(set(col), key=col.count) for col in columns]
+    return sum(m == y for m, y in zip(majority, LABELS)) / len(LABELS)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_ensemble_report_contents(rule):
+    """Per-snapshot accuracies, single = last snapshot, ensemble accuracy of all members under the rule."""
+    logits, labels = report_inputs()
+    report = ensemble_report(logits, labels, PATHS, METADATA, rule)
+    per_snapshot = [sum(p == y for p, y in zip(preds, LABELS)) / 4 for preds in PREDICTIONS]
+    assert report["snapshots"] == [{"file": p.name, "cycle": m["cycle"], "step": m["step"], "acc": a}
+                                   for p, m, a in zip(PATHS, METADATA, per_snapshot)]
+    assert report["single"] == {"acc": per_snapshot[-1], "file": "cycle_03.safetensors"}
+    assert report["ensemble"] == {"acc": majority_accuracy(), "rule": rule,
+                                  "members": ["cycle_01.safetensors", "cycle_02.safetensors", "cycle_03.safetensors"]}
+    assert report["num_images"] == 4
+
+
+def test_format_report_lists_files_and_accuracies():
+    """The table names every snapshot with its accuracy, the single model, the ensemble and the image count."""
+    logits, labels = report_inputs()
+    text = format_report(ensemble_report(logits, labels, PATHS, METADATA, "probs"))
+    lines = text.splitlines()
+    for path, acc in zip(PATHS, (0.25, 0.5, 0.75)):
+        line = next(line for line in lines if path.name in line)
+        assert f"{acc:.4f}" in line
+    assert any("single" in line and "0.7500" in line for line in lines)
+    assert any("ensemble of 3 (probs)" in line and f"{majority_accuracy():.4f}" in line for line in lines)
+    assert "4 test images" in text
+
+
+# ---------------------------------------------------------------- logits from snapshot files
+
+
+def perturbed_model(seed: int) -> torch.nn.Module:
+    """A tiny ResNet-8 with non-default BatchNorm statistics, so eval mode matters."""
+    torch.manual_seed(seed)
+    model = CifarResNet(depth=8, num_classes=3)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_snapshot_logits_equal_running_each_snapshot_directly(tmp_path):
+    """M x N x C logits equal each snapshot's model in eval mode on normalised images, all from the one model."""
+    paths = [snapshot_path(tmp_path, c) for c in (1, 2)]
+    for seed, path in zip((1, 2), paths):
+        save_snapshot(path, perturbed_model(seed), {"cycle": seed, "step": seed})
+    images = torch.randint(0, 256, (5, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    split = Split(images, torch.arange(5) % 3)
+
+    model = perturbed_model(seed=7).train()
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(id(module)))
+    logits = snapshot_logits(model, paths, split, MEAN, STD, batch_size=2, device=torch.device("cpu"))
+
+    x = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    expected = []
+    for path in paths:
+        reference = CifarResNet(depth=8, num_classes=3)
+        reference.load_state_dict(load_file(str(path)))
+        with torch.no_grad():
+            expected.append(reference.eval()(x))
+    assert logits.shape == (2, 5, 3) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, torch.stack(expected), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits[0], logits[1])
+    assert calls == [id(model)] * (2 * 3)  # 2 snapshots x 3 batches (2 + 2 + 1 images), all on the given model
+    assert not model.training

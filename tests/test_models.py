@@ -1,0 +1,141 @@
+"""Tests for snapens.models: parameter counts derived from the layer shapes, output shapes, depth checks, configs."""
+
+from pathlib import Path
+
+import hydra.utils
+import pytest
+import torch
+from torch import nn
+
+from snapens.models import CifarResNet, WideResNet
+
+MODEL_CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def conv(c_in: int, c_out: int, k: int = 3) -> int:
+    return c_in * c_out * k * k  # bias-free
+
+
+def bn(c: int) -> int:
+    return 2 * c  # weight and bias (running stats are buffers)
+
+
+def fc(c_in: int, c_out: int) -> int:
+    return c_in * c_out + c_out
+
+
+def resnet_params(depth: int, num_classes: int) -> int:
+    """He et al. 2016: stem conv-BN, 3 stages of n blocks (conv-BN-conv-BN), option-A shortcuts (no weights)."""
+    n = (depth - 2) // 6
+    total, c_in = conv(3, 16) + bn(16), 16
+    for width in (16, 32, 64):
+        for _ in range(n):
+            total += conv(c_in, width) + bn(width) + conv(width, width) + bn(width)
+            c_in = width
+    return total + fc(64, num_classes)
+
+
+def wrn_params(depth: int, k: int, num_classes: int) -> int:
+    """Zagoruyko & Komodakis 2016: pre-activation blocks (BN-conv-BN-conv), 1x1 projection where the shape changes."""
+    n = (depth - 4) // 6
+    total, c_in = conv(3, 16), 16
+    for width in (16 * k, 32 * k, 64 * k):
+        for i in range(n):
+            shortcut = conv(c_in, width, 1) if c_in != width else 0  # stages 2, 3 open with a width change
+            total += bn(c_in) + conv(c_in, width) + bn(width) + conv(width, width) + shortcut
+            c_in = width
+    return total + bn(c_in) + fc(c_in, num_classes)
+
+
+def test_resnet20_formula_gives_the_published_count():
+    """The layer-shape formula gives ResNet-20 with 10 classes 269,722 parameters (the paper's 0.27M)."""
+    assert resnet_params(20, 10) == 269_722
+
+
+@pytest.mark.parametrize("depth, num_classes, paper, digits", [
+    (20, 10, 0.27, 2), (32, 10, 0.46, 2), (44, 10, 0.66, 2), (56, 10, 0.85, 2), (110, 10, 1.7, 1),
+    (8, 100, None, 0), (20, 100, None, 0),
+])
+def test_resnet_parameter_count(depth, num_classes, paper, digits):
+    """CifarResNet has exactly the formula's parameters, matching the paper's millions (arXiv 1512.03385, Table 6)."""
+    n = count(CifarResNet(depth, num_classes))
+    assert n == resnet_params(depth, num_classes)
+    if paper is not None:
+        assert round(n / 1e6, digits) == paper
+
+
+@pytest.mark.parametrize("depth, k, num_classes, paper", [
+    (28, 10, 10, 36.5), (16, 4, 10, 2.7), (10, 1, 10, None), (16, 2, 100, None), (22, 1, 7, None),
+])
+def test_wrn_parameter_count(depth, k, num_classes, paper):
+    """WideResNet has exactly the formula's parameters; WRN-28-10 36.5M and WRN-16-4 2.7M (arXiv 1605.07146)."""
+    n = count(WideResNet(depth, k, num_classes=num_classes))
+    assert n == wrn_params(depth, k, num_classes)
+    if paper is not None:
+        assert round(n / 1e6, 1) == paper
+
+
+@pytest.mark.parametrize("make, num_classes, size", [
+    (lambda c: CifarResNet(8, c), 7, 32),
+    (lambda c: CifarResNet(20, c), 10, 32),
+    (lambda c: CifarResNet(8, c), 3, 24),  # the head pools globally, so other sizes work
+    (lambda c: WideResNet(10, 2, dropout=0.3, num_classes=c), 5, 32),
+    (lambda c: WideResNet(16, 1, num_classes=c), 100, 32),
+], ids=["resnet8", "resnet20", "resnet8-24px", "wrn10_2", "wrn16_1"])
+def test_output_shape(make, num_classes, size):
+    """A batch of B images gives B x num_classes finite logits."""
+    model = make(num_classes).eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    assert out.shape == (3, num_classes) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("make, width", [(lambda: CifarResNet(8), 64), (lambda: WideResNet(10, 2), 128)],
+                         ids=["resnet8", "wrn10_2"])
+def test_stages_halve_the_maps_twice(make, width):
+    """32x32 inputs reach the head as 8x8 maps of the last stage's width (stride 2 opens stages 2 and 3)."""
+    model, seen = make(), []
+    model.blocks.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        model.eval()(torch.zeros(2, 3, 32, 32))
+    assert seen == [(2, width, 8, 8)]
+
+
+@pytest.mark.parametrize("cls, depth, rule", [
+    (CifarResNet, 21, "6n+2"), (CifarResNet, 18, "6n+2"), (CifarResNet, 2, "6n+2"), (CifarResNet, 0, "6n+2"),
+    (WideResNet, 27, "6n+4"), (WideResNet, 29, "6n+4"), (WideResNet, 4, "6n+4"),
+])
+def test_invalid_depth_is_rejected(cls, depth, rule):
+    """A depth that is not 6n+2 (ResNet) or 6n+4 (WRN) with n >= 1 is a ValueError naming the rule and the value."""
+    with pytest.raises(ValueError, match=rule.replace("+", r"\+")) as info:
+        cls(depth=depth)
+    assert f"got {depth}" in str(info.value)
+
+
+def test_model_config_group_is_complete():
+    """conf/model/ holds the models DESIGN.md lists."""
+    assert MODEL_CONFIGS == sorted(["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "wrn16_4", "wrn28_10"])
+
+
+@pytest.mark.parametrize("data, num_classes", [("cifar10", 10), ("cifar100", 100)])
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_model_config_instantiates(make_cfg, name, data, num_classes):
+    """Every model yaml composes and instantiates to the model it describes, with one output per data class."""
+    cfg = make_cfg(f"model={name}", f"data={data}")
+    assert cfg.data.num_classes == num_classes
+    model = hydra.utils.instantiate(cfg.model)
+    assert isinstance(model, nn.Module)
+    if isinstance(model, WideResNet):
+        expected = wrn_params(cfg.model.depth, cfg.model.widen_factor, num_classes)
+    else:
+        expected = resnet_params(cfg.model.depth, num_classes)
+    assert count(model) == expected
+    if name == "wrn28_10":  # 36.5M parameters: too slow to run here
+        assert model.fc.out_features == num_classes
+        return
+    with torch.no_grad():  # 8x8 inputs keep ResNet-110 cheap; 32x32 shapes are checked in test_output_shape
+        assert model.eval()(torch.zeros(2, 3, 8, 8)).shape == (2, num_classes)

@@ -1,0 +1,190 @@
+"""Tests for snapens.snapshots: exact round trips, atomic writes, clear errors and cycle ordering."""
+
+import os
+import stat
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from snapens.errors import SnapensError
+from snapens.models import CifarResNet, WideResNet
+from snapens.snapshots import list_snapshots, load_into, load_snapshot, read_metadata, save_snapshot, snapshot_path
+
+METADATA = {
+    "cycle": 3,
+    "step": 1200,
+    "epoch": 10.0,  # stays a float
+    "lr": 1.2345678901234567e-05,
+    "model": "resnet8",
+    "num_classes": 4,
+    "classes": ["cat", "dog", "émeu", "a b"],
+    "mean": [0.4914, 0.4822, 0.4465],
+    "config_hash": "0123abcd",
+}
+
+
+def small_model(seed: int = 0, num_classes: int = 4) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return CifarResNet(depth=8, num_classes=num_classes)
+
+
+def trained_model(seed: int = 0) -> torch.nn.Module:
+    """A ResNet-8 after one SGD step, so weights and every BatchNorm buffer are away from their defaults."""
+    model = small_model(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    model.train()
+    model(x).logsumexp(1).mean().backward()
+    opt.step()
+    return model
+
+
+@pytest.fixture
+def umask():
+    """Set a umask for the test and restore the old one."""
+    old = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def test_round_trip_restores_every_tensor_and_the_metadata(tmp_path):
+    """save_snapshot then load_into a fresh model: all state_dict tensors (BN buffers too) and metadata equal."""
+    model, fresh = trained_model(seed=1), small_model(seed=2)
+    path = tmp_path / "snapshots" / "cycle_03.safetensors"
+    save_snapshot(path, model, METADATA)
+    saved, before = model.state_dict(), fresh.state_dict()
+    assert saved["bn.num_batches_tracked"].item() == 1  # buffers moved away from their defaults
+    assert not torch.equal(saved["bn.running_var"], before["bn.running_var"])
+
+    metadata = load_into(fresh, path)
+    loaded = fresh.state_dict()
+    assert loaded.keys() == saved.keys()
+    for key in saved:
+        assert loaded[key].dtype == saved[key].dtype, key
+        assert torch.equal(loaded[key], saved[key]), key
+    state, _ = load_snapshot(path)  # the file itself keeps every dtype (num_batches_tracked is int64)
+    assert all(state[k].dtype == saved[k].dtype and torch.equal(state[k], saved[k]) for k in saved)
+    assert metadata == METADATA
+    assert read_metadata(path) == METADATA
+    assert type(metadata["epoch"]) is float and type(metadata["cycle"]) is int
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_snapshot_file_mode_follows_umask(tmp_path, umask, mask, mode):
+    """A snapshot is an ordinary file: mode 0o666 minus the umask (world-readable under umask 022)."""
+    umask(mask)
+    path = tmp_path / "cycle_01.safetensors"
+    save_snapshot(path, small_model(), {"cycle": 1})
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+def test_failed_save_leaves_previous_file_and_no_temporaries(tmp_path, monkeypatch):
+    """If the rename fails, the old snapshot stays byte-identical and the temporary file is removed."""
+    path = tmp_path / "cycle_01.safetensors"
+    save_snapshot(path, small_model(seed=0), {"cycle": 1})
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_snapshot(path, trained_model(seed=5), {"cycle": 2})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cycle_01.safetensors"]
+
+
+def cut_end(data: bytes) -> bytes:
+    return data[:-1]
+
+
+def cut_half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def cut_to_header_length(data: bytes) -> bytes:
+    return data[:8]
+
+
+def garbage(data: bytes) -> bytes:
+    return b"this is not a safetensors file at all" * 10
+
+
+def empty(data: bytes) -> bytes:
+    return b""
+
+
+@pytest.mark.parametrize("damage", [cut_end, cut_half, cut_to_header_length, garbage, empty])
+def test_damaged_file_is_reported_as_truncated_or_corrupt(tmp_path, damage):
+    """A truncated or garbage file gives a SnapensError naming the path and saying truncated or corrupt."""
+    path = tmp_path / "cycle_01.safetensors"
+    save_snapshot(path, small_model(), METADATA)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(SnapensError) as info:
+        load_into(small_model(), path)
+    assert str(path) in str(info.value)
+    assert "truncated or corrupt" in str(info.value)
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
+def test_foreign_safetensors_file_is_not_a_snapshot(tmp_path, metadata):
+    """A valid safetensors file without snapens metadata is rejected as 'not a snapens snapshot'."""
+    path = tmp_path / "weights.safetensors"
+    save_file(small_model().state_dict(), str(path), metadata=metadata)
+    with pytest.raises(SnapensError, match="not a snapens snapshot") as info:
+        load_into(small_model(), path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    """A missing snapshot is a SnapensError naming it."""
+    path = tmp_path / "cycle_09.safetensors"
+    with pytest.raises(SnapensError, match="does not exist") as info:
+        load_into(small_model(), path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("other", [
+    lambda: CifarResNet(depth=14, num_classes=4),  # more blocks: missing keys
+    lambda: CifarResNet(depth=8, num_classes=10),  # other class count: size mismatch
+    lambda: WideResNet(depth=10, widen_factor=1, num_classes=4),  # another family
+    lambda: torch.nn.Sequential(small_model()),  # same shapes under other names: only missing/unexpected keys
+], ids=["deeper", "classes", "wrn", "renamed"])
+def test_load_into_a_different_model_is_rejected(tmp_path, other):
+    """Loading into another architecture or class count says the snapshot does not fit, and what it was saved from."""
+    path = tmp_path / "cycle_01.safetensors"
+    save_snapshot(path, small_model(), {"cycle": 1, "model": "resnet8", "num_classes": 4})
+    model = other()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SnapensError, match="does not fit the model") as info:
+        load_into(model, path)
+    assert str(path) in str(info.value) and "resnet8" in str(info.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "a failed load changed the model"
+
+
+def test_list_snapshots_orders_cycles_numerically_and_ignores_other_files(tmp_path):
+    """cycle_01 < cycle_2 < cycle_10 < cycle_100; SWA files, notes and temporaries are not snapshots."""
+    folder = tmp_path / "snapshots"
+    folder.mkdir()
+    names = ["cycle_100.safetensors", "cycle_10.safetensors", "cycle_2.safetensors", "cycle_01.safetensors",
+             "cycle_01_swa.safetensors", "notes.txt", ".cycle_03.safetensors.k2j4.tmp", "cycle_04.safetensors.tmp",
+             "last.safetensors", "cycle_.safetensors"]
+    for name in names:
+        (folder / name).write_bytes(b"")
+    assert [p.name for p in list_snapshots(tmp_path)] == [
+        "cycle_01.safetensors", "cycle_2.safetensors", "cycle_10.safetensors", "cycle_100.safetensors"]
+    assert all(p.parent == folder for p in list_snapshots(tmp_path))
+
+
+def test_list_snapshots_finds_snapshot_path_files_in_cycle_order(tmp_path):
+    """Files named by snapshot_path come back in cycle order; a run without snapshots lists none."""
+    assert list_snapshots(tmp_path) == []
+    cycles = [10, 1, 100, 9]
+    for cycle in cycles:
+        save_snapshot(snapshot_path(tmp_path, cycle), small_model(), {"cycle": cycle})
+    listed = list_snapshots(tmp_path)
+    assert listed == [snapshot_path(tmp_path, c) for c in sorted(cycles)]
+    assert [read_metadata(p)["cycle"] for p in listed] == sorted(cycles)
+    assert snapshot_path(tmp_path, 3).name == "cycle_03.safetensors"

@@ -42,4 +42,4 @@ def cifar_root() -> Path:
     root = os.environ.get("SNAPENS_CIFAR10")
     if not root or not (Path(root) / "train").is_dir():
         pytest.skip("set SNAPENS_CIFAR10 to the extracted cifar10-jpeg folder (see .ci/run)")
-    return Path(root)
+    return Path(root).resolve()  # tests run the CLI from other folders

@@ -102,8 +102,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
     if not (run_dir / ".hydra" / "config.yaml").exists():  # Hydra writes it; a direct call must too
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    metadata = {"model": model_name(cfg.model), "num_classes": len(data.classes), "classes": data.classes,
-                "mean": list(data.mean), "std": list(data.std), "config_hash": config_hash(cfg)}
+    metadata = {"model": model_name(cfg.model), "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+                "num_classes": len(data.classes), "classes": data.classes,
+                "image_size": list(data.train.images.shape[2:]), "mean": list(data.mean), "std": list(data.std),
+                "config_hash": config_hash(cfg)}
     log.info(f"{metadata['model']} on {cfg.data.name} ({len(data.train)} train / {len(data.test)} test images), "
              f"{cfg.scheduler.name}: {schedule.total_steps} steps, snapshots after steps {cycle_ends}, on {device}")
 

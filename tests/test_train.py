@@ -45,7 +45,8 @@ def test_one_snapshot_per_cycle_with_metadata(finished_run):
         assert (meta["cycle"], meta["step"], meta["epoch"]) == (cycle, end, end / steps_per_epoch)
         # the snapshot is taken after the cycle's last update, which used the cycle's smallest lr
         assert meta["lr"] == schedule.lr(end - 1) == min(schedule.lr(t) for t in range(end - steps_per_epoch, end))
-        assert meta["model"] == "resnet8" and meta["num_classes"] == 4
+        assert meta["model"] == "resnet8" and meta["num_classes"] == 4 and meta["image_size"] == [32, 32]
+        assert meta["model_config"] == {"_target_": "snapens.models.CifarResNet", "depth": 8, "num_classes": 4}
         assert meta["classes"] == data.classes
         assert meta["mean"] == pytest.approx(list(data.mean), abs=0) and meta["std"] == list(data.std)
         assert len(meta["config_hash"]) == 16

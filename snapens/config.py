@@ -173,6 +173,25 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
+@dataclass
+class InferenceConfig:
+    """conf/ensemble.yaml: `python -m snapens.ensemble`."""
+
+    run: Optional[str] = None
+    runs: list[str] = field(default_factory=list)
+    snapshots: list[str] = field(default_factory=list)
+    config: Optional[str] = None
+    data_root: Optional[str] = None
+    split: str = "test"
+    rule: str = "logits"
+    members: Any = "all"
+    bins: int = 15
+    batch_size: int = 1000
+    device: str = "auto"
+    predict: Optional[str] = None
+    out: Optional[str] = None
+
+
 SCHEMAS = {
     "data": {"files": DataConfig, "synthetic": SyntheticDataConfig},
     "model": {"resnet": ResNetConfig, "wrn": WRNConfig},
@@ -193,6 +212,7 @@ def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore; entry points call this before composing."""
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
+    cs.store(name="schema_ensemble", node=InferenceConfig)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(group=f"schema/{group}", name=name, node=node)

@@ -107,7 +107,7 @@ def _scan_split(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]
     return paths, labels
 
 
-def _decode(path: Path, size: int) -> torch.Tensor:
+def read_image(path: Path, size: int) -> torch.Tensor:
     """One image file -> uint8 3 x H x W (RGB; resized to size x size when size > 0)."""
     try:
         with Image.open(path) as image:
@@ -160,7 +160,7 @@ def _load_or_decode(split: str, root: Path, classes: list[str], size: int) -> Sp
     except (FileNotFoundError, SafetensorError, KeyError):
         pass  # first run, or a damaged cache: decode again
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # Pillow releases the GIL while decoding
-        images = _stack(list(pool.map(lambda p: _decode(p, size), paths)), paths)
+        images = _stack(list(pool.map(lambda p: read_image(p, size), paths)), paths)
     result = Split(images, torch.tensor(labels, dtype=torch.int64))
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     save_file({"images": result.images, "labels": result.labels}, tmp, metadata={"classes": json.dumps(classes)})

@@ -447,7 +447,7 @@ def test_load_image_folder_second_load_reads_the_cache(tmp_path, monkeypatch):
     def no_decode(*args):
         raise AssertionError("decoded an image although the cache is valid")
 
-    monkeypatch.setattr(snapens.data, "_decode", no_decode)
+    monkeypatch.setattr(snapens.data, "read_image", no_decode)
     second = load_image_folder(str(tmp_path))
     assert_splits_equal(first[0], second[0])
     assert_splits_equal(first[1], second[1])
@@ -577,7 +577,7 @@ def test_load_image_folder_read_only_root_caches_under_home(tmp_path, monkeypatc
         first = load_image_folder(str(root))
         assert not (root / ".snapens_cache").exists()
         assert len(list((home / ".cache" / "snapens").rglob("*.safetensors"))) == 2
-        monkeypatch.setattr(snapens.data, "_decode", lambda *a: pytest.fail("decoded although cached"))
+        monkeypatch.setattr(snapens.data, "read_image", lambda *a: pytest.fail("decoded although cached"))
         second = load_image_folder(str(root))
     finally:
         root.chmod(0o755)

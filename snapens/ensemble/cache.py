@@ -1,0 +1,54 @@
+"""Each snapshot's logits on a split, computed once and kept beside the run's snapshots.
+
+`<run>/logits/<split>/cycle_XX.safetensors` holds the N x C float32 logits of `<run>/snapshots/cycle_XX.safetensors`
+together with the SHA-256 of the snapshot file and of the split's images and labels. A cache entry is reused only
+while both still match, so a retrained snapshot or a different test subset is recomputed, never mixed up.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from snapens.data import Split
+from snapens.snapshots import write_atomic
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def split_digest(split: Split) -> str:
+    """SHA-256 of a split's images and labels (and their shapes), so any change of data shows."""
+    h = hashlib.sha256(str((tuple(split.images.shape), tuple(split.labels.shape))).encode())
+    h.update(split.images.contiguous().cpu().numpy().tobytes())
+    h.update(split.labels.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_path(snapshot: Path, split_name: str) -> Path:
+    """snapshots/cycle_XX.safetensors -> logits/<split>/cycle_XX.safetensors in the same run dir."""
+    return snapshot.parent.parent / "logits" / split_name / snapshot.name
+
+
+def read_cached(path: Path, key: dict) -> torch.Tensor | None:
+    """The cached logits if the file exists, is readable and was made from exactly `key`; else None."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            if json.loads((f.metadata() or {}).get("key", "null")) != key:
+                return None
+            return f.get_tensor("logits")
+    except (FileNotFoundError, SafetensorError, OSError, ValueError):
+        return None  # missing or damaged: recompute
+
+
+def write_cached(path: Path, key: dict, logits: torch.Tensor) -> None:
+    write_atomic(path, save({"logits": logits.contiguous()}, metadata={"key": json.dumps(key, sort_keys=True)}))

@@ -1,0 +1,53 @@
+"""The ensemble report's figures as PNG files (matplotlib, no display needed)."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works on a headless machine
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_accuracy_vs_members(curves: dict, single_acc: float, rule: str, path: Path) -> None:
+    """Accuracy of the ensemble of the last m and of the first m snapshots against m, with the last snapshot's line.
+
+    Huang et al. 2017 (arXiv 1704.00109, figure 3): later snapshots are better alone, earlier ones add diversity.
+    """
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for end, style in (("last", "o-"), ("first", "s--")):
+        points = curves[end][rule]
+        ax.plot([p["m"] for p in points], [p["acc"] for p in points], style, label=f"{end} m snapshots")
+    ax.axhline(single_acc, color="gray", lw=1, label="last snapshot alone")
+    ax.set(xlabel="ensemble size m", ylabel="accuracy", title=f"ensemble accuracy ({rule})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_disagreement(matrix, names: list[str], path: Path) -> None:
+    """Heatmap of the fraction of points on which two snapshots' predictions differ."""
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(names), 1 + 0.6 * len(names)))
+    image = ax.imshow(matrix, cmap="viridis", vmin=0)
+    ax.set_xticks(range(len(names)), names, rotation=90)
+    ax.set_yticks(range(len(names)), names)
+    fig.colorbar(image, ax=ax, label="disagreement")
+    ax.set_title("pairwise disagreement")
+    _save(fig, path)
+
+
+def plot_reliability(diagrams: dict[str, dict], path: Path) -> None:
+    """Reliability diagrams (Guo et al. 2017, arXiv 1706.04599): accuracy against confidence per bin."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="gray", lw=1, label="perfect calibration")
+    for label, d in diagrams.items():
+        filled = [i for i, c in enumerate(d["count"]) if c]
+        ax.plot([d["confidence"][i] for i in filled], [d["accuracy"][i] for i in filled], "o-", label=label)
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="reliability")
+    ax.legend()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,208 @@
+"""`python -m snapens.ensemble`: numbers against an independent recomputation, the logits cache, members, prediction
+on new images, and one clear line for every bad input."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from PIL import Image
+
+import snapens.ensemble.__main__ as cli
+from snapens.build import build_data
+from snapens.config import register_configs
+from snapens.errors import SnapensError
+from snapens.snapshots import list_snapshots, load_into, read_metadata, save_snapshot
+from snapens.train import train
+
+from conftest import CONF, FAST
+
+RUN = [*FAST, "scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=3", "data.val_size=32"]
+
+
+def compose_cfg(name: str, *overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 3-cycle run on synthetic data with a validation split; tests copy it before changing anything."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    torch.set_num_threads(1)
+    train(compose_cfg("config", *RUN), run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    shutil.copytree(trained, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def evaluate(*overrides: str) -> float:
+    return cli.evaluate(compose_cfg("ensemble", *overrides))
+
+
+def direct_logits(run_dir, split="test"):
+    """Each snapshot's logits computed here, from the files and the run's data, without the tool's code."""
+    cfg = compose_cfg("config", *RUN)
+    data = build_data(cfg.data)
+    images = data.test.images if split == "test" else data.val.images
+    labels = data.test.labels if split == "test" else data.val.labels
+    x = (images.float() / 255 - torch.tensor(data.mean).view(1, 3, 1, 1)) / torch.tensor(data.std).view(1, 3, 1, 1)
+    out = []
+    for path in list_snapshots(run_dir):
+        model = instantiate(cfg.model).eval()
+        load_into(model, path)
+        with torch.no_grad():
+            out.append(model(x))
+    return torch.stack(out).double(), labels
+
+
+def test_report_matches_an_independent_recomputation(run):
+    acc = evaluate(f"run={run}")
+    result = json.loads((run / "ensemble/test/ensemble.json").read_text())
+    logits, labels = direct_logits(run)
+    accs = [(lg.argmax(1) == labels).double().mean().item() for lg in logits]
+    mean_logits_acc = (logits.mean(0).argmax(1) == labels).double().mean().item()
+    probs = logits.softmax(-1).mean(0)
+    assert [s["acc"] for s in result["snapshots"]] == pytest.approx(accs, abs=1e-12)
+    assert result["ensemble"]["acc"] == acc == pytest.approx(mean_logits_acc, abs=1e-12)
+    nll = -probs[torch.arange(len(labels)), labels].log().mean().item()
+    assert result["curves"]["last"]["probs"][-1]["nll"] == pytest.approx(nll, rel=1e-5)
+    disagree = (logits[0].argmax(1) != logits[2].argmax(1)).double().mean().item()
+    assert result["disagreement"][0][2] == pytest.approx(disagree, abs=1e-12)
+    assert "nothing was chosen by looking at test results" in result["members"]["why"]
+    for png in ("accuracy_vs_members.png", "disagreement.png", "reliability.png"):
+        assert (run / "ensemble/test" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_identical_snapshots_give_exactly_the_single_model(run):
+    for path in list_snapshots(run)[:-1]:
+        shutil.copyfile(list_snapshots(run)[-1], path)
+    evaluate(f"run={run}")
+    result = json.loads((run / "ensemble/test/ensemble.json").read_text())
+    single = result["single"]
+    for rule in ("logits", "probs", "vote"):
+        for end in ("last", "first"):
+            assert all(p["acc"] == single["acc"] for p in result["curves"][end][rule])
+    assert result["curves"]["last"]["logits"][-1]["nll"] == pytest.approx(single["nll"], abs=1e-12)
+    assert result["curves"]["last"]["probs"][-1]["ece"] == pytest.approx(single["ece"], abs=1e-12)
+    assert result["disagreement"] == [[0.0] * 3] * 3
+
+
+def test_logits_are_cached_and_recomputed_only_when_their_inputs_change(run, monkeypatch):
+    evaluate(f"run={run}")
+    cached = sorted((run / "logits/test").glob("*.safetensors"))
+    assert [p.name for p in cached] == ["cycle_01.safetensors", "cycle_02.safetensors", "cycle_03.safetensors"]
+    calls = []
+    real = cli.predict_logits
+    monkeypatch.setattr(cli, "predict_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    evaluate(f"run={run}")
+    assert calls == []  # every snapshot's logits came from the cache
+    path = list_snapshots(run)[1]  # a retrained snapshot: different weights, same name
+    model = instantiate(read_metadata(path)["model_config"])
+    save_snapshot(path, model, read_metadata(path))
+    evaluate(f"run={run}")
+    assert calls == [1]
+    evaluate(f"run={run}", "split=val")  # another split: its own cache
+    assert len(calls) == 4 and len(list((run / "logits/val").glob("*.safetensors"))) == 3
+
+
+def test_validation_split(run):
+    evaluate(f"run={run}", "split=val", "rule=probs")
+    result = json.loads((run / "ensemble/val/ensemble.json").read_text())
+    logits, labels = direct_logits(run, "val")
+    assert result["num_images"] == 32 and result["rule"] == "probs"
+    assert result["ensemble"]["acc"] == pytest.approx(
+        (logits.softmax(-1).mean(0).argmax(1) == labels).double().mean().item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("members, cycles", [("last:2", [2, 3]), ("first:1", [1]), ("[1,3]", [1, 3])])
+def test_members(run, members, cycles):
+    evaluate(f"run={run}", f"members={members}")
+    result = json.loads((run / "ensemble/test/ensemble.json").read_text())
+    assert [int(f.split("cycle_")[1][:2]) for f in result["members"]["files"]] == cycles
+
+
+def test_cross_run_ensemble(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run_b")
+    evaluate(f"runs=[{run},{tmp_path / 'run_b'}]", f"out={tmp_path / 'report'}")
+    result = json.loads((tmp_path / "report/ensemble.json").read_text())
+    assert len(result["snapshots"]) == 6 and result["snapshots"][3]["name"] == "run_b/cycle_01"
+
+
+def test_predict_on_a_folder_gives_the_reports_classes(run, tmp_path):
+    """Test images written as PNG files get the same classes as the ensemble's predictions in the report."""
+    data = build_data(compose_cfg("config", *RUN).data)
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for i, image in enumerate(data.test.images[:20]):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    evaluate(f"run={run}", f"predict={folder}")
+    with open(run / "ensemble/test/predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    logits, _ = direct_logits(run)
+    expected = logits.mean(0).argmax(1)[:20]
+    assert [r["class"] for r in rows] == [data.classes[k] for k in expected]
+    assert [r["path"] for r in rows] == [str(folder / f"{i:03d}.png") for i in range(20)]
+    probs = torch.tensor([[float(r[c]) for c in data.classes] for r in rows])
+    assert probs.sum(1).tolist() == pytest.approx([1.0] * 20, abs=1e-5)
+    assert [float(r["probability"]) for r in rows] == pytest.approx(probs.max(1).values.tolist(), abs=1e-6)
+
+
+def corrupt(run):
+    path = list_snapshots(run)[1]
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def not_fitting(run):
+    """A snapshot whose tensors come from a deeper model than its metadata says."""
+    path = list_snapshots(run)[0]
+    meta = read_metadata(path)
+    save_snapshot(path, instantiate({**meta["model_config"], "depth": 14}), meta)
+
+
+def other_classes(run):
+    path = list_snapshots(run)[2]
+    save_snapshot(path, instantiate(read_metadata(path)["model_config"]),
+                  {**read_metadata(path), "classes": ["a", "b", "c", "d"]})
+
+
+@pytest.mark.parametrize("damage, overrides, message", [
+    (None, ["run=/nonexistent/run"], "run dir /nonexistent/run does not exist"),
+    (lambda r: shutil.rmtree(r / "snapshots"), [], "has no snapshots"),
+    (corrupt, [], "cycle_02.safetensors is not a readable safetensors file"),
+    (not_fitting, [], "cycle_01.safetensors does not fit the model"),
+    (other_classes, [], "were trained on different class lists"),
+    (None, ["members=last:9"], "members=last:9 needs 1 <= K <= 3"),
+    (None, ["members=[7]"], "no snapshot for cycle 7"),
+    (None, ["split=train"], "split=train is not allowed; choose one of: test, val"),
+    (lambda r: (r / "x.png").write_bytes(b"not an image"), ["predict=RUN/x.png"], "cannot read image"),
+])
+def test_bad_input_gets_one_clear_line(run, damage, overrides, message):
+    if damage:
+        damage(run)
+    before = {p: p.read_bytes() for p in list_snapshots(run)}
+    args = [o.replace("RUN", str(run)) for o in overrides]
+    with pytest.raises(SnapensError, match=message) as info:
+        evaluate(*([f"run={run}"] if not any(a.startswith("run=") for a in args) else []), *args)
+    assert "\n" not in str(info.value)
+    assert before == {p: p.read_bytes() for p in list_snapshots(run)}  # snapshots are never written
+
+
+def test_cli(run, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={run}"], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "ensemble of 3 (logits)" in ok.stdout and (run / "ensemble/test/ensemble.json").exists()
+    bad = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={tmp_path / 'nope'}"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"snapens: error: run dir {tmp_path / 'nope'} does not exist"

@@ -139,6 +139,19 @@ def test_cross_run_ensemble(run, tmp_path):
     assert len(result["snapshots"]) == 6 and result["snapshots"][3]["name"] == "run_b/cycle_01"
 
 
+def test_explicit_snapshot_files(run, tmp_path):
+    """Snapshot files carry their model config; config= names the data."""
+    files = [str(p) for p in list_snapshots(run)[1:]]
+    evaluate(f"snapshots=[{','.join(files)}]", f"config={run / '.hydra/config.yaml'}", f"out={tmp_path / 'r'}")
+    result = json.loads((tmp_path / "r/ensemble.json").read_text())
+    logits, labels = direct_logits(run)
+    assert result["members"]["files"] == files
+    assert result["ensemble"]["acc"] == pytest.approx(
+        (logits[1:].mean(0).argmax(1) == labels).double().mean().item(), abs=1e-12)
+    with pytest.raises(SnapensError, match=r"snapshots=\[...\] needs config=PATH"):
+        evaluate(f"snapshots=[{files[0]}]")
+
+
 def test_predict_on_a_folder_gives_the_reports_classes(run, tmp_path):
     """Test images written as PNG files get the same classes as the ensemble's predictions in the report."""
     data = build_data(compose_cfg("config", *RUN).data)

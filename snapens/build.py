@@ -6,6 +6,7 @@ Library modules never see a config; entry points call these builders and hand th
 import math
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,7 +47,12 @@ def build_augmentation(cfg: DictConfig) -> Augmentation:
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
-    return instantiate(cfg)
+    """`cfg.model` instantiated; a constructor's complaint (a depth that is not 6n+2, say) becomes one line."""
+    try:
+        return instantiate(cfg)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise SnapensError(str(cause).splitlines()[0]) from None
 
 
 def model_name(cfg: DictConfig) -> str:
@@ -73,12 +79,14 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, lr: float) -> torch
 
 
 def _epochs(steps: int, steps_per_epoch: int) -> str:
-    return f"{steps / steps_per_epoch:.4g}"
+    return f"{steps / steps_per_epoch:.6g}"
 
 
 def build_schedule(cfg: DictConfig, epochs: float, steps_per_epoch: int) -> schedules.Schedule:
     """The schedule named by `cfg` (the scheduler group) over a budget of `epochs`, in optimizer steps."""
     total = round(epochs * steps_per_epoch)
+    if total < 1:
+        raise SnapensError(f"trainer.epochs={epochs:g} is less than one step ({steps_per_epoch} steps per epoch)")
 
     def steps(key: str, value: float | None = None) -> int:
         value = cfg[key] if value is None else value
@@ -88,14 +96,44 @@ def build_schedule(cfg: DictConfig, epochs: float, steps_per_epoch: int) -> sche
                                f"({steps_per_epoch} steps per epoch)")
         return n
 
+    if cfg.name == "onecycle" and cfg.get("warmup"):
+        raise SnapensError("scheduler.warmup is not for onecycle: its rise over pct_start is the warmup")
     try:
-        schedule = _make(cfg, total, steps)
+        schedule = _make(cfg, _cycle_end_near(cfg, total, epochs * steps_per_epoch, steps), steps)
         if cfg.get("warmup"):
             schedule = schedules.Warmup(schedule, steps("warmup"))
     except ValueError as e:
         raise SnapensError(f"scheduler={cfg.name}: {e}") from None
     _check_budget(schedule, epochs, steps_per_epoch)
+    _check_cycles(cfg, schedule)
     return schedule
+
+
+def _cycle_end_near(cfg: DictConfig, total: int, exact: float, steps) -> int:
+    """The budget in steps, moved onto a cycle end less than one step away (cycle lengths are rounded one by one,
+    so 47.5 epochs may be 18,572 steps where the rounded cycles end at 18,573)."""
+    if cfg.name != "sgdr":
+        return total
+    try:
+        ends = schedules.SGDR(cfg.eta_max, steps("T_0"), total, cfg.T_mult, cfg.eta_min, cfg.decay).ends_until(total)
+    except ValueError:
+        return total  # reported when the schedule itself is made
+    return next((e for e in ends if abs(e - exact) < 1), total)
+
+
+def _check_cycles(cfg: DictConfig, schedule: schedules.Schedule) -> None:
+    """Each cycle must end at its smallest learning rate, where its snapshot is taken (arXiv 1704.00109)."""
+    ends = schedule.cycle_ends()
+    warmup = getattr(schedule, "warmup_steps", 0)
+    if len(ends) > 1 and warmup >= ends[0]:
+        raise SnapensError(f"scheduler.warmup={cfg.warmup} reaches past the end of the first cycle "
+                           f"(step {ends[0]}); make it shorter than the first cycle")
+    if cfg.name == "sgdr" and cfg.eta_max * cfg.decay ** (len(ends) - 1) < cfg.eta_min:
+        raise SnapensError(f"scheduler.decay={cfg.decay} brings the peak of cycle {len(ends)} below "
+                           f"scheduler.eta_min={cfg.eta_min}: that cycle would anneal upwards")
+    if cfg.name == "step" and any(m >= schedule.total_steps for m in getattr(schedule, "milestones", ())):
+        raise SnapensError(f"scheduler.milestones={list(cfg.milestones)} {cfg.unit}s: some lie at or beyond the "
+                           f"budget (trainer.epochs); the learning rate would never drop there")
 
 
 def _make(cfg: DictConfig, total: int, steps) -> schedules.Schedule:

@@ -220,6 +220,7 @@ def register_configs() -> None:
 
 CHOICES = {
     "data.name": ("cifar10", "cifar100", "imagefolder", "synthetic"),
+    "optimizer.name": ("sgd", "adamw"),
     "scheduler.unit": ("epoch", "step"),
     "scheduler.anneal": ("cos", "linear"),
     "scheduler.mode": ("triangular", "triangular2", "exp_range"),
@@ -254,8 +255,8 @@ def check_config(cfg: DictConfig) -> None:
             raise SnapensError(f"{key}={value} is not allowed; choose one of: {', '.join(allowed)}")
     for key in POSITIVE:
         value = _get(cfg, key)
-        if value is not None and not value > 0:
-            raise SnapensError(f"{key}={value} must be > 0")
+        if value is not None and not 0 < value < float("inf"):
+            raise SnapensError(f"{key}={value} must be a finite number > 0")
     for key in NON_NEGATIVE:
         value = _get(cfg, key)
         if value is not None and value < 0:

@@ -1,8 +1,8 @@
 """Datasets as uint8 tensors, and batched augmentation on the training device.
 
-Every dataset becomes `Split`s: images uint8 N x 3 x H x W and labels int64 N. Decoding happens once: the tensors
-are cached next to the data (safetensors, keyed by a fingerprint of the source files), so a second run starts in
-seconds. A "loader" is the tensors plus a permutation from an explicit torch.Generator; crops, flips, cutout and
+Every dataset becomes `Split`s: images uint8 N x 3 x H x W and labels int64 N. Image files are decoded once: the
+tensors are cached next to the data (safetensors, keyed by a fingerprint of the source files), so a second run
+starts in seconds (CIFAR's python format is already arrays and loads in about a second). A "loader" is the tensors plus a permutation from an explicit torch.Generator; crops, flips, cutout and
 normalisation run on whole batches where the data lives (the way airbench does it, github.com/KellerJordan).
 """
 
@@ -163,8 +163,11 @@ def _load_or_decode(split: str, root: Path, classes: list[str], size: int) -> Sp
         images = _stack(list(pool.map(lambda p: read_image(p, size), paths)), paths)
     result = Split(images, torch.tensor(labels, dtype=torch.int64))
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    save_file({"images": result.images, "labels": result.labels}, tmp, metadata={"classes": json.dumps(classes)})
-    os.replace(tmp, cache)
+    try:
+        save_file({"images": result.images, "labels": result.labels}, tmp, metadata={"classes": json.dumps(classes)})
+        os.replace(tmp, cache)
+    finally:
+        tmp.unlink(missing_ok=True)
     return result
 
 
@@ -184,7 +187,13 @@ def load_image_folder(root: str, image_size: int = 0) -> tuple[Split, Split, lis
         raise SnapensError(f"{root}/test has class folders that {root}/train lacks: {', '.join(extra)}")
     train = _load_or_decode("train", base, classes, image_size)
     test_classes = [c for c in classes if (base / "test" / c).is_dir()]
+    if not test_classes:
+        raise SnapensError(f"data.root={root} has no test images: {root}/test has no class folders")
     test = _load_or_decode("test", base, test_classes, image_size)
+    if test.images.shape[2:] != train.images.shape[2:]:
+        (h, w), (th, tw) = train.images.shape[2:], test.images.shape[2:]
+        raise SnapensError(f"test images are {tw}x{th} but train images are {w}x{h}; "
+                           "set data.image_size=N to resize both to NxN")
     test.labels = torch.tensor([classes.index(c) for c in test_classes])[test.labels]
     return train, test, classes
 
@@ -235,28 +244,35 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 def prepare(train: Split, test: Split, classes: list[str], *, train_limit: int = 0, test_limit: int = 0,
             val_size: int = 0, seed: int = 0) -> Dataset:
     """Hold out a class-balanced validation split, take seeded class-balanced subsets, measure the train statistics."""
-    g = torch.Generator().manual_seed(seed)
+    # One generator per purpose, so the test subset does not change with val_size or train_limit.
+    g_val, g_train, g_test = (torch.Generator().manual_seed(3 * seed + k) for k in range(3))
     val = None
     if val_size:
         if val_size >= len(train):
             raise SnapensError(f"data.val_size={val_size} leaves no training images (train has {len(train)})")
-        val_index = balanced_subset(train.labels, val_size, g)
+        val_index = balanced_subset(train.labels, val_size, g_val)
         keep = torch.ones(len(train), dtype=torch.bool)
         keep[val_index] = False
         val, train = train.subset(val_index), train.subset(keep.nonzero().flatten())
     if train_limit and train_limit < len(train):
-        train = train.subset(balanced_subset(train.labels, train_limit, g))
+        train = train.subset(balanced_subset(train.labels, train_limit, g_train))
     if test_limit and test_limit < len(test):
-        test = test.subset(balanced_subset(test.labels, test_limit, g))
+        test = test.subset(balanced_subset(test.labels, test_limit, g_test))
     mean, std = channel_stats(train.images)
     return Dataset(train, test, val, classes, mean, std)
 
 
 # --- batches on the device ------------------------------------------------------------------------------------------
+def channel_tensors(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel statistics as 1 x 3 x 1 x 1 float32 tensors on `device`: made once, not per batch (a host-to-GPU
+    copy of a Python list would synchronise the stream at every step)."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (mean, std))
+
+
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 B x 3 x H x W -> float32, standardised per channel."""
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    """uint8 B x 3 x H x W -> float32, standardised per channel (mean, std: sequences or channel_tensors)."""
+    if not isinstance(mean, torch.Tensor):
+        mean, std = channel_tensors(mean, std, images.device)
     return (images.float() / 255 - mean) / std
 
 
@@ -295,6 +311,7 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
     The generator must live on the same device as the split; it alone decides the order and the augmentation.
     """
     order = torch.randperm(len(split), generator=generator, device=split.images.device)
+    mean, std = channel_tensors(mean, std, split.images.device)
     for index in order.split(batch_size):
         images = split.images[index]
         if aug.padding:
@@ -307,7 +324,11 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
         yield x, split.labels[index]
 
 
-def eval_batches(split: Split, batch_size: int, mean, std) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The split in order, normalised, without augmentation."""
+def eval_batches(split: Split, batch_size: int, mean, std,
+                 device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The split in order, normalised on `device` (default: where the split is), without augmentation."""
+    device = device or split.images.device
+    mean, std = channel_tensors(mean, std, device)
     for start in range(0, len(split), batch_size):
-        yield normalize(split.images[start:start + batch_size], mean, std), split.labels[start:start + batch_size]
+        images = split.images[start:start + batch_size].to(device, non_blocking=True)
+        yield normalize(images, mean, std), split.labels[start:start + batch_size]

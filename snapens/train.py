@@ -29,7 +29,7 @@ from snapens.config import check_config, register_configs
 from snapens.data import train_batches
 from snapens.ensemble import ensemble_report, format_report, snapshot_logits
 from snapens.errors import SnapensError
-from snapens.snapshots import list_snapshots, read_metadata, save_snapshot, snapshot_path
+from snapens.snapshots import list_snapshots, read_metadata, save_snapshot, snapshot_path, write_atomic
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -67,11 +67,22 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
 
 def check_run_dir(run_dir: Path) -> None:
     """Never write over an earlier run's results."""
-    earlier = [p.name for p in (run_dir / "snapshots", run_dir / "metrics.jsonl", run_dir / "results.json")
+    earlier = [str(p.relative_to(run_dir)) for p in (run_dir / "snapshots", run_dir / "metrics.jsonl",
+                                                         run_dir / "results.json", run_dir / ".hydra" / "config.yaml")
                if p.exists()]
     if earlier:
         raise SnapensError(f"run dir {run_dir} already holds {', '.join(earlier)} from an earlier run; "
                            "pass a new hydra.run.dir=DIR (nothing was overwritten)")
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """.hydra/config.yaml (and overrides.yaml under Hydra), written by us only once the run dir is known to be new:
+    conf/config.yaml sets hydra.output_subdir=null so that Hydra itself never writes over an earlier run's record."""
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+    if HydraConfig.initialized():
+        overrides = OmegaConf.to_yaml(list(HydraConfig.get().overrides.task))
+        write_atomic(run_dir / ".hydra" / "overrides.yaml", overrides.encode())
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -88,20 +99,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
 
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model).to(device)  # before the data: a bad model config fails in a second
     data = build_data(cfg.data)
     steps_per_epoch = math.ceil(len(data.train) / t.batch_size)
     schedule = build_schedule(cfg.scheduler, t.epochs, steps_per_epoch)
     cycle_ends = schedule.cycle_ends()
-    torch.manual_seed(t.seed)
-    model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, schedule.lr(0))
     augmentation = build_augmentation(cfg.data)
     train_split = data.train.to(device)
     generator = torch.Generator(device).manual_seed(t.seed)
 
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    if not (run_dir / ".hydra" / "config.yaml").exists():  # Hydra writes it; a direct call must too
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    save_config(cfg, run_dir)
     metadata = {"model": model_name(cfg.model), "model_config": OmegaConf.to_container(cfg.model, resolve=True),
                 "num_classes": len(data.classes), "classes": data.classes,
                 "image_size": list(data.train.images.shape[2:]), "mean": list(data.mean), "std": list(data.std),
@@ -156,7 +165,7 @@ def evaluate_snapshots(cfg: DictConfig, run_dir: Path, model, data, device) -> d
     paths = list_snapshots(run_dir)
     logits = snapshot_logits(model, paths, data.test, data.mean, data.std, cfg.ensemble.batch_size, device)
     report = ensemble_report(logits, data.test.labels, paths, [read_metadata(p) for p in paths], cfg.ensemble.rule)
-    (run_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(run_dir / "results.json", (json.dumps(report, indent=2) + "\n").encode())
     return report
 
 
@@ -165,8 +174,14 @@ def main(cfg: DictConfig) -> float:
     try:
         return train(cfg, HydraConfig.get().runtime.output_dir)
     except (SnapensError, OmegaConfBaseException) as e:
-        print(f"snapens: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(e)
+
+
+def exit_with(error: Exception) -> None:
+    """One line on stderr, exit status 2: the message names the key or file and the fix."""
+    key = getattr(error, "full_key", None)
+    print(f"snapens: error: {str(error).splitlines()[0]}" + (f" ({key})" if key else ""), file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,17 @@ def test_sgdr_defaults_snapshot_at_the_papers_epochs(make_cfg):
     assert build_schedule(cfg.scheduler, 150, steps_per_epoch=391).cycle_ends() == [3910, 11730, 27370, 58650]
 
 
+def test_a_budget_within_a_step_of_a_cycle_end_is_that_cycle_end(make_cfg):
+    """Non-integer T_mult rounds each cycle to whole steps; the cycle ends it prints are budgets it accepts."""
+    cfg = make_cfg("scheduler=sgdr", "scheduler.T_mult=1.5")
+    with pytest.raises(SnapensError, match="cycles end at 10, 25, 47.5013 epochs") as info:
+        build_schedule(cfg.scheduler, 40, steps_per_epoch=391)
+    suggested = float(str(info.value).split("cycles end at 10, 25, ")[1].split(" ")[0])
+    for epochs in (47.5, suggested):
+        schedule = build_schedule(cfg.scheduler, epochs, steps_per_epoch=391)
+        assert schedule.cycle_ends() == [3910, 3910 + 5865, 3910 + 5865 + 8798]
+
+
 def test_lengths_in_steps(make_cfg):
     cfg = make_cfg("scheduler=sgdr", "scheduler.unit=step", "scheduler.T_0=5", "scheduler.T_mult=1")
     assert build_schedule(cfg.scheduler, 3, steps_per_epoch=10).cycle_ends() == [5, 10, 15, 20, 25, 30]
@@ -57,17 +68,27 @@ def test_model_config_instantiates_into_a_module(make_cfg):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["scheduler.T_0=0"], "scheduler.T_0=0.0 must be > 0"),
+    (["scheduler.T_0=0"], "scheduler.T_0=0.0 must be a finite number > 0"),
     (["scheduler.eta_min=0.5"], "scheduler.eta_min=0.5 must not exceed scheduler.eta_max=0.1"),
     (["trainer.epochs=100", "scheduler.T_0=10", "scheduler.T_mult=2"],
      "trainer.epochs=100 ends inside cycle 4; cycles end at 10, 30, 70, 150 epochs"),
     (["trainer.device=gpu"], "trainer.device=gpu is not allowed; choose one of: auto, cpu, cuda"),
     (["trainer.clip_mode=l2"], "trainer.clip_mode=l2 is not allowed; choose one of: norm, value"),
     (["ensemble.rule=median"], "ensemble.rule=median is not allowed; choose one of: logits, probs, vote"),
-    (["trainer.batch_size=0"], "trainer.batch_size=0 must be > 0"),
+    (["trainer.batch_size=0"], "trainer.batch_size=0 must be a finite number > 0"),
     (["trainer.grad_clip=-1"], "trainer.grad_clip=-1.0 must be >= 0"),
     (["scheduler.T_mult=0.5"], "scheduler.T_mult=0.5 must be >= 1"),
     (["scheduler.T_0=0.001"], "scheduler.T_0=0.001 epochs is shorter than one step"),
+    (["trainer.epochs=inf"], "trainer.epochs=inf must be a finite number > 0"),
+    (["trainer.epochs=0.1"], "trainer.epochs=0.1 is less than one step (4 steps per epoch)"),
+    (["optimizer.name=foo"], "optimizer.name=foo is not allowed; choose one of: sgd, adamw"),
+    (["model.depth=9"], "model.depth must be 6n+2 (20, 32, 44, 56, 110), got 9"),
+    (["scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=3", "scheduler.warmup=1.5"],
+     "scheduler.warmup=1.5 reaches past the end of the first cycle (step 4)"),
+    (["scheduler.T_0=1", "scheduler.eta_min=0.02", "scheduler.decay=0.5", "trainer.epochs=15"],
+     "scheduler.decay=0.5 brings the peak of cycle 4 below scheduler.eta_min=0.02"),
+    (["scheduler=step", "trainer.epochs=2"], "scheduler.milestones=[75.0, 112.5] epochs: some lie at or beyond"),
+    (["scheduler=onecycle", "scheduler.warmup=1"], "scheduler.warmup is not for onecycle"),
     (["scheduler=cyclic", "trainer.epochs=45"], "trainer.epochs=45 ends inside cycle 2; cycles end at 30, 60 epochs"),
     (["scheduler.T_mult=1", "trainer.epochs=99.5"],
      "trainer.epochs=99.5 ends inside cycle 10; cycles end at 10, 20, 30, ..., 80, 90, 100 epochs"),
@@ -99,6 +120,20 @@ def test_cli_bad_value_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "snapens: error: trainer.epochs=100 ends inside cycle 4; cycles end at 10, 30, 70, 150 epochs: "
         "set trainer.epochs to one of them"]
+
+
+def test_cli_rerun_into_a_finished_run_dir_changes_nothing(tmp_path):
+    """Hydra itself would rewrite .hydra/ before the job starts; snapens writes it only into a new run dir."""
+    run_dir = tmp_path / "run"
+    first = run_cli(*FAST, "scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=1", f"hydra.run.dir={run_dir}",
+                    cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "train.log"}
+    assert run_dir / ".hydra" / "config.yaml" in before and run_dir / ".hydra" / "overrides.yaml" in before
+    again = run_cli(*FAST, "scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=2", "trainer.seed=5",
+                    f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert again.returncode == 2 and "already holds snapshots" in again.stderr
+    assert before == {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "train.log"}
 
 
 def test_cli_imagefolder_needs_a_root(tmp_path):

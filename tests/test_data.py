@@ -565,22 +565,18 @@ def test_load_image_folder_ignores_hidden_folders_in_test(tmp_path):
     assert classes == ["a"] and test.labels.tolist() == [0]
 
 
-def test_load_image_folder_read_only_root_caches_under_home(tmp_path, monkeypatch):
-    """A read-only data folder gets its cache in $HOME/.cache/snapens, and the second load reads it from there."""
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod cannot stop root from writing, so the data folder is never read-only")
+def test_load_image_folder_unwritable_root_caches_under_home(tmp_path, monkeypatch):
+    """A data folder where no cache folder can be made gets its cache in $HOME/.cache/snapens, and the second load
+    reads it from there. (A file named .snapens_cache blocks the folder even for root, whom chmod cannot stop.)"""
     root, home = tmp_path / "data", tmp_path / "home"
     write_tree(root, small_tree())
+    (root / ".snapens_cache").write_text("in the way")
     monkeypatch.setenv("HOME", str(home))
-    root.chmod(0o555)
-    try:
-        first = load_image_folder(str(root))
-        assert not (root / ".snapens_cache").exists()
-        assert len(list((home / ".cache" / "snapens").rglob("*.safetensors"))) == 2
-        monkeypatch.setattr(snapens.data, "read_image", lambda *a: pytest.fail("decoded although cached"))
-        second = load_image_folder(str(root))
-    finally:
-        root.chmod(0o755)
+    first = load_image_folder(str(root))
+    assert (root / ".snapens_cache").read_text() == "in the way"
+    assert len(list((home / ".cache" / "snapens").rglob("*.safetensors"))) == 2
+    monkeypatch.setattr(snapens.data, "read_image", lambda *a: pytest.fail("decoded although cached"))
+    second = load_image_folder(str(root))
     assert_splits_equal(first[0], second[0])
     assert_splits_equal(first[1], second[1])
 
@@ -641,3 +637,28 @@ def test_load_cifar_reads_torchvision_python_format(tmp_path, monkeypatch):
     assert train.labels.dtype == torch.int64
     assert torch.equal(test.images, images_from_rows(rows["test_batch"]))
     assert test.labels.tolist() == labels["test_batch"]
+
+
+def test_test_subset_does_not_depend_on_val_size_or_train_limit():
+    """Runs meant to be compared are scored on the same test images whatever they hold out or subsample."""
+    train, test = Split(random_images(60, 4, 1), torch.arange(60) % 3), Split(random_images(30, 4, 2),
+                                                                             torch.arange(30) % 3)
+    subsets = [prepare(train, test, ["a", "b", "c"], test_limit=9, seed=4, **kw).test.images
+               for kw in ({}, {"val_size": 12}, {"train_limit": 20}, {"val_size": 6, "train_limit": 30})]
+    assert all(torch.equal(s, subsets[0]) for s in subsets[1:])
+
+
+def test_load_image_folder_without_test_classes(tmp_path):
+    write_tree(tmp_path, {"train": {"a": {"x.png": solid((1, 1, 1))}}, "test": {}})
+    (tmp_path / "test" / ".hidden").mkdir()
+    with pytest.raises(SnapensError, match="has no test images: .*/test has no class folders"):
+        load_image_folder(str(tmp_path))
+
+
+def test_load_image_folder_train_and_test_sizes_must_agree(tmp_path):
+    write_tree(tmp_path, {"train": {"a": {"x.png": solid((1, 1, 1), (8, 8))}},
+                          "test": {"a": {"y.png": solid((1, 1, 1), (16, 12))}}})
+    with pytest.raises(SnapensError, match="test images are 12x16 but train images are 8x8; set data.image_size"):
+        load_image_folder(str(tmp_path))
+    train, test, _ = load_image_folder(str(tmp_path), image_size=10)
+    assert train.images.shape[2:] == test.images.shape[2:] == (10, 10)

@@ -19,7 +19,7 @@ def predict_logits(model: torch.nn.Module, split: Split, mean, std, batch_size: 
                    device: torch.device) -> torch.Tensor:
     """Logits of `model` (in eval mode) for every image of the split: float32 N x C, on the CPU."""
     model.eval()
-    out = [model(x.to(device)).float().cpu() for x, _ in eval_batches(split, batch_size, mean, std)]
+    out = [model(x).float().cpu() for x, _ in eval_batches(split, batch_size, mean, std, device)]
     return torch.cat(out)
 
 

@@ -28,6 +28,7 @@ from snapens.ensemble.cache import cache_path, file_digest, read_cached, split_d
 from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, plot_reliability
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, load_into, read_metadata
+from snapens.train import exit_with
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -224,8 +225,7 @@ def main(cfg: DictConfig) -> float:
     try:
         return evaluate(cfg)
     except (SnapensError, OmegaConfBaseException) as e:
-        print(f"snapens: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(e)
 
 
 def evaluate(cfg: DictConfig) -> float:

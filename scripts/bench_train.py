@@ -40,13 +40,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from snapens.build import build_model, build_optimizer, build_schedule, pick_device
+from snapens.build import build_augmentation, build_model, build_optimizer, build_schedule, pick_device
 from snapens.config import register_configs
-from snapens.data import Augmentation, load_image_folder, make_synthetic, prepare, train_batches
+from snapens.data import load_image_folder, make_synthetic, prepare, train_batches
 from snapens.train import set_hyperparameters, train_step
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GRAD_CLIP = 1.0  # conf/config.yaml trainer.grad_clip
 SEED = 0
 
 
@@ -92,7 +91,7 @@ def snapens_contender(cfg, data, args, device):
     schedule = build_schedule(cfg.scheduler, cfg.trainer.epochs, math.ceil(len(data.train) / args.batch_size))
     optimizer = build_optimizer(model, cfg.optimizer, schedule.lr(0))
     split, generator = data.train.to(device), torch.Generator(device).manual_seed(SEED)
-    aug = Augmentation(padding=4, flip=True)
+    aug = build_augmentation(cfg.data)
     batches = itertools.chain.from_iterable(
         train_batches(split, args.batch_size, generator, aug, data.mean, data.std) for _ in itertools.count())
     state = {"step": 0, "loss_sum": torch.zeros((), device=device),
@@ -101,7 +100,7 @@ def snapens_contender(cfg, data, args, device):
     def step() -> int:
         x, y = next(batches)
         set_hyperparameters(optimizer, schedule.lr(state["step"]), schedule.momentum(state["step"]))
-        loss, logits = train_step(model, optimizer, x, y, GRAD_CLIP, "norm")
+        loss, logits = train_step(model, optimizer, x, y, cfg.trainer.grad_clip, cfg.trainer.clip_mode)
         state["loss_sum"] += loss * len(y)  # summed on the device: no host sync per step
         state["correct"] += (logits.argmax(1) == y).sum()
         state["step"] += 1
@@ -143,7 +142,7 @@ def plain_contender(cfg, data, args, device):
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
         optimizer.step()
         loss.item()  # what typical code does for logging
         return len(y)

@@ -16,6 +16,7 @@ from snapens.errors import SnapensError
 
 
 def pick_device(name: str) -> torch.device:
+    """auto | cpu | cuda -> a torch.device; asking for CUDA where there is none is an error, not a fallback."""
     if name == "cuda" and not torch.cuda.is_available():
         raise SnapensError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
     if name == "auto":
@@ -43,6 +44,7 @@ def build_data(cfg: DictConfig) -> Dataset:
 
 
 def build_augmentation(cfg: DictConfig) -> Augmentation:
+    """The training augmentation named by the data config (crop padding, flip, cutout)."""
     return Augmentation(padding=cfg.crop_padding, flip=cfg.flip, cutout=cfg.cutout)
 
 

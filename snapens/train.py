@@ -47,6 +47,7 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, momentum: f
 
 
 def clip_gradients(model: torch.nn.Module, max_value: float, mode: str) -> None:
+    """Clip the total gradient norm (mode norm) or each gradient entry (mode value) at max_value; 0 disables."""
     if max_value > 0 and mode == "norm":
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_value)
     elif max_value > 0:
@@ -86,6 +87,7 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def config_hash(cfg: DictConfig) -> str:
+    """First 16 hex digits of the SHA-256 of the resolved config: tells whether two snapshots share a config."""
     return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
 
 

@@ -48,7 +48,9 @@ def test_one_snapshot_per_cycle_with_metadata(finished_run):
         assert meta["model"] == "resnet8" and meta["num_classes"] == 4 and meta["image_size"] == [32, 32]
         assert meta["model_config"] == {"_target_": "snapens.models.CifarResNet", "depth": 8, "num_classes": 4}
         assert meta["classes"] == data.classes
-        assert meta["mean"] == pytest.approx(list(data.mean), abs=0) and meta["std"] == list(data.std)
+        pixels = data.train.images.double() / 255  # the statistics of the training images, computed here
+        assert meta["mean"] == pytest.approx(pixels.mean((0, 2, 3)).tolist(), abs=1e-12)
+        assert meta["std"] == pytest.approx(pixels.std((0, 2, 3), correction=0).tolist(), abs=1e-12)
         assert len(meta["config_hash"]) == 16
     assert (run_dir / ".hydra" / "config.yaml").exists()
 

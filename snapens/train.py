@@ -27,7 +27,8 @@ from snapens.build import (build_augmentation, build_data, build_model, build_op
                            model_name, pick_device)
 from snapens.config import check_config, register_configs
 from snapens.data import train_batches
-from snapens.ensemble import ensemble_report, format_report, snapshot_logits
+from snapens.ensemble import ensemble_report, format_report
+from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, read_metadata, save_snapshot, snapshot_path, write_atomic
 
@@ -163,10 +164,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
 
 
 def evaluate_snapshots(cfg: DictConfig, run_dir: Path, model, data, device) -> dict:
-    """Read every snapshot back from its file, compute its test logits once, and write results.json."""
+    """Read every snapshot back from its file, compute its test logits once (kept in logits/test/ for
+    `python -m snapens.ensemble`), and write results.json."""
     paths = list_snapshots(run_dir)
-    logits = snapshot_logits(model, paths, data.test, data.mean, data.std, cfg.ensemble.batch_size, device)
-    report = ensemble_report(logits, data.test.labels, paths, [read_metadata(p) for p in paths], cfg.ensemble.rule)
+    metas = [read_metadata(p) for p in paths]
+    logits = cached_logits(paths, metas, data.test, "test", cfg.ensemble.batch_size, device, lambda *_: model)
+    report = ensemble_report(logits, data.test.labels, paths, metas, cfg.ensemble.rule)
     write_atomic(run_dir / "results.json", (json.dumps(report, indent=2) + "\n").encode())
     return report
 

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from snapens.data import Split
-from snapens.ensemble import RULES, accuracy, combine, ensemble_report, format_report, snapshot_logits
+from snapens.ensemble import RULES, accuracy, combine, ensemble_report, format_report
+from snapens.ensemble.cache import cached_logits
 from snapens.models import CifarResNet
 from snapens.snapshots import save_snapshot, snapshot_path
 
@@ -165,18 +166,19 @@ def perturbed_model(seed: int) -> torch.nn.Module:
     return model
 
 
-def test_snapshot_logits_equal_running_each_snapshot_directly(tmp_path):
+def test_cached_logits_equal_running_each_snapshot_directly(tmp_path):
     """M x N x C logits equal each snapshot's model in eval mode on normalised images, all from the one model."""
     paths = [snapshot_path(tmp_path, c) for c in (1, 2)]
-    for seed, path in zip((1, 2), paths):
-        save_snapshot(path, perturbed_model(seed), {"cycle": seed, "step": seed})
+    metas = [{"cycle": seed, "step": seed, "mean": MEAN, "std": STD} for seed in (1, 2)]
+    for seed, path, meta in zip((1, 2), paths, metas):
+        save_snapshot(path, perturbed_model(seed), meta)
     images = torch.randint(0, 256, (5, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     split = Split(images, torch.arange(5) % 3)
 
     model = perturbed_model(seed=7).train()
     calls = []
     model.register_forward_hook(lambda module, args, out: calls.append(id(module)))
-    logits = snapshot_logits(model, paths, split, MEAN, STD, batch_size=2, device=torch.device("cpu"))
+    logits = cached_logits(paths, metas, split, "test", 2, torch.device("cpu"), lambda *_: model)
 
     x = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     expected = []
@@ -190,3 +192,4 @@ def test_snapshot_logits_equal_running_each_snapshot_directly(tmp_path):
     assert not torch.allclose(logits[0], logits[1])
     assert calls == [id(model)] * (2 * 3)  # 2 snapshots x 3 batches (2 + 2 + 1 images), all on the given model
     assert not model.training
+    assert torch.equal(cached_logits(paths, metas, split, "test", 2, torch.device("cpu"), None), logits)  # cached

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 import snapens.ensemble.__main__ as cli
+import snapens.ensemble.cache as cache
 from snapens.build import build_data
 from snapens.config import register_configs
 from snapens.errors import SnapensError
@@ -99,12 +100,12 @@ def test_identical_snapshots_give_exactly_the_single_model(run):
 
 
 def test_logits_are_cached_and_recomputed_only_when_their_inputs_change(run, monkeypatch):
-    evaluate(f"run={run}")
+    """Training already cached the test logits; a changed snapshot or another split is computed again."""
     cached = sorted((run / "logits/test").glob("*.safetensors"))
     assert [p.name for p in cached] == ["cycle_01.safetensors", "cycle_02.safetensors", "cycle_03.safetensors"]
     calls = []
-    real = cli.predict_logits
-    monkeypatch.setattr(cli, "predict_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cache.predict_logits
+    monkeypatch.setattr(cache, "predict_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     evaluate(f"run={run}")
     assert calls == []  # every snapshot's logits came from the cache
     path = list_snapshots(run)[1]  # a retrained snapshot: different weights, same name

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from snapens.data import Split, eval_batches
-from snapens.snapshots import load_into
 
 RULES = ("logits", "probs", "vote")
 
@@ -21,17 +20,6 @@ def predict_logits(model: torch.nn.Module, split: Split, mean, std, batch_size: 
     model.eval()
     out = [model(x).float().cpu() for x, _ in eval_batches(split, batch_size, mean, std, device)]
     return torch.cat(out)
-
-
-def snapshot_logits(model: torch.nn.Module, paths: list[Path], split: Split, mean, std, batch_size: int,
-                    device: torch.device) -> torch.Tensor:
-    """Load each snapshot into `model` in turn (one set of weights in memory) and stack its logits: M x N x C."""
-    return torch.stack([predict_logits(_loaded(model, p), split, mean, std, batch_size, device) for p in paths])
-
-
-def _loaded(model: torch.nn.Module, path: Path) -> torch.nn.Module:
-    load_into(model, path)
-    return model
 
 
 def combine(logits: torch.Tensor, rule: str = "logits") -> torch.Tensor:

@@ -24,7 +24,7 @@ from snapens.config import CHOICES, register_configs
 from snapens.data import IMAGE_EXTENSIONS, Split, read_image
 from snapens.ensemble import predict_logits
 from snapens.ensemble import metrics
-from snapens.ensemble.cache import cache_path, file_digest, read_cached, split_digest, write_cached
+from snapens.ensemble.cache import cached_logits
 from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, plot_reliability
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, load_into, read_metadata
@@ -115,21 +115,18 @@ def build_snapshot_model(path: Path, meta: dict) -> torch.nn.Module:
     return instantiate(meta["model_config"])
 
 
-def snapshot_logits(paths, metas, split, split_name, batch_size, device) -> torch.Tensor:
-    """M x N x C logits, each computed once and cached beside its snapshot; one model in memory at a time."""
-    key_split, out, model, model_key = split_digest(split), [], None, None
-    for path, meta in zip(paths, metas):
-        key = {"snapshot_sha256": file_digest(path), "split_sha256": key_split}
-        cached = read_cached(cache_path(path, split_name), key)
-        if cached is None:
-            if json.dumps(meta["model_config"], sort_keys=True) != model_key:
-                model, model_key = None, json.dumps(meta["model_config"], sort_keys=True)
-                model = build_snapshot_model(path, meta).to(device)
-            load_into(model, path)
-            cached = predict_logits(model, split, meta["mean"], meta["std"], batch_size, device)
-            write_cached(cache_path(path, split_name), key, cached)
-        out.append(cached)
-    return torch.stack(out)
+def model_maker(device: torch.device):
+    """model_for(path, metadata) for cached_logits: builds a snapshot's model, reusing it while the config repeats."""
+    built = {}
+
+    def model_for(path: Path, meta: dict) -> torch.nn.Module:
+        key = json.dumps(meta.get("model_config"), sort_keys=True)
+        if key not in built:
+            built.clear()  # one model in memory at a time
+            built[key] = build_snapshot_model(path, meta).to(device)
+        return built[key]
+
+    return model_for
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
@@ -245,7 +242,7 @@ def evaluate(cfg: DictConfig) -> float:
         raise SnapensError("split=val but the run held out no validation images (train with data.val_size=N)")
     out_dir = Path(cfg.out) if cfg.out else (Path(cfg.run) / "ensemble" / cfg.split if cfg.run
                                              else Path(HydraConfig.get().runtime.output_dir))
-    logits = snapshot_logits(paths, metas, split, cfg.split, cfg.batch_size, device)
+    logits = cached_logits(paths, metas, split, cfg.split, cfg.batch_size, device, model_maker(device))
     result = report(cfg, paths, logits, split.labels, out_dir)
     log.info("\n" + format_table(result) + f"\nreport: {out_dir}")
     if cfg.predict:

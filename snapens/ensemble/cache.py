@@ -8,13 +8,15 @@ while both still match, so a retrained snapshot or a different test subset is re
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from snapens.data import Split
-from snapens.snapshots import write_atomic
+from snapens.ensemble import predict_logits
+from snapens.snapshots import load_into, write_atomic
 
 
 def file_digest(path: Path) -> str:
@@ -52,3 +54,23 @@ def read_cached(path: Path, key: dict) -> torch.Tensor | None:
 
 def write_cached(path: Path, key: dict, logits: torch.Tensor) -> None:
     write_atomic(path, save({"logits": logits.contiguous()}, metadata={"key": json.dumps(key, sort_keys=True)}))
+
+
+def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name: str, batch_size: int,
+                  device: torch.device, model_for: Callable[[Path, dict], torch.nn.Module]) -> torch.Tensor:
+    """M x N x C logits of the snapshots on the split: read from the cache, or computed once and cached.
+
+    `model_for(path, metadata)` gives a model of the snapshot's architecture (its weights are then loaded), so
+    one model is in memory at a time. Each snapshot is normalised with its own training statistics.
+    """
+    split_sha, out = split_digest(split), []
+    for path, meta in zip(paths, metas):
+        key = {"snapshot_sha256": file_digest(path), "split_sha256": split_sha}
+        logits = read_cached(cache_path(path, split_name), key)
+        if logits is None:
+            model = model_for(path, meta)
+            load_into(model, path)
+            logits = predict_logits(model, split, meta["mean"], meta["std"], batch_size, device)
+            write_cached(cache_path(path, split_name), key, logits)
+        out.append(logits)
+    return torch.stack(out)

@@ -1,6 +1,6 @@
 """Ensemble metrics on stored member logits: predictive distribution, accuracy, NLL, calibration, diversity, curves.
 
-Everything is arithmetic on the M x N x C logits that `snapshot_logits` computes once (M snapshots in cycle order,
+Everything is arithmetic on the M x N x C logits that `cache.cached_logits` computes once (M snapshots in cycle order,
 N images, C classes), in float64. The three combination rules are those of `combine`:
 
 * logits: softmax of the mean logits (the product's default; a renormalised geometric mean of the members'

@@ -100,7 +100,7 @@ def snapens_contender(cfg, data, args, device):
     def step() -> int:
         x, y = next(batches)
         set_hyperparameters(optimizer, schedule.lr(state["step"]), schedule.momentum(state["step"]))
-        loss, logits = train_step(model, optimizer, x, y, cfg.trainer.grad_clip, cfg.trainer.clip_mode)
+        loss, logits, _, _ = train_step(model, optimizer, x, y, cfg.trainer.grad_clip, cfg.trainer.clip_mode)
         state["loss_sum"] += loss * len(y)  # summed on the device: no host sync per step
         state["correct"] += (logits.argmax(1) == y).sum()
         state["step"] += 1

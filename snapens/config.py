@@ -155,6 +155,10 @@ class TrainerConfig:
     clip_mode: str = "norm"
     num_threads: int = 0
     log_every: int = 50
+    checkpoint_every: int = 0
+    resume: str = "auto"
+    on_nonfinite: str = "stop"
+    max_skipped: int = 10
 
 
 @dataclass
@@ -226,13 +230,16 @@ CHOICES = {
     "scheduler.mode": ("triangular", "triangular2", "exp_range"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.clip_mode": ("norm", "value"),
+    "trainer.resume": ("auto", "never"),
+    "trainer.on_nonfinite": ("stop", "skip"),
     "ensemble.rule": ("logits", "probs", "vote"),
 }
 
 POSITIVE = ("data.num_classes", "trainer.epochs", "trainer.batch_size", "trainer.log_every", "ensemble.batch_size",
             "scheduler.eta_max", "scheduler.T_0", "scheduler.T_mult", "scheduler.cycles", "scheduler.step_size_up")
 NON_NEGATIVE = ("data.image_size", "data.train_limit", "data.test_limit", "data.val_size", "data.crop_padding",
-                "data.cutout", "trainer.grad_clip", "trainer.num_threads", "scheduler.eta_min", "scheduler.warmup")
+                "data.cutout", "trainer.grad_clip", "trainer.num_threads", "trainer.checkpoint_every",
+                "trainer.max_skipped", "scheduler.eta_min", "scheduler.warmup")
 
 
 def _get(cfg: DictConfig, key: str) -> Any:

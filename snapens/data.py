@@ -304,13 +304,22 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tens
     return x * ~inside[:, None]
 
 
+def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
+    """The permutation of one epoch, on the generator's device."""
+    return torch.randperm(n, generator=generator, device=generator.device)
+
+
 def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug: Augmentation,
-                  mean, std) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  mean, std, order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled, augmented, normalised batches (the last one may be smaller).
 
     The generator must live on the same device as the split; it alone decides the order and the augmentation.
+    `order` is the epoch's permutation, drawn from the generator when None; a resumed epoch passes what was left
+    of it. Augmentation is drawn lazily, batch by batch, so the generator's state after an update is exactly what
+    the next batch needs.
     """
-    order = torch.randperm(len(split), generator=generator, device=split.images.device)
+    if order is None:
+        order = epoch_order(len(split), generator)
     mean, std = channel_tensors(mean, std, split.images.device)
     for index in order.split(batch_size):
         images = split.images[index]

@@ -30,8 +30,11 @@ def snapshot_path(run_dir: str | Path, cycle: int) -> Path:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it: all or nothing, even on a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise SnapensError(f"cannot write {path}: {e.strerror or e}; make the folder writable") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; a snapshot is an ordinary file
         with os.fdopen(fd, "wb") as f:
@@ -39,6 +42,10 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only or vanished folder: the file under `path` is untouched
+        Path(tmp).unlink(missing_ok=True)
+        raise SnapensError(f"cannot write {path}: {e.strerror or e}; the earlier file under that name is intact "
+                           "(free some space, or fix the folder's permissions, and run the command again)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

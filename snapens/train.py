@@ -26,7 +26,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from snapens.build import (build_augmentation, build_data, build_model, build_optimizer, build_schedule,
                            model_name, pick_device)
 from snapens.config import check_config, register_configs
-from snapens.data import train_batches
+from snapens.checkpoint import (checkpoint_path, deciding_values, differing_keys, load_checkpoint, rng_state,
+                                save_checkpoint, set_rng_state, stop_requests)
+from snapens.data import epoch_order, train_batches
 from snapens.ensemble import ensemble_report, format_report
 from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError
@@ -56,15 +58,26 @@ def clip_gradients(model: torch.nn.Module, max_value: float, mode: str) -> None:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               grad_clip: float, clip_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One update on one batch; returns the (detached) mean loss and the logits, without a host sync."""
+               grad_clip: float, clip_mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """One update on one batch, unless the loss or the gradient is not finite (then the weights are left alone).
+
+    Returns the detached mean loss, the logits, the gradient norm before clipping, and whether the update was made.
+    Deciding that needs one read-back from the device per step; everything else stays there.
+    """
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    clip_gradients(model, grad_clip, clip_mode)
-    optimizer.step()
-    return loss.detach(), logits.detach()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    finite = bool(torch.isfinite(loss) & torch.isfinite(norm))
+    if finite:
+        if grad_clip > 0 and clip_mode == "norm":
+            torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm)  # reuses the norm computed above
+        else:
+            clip_gradients(model, grad_clip, clip_mode)
+        optimizer.step()
+    return loss.detach(), logits.detach(), norm, finite
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -88,15 +101,63 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """First 16 hex digits of the SHA-256 of the resolved config: tells whether two snapshots share a config."""
-    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
+    """First 16 hex digits of the SHA-256 of the config's values that decide the result (device, threads and logging
+    left out, as on resume): tells whether two snapshots come from the same setting."""
+    values = deciding_values(OmegaConf.to_container(cfg, resolve=True))
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Interrupted(Exception):
+    """A stop signal arrived; the checkpoint is written and the same command resumes."""
+
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL (sysexits.h): try again later, e.g. requeue the job
+
+
+def resume_state(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The checkpoint to continue from (None for a new run), after checking that resuming is allowed and sound."""
+    path = checkpoint_path(run_dir)
+    if not path.exists():
+        check_run_dir(run_dir)
+        return None
+    if cfg.trainer.resume == "never":
+        raise SnapensError(f"run dir {run_dir} holds a checkpoint and trainer.resume=never: pass a new "
+                           "hydra.run.dir=DIR, or trainer.resume=auto to continue that run")
+    for partial in run_dir.glob("*/.*.tmp"):  # half-written files of a killed run, never visible as results
+        partial.unlink()
+    state = load_checkpoint(path)
+    changed = differing_keys(state["config"], OmegaConf.to_container(cfg, resolve=True))
+    if changed:
+        raise SnapensError(f"cannot resume {run_dir}: the config differs in {', '.join(changed)}; run with the "
+                           "original values, or pass a new hydra.run.dir=DIR")
+    return state
+
+
+def keep_metrics_until(path: Path, epoch: int) -> None:
+    """Drop metrics lines of epochs after the checkpoint's: they will be trained (and written) again."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
+        write_atomic(path, "".join(line + "\n" for line in lines).encode())
+
+
+def new_progress() -> dict:
+    """Where the loop stands; saved in every checkpoint. `order` is the current epoch's permutation, `position`
+    the number of its batches done, the sums the epoch's running training loss and accuracy."""
+    return {"step": 0, "epoch": 0, "position": 0, "order": None, "loss_sum": 0.0, "correct": 0, "seen": 0,
+            "skipped": 0, "skipped_in_row": 0, "seconds": 0.0}
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> float:
-    """Train as `cfg` says, write snapshots, metrics.jsonl and results.json to `run_dir`; return ensemble accuracy."""
+    """Train as `cfg` says, write snapshots, metrics.jsonl and results.json to `run_dir`; return ensemble accuracy.
+
+    A run dir that holds a checkpoint is continued from it (bit-identical on CPU to a run never stopped).
+    """
     check_config(cfg)
     run_dir = Path(run_dir)
-    check_run_dir(run_dir)
+    state = resume_state(cfg, run_dir)
+    if state is not None and (run_dir / "results.json").exists():
+        log.info(f"run dir {run_dir} holds a finished run; nothing to do (results.json has its numbers)")
+        return json.loads((run_dir / "results.json").read_text())["ensemble"]["acc"]
     t = cfg.trainer
     device = pick_device(t.device)
     if t.num_threads:
@@ -112,8 +173,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     augmentation = build_augmentation(cfg.data)
     train_split = data.train.to(device)
     generator = torch.Generator(device).manual_seed(t.seed)
-
-    save_config(cfg, run_dir)
+    progress = new_progress()
+    if state is None:
+        save_config(cfg, run_dir)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], generator)
+        progress = state["progress"]
+        keep_metrics_until(run_dir / "metrics.jsonl", progress["epoch"])
+        log.info(f"resuming {run_dir} at step {progress['step']} of {schedule.total_steps}")
     metadata = {"model": model_name(cfg.model), "model_config": OmegaConf.to_container(cfg.model, resolve=True),
                 "num_classes": len(data.classes), "classes": data.classes,
                 "image_size": list(data.train.images.shape[2:]), "mean": list(data.mean), "std": list(data.std),
@@ -121,46 +190,90 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     log.info(f"{metadata['model']} on {cfg.data.name} ({len(data.train)} train / {len(data.test)} test images), "
              f"{cfg.scheduler.name}: {schedule.total_steps} steps, snapshots after steps {cycle_ends}, on {device}")
 
+    def save_progress() -> None:
+        save_checkpoint(checkpoint_path(run_dir), {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
+            "progress": dict(progress), "config": OmegaConf.to_container(cfg, resolve=True),
+            "snapshots": [p.name for p in list_snapshots(run_dir)]})
+
     # ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----
-    step, epoch, start = 0, 0, time.perf_counter()
-    bar = tqdm(total=schedule.total_steps, unit="step", dynamic_ncols=True, disable=None)  # None: off when not a tty
-    with open(run_dir / "metrics.jsonl", "w") as metrics, logging_redirect_tqdm():
-        while step < schedule.total_steps:
-            model.train()
-            loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            for x, y in train_batches(train_split, t.batch_size, generator, augmentation, data.mean, data.std):
-                lr = schedule.lr(step)
+    p, start = progress, time.perf_counter() - progress["seconds"]
+    bar = tqdm(total=schedule.total_steps, initial=p["step"], unit="step", dynamic_ncols=True, disable=None)
+    with open(run_dir / "metrics.jsonl", "a") as metrics, logging_redirect_tqdm(), stop_requests() as stops:
+        while p["step"] < schedule.total_steps:
+            if p["order"] is None:
+                p.update(order=epoch_order(len(train_split), generator).cpu(), position=0, loss_sum=0.0, correct=0,
+                         seen=0)
+            loss_sum = torch.tensor(p["loss_sum"], device=device)  # summed on the device: no host sync per step
+            correct = torch.tensor(p["correct"], device=device)
+            rest = p["order"][p["position"] * t.batch_size:].to(device)
+            for x, y in train_batches(train_split, t.batch_size, generator, augmentation, data.mean, data.std, rest):
+                step, lr = p["step"], schedule.lr(p["step"])
                 set_hyperparameters(optimizer, lr, schedule.momentum(step))
-                loss, logits = train_step(model, optimizer, x, y, t.grad_clip, t.clip_mode)
-                loss_sum += loss * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                seen += len(y)
-                step += 1
+                loss, logits, norm, finite = train_step(model, optimizer, x, y, t.grad_clip, t.clip_mode)
+                if finite:
+                    loss_sum += loss * len(y)
+                    correct += (logits.argmax(1) == y).sum()
+                    p["seen"] += len(y)
+                    p["skipped_in_row"] = 0
+                else:
+                    check_nonfinite(t, p, step, lr, loss, norm)
+                p["step"], p["position"] = step + 1, p["position"] + 1
                 bar.update()
-                if step % t.log_every == 0:
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                                    lr=f"{lr:.4g}")
-                if step in cycle_ends:
-                    cycle = cycle_ends.index(step) + 1
-                    save_snapshot(snapshot_path(run_dir, cycle), model,
-                                  {**metadata, "cycle": cycle, "step": step, "epoch": step / steps_per_epoch,
-                                   "lr": lr})
-                if step == schedule.total_steps:
+                if p["step"] % t.log_every == 0 and p["seen"]:
+                    bar.set_postfix(loss=f"{loss_sum.item() / p['seen']:.3f}", lr=f"{lr:.4g}",
+                                    acc=f"{correct.item() / p['seen']:.3f}")
+                if p["step"] in cycle_ends:
+                    cycle = cycle_ends.index(p["step"]) + 1
+                    save_snapshot(snapshot_path(run_dir, cycle), model, {
+                        **metadata, "cycle": cycle, "step": p["step"], "epoch": p["step"] / steps_per_epoch,
+                        "lr": lr})
+                epoch_done = p["position"] * t.batch_size >= len(train_split) or p["step"] == schedule.total_steps
+                p.update(loss_sum=loss_sum.item(), correct=int(correct.item()), seconds=time.perf_counter() - start)
+                if epoch_done:
+                    p["epoch"] += 1
+                    write_metrics(metrics, p, lr)
+                    p["order"] = None
+                if epoch_done or p["step"] in cycle_ends or stops or (
+                        t.checkpoint_every and p["step"] % t.checkpoint_every == 0):
+                    save_progress()
+                if stops:
+                    raise Interrupted(f"stopped by {stops[0]} after step {p['step']} with a checkpoint; run the same "
+                                      f"command again (hydra.run.dir={run_dir}) to resume")
+                if epoch_done:
                     break
-            epoch += 1
-            record = {"epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum.item() / seen,
-                      "train_acc": correct.item() / seen, "seconds": time.perf_counter() - start}
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            log.info("epoch {epoch} step {step} lr {lr:.4g} loss {train_loss:.4f} acc {train_acc:.4f} "
-                     "{seconds:.1f}s".format(**record))
     bar.close()
 
     report = evaluate_snapshots(cfg, run_dir, model, data, device)
     log.info("\n" + format_report(report))
     return report["ensemble"]["acc"]
+
+
+def check_nonfinite(t: DictConfig, p: dict, step: int, lr: float, loss: torch.Tensor, norm: torch.Tensor) -> None:
+    """on_nonfinite=stop: stop, leaving the last checkpoint as it is. skip: count the dropped update; stop after
+    max_skipped in a row."""
+    p["skipped"] += 1
+    p["skipped_in_row"] += 1
+    what = f"non-finite loss or gradient at step {step} (lr {lr:.4g}, loss {loss.item():.4g}, " \
+           f"gradient norm {norm.item():.4g})"
+    if t.on_nonfinite == "stop":
+        raise SnapensError(f"{what}; stopped, the last checkpoint is intact: lower scheduler.eta_max or set "
+                           "trainer.on_nonfinite=skip")
+    if p["skipped_in_row"] > t.max_skipped:
+        raise SnapensError(f"{what}: {p['skipped_in_row']} non-finite updates in a row (trainer.max_skipped="
+                           f"{t.max_skipped}); stopped, the last checkpoint is intact")
+    log.warning(f"{what}: update skipped")
+
+
+def write_metrics(metrics, p: dict, lr: float) -> None:
+    """One metrics.jsonl line for the epoch just finished (and the log line that says the same)."""
+    seen = max(p["seen"], 1)
+    record = {"epoch": p["epoch"], "step": p["step"], "lr": lr, "train_loss": p["loss_sum"] / seen,
+              "train_acc": p["correct"] / seen, "seconds": p["seconds"], "skipped": p["skipped"]}
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    log.info("epoch {epoch} step {step} lr {lr:.4g} loss {train_loss:.4f} acc {train_acc:.4f} "
+             "{seconds:.1f}s".format(**record))
 
 
 def evaluate_snapshots(cfg: DictConfig, run_dir: Path, model, data, device) -> dict:
@@ -180,6 +293,10 @@ def main(cfg: DictConfig) -> float:
         return train(cfg, HydraConfig.get().runtime.output_dir)
     except (SnapensError, OmegaConfBaseException) as e:
         exit_with(e)
+    except Interrupted as e:
+        log.warning(str(e))
+        print(f"snapens: {e}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def exit_with(error: Exception) -> None:

@@ -1,5 +1,6 @@
 """Tests for snapens.snapshots: exact round trips, atomic writes, clear errors and cycle ordering."""
 
+import errno
 import os
 import stat
 
@@ -86,14 +87,22 @@ def test_failed_save_leaves_previous_file_and_no_temporaries(tmp_path, monkeypat
     before = path.read_bytes()
 
     def fail(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SnapensError, match=f"cannot write {path}: No space left on device; the earlier file under "
+                                           "that name is intact"):
         save_snapshot(path, trained_model(seed=5), {"cycle": 2})
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cycle_01.safetensors"]
+
+
+def test_unwritable_folder_is_one_clear_error(tmp_path):
+    """A snapshot folder that cannot be made (a file is in the way) names the path; nothing else is written."""
+    (tmp_path / "snapshots").write_text("a file, not a folder")
+    with pytest.raises(SnapensError, match="cannot write .*cycle_01.safetensors: .*make the folder writable"):
+        save_snapshot(tmp_path / "snapshots" / "cycle_01.safetensors", small_model(), {"cycle": 1})
 
 
 def cut_end(data: bytes) -> bytes:

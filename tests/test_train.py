@@ -83,17 +83,26 @@ def test_metrics_has_one_line_per_epoch(finished_run):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
     assert [r["step"] for r in lines] == [4, 8, 12]
-    assert set(lines[0]) == {"epoch", "step", "lr", "train_loss", "train_acc", "seconds"}
+    assert set(lines[0]) == {"epoch", "step", "lr", "train_loss", "train_acc", "seconds", "skipped"}
+    assert all(r["skipped"] == 0 for r in lines)
     assert all(0 <= r["train_acc"] <= 1 and r["train_loss"] > 0 for r in lines)
     assert lines[0]["seconds"] < lines[1]["seconds"] < lines[2]["seconds"]
 
 
-def test_a_finished_run_dir_is_never_overwritten(finished_run):
-    cfg, run_dir, _ = finished_run
-    before = {p: p.read_bytes() for p in list_snapshots(run_dir)}
-    with pytest.raises(SnapensError, match="already holds snapshots, metrics.jsonl, results.json"):
-        train(cfg, run_dir)
-    assert before == {p: p.read_bytes() for p in list_snapshots(run_dir)}
+def test_a_finished_run_says_so_and_changes_nothing(finished_run):
+    """The same command again finds the finished run and does nothing; another config is refused, naming the keys."""
+    cfg, run_dir, returned = finished_run
+    def files():
+        return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    before = files()
+    assert train(cfg, run_dir) == returned
+    changed = cfg.copy()
+    changed.trainer.seed, changed.scheduler.eta_max, changed.trainer.num_threads = 7, 0.05, 2
+    with pytest.raises(SnapensError, match=r"cannot resume .*: the config differs in scheduler.eta_max, "
+                                           r"trainer.seed; run with the original values"):
+        train(changed, run_dir)
+    assert before == files()
 
 
 def test_same_seed_gives_identical_snapshots(make_cfg, tmp_path):

@@ -1,0 +1,179 @@
+"""Crash-safe training: kill -9 and signals resume bit-identically, non-finite steps, failed writes, resume checks."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import snapens.snapshots
+import snapens.train
+from snapens.checkpoint import checkpoint_path, load_checkpoint
+from snapens.errors import SnapensError
+from snapens.snapshots import list_snapshots
+from snapens.train import EXIT_INTERRUPTED, train
+
+from conftest import FAST
+
+# 4 steps per epoch, cycles end after epochs 1, 3 and 7 (steps 4, 12, 28); a checkpoint after every update
+RUN = [*FAST, "scheduler.T_0=1", "scheduler.T_mult=2", "trainer.epochs=7", "trainer.checkpoint_every=1"]
+
+
+def start(run_dir, *extra):
+    return subprocess.Popen([sys.executable, "-m", "snapens.train", *RUN, *extra, f"hydra.run.dir={run_dir}"],
+                            cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_training(process, run_dir, timeout=120):
+    """Until the first checkpoint exists (training is under way) or the process ended."""
+    deadline = time.monotonic() + timeout
+    while not checkpoint_path(run_dir).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def snapshot_bytes(run_dir):
+    return {p.name: p.read_bytes() for p in list_snapshots(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    done = subprocess.run([sys.executable, "-m", "snapens.train", *RUN, f"hydra.run.dir={run_dir}"],
+                          cwd=run_dir.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
+def test_kill_9_at_three_random_points_then_resume_is_bit_identical(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    rng = random.Random(os.getpid())
+    kills = 0
+    for _ in range(3):
+        process = start(run_dir)
+        wait_for_training(process, run_dir)
+        time.sleep(rng.uniform(0, 1.0))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.communicate(timeout=60)
+        assert all(p.name.startswith(".") for p in run_dir.rglob("*.tmp"))  # partial writes stay hidden
+        for path in list_snapshots(run_dir):  # whatever is visible under a final name is whole
+            snapens.snapshots.read_metadata(path)
+    assert kills >= 1
+    final = subprocess.run([sys.executable, "-m", "snapens.train", *RUN, "trainer.log_every=7",
+                            f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert not list(run_dir.rglob("*.tmp"))  # a resumed run clears what a kill left half-written
+    assert snapshot_bytes(run_dir) == snapshot_bytes(uninterrupted)
+    assert len(snapshot_bytes(run_dir)) == 3
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(1, 8))
+    straight = [json.loads(x) for x in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in lines] == [r["train_loss"] for r in straight]
+    assert json.loads((run_dir / "results.json").read_text())["ensemble"] == \
+        json.loads((uninterrupted / "results.json").read_text())["ensemble"]
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start(run_dir, "trainer.checkpoint_every=0")
+    wait_for_training(process, run_dir)  # the first checkpoint comes at the end of epoch 1
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert "stopped by SIGTERM after step" in stderr and "run the same command again" in stderr
+    step = load_checkpoint(checkpoint_path(run_dir))["progress"]["step"]
+    assert 4 <= step < 28
+    again = subprocess.run([sys.executable, "-m", "snapens.train", *RUN, "trainer.checkpoint_every=0",
+                            f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert snapshot_bytes(run_dir) == snapshot_bytes(uninterrupted)
+
+
+def nan_at(steps):
+    """A cross_entropy that returns NaN at the given 0-based update numbers."""
+    calls, real = [], F.cross_entropy
+
+    def loss(logits, y):
+        calls.append(1)
+        value = real(logits, y)
+        return value * float("nan") if len(calls) - 1 in steps else value
+
+    return loss
+
+
+def test_nonfinite_stop_keeps_the_last_checkpoint(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(snapens.train.F, "cross_entropy", nan_at({6}))
+    with pytest.raises(SnapensError, match=r"non-finite loss or gradient at step 6 \(lr .*, loss nan, gradient "
+                                           r"norm nan\); stopped, the last checkpoint is intact"):
+        train(make_cfg(*RUN, "trainer.checkpoint_every=0"), tmp_path)
+    assert load_checkpoint(checkpoint_path(tmp_path))["progress"]["step"] == 4  # end of epoch 1, nothing newer
+    assert [p.name for p in list_snapshots(tmp_path)] == ["cycle_01.safetensors"]
+
+
+def test_nonfinite_skip_drops_the_update_and_counts_it(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(snapens.train.F, "cross_entropy", nan_at({6, 9}))
+    weights = []
+    step = snapens.train.train_step
+
+    def recording(model, *args):
+        out = step(model, *args)
+        weights.append((out[3], [p.detach().clone() for p in model.parameters()]))
+        return out
+
+    monkeypatch.setattr(snapens.train, "train_step", recording)
+    train(make_cfg(*RUN, "trainer.on_nonfinite=skip"), tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in lines] == [0, 1, 2, 2, 2, 2, 2]
+    assert [finite for finite, _ in weights].count(False) == 2 and not weights[6][0]
+    assert all(torch.equal(a, b) for a, b in zip(weights[5][1], weights[6][1]))  # update 6 left the weights alone
+    assert len(list_snapshots(tmp_path)) == 3
+
+
+def test_nonfinite_skip_stops_after_max_skipped_in_a_row(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(snapens.train.F, "cross_entropy", nan_at(set(range(5, 100))))
+    with pytest.raises(SnapensError, match=r"at step 7 .*3 non-finite updates in a row \(trainer.max_skipped=2\)"):
+        train(make_cfg(*RUN, "trainer.on_nonfinite=skip", "trainer.max_skipped=2"), tmp_path)
+
+
+def test_failed_snapshot_write_leaves_earlier_files_intact(make_cfg, tmp_path, monkeypatch):
+    """The second snapshot's write fails halfway (a full disk): one clear error; snapshot 1 and the checkpoint
+    before it are as they were, and no partial file is visible."""
+    real = snapens.snapshots.os.replace
+    state = {}
+
+    def replace(src, dst):
+        if str(dst).endswith("cycle_02.safetensors"):
+            state["checkpoint"] = checkpoint_path(tmp_path).read_bytes()
+            state["cycle_01"] = (tmp_path / "snapshots/cycle_01.safetensors").read_bytes()
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(snapens.snapshots.os, "replace", replace)
+    with pytest.raises(SnapensError, match="cannot write .*cycle_02.safetensors: No space left on device"):
+        train(make_cfg(*RUN, "trainer.checkpoint_every=0"), tmp_path)
+    assert checkpoint_path(tmp_path).read_bytes() == state["checkpoint"]
+    assert (tmp_path / "snapshots/cycle_01.safetensors").read_bytes() == state["cycle_01"]
+    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["cycle_01.safetensors"]
+
+
+def test_resume_never_refuses_a_run_dir_with_a_checkpoint(make_cfg, tmp_path):
+    checkpoint_path(tmp_path).parent.mkdir(parents=True)
+    checkpoint_path(tmp_path).write_bytes(b"whatever")
+    with pytest.raises(SnapensError, match="holds a checkpoint and trainer.resume=never"):
+        train(make_cfg(*RUN, "trainer.resume=never"), tmp_path)
+    with pytest.raises(SnapensError, match="checkpoint .*last.ckpt cannot be read"):
+        train(make_cfg(*RUN), tmp_path)
+
+
+def test_checkpoint_holds_only_tensors_and_plain_values(make_cfg, tmp_path):
+    train(make_cfg(*RUN, "trainer.epochs=1"), tmp_path)
+    state = torch.load(checkpoint_path(tmp_path), weights_only=True)  # would raise on anything else
+    assert state["progress"]["step"] == 4 and state["snapshots"] == ["cycle_01.safetensors"]
+    assert set(state["rng"]) == {"torch", "cuda", "data", "python", "numpy"}

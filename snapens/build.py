@@ -13,12 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 from snapens import schedules
 from snapens.data import Augmentation, Dataset, load_cifar, load_image_folder, make_synthetic, prepare
 from snapens.errors import SnapensError
+from snapens.models import CifarResNet, WideResNet
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, key: str = "trainer.device") -> torch.device:
     """auto | cpu | cuda -> a torch.device; asking for CUDA where there is none is an error, not a fallback."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise SnapensError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
+        raise SnapensError(f"{key}=cuda but no CUDA device is available; use {key}=cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -55,6 +56,26 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
     except InstantiationException as e:
         cause = e.__cause__ or e
         raise SnapensError(str(cause).splitlines()[0]) from None
+
+
+MODEL_CLASSES = {"snapens.models.CifarResNet": CifarResNet, "snapens.models.WideResNet": WideResNet}
+MODEL_ARGS = {"depth": int, "widen_factor": int, "dropout": float, "num_classes": int}
+
+
+def model_from_metadata(config: dict, source: str) -> torch.nn.Module:
+    """A snapshot's model from the model config stored in its metadata, without Hydra's instantiate: the file may
+    come from anyone, and instantiate would call whatever `_target_` (at any depth) the file names. Only our model
+    classes and plain numeric arguments are accepted."""
+    config = dict(config or {})
+    cls = MODEL_CLASSES.get(config.pop("_target_", None))
+    bad = [k for k, v in config.items() if k not in MODEL_ARGS or type(v) not in (MODEL_ARGS[k], int)]
+    if cls is None or bad:
+        raise SnapensError(f"{source} names a model snapens cannot build safely ({config or 'no model config'}); "
+                           f"only {', '.join(MODEL_CLASSES)} with numeric {', '.join(MODEL_ARGS)}")
+    try:
+        return cls(**config)
+    except (TypeError, ValueError) as e:
+        raise SnapensError(f"{source}: {e}") from None
 
 
 def model_name(cfg: DictConfig) -> str:

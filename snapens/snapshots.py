@@ -80,7 +80,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise SnapensError(f"snapshot {path} does not exist") from None
     except (SafetensorError, OSError) as e:
         raise SnapensError(f"snapshot {path} is not a readable safetensors file ({e}); it is truncated or corrupt")
-    metadata = json.loads(raw.get(METADATA_KEY, "{}"))
+    try:
+        metadata = json.loads(raw.get(METADATA_KEY, "{}"))
+    except json.JSONDecodeError:
+        raise SnapensError(f"snapshot {path} has damaged metadata (not JSON under '{METADATA_KEY}')") from None
     if metadata.pop("format", None) != FORMAT:
         raise SnapensError(f"{path} is not a snapens snapshot (no '{METADATA_KEY}' metadata of format {FORMAT})")
     return metadata

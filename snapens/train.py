@@ -58,12 +58,15 @@ def clip_gradients(model: torch.nn.Module, max_value: float, mode: str) -> None:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               grad_clip: float, clip_mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+               grad_clip: float, clip_mode: str,
+               keep_buffers: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """One update on one batch, unless the loss or the gradient is not finite (then the weights are left alone).
 
     Returns the detached mean loss, the logits, the gradient norm before clipping, and whether the update was made.
-    Deciding that needs one read-back from the device per step; everything else stays there.
+    Deciding that needs one read-back from the device per step; everything else stays there. The forward pass has
+    already moved BatchNorm's running statistics; with keep_buffers they are put back when the update is dropped.
     """
+    buffers = [b.clone() for b in model.buffers()] if keep_buffers else None
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
@@ -77,6 +80,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         else:
             clip_gradients(model, grad_clip, clip_mode)
         optimizer.step()
+    elif buffers is not None:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
     return loss.detach(), logits.detach(), norm, finite
 
 
@@ -123,7 +130,7 @@ def resume_state(cfg: DictConfig, run_dir: Path) -> dict | None:
     if cfg.trainer.resume == "never":
         raise SnapensError(f"run dir {run_dir} holds a checkpoint and trainer.resume=never: pass a new "
                            "hydra.run.dir=DIR, or trainer.resume=auto to continue that run")
-    for partial in run_dir.glob("*/.*.tmp"):  # half-written files of a killed run, never visible as results
+    for partial in run_dir.rglob(".*.tmp"):  # half-written files of a killed run, never visible as results
         partial.unlink()
     state = load_checkpoint(path)
     changed = differing_keys(state["config"], OmegaConf.to_container(cfg, resolve=True))
@@ -136,7 +143,7 @@ def resume_state(cfg: DictConfig, run_dir: Path) -> dict | None:
 def keep_metrics_until(path: Path, epoch: int) -> None:
     """Drop metrics lines of epochs after the checkpoint's: they will be trained (and written) again."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
+        lines = path.read_text().splitlines()[:epoch]  # one line per finished epoch; a torn last line goes too
         write_atomic(path, "".join(line + "\n" for line in lines).encode())
 
 
@@ -174,8 +181,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     train_split = data.train.to(device)
     generator = torch.Generator(device).manual_seed(t.seed)
     progress = new_progress()
+
+    def save_progress() -> None:
+        save_checkpoint(checkpoint_path(run_dir), {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
+            "progress": dict(progress), "config": OmegaConf.to_container(cfg, resolve=True),
+            "device": device.type, "snapshots": [p.name for p in list_snapshots(run_dir)]})
+
     if state is None:
         save_config(cfg, run_dir)
+        save_progress()  # step 0: a run killed before its first epoch ends resumes like any other
+    elif state["device"] != device.type:
+        raise SnapensError(f"the checkpoint of {run_dir} was written on {state['device']}; resume it there "
+                           f"(trainer.device={state['device']}): the random streams of one cannot continue on another")
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -190,12 +208,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     log.info(f"{metadata['model']} on {cfg.data.name} ({len(data.train)} train / {len(data.test)} test images), "
              f"{cfg.scheduler.name}: {schedule.total_steps} steps, snapshots after steps {cycle_ends}, on {device}")
 
-    def save_progress() -> None:
-        save_checkpoint(checkpoint_path(run_dir), {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
-            "progress": dict(progress), "config": OmegaConf.to_container(cfg, resolve=True),
-            "snapshots": [p.name for p in list_snapshots(run_dir)]})
-
     # ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----
     p, start = progress, time.perf_counter() - progress["seconds"]
     bar = tqdm(total=schedule.total_steps, initial=p["step"], unit="step", dynamic_ncols=True, disable=None)
@@ -204,13 +216,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
             if p["order"] is None:
                 p.update(order=epoch_order(len(train_split), generator).cpu(), position=0, loss_sum=0.0, correct=0,
                          seen=0)
-            loss_sum = torch.tensor(p["loss_sum"], device=device)  # summed on the device: no host sync per step
+            loss_sum = torch.tensor(p["loss_sum"], device=device)  # summed on the device, read at checkpoints
             correct = torch.tensor(p["correct"], device=device)
             rest = p["order"][p["position"] * t.batch_size:].to(device)
             for x, y in train_batches(train_split, t.batch_size, generator, augmentation, data.mean, data.std, rest):
                 step, lr = p["step"], schedule.lr(p["step"])
                 set_hyperparameters(optimizer, lr, schedule.momentum(step))
-                loss, logits, norm, finite = train_step(model, optimizer, x, y, t.grad_clip, t.clip_mode)
+                loss, logits, norm, finite = train_step(model, optimizer, x, y, t.grad_clip, t.clip_mode,
+                                                        keep_buffers=t.on_nonfinite == "skip")
                 if finite:
                     loss_sum += loss * len(y)
                     correct += (logits.argmax(1) == y).sum()
@@ -229,13 +242,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                         **metadata, "cycle": cycle, "step": p["step"], "epoch": p["step"] / steps_per_epoch,
                         "lr": lr})
                 epoch_done = p["position"] * t.batch_size >= len(train_split) or p["step"] == schedule.total_steps
-                p.update(loss_sum=loss_sum.item(), correct=int(correct.item()), seconds=time.perf_counter() - start)
+                checkpoint = epoch_done or p["step"] in cycle_ends or stops or (
+                    t.checkpoint_every and p["step"] % t.checkpoint_every == 0)
+                if checkpoint:  # the sums come back from the device only here
+                    p.update(loss_sum=loss_sum.item(), correct=int(correct.item()),
+                             seconds=time.perf_counter() - start)
                 if epoch_done:
                     p["epoch"] += 1
                     write_metrics(metrics, p, lr)
                     p["order"] = None
-                if epoch_done or p["step"] in cycle_ends or stops or (
-                        t.checkpoint_every and p["step"] % t.checkpoint_every == 0):
+                if checkpoint:
                     save_progress()
                 if stops:
                     raise Interrupted(f"stopped by {stops[0]} after step {p['step']} with a checkpoint; run the same "
@@ -244,7 +260,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                     break
     bar.close()
 
-    report = evaluate_snapshots(cfg, run_dir, model, data, device)
+    with stop_requests():  # a few seconds more: a signal now waits for results.json rather than losing it
+        report = evaluate_snapshots(cfg, run_dir, model, data, device)
     log.info("\n" + format_report(report))
     return report["ensemble"]["acc"]
 
@@ -257,8 +274,8 @@ def check_nonfinite(t: DictConfig, p: dict, step: int, lr: float, loss: torch.Te
     what = f"non-finite loss or gradient at step {step} (lr {lr:.4g}, loss {loss.item():.4g}, " \
            f"gradient norm {norm.item():.4g})"
     if t.on_nonfinite == "stop":
-        raise SnapensError(f"{what}; stopped, the last checkpoint is intact: lower scheduler.eta_max or set "
-                           "trainer.on_nonfinite=skip")
+        raise SnapensError(f"{what}; stopped, the last checkpoint is intact: start a new hydra.run.dir with a lower "
+                           "scheduler.eta_max, or resume this one with trainer.on_nonfinite=skip")
     if p["skipped_in_row"] > t.max_skipped:
         raise SnapensError(f"{what}: {p['skipped_in_row']} non-finite updates in a row (trainer.max_skipped="
                            f"{t.max_skipped}); stopped, the last checkpoint is intact")

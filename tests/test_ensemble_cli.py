@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 import snapens.ensemble.__main__ as cli
@@ -126,7 +127,8 @@ def test_validation_split(run):
         (logits.softmax(-1).mean(0).argmax(1) == labels).double().mean().item(), abs=1e-12)
 
 
-@pytest.mark.parametrize("members, cycles", [("last:2", [2, 3]), ("first:1", [1]), ("[1,3]", [1, 3])])
+@pytest.mark.parametrize("members, cycles", [("last:2", [2, 3]), ("first:1", [1]), ("[1,3]", [1, 3]),
+                                             ("[3,1]", [1, 3])])
 def test_members(run, members, cycles):
     evaluate(f"run={run}", f"members={members}")
     result = json.loads((run / "ensemble/test/ensemble.json").read_text())
@@ -190,6 +192,20 @@ def other_classes(run):
                   {**read_metadata(path), "classes": ["a", "b", "c", "d"]})
 
 
+def code_in_metadata(run):
+    """A snapshot whose model config asks instantiate() to call something else: it must never be called."""
+    path = list_snapshots(run)[0]
+    meta = read_metadata(path)
+    evil = {"_target_": "os.system", "_args_": [f"touch {run / 'PWNED'}"]}
+    save_snapshot(path, instantiate(meta["model_config"]), {**meta, "model_config": {**meta["model_config"],
+                                                                                     "num_classes": evil}})
+
+
+def other_data_config(run):
+    cfg = compose_cfg("config", *RUN, "data.val_size=16")
+    (run / "other.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+
 @pytest.mark.parametrize("damage, overrides, message", [
     (None, ["run=/nonexistent/run"], "run dir /nonexistent/run does not exist"),
     (lambda r: shutil.rmtree(r / "snapshots"), [], "has no snapshots"),
@@ -199,6 +215,12 @@ def other_classes(run):
     (None, ["members=last:9"], "members=last:9 needs 1 <= K <= 3"),
     (None, ["members=[7]"], "no snapshot for cycle 7"),
     (None, ["split=train"], "split=train is not allowed; choose one of: test, val"),
+    (code_in_metadata, [], "names a model snapens cannot build safely"),
+    (other_data_config, ["split=val", "config=RUN/other.yaml"], "trained on other data than"),
+    (None, ["members=[1,1]"], "names a cycle twice"),
+    (None, ["members=5"], "members=5 is not allowed"),
+    (None, ["bins=0"], "bins=0 must be a positive whole number"),
+    (None, ["predict=/nonexistent/images"], "predict=/nonexistent/images does not exist"),
     (lambda r: (r / "x.png").write_bytes(b"not an image"), ["predict=RUN/x.png"], "cannot read image"),
 ])
 def test_bad_input_gets_one_clear_line(run, damage, overrides, message):
@@ -210,6 +232,7 @@ def test_bad_input_gets_one_clear_line(run, damage, overrides, message):
         evaluate(*([f"run={run}"] if not any(a.startswith("run=") for a in args) else []), *args)
     assert "\n" not in str(info.value)
     assert before == {p: p.read_bytes() for p in list_snapshots(run)}  # snapshots are never written
+    assert not (run / "PWNED").exists()
 
 
 def test_cli(run, tmp_path):

@@ -30,11 +30,16 @@ def start(run_dir, *extra):
                             cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_training(process, run_dir, timeout=120):
-    """Until the first checkpoint exists (training is under way) or the process ended."""
+def wait_for(process, ready, timeout=120):
+    """Until ready() or the process ended."""
     deadline = time.monotonic() + timeout
-    while not checkpoint_path(run_dir).exists() and process.poll() is None and time.monotonic() < deadline:
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def epoch_logged(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return lambda: path.exists() and path.stat().st_size > 0
 
 
 def snapshot_bytes(run_dir):
@@ -56,13 +61,12 @@ def test_kill_9_at_three_random_points_then_resume_is_bit_identical(uninterrupte
     kills = 0
     for _ in range(3):
         process = start(run_dir)
-        wait_for_training(process, run_dir)
-        time.sleep(rng.uniform(0, 1.0))
+        wait_for(process, checkpoint_path(run_dir).exists)  # the step-0 checkpoint: setup is done
+        time.sleep(rng.uniform(0, 1.5))  # anywhere in training, even before the first update
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
         process.communicate(timeout=60)
-        assert all(p.name.startswith(".") for p in run_dir.rglob("*.tmp"))  # partial writes stay hidden
         for path in list_snapshots(run_dir):  # whatever is visible under a final name is whole
             snapens.snapshots.read_metadata(path)
     assert kills >= 1
@@ -80,18 +84,32 @@ def test_kill_9_at_three_random_points_then_resume_is_bit_identical(uninterrupte
         json.loads((uninterrupted / "results.json").read_text())["ensemble"]
 
 
-def test_sigterm_checkpoints_exits_75_and_resumes(uninterrupted, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_stop_signal_checkpoints_exits_75_and_resumes(uninterrupted, tmp_path, signum):
     run_dir = tmp_path / "run"
     process = start(run_dir, "trainer.checkpoint_every=0")
-    wait_for_training(process, run_dir)  # the first checkpoint comes at the end of epoch 1
-    process.send_signal(signal.SIGTERM)
+    wait_for(process, epoch_logged(run_dir))  # training (and its signal handling) is under way
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == EXIT_INTERRUPTED, stderr
-    assert "stopped by SIGTERM after step" in stderr and "run the same command again" in stderr
+    assert f"stopped by {signal.Signals(signum).name} after step" in stderr and "run the same command again" in stderr
     step = load_checkpoint(checkpoint_path(run_dir))["progress"]["step"]
     assert 4 <= step < 28
     again = subprocess.run([sys.executable, "-m", "snapens.train", *RUN, "trainer.checkpoint_every=0",
                             f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert snapshot_bytes(run_dir) == snapshot_bytes(uninterrupted)
+
+
+def test_a_run_killed_before_its_first_update_resumes(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start(run_dir)
+    wait_for(process, checkpoint_path(run_dir).exists)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert load_checkpoint(checkpoint_path(run_dir))["progress"]["step"] <= 28
+    again = subprocess.run([sys.executable, "-m", "snapens.train", *RUN, f"hydra.run.dir={run_dir}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert snapshot_bytes(run_dir) == snapshot_bytes(uninterrupted)
 
@@ -122,17 +140,22 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(make_cfg, tmp_path, monke
     weights = []
     step = snapens.train.train_step
 
-    def recording(model, *args):
-        out = step(model, *args)
-        weights.append((out[3], [p.detach().clone() for p in model.parameters()]))
+    def recording(model, *args, **kwargs):
+        out = step(model, *args, **kwargs)
+        weights.append((out[3], [p.detach().clone() for p in model.parameters()],
+                        [b.clone() for b in model.buffers()]))
         return out
 
     monkeypatch.setattr(snapens.train, "train_step", recording)
     train(make_cfg(*RUN, "trainer.on_nonfinite=skip"), tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in lines] == [0, 1, 2, 2, 2, 2, 2]
-    assert [finite for finite, _ in weights].count(False) == 2 and not weights[6][0]
+    assert [w[0] for w in weights].count(False) == 2 and not weights[6][0]
     assert all(torch.equal(a, b) for a, b in zip(weights[5][1], weights[6][1]))  # update 6 left the weights alone
+    assert all(torch.equal(a, b) for a, b in zip(weights[5][2], weights[6][2]))  # and BatchNorm's statistics
+    for path in list_snapshots(tmp_path):
+        state, _ = snapens.snapshots.load_snapshot(path)
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     assert len(list_snapshots(tmp_path)) == 3
 
 

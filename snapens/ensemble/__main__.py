@@ -15,11 +15,10 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from snapens.build import build_data, pick_device
+from snapens.build import build_data, model_from_metadata, pick_device
 from snapens.config import CHOICES, register_configs
 from snapens.data import IMAGE_EXTENSIONS, Split, read_image
 from snapens.ensemble import predict_logits
@@ -27,12 +26,11 @@ from snapens.ensemble import metrics
 from snapens.ensemble.cache import cached_logits
 from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, plot_reliability
 from snapens.errors import SnapensError
-from snapens.snapshots import list_snapshots, load_into, read_metadata
+from snapens.snapshots import list_snapshots, load_into, read_metadata, write_atomic
 from snapens.train import exit_with
 
 register_configs()
 log = logging.getLogger(__name__)
-ALLOWED_MODELS = ("snapens.models.",)  # instantiate() runs the _target_ named in a file: only our own models
 
 
 # ---- what to evaluate ------------------------------------------------------------------------------------------
@@ -70,28 +68,44 @@ def select(paths: list[Path], spec) -> list[Path]:
         if not 1 <= k <= len(paths):
             raise SnapensError(f"members={spec} needs 1 <= K <= {len(paths)} (the number of snapshots)")
         return paths[-k:] if end == "last" else paths[:k]
-    if not isinstance(spec, str):
+    if isinstance(spec, ListConfig | list) and spec and all(type(c) is int for c in spec):
         by_cycle = {int(p.stem.split("_")[1]): p for p in paths}
         missing = [c for c in spec if c not in by_cycle]
         if missing:
             raise SnapensError(f"members={list(spec)}: no snapshot for cycle {missing[0]}; "
                                f"the run has cycles {sorted(by_cycle)}")
-        return [by_cycle[c] for c in spec]
+        if len(set(spec)) != len(spec):
+            raise SnapensError(f"members={list(spec)} names a cycle twice")
+        return [by_cycle[c] for c in sorted(spec)]  # cycle order: "last" and "first" keep their meaning
     raise SnapensError(f"members={spec} is not allowed; use all, last:K, first:K or a list of cycle numbers")
 
 
-def training_config(cfg: DictConfig) -> DictConfig:
-    """The config of the (first) run, or `config=`; its data section names the images."""
-    path = Path(cfg.config) if cfg.config else Path(cfg.run or (cfg.runs[0] if cfg.runs else "")) / ".hydra/config.yaml"
-    if not cfg.config and cfg.snapshots:
-        raise SnapensError("snapshots=[...] needs config=PATH, a training config.yaml that names the data")
+def load_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise SnapensError(f"{path} does not exist: it names the data to evaluate on (pass config=PATH)")
-    train_cfg = OmegaConf.load(path)
-    for run in cfg.runs[1:]:
-        other = OmegaConf.load(Path(run) / ".hydra/config.yaml")
-        if other.data != train_cfg.data:
-            raise SnapensError(f"run {run} used other data than {cfg.runs[0]}: a cross-run ensemble needs one test set")
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # yaml's scanner and parser errors share no useful base class
+        raise SnapensError(f"{path} is not a readable config ({type(e).__name__}); pass another config=PATH")
+
+
+def same_data(a: DictConfig, b: DictConfig) -> bool:
+    """The same images and splits: everything but where the files are and whether they may be downloaded."""
+    a, b = OmegaConf.to_container(a), OmegaConf.to_container(b)
+    return all(a.get(k) == b.get(k) for k in a.keys() | b.keys() if k not in ("root", "download"))
+
+
+def training_config(cfg: DictConfig) -> DictConfig:
+    """The config whose data section names the images: `config=`, else the (first) run's. Every run evaluated must
+    have trained on the same data, so that a val split is really held out and a test set is one test set."""
+    if cfg.snapshots and not cfg.config:
+        raise SnapensError("snapshots=[...] needs config=PATH, a training config.yaml that names the data")
+    runs = [Path(r) for r in ([cfg.run] if cfg.run else cfg.runs)]
+    train_cfg = load_yaml(Path(cfg.config) if cfg.config else runs[0] / ".hydra" / "config.yaml")
+    for run in runs:
+        if not same_data(load_yaml(run / ".hydra" / "config.yaml").data, train_cfg.data):
+            raise SnapensError(f"run {run} trained on other data than {cfg.config or runs[0]} describes (sizes, "
+                               "limits, validation split or seed differ): an ensemble is scored on one data set")
     if cfg.data_root:
         train_cfg.data.root = cfg.data_root
     return train_cfg
@@ -109,10 +123,7 @@ def check_same_classes(paths: list[Path], metas: list[dict], classes: list[str])
 
 
 def build_snapshot_model(path: Path, meta: dict) -> torch.nn.Module:
-    target = str(meta.get("model_config", {}).get("_target_", ""))
-    if not target.startswith(ALLOWED_MODELS):
-        raise SnapensError(f"snapshot {path} names model {target!r}; only snapens.models.* are built")
-    return instantiate(meta["model_config"])
+    return model_from_metadata(meta.get("model_config"), f"snapshot {path}")
 
 
 def model_maker(device: torch.device):
@@ -143,8 +154,7 @@ def report(cfg, paths, logits, labels, out_dir: Path) -> dict:
         "snapshots": per_snapshot, "single": per_snapshot[-1], "ensemble": ensemble, "curves": curves,
         "disagreement": metrics.disagreement(logits).tolist(),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ensemble.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(out_dir / "ensemble.json", (json.dumps(result, indent=2) + "\n").encode())
     plot_accuracy_vs_members(curves, per_snapshot[-1]["acc"], cfg.rule, out_dir / "accuracy_vs_members.png")
     plot_disagreement(result["disagreement"], names, out_dir / "disagreement.png")
     last = metrics.reliability(logits[-1].softmax(-1), labels, cfg.bins)
@@ -230,10 +240,20 @@ def evaluate(cfg: DictConfig) -> float:
         allowed = {"split": ("test", "val"), "rule": CHOICES["ensemble.rule"], "device": CHOICES["trainer.device"]}
         if cfg[key] not in allowed[key]:
             raise SnapensError(f"{key}={cfg[key]} is not allowed; choose one of: {', '.join(allowed[key])}")
+    for key in ("bins", "batch_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise SnapensError(f"{key}={cfg[key]} must be a positive whole number")
+    if cfg.predict and not Path(cfg.predict).exists():
+        raise SnapensError(f"predict={cfg.predict} does not exist")
     groups = find_members(cfg)
     paths = [p for group in groups for p in group]
     metas = [read_metadata(p) for p in paths]
-    device = pick_device(cfg.device)
+    for path, meta in zip(paths, metas):
+        missing = [k for k in ("classes", "mean", "std", "model_config", "image_size") if k not in meta]
+        if missing:
+            raise SnapensError(f"snapshot {path} lacks {', '.join(missing)} in its metadata: it was not written by "
+                               "snapens.train")
+    device = pick_device(cfg.device, key="device")
     train_cfg = training_config(cfg)
     data = build_data(train_cfg.data)
     check_same_classes(paths, metas, data.classes)

@@ -7,6 +7,7 @@ while both still match, so a retrained snapshot or a different test subset is re
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +17,10 @@ from safetensors.torch import save
 
 from snapens.data import Split
 from snapens.ensemble import predict_logits
+from snapens.errors import SnapensError
 from snapens.snapshots import load_into, write_atomic
+
+log = logging.getLogger(__name__)
 
 
 def file_digest(path: Path) -> str:
@@ -36,8 +40,11 @@ def split_digest(split: Split) -> str:
     return h.hexdigest()
 
 
-def cache_path(snapshot: Path, split_name: str) -> Path:
-    """snapshots/cycle_XX.safetensors -> logits/<split>/cycle_XX.safetensors in the same run dir."""
+def cache_path(snapshot: Path, split_name: str) -> Path | None:
+    """<run>/snapshots/cycle_XX.safetensors -> <run>/logits/<split>/cycle_XX.safetensors; None for a snapshot that
+    is not in a run's snapshots/ folder (nothing is written beside files we do not own)."""
+    if snapshot.parent.name != "snapshots":
+        return None
     return snapshot.parent.parent / "logits" / split_name / snapshot.name
 
 
@@ -66,11 +73,16 @@ def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name
     split_sha, out = split_digest(split), []
     for path, meta in zip(paths, metas):
         key = {"snapshot_sha256": file_digest(path), "split_sha256": split_sha}
-        logits = read_cached(cache_path(path, split_name), key)
+        cached = cache_path(path, split_name)
+        logits = read_cached(cached, key) if cached else None
         if logits is None:
             model = model_for(path, meta)
             load_into(model, path)
             logits = predict_logits(model, split, meta["mean"], meta["std"], batch_size, device)
-            write_cached(cache_path(path, split_name), key, logits)
+            try:
+                if cached:
+                    write_cached(cached, key, logits)
+            except SnapensError as e:  # a read-only run dir can still be evaluated, just not cached
+                log.warning(f"logits not cached: {e}")
         out.append(logits)
     return torch.stack(out)

@@ -1,0 +1,251 @@
+"""Time and peak memory of evaluating M snapshots: `python -m snapens.ensemble` against the naive way, in one run.
+
+Setup (not timed): a run dir holding `.hydra/config.yaml` (composed from conf/ with data=imagefolder, the chosen
+model and data.test_limit=N) and M snapshot files from differently seeded untrained models, with the metadata
+snapens/train.py writes (accuracy does not matter here; step, epoch and lr are placeholders). The data is decoded
+once (snapens' uint8 cache exists) and the test JPEGs are read once (in the page cache), so neither contender pays
+a first read from disk. Without --root, make_synthetic images are written as PNG files (lossless) into an
+ImageFolder tree, so both contenders always read the same files.
+
+Each contender runs in a fresh Python process of its own, which reports its own peak RSS (getrusage RUSAGE_SELF:
+exact, unlike RUSAGE_CHILDREN in the parent, the maximum over every child ever waited for):
+
+  snapens  `python -m snapens.ensemble run=DIR device=D batch_size=B` with a cold logits cache: imports, the training
+           config, build_data (the decoded train and test tensors and the train statistics), one model in memory
+           reloaded per snapshot, M forward passes, the logits cache written, metrics, ensemble.json and 3 plots.
+           Then again with a warm cache (every snapshot's logits read back, no forward pass).
+  naive    the textbook way: all M models built from their metadata (model_config) and loaded with safetensors,
+           kept in memory; torchvision ImageFolder(ROOT/test) with ToTensor + Normalize(snapshot mean/std), a
+           Subset of the same N images snapens uses, in the same order (setup finds their indices by pixels);
+           DataLoader(batch_size=B, num_workers=os.cpu_count()); one full pass (JPEG decoding included) per model;
+           logits averaged, accuracy computed.
+
+Times: wall (around the subprocess, interpreter start included), own (inside the process, imports included) and
+CPU (user + sys, the naive DataLoader workers included). Peak RSS is the main process's, the number compared. The
+largest peak RSS of its child processes is shown apart: the naive DataLoader workers, and in both the `ldconfig -p`
+that importing torch runs. A forked child's RSS counts the pages it shares with its parent, so that column is not
+extra memory on top of the main process's. Torch threads are set with
+OMP_NUM_THREADS in both. The contenders alternate --repeats times (snapens cold and warm, then naive; next time naive
+first) and the medians are reported. The naive ensemble's accuracy and mean logits must equal snapens' (same images,
+same batches, same arithmetic); the script says so, or exits 1. Other processes on the machine make CPU times noisy
+(load1 in the config line); use --repeats 3 there.
+
+    python scripts/bench_ensemble.py --quick                                     # CPU smoke run, synthetic, < 1 min
+    python scripts/bench_ensemble.py --root /tmp/data/cifar10-jpeg              # CPU: ResNet-20, M=5, 10,000 images
+    python scripts/bench_ensemble.py --root /tmp/data/cifar10-jpeg --model wrn28_10 --images 100 --batch-size 100
+                                            # CPU, memory: 5 x 146 MB of weights in the naive process
+    python scripts/bench_ensemble.py --root DIR --device cuda --model wrn28_10   # GPU
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+from snapens.build import build_data, build_model, model_name, pick_device
+from snapens.config import register_configs
+from snapens.data import Split, load_image_folder, make_synthetic
+from snapens.snapshots import list_snapshots, read_metadata, save_snapshot, snapshot_path
+from snapens.train import config_hash
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+# Runs a module (`-m`) or a script in this process, then prints its own time, CPU time and peak RSS (KiB).
+CHILD = """
+import atexit, resource, runpy, sys, time
+start = time.perf_counter()
+def report():
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    print("BENCH", time.perf_counter() - start, cpu, me.ru_maxrss, kids.ru_maxrss, flush=True)
+atexit.register(report)
+sys.argv = sys.argv[1:]
+if sys.argv[0].endswith(".py"):
+    runpy.run_path(sys.argv[0], run_name="__main__")
+else:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", help="ImageFolder tree ROOT/{train,test}/<class>/* (e.g. CIFAR-10 as JPEG); "
+                                  "default: synthetic images written as PNG")
+    p.add_argument("--model", default="resnet20", help="a name of conf/model/*.yaml")
+    p.add_argument("--snapshots", type=int, help="M snapshots (default 5; --quick: 3)")
+    p.add_argument("--images", type=int, help="N test images, data.test_limit (default 10000; --quick: 500)")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS of both contenders")
+    p.add_argument("--workdir", help="where the run dir goes (kept); default: a temporary folder")
+    p.add_argument("--quick", action="store_true", help="M=3, N=500: a smoke run")
+    p.add_argument("--repeats", type=int, default=1, help="alternations of the contenders; medians reported")
+    p.add_argument("--json", help="also write the numbers to this file")
+    p.add_argument("--naive", metavar="RUN", help=argparse.SUPPRESS)  # the naive contender's process
+    a = p.parse_args()
+    a.snapshots = a.snapshots or (3 if a.quick else 5)
+    a.images = a.images or (500 if a.quick else 10_000)
+    return a
+
+
+def write_synthetic(root: Path, test_size: int) -> Path:
+    """make_synthetic's images as PNG files in ROOT/{train,test}/<class>/, so both contenders read files."""
+    train, test, classes = make_synthetic(10, 256, test_size, 32)
+    for name, split in (("train", train), ("test", test)):
+        for i, (image, label) in enumerate(zip(split.images, split.labels.tolist())):
+            (root / name / classes[label]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / name / classes[label] / f"{i:05d}.png")
+    return root
+
+
+def setup(args, work: Path) -> tuple[Path, int]:
+    """A run dir with .hydra/config.yaml and M snapshots; the data decoded and its files read once."""
+    for old in ("run", "synthetic"):
+        shutil.rmtree(work / old, ignore_errors=True)
+    root = Path(args.root).resolve() if args.root else write_synthetic(work / "synthetic", args.images)
+    classes = [d for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith(".")]
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["data=imagefolder", f"data.root={root}", f"model={args.model}",
+                                           f"data.num_classes={len(classes)}", f"data.test_limit={args.images}"])
+    data = build_data(cfg.data)  # decodes once into the cache snapens reads; mean/std as train.py computes them
+    run = work / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "test_index.json").write_text(json.dumps(test_index(root, cfg.data.image_size, data.test)))
+    for path in (root / "test").rglob("*"):
+        if path.is_file():
+            path.read_bytes()  # into the page cache for the naive contender
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    meta = {"model": model_name(cfg.model), "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+            "num_classes": len(data.classes), "classes": data.classes,
+            "image_size": list(data.train.images.shape[2:]), "mean": list(data.mean), "std": list(data.std),
+            "config_hash": config_hash(cfg)}
+    for cycle in range(1, args.snapshots + 1):
+        torch.manual_seed(cycle)
+        save_snapshot(snapshot_path(run, cycle), build_model(cfg.model),
+                      {**meta, "cycle": cycle, "step": 100 * cycle, "epoch": float(cycle), "lr": 0.0})
+    return run, len(data.test)
+
+
+def test_index(root: Path, image_size: int, test: Split) -> list[int]:
+    """Where each image of snapens' test split (a data.test_limit subset) is in the whole ROOT/test, in the order
+    of load_image_folder, which is ImageFolder's (classes, then files, sorted by name); found by pixels and label."""
+    _, full, _ = load_image_folder(str(root), image_size)
+    where = {(x.numpy().tobytes(), int(y)): i for i, (x, y) in enumerate(zip(full.images, full.labels))}
+    return [where[(x.numpy().tobytes(), int(y))] for x, y in zip(test.images, test.labels)]
+
+
+@torch.no_grad()
+def naive(run: Path, batch_size: int, device: torch.device) -> None:
+    """Every model in memory, one DataLoader pass per model, mean logits; writes run/naive.safetensors."""
+    root = OmegaConf.load(run / ".hydra" / "config.yaml").data.root
+    models, metas = [], []
+    for path in sorted((run / "snapshots").glob("cycle_*.safetensors")):
+        metas.append(read_metadata(path))
+        model = instantiate(metas[-1]["model_config"])
+        model.load_state_dict(load_file(path))
+        models.append(model.to(device).eval())
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(metas[0]["mean"], metas[0]["std"])])
+    dataset = ImageFolder(str(Path(root) / "test"), transform)
+    index = json.loads((run / "test_index.json").read_text())  # the N images snapens evaluates, in its order
+    loader = DataLoader(Subset(dataset, index), batch_size=batch_size, num_workers=os.cpu_count(),
+                        pin_memory=device.type == "cuda")
+    logits = torch.stack([torch.cat([m(x.to(device)).float().cpu() for x, _ in loader]) for m in models]).mean(0)
+    labels = torch.tensor([dataset.targets[i] for i in index])
+    acc = (logits.argmax(-1) == labels).double().mean().item()
+    save_file({"logits": logits}, run / "naive.safetensors", metadata={"acc": repr(acc)})
+
+
+def run_child(argv: list[str], threads: int) -> dict:
+    """Run CHILD with argv in a fresh interpreter; its wall time from here, and what it reports of itself."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    wall = time.perf_counter() - start
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
+    if proc.returncode or not lines:
+        sys.exit(f"{' '.join(argv[:1])} failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    own, cpu, rss, children = map(float, lines[-1][1:])
+    return {"wall_s": wall, "own_s": own, "cpu_s": cpu, "peak_rss_mib": rss / 1024, "child_rss_mib": children / 1024}
+
+
+def check(run: Path) -> dict:
+    """Accuracy and mean logits of both contenders on the same images; they must agree."""
+    snap_acc = json.loads((run / "ensemble" / "test" / "ensemble.json").read_text())["ensemble"]["acc"]
+    cached = [load_file(run / "logits" / "test" / p.name)["logits"] for p in list_snapshots(run)]
+    naive_logits = load_file(run / "naive.safetensors")["logits"]
+    with safe_open(run / "naive.safetensors", framework="pt") as f:
+        naive_acc = float(f.metadata()["acc"])
+    diff = (torch.stack(cached).mean(0) - naive_logits).abs().max().item()
+    return {"snapens_acc": snap_acc, "naive_acc": naive_acc, "max_abs_logit_diff": diff,
+            "agree": abs(snap_acc - naive_acc) <= 1e-9}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.naive:
+        return naive(Path(args.naive), args.batch_size, pick_device(args.device))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp).resolve()
+        run, n = setup(args, work)
+        snap = ["snapens.ensemble", f"run={run}", f"device={args.device}", f"batch_size={args.batch_size}"]
+        naive_argv = [str(Path(__file__).resolve()), "--naive", str(run), "--device", args.device,
+                      "--batch-size", str(args.batch_size)]
+        runs = {"snapens": [], "snapens (warm)": [], "naive": []}
+        for r in range(args.repeats):
+            for name in ("snapens", "naive") if r % 2 == 0 else ("naive", "snapens"):  # alternate who goes first
+                if name == "naive":
+                    runs["naive"].append(run_child(naive_argv, args.threads))
+                    continue
+                for stale in ("logits", "ensemble"):  # a cold logits cache, then a warm one
+                    shutil.rmtree(run / stale, ignore_errors=True)
+                runs["snapens"].append(run_child(snap, args.threads))
+                runs["snapens (warm)"].append(run_child(snap, args.threads))
+        agreement = check(run)
+    median = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
+    ratios = {"time": median["naive"]["wall_s"] / median["snapens"]["wall_s"],
+              "peak_rss": median["naive"]["peak_rss_mib"] / median["snapens"]["peak_rss_mib"],
+              "time_vs_warm": median["naive"]["wall_s"] / median["snapens (warm)"]["wall_s"]}
+    config = {"model": args.model, "M": args.snapshots, "images": n, "batch": args.batch_size,
+              "device": str(pick_device(args.device)), "torch": torch.__version__, "threads": args.threads,
+              "workers": os.cpu_count(), "data": args.root or "synthetic", "repeats": args.repeats,
+              "load1": round(os.getloadavg()[0], 2)}
+
+    print(f"{'contender':<16}{'wall s':>9}{'own s':>9}{'CPU s':>9}{'peak RSS MiB':>14}{'child RSS MiB':>15}"
+          "   runs (wall s)")
+    for name, r in median.items():
+        walls = ", ".join(f"{x['wall_s']:.1f}" for x in runs[name])
+        print(f"{name:<16}{r['wall_s']:>9.2f}{r['own_s']:>9.2f}{r['cpu_s']:>9.2f}{r['peak_rss_mib']:>14.1f}"
+              f"{r['child_rss_mib']:>15.1f}   {walls}")
+    print(f"naive / snapens time: {ratios['time']:.2f}x")
+    print(f"naive / snapens peak RSS: {ratios['peak_rss']:.2f}x")
+    print(f"naive / snapens (warm cache) time: {ratios['time_vs_warm']:.2f}x")
+    print(f"ensemble accuracy: snapens {agreement['snapens_acc']:.6f}, naive {agreement['naive_acc']:.6f} "
+          f"({'agree' if agreement['agree'] else 'DIFFER'}); max |mean logit difference| "
+          f"{agreement['max_abs_logit_diff']:.3g}")
+    print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": config, "median": median, "runs": runs, "ratios": ratios,
+                                               "agreement": agreement}, indent=2) + "\n")
+    if not agreement["agree"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

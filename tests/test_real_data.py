@@ -1,8 +1,13 @@
-"""The issue's acceptance run on the real CIFAR-10 copy: ResNet-20, SGDR with three one-epoch cycles, 2,000 images.
+"""The issue's acceptance run on the real CIFAR-10 copy: ResNet-20, SGDR with three one-epoch cycles, 5,000 images.
 
-Measured on the 2-core CPU with this command and trainer.seed=0, 1, 2: last snapshot 0.259, 0.322, 0.222 and
-ensemble 0.262, 0.268, 0.254 test accuracy on 1,000 test images after 3 epochs; chance is 0.10. The test runs seed
-0. The floor below, 0.18, sits 0.04 under the lowest value measured and eight standard errors above chance.
+Measured on the 2-core CPU (torch 2.14.1, 2026-11-23) with this command and trainer.seed=0, 1, 2, test accuracy on
+1,000 test images after 3 epochs (chance is 0.10), as last snapshot / ensemble:
+  trainer.num_threads=1: 0.341/0.314, 0.375/0.367, 0.337/0.342
+  trainer.num_threads=2: 0.314/0.305, 0.372/0.378, 0.326/0.322
+The float results depend on the thread count, so another machine trains a different model from the same seed: with
+2,000 images CI once measured 0.203/0.169 where this machine had 0.259/0.262. The test runs seed 0 with torch's
+default threads. The floor below, 0.22, sits 0.085 under the lowest value measured and twelve standard errors above
+chance.
 """
 
 import json
@@ -17,7 +22,7 @@ from omegaconf import OmegaConf
 from snapens.data import load_image_folder, normalize, prepare
 from snapens.snapshots import list_snapshots, load_into, read_metadata
 
-FLOOR = 0.18
+FLOOR = 0.22
 
 
 @pytest.mark.slow
@@ -25,18 +30,18 @@ def test_resnet20_sgdr_on_cifar10_subset(cifar_root, tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "snapens.train", "model=resnet20", "scheduler=sgdr", "scheduler.T_0=1",
                "scheduler.T_mult=1", "trainer.epochs=3", "data=imagefolder", f"data.root={cifar_root}",
-               "data.train_limit=2000", "data.test_limit=1000", f"hydra.run.dir={run_dir}"]
+               "data.train_limit=5000", "data.test_limit=1000", f"hydra.run.dir={run_dir}"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
 
     paths = list_snapshots(run_dir)
     assert [p.name for p in paths] == ["cycle_01.safetensors", "cycle_02.safetensors", "cycle_03.safetensors"]
-    assert [read_metadata(p)["step"] for p in paths] == [16, 32, 48]  # ceil(2000 / 128) = 16 steps per epoch
+    assert [read_metadata(p)["step"] for p in paths] == [40, 80, 120]  # ceil(5000 / 128) = 40 steps per epoch
 
     # Recompute from the files alone: the model from .hydra/config.yaml, normalisation and classes from metadata.
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     train, test, classes = load_image_folder(str(cifar_root))
-    test = prepare(train, test, classes, train_limit=2000, test_limit=1000).test
+    test = prepare(train, test, classes, train_limit=5000, test_limit=1000).test
     model = instantiate(cfg.model).eval()
     logits = []
     for path in paths:

@@ -10,15 +10,18 @@ ImageFolder tree, so both contenders always read the same files.
 Each contender runs in a fresh Python process of its own, which reports its own peak RSS (getrusage RUSAGE_SELF:
 exact, unlike RUSAGE_CHILDREN in the parent, the maximum over every child ever waited for):
 
-  snapens  `python -m snapens.ensemble run=DIR device=D batch_size=B` with a cold logits cache: imports, the training
-           config, build_data (the decoded train and test tensors and the train statistics), one model in memory
-           reloaded per snapshot, M forward passes, the logits cache written, metrics, ensemble.json and 3 plots.
-           Then again with a warm cache (every snapshot's logits read back, no forward pass).
+  snapens  `python -m snapens.ensemble run=DIR device=D batch_size=B precision=P channels_last=L` with a cold logits
+           cache: imports, the training config, build_data (the decoded train and test tensors and the train
+           statistics), one model in memory reloaded per snapshot, M forward passes, the logits cache written,
+           metrics, ensemble.json and 3 plots. Then again with a warm cache (every snapshot's logits read back, no
+           forward pass). "logits s" is the tool's own timing of the M forward passes (ensemble.json's
+           logits_seconds, cold run): the ensemble evaluation itself, without start-up and data loading.
   naive    the textbook way: all M models built from their metadata (model_config) and loaded with safetensors,
            kept in memory; torchvision ImageFolder(ROOT/test) with ToTensor + Normalize(snapshot mean/std), a
            Subset of the same N images snapens uses, in the same order (setup finds their indices by pixels);
-           DataLoader(batch_size=B, num_workers=os.cpu_count()); one full pass (JPEG decoding included) per model;
-           logits averaged, accuracy computed.
+           DataLoader(batch_size=B, num_workers=os.cpu_count()); one full pass (JPEG decoding included) per model,
+           in the same precision and layout as snapens (so that the two must agree); logits averaged, accuracy
+           computed.
 
 Times: wall (around the subprocess, interpreter start included), own (inside the process, imports included) and
 CPU (user + sys, the naive DataLoader workers included). Peak RSS is the main process's, the number compared. The
@@ -59,9 +62,10 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from snapens.build import build_data, build_model, model_name, pick_device
+from snapens.build import build_data, build_model, model_name, pick_device, pick_precision
 from snapens.config import register_configs
 from snapens.data import Split, load_image_folder, make_synthetic
+from snapens.precision import autocast, describe, layout
 from snapens.snapshots import list_snapshots, read_metadata, save_snapshot, snapshot_path
 from snapens.train import config_hash
 
@@ -92,6 +96,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--images", type=int, help="N test images, data.test_limit (default 10000; --quick: 500)")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="of both contenders (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="both contenders in NCHW")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS of both contenders")
     p.add_argument("--workdir", help="where the run dir goes (kept); default: a temporary folder")
     p.add_argument("--quick", action="store_true", help="M=3, N=500: a smoke run")
@@ -152,7 +159,7 @@ def test_index(root: Path, image_size: int, test: Split) -> list[int]:
 
 
 @torch.no_grad()
-def naive(run: Path, batch_size: int, device: torch.device) -> None:
+def naive(run: Path, batch_size: int, device: torch.device, precision: torch.dtype | None, channels_last: bool) -> None:
     """Every model in memory, one DataLoader pass per model, mean logits; writes run/naive.safetensors."""
     root = OmegaConf.load(run / ".hydra" / "config.yaml").data.root
     models, metas = [], []
@@ -160,13 +167,15 @@ def naive(run: Path, batch_size: int, device: torch.device) -> None:
         metas.append(read_metadata(path))
         model = instantiate(metas[-1]["model_config"])
         model.load_state_dict(load_file(path))
-        models.append(model.to(device).eval())
+        models.append(model.to(device, memory_format=layout(channels_last)).eval())
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(metas[0]["mean"], metas[0]["std"])])
     dataset = ImageFolder(str(Path(root) / "test"), transform)
     index = json.loads((run / "test_index.json").read_text())  # the N images snapens evaluates, in its order
     loader = DataLoader(Subset(dataset, index), batch_size=batch_size, num_workers=os.cpu_count(),
                         pin_memory=device.type == "cuda")
-    logits = torch.stack([torch.cat([m(x.to(device)).float().cpu() for x, _ in loader]) for m in models]).mean(0)
+    with autocast(device, precision):
+        logits = torch.stack([torch.cat([m(x.to(device).contiguous(memory_format=layout(channels_last))).float().cpu()
+                                         for x, _ in loader]) for m in models]).mean(0)
     labels = torch.tensor([dataset.targets[i] for i in index])
     acc = (logits.argmax(-1) == labels).double().mean().item()
     save_file({"logits": logits}, run / "naive.safetensors", metadata={"acc": repr(acc)})
@@ -199,14 +208,18 @@ def check(run: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
+    device = pick_device(args.device)
+    precision = pick_precision(args.precision, device, key="--precision")
     if args.naive:
-        return naive(Path(args.naive), args.batch_size, pick_device(args.device))
+        return naive(Path(args.naive), args.batch_size, device, precision, args.channels_last)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp).resolve()
         run, n = setup(args, work)
-        snap = ["snapens.ensemble", f"run={run}", f"device={args.device}", f"batch_size={args.batch_size}"]
+        snap = ["snapens.ensemble", f"run={run}", f"device={args.device}", f"batch_size={args.batch_size}",
+                f"precision={args.precision}", f"channels_last={args.channels_last}"]
         naive_argv = [str(Path(__file__).resolve()), "--naive", str(run), "--device", args.device,
-                      "--batch-size", str(args.batch_size)]
+                      "--batch-size", str(args.batch_size), "--precision", args.precision] + \
+            ([] if args.channels_last else ["--no-channels-last"])
         runs = {"snapens": [], "snapens (warm)": [], "naive": []}
         for r in range(args.repeats):
             for name in ("snapens", "naive") if r % 2 == 0 else ("naive", "snapens"):  # alternate who goes first
@@ -216,16 +229,22 @@ def main() -> None:
                 for stale in ("logits", "ensemble"):  # a cold logits cache, then a warm one
                     shutil.rmtree(run / stale, ignore_errors=True)
                 runs["snapens"].append(run_child(snap, args.threads))
+                report = json.loads((run / "ensemble" / "test" / "ensemble.json").read_text())
+                runs["snapens"][-1]["logits_s"] = report["logits_seconds"]
                 runs["snapens (warm)"].append(run_child(snap, args.threads))
         agreement = check(run)
     median = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
+    logits_s = median["snapens"].pop("logits_s")
     ratios = {"time": median["naive"]["wall_s"] / median["snapens"]["wall_s"],
               "peak_rss": median["naive"]["peak_rss_mib"] / median["snapens"]["peak_rss_mib"],
               "time_vs_warm": median["naive"]["wall_s"] / median["snapens (warm)"]["wall_s"]}
     config = {"model": args.model, "M": args.snapshots, "images": n, "batch": args.batch_size,
-              "device": str(pick_device(args.device)), "torch": torch.__version__, "threads": args.threads,
+              "device": str(device), "precision": describe(precision, args.channels_last),
+              "torch": torch.__version__, "threads": args.threads,
               "workers": os.cpu_count(), "data": args.root or "synthetic", "repeats": args.repeats,
               "load1": round(os.getloadavg()[0], 2)}
+    if device.type == "cuda":
+        config["gpu"] = torch.cuda.get_device_name()
 
     print(f"{'contender':<16}{'wall s':>9}{'own s':>9}{'CPU s':>9}{'peak RSS MiB':>14}{'child RSS MiB':>15}"
           "   runs (wall s)")
@@ -233,6 +252,8 @@ def main() -> None:
         walls = ", ".join(f"{x['wall_s']:.1f}" for x in runs[name])
         print(f"{name:<16}{r['wall_s']:>9.2f}{r['own_s']:>9.2f}{r['cpu_s']:>9.2f}{r['peak_rss_mib']:>14.1f}"
               f"{r['child_rss_mib']:>15.1f}   {walls}")
+    print(f"snapens forward passes of {args.snapshots} snapshots over {n} images (logits s, cold cache): "
+          f"{logits_s:.2f} s")
     print(f"naive / snapens time: {ratios['time']:.2f}x")
     print(f"naive / snapens peak RSS: {ratios['peak_rss']:.2f}x")
     print(f"naive / snapens (warm cache) time: {ratios['time_vs_warm']:.2f}x")
@@ -242,6 +263,7 @@ def main() -> None:
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"config": config, "median": median, "runs": runs, "ratios": ratios,
+                                               "logits_s": logits_s,
                                                "agreement": agreement}, indent=2) + "\n")
     if not agreement["agree"]:
         sys.exit(1)

@@ -1,16 +1,22 @@
-"""Training throughput (images/s) of snapens against a plain PyTorch loop, in one run, and their ratio.
+"""Training throughput (images/s) of snapens against a plain PyTorch loop, in one run, and their ratio, per model;
+seconds per CIFAR-10 epoch; and the share of a 5-cycle run's time that its snapshot writes take.
 
 Both contenders train the same model (built from conf/model/<name>.yaml, same seed) with the same SGD (momentum and
-weight decay from conf/optimizer/sgd.yaml), batch size, fp32, gradient clipping (norm 1.0) and torch threads, on the
-same images (a seeded class-balanced subset of the training split, already decoded to uint8 tensors, so JPEG
-decoding is excluded for both):
+weight decay from conf/optimizer/sgd.yaml), batch size, precision (--precision: autocast to bf16 or none), gradient
+clipping (norm 1.0) and torch threads, on the same images (a seeded class-balanced subset of the training split,
+already decoded to uint8 tensors, so JPEG decoding is excluded for both):
 
   snapens  the snapens.train path: the uint8 split on the device, snapens.data.train_batches (pad-4 crop + flip +
-           normalisation on whole batches), the loop body of snapens/train.py (lr from the SGDR schedule, loss summed
-           on the device).
+           normalisation on whole batches), the loop body of snapens/train.py (lr from the SGDR schedule, loss and
+           accuracy summed on the device, no read-back per step), channels_last unless --no-channels-last,
+           torch.compile with --compile (its first step, the compile, is timed apart and not in images/s).
   plain    the textbook loop: a Dataset of HWC uint8 arrays made into PIL images (as torchvision's CIFAR10),
            transforms RandomCrop(size, padding=4), RandomHorizontalFlip, ToTensor, Normalize; a DataLoader with
-           shuffle, num_workers=os.cpu_count(), pin_memory on CUDA, persistent workers; loss.item() every step.
+           shuffle, num_workers=os.cpu_count(), pin_memory on CUDA, persistent workers; NCHW; loss.item() every step.
+
+Snapshot writes: snapens.snapshots.save_snapshot of the model (CPU copy, safetensors, fsync, rename), median of 3
+writes into a temporary folder, times 5, over the time snapens takes to train --budget epochs of 50,000 images at
+the measured throughput (default 200, the Snapshot Ensembles budget for CIFAR: 5 cycles of 40 epochs).
 
 One-time setup (loading, worker start) is not timed. Each timed block of --steps steps follows --warmup untimed
 steps (which also drain batches the DataLoader prefetched while the other contender ran); the contenders alternate
@@ -21,7 +27,8 @@ gets, so it is measured as is.
 
     python scripts/bench_train.py --quick                                       # CPU smoke run, synthetic, < 1 min
     python scripts/bench_train.py --root /tmp/data/cifar10-jpeg --repeats 3     # CPU, CIFAR-10 ImageFolder
-    python scripts/bench_train.py --root DIR --device cuda --train-limit 50000 --steps 100 --repeats 5   # GPU
+    python scripts/bench_train.py --root DIR --device cuda --train-limit 50000 --steps 100 --repeats 5 \
+        --models resnet20,resnet56,wrn16_4,wrn28_10                                                     # GPU, bf16
 """
 
 import argparse
@@ -30,6 +37,7 @@ import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,10 +48,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from snapens.build import build_augmentation, build_model, build_optimizer, build_schedule, pick_device
+from snapens.build import (build_augmentation, build_model, build_optimizer, build_schedule, pick_device,
+                           pick_precision)
 from snapens.config import register_configs
 from snapens.data import load_image_folder, make_synthetic, prepare, train_batches
-from snapens.train import set_hyperparameters, train_step
+from snapens.precision import autocast, describe, layout
+from snapens.snapshots import save_snapshot
+from snapens.train import seconds_since, set_hyperparameters, train_step
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SEED = 0
@@ -54,7 +65,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", choices=("synthetic", "imagefolder"),
                    help="default: imagefolder if --root is given, else synthetic")
     p.add_argument("--root", help="extracted ImageFolder tree: ROOT/train/<class>/*.jpg (e.g. CIFAR-10 as JPEG)")
-    p.add_argument("--model", default="resnet20", help="a name of conf/model/*.yaml")
+    p.add_argument("--models", default="resnet20", help="names of conf/model/*.yaml, comma-separated")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, help="timed steps per contender and repeat (default 30; --quick: 4)")
     p.add_argument("--warmup", type=int, help="untimed steps before each timed block (default 5; --quick: 2)")
@@ -62,6 +73,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--train-limit", type=int, help="training images used (default 5000; --quick: 1024)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="autocast of both contenders (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="snapens in NCHW like the plain loop")
+    p.add_argument("--compile", action="store_true", help="torch.compile snapens' model")
+    p.add_argument("--budget", type=float, default=200, help="epochs of the 5-cycle run for the snapshot share")
     p.add_argument("--quick", action="store_true", help="few steps on a small subset: a smoke run")
     p.add_argument("--json", help="also write the numbers to this file")
     a = p.parse_args()
@@ -84,10 +101,11 @@ def load(args):
     return prepare(train, test, classes, train_limit=args.train_limit, seed=SEED)
 
 
-def snapens_contender(cfg, data, args, device):
+def snapens_contender(cfg, data, args, device, precision):
     """A step() running one update exactly as snapens/train.py does; returns the number of images."""
     torch.manual_seed(SEED)
-    model = build_model(cfg.model).to(device).train()
+    model = build_model(cfg.model).to(device, memory_format=layout(args.channels_last)).train()
+    forward = torch.compile(model) if args.compile else model
     schedule = build_schedule(cfg.scheduler, cfg.trainer.epochs, math.ceil(len(data.train) / args.batch_size))
     optimizer = build_optimizer(model, cfg.optimizer, schedule.lr(0))
     split, generator = data.train.to(device), torch.Generator(device).manual_seed(SEED)
@@ -100,12 +118,15 @@ def snapens_contender(cfg, data, args, device):
     def step() -> int:
         x, y = next(batches)
         set_hyperparameters(optimizer, schedule.lr(state["step"]), schedule.momentum(state["step"]))
-        loss, logits, _, _ = train_step(model, optimizer, x, y, cfg.trainer.grad_clip, cfg.trainer.clip_mode)
+        x = x.contiguous(memory_format=layout(args.channels_last))
+        loss, logits, _, _ = train_step(forward, optimizer, x, y, cfg.trainer.grad_clip, cfg.trainer.clip_mode,
+                                        precision)
         state["loss_sum"] += loss * len(y)  # summed on the device: no host sync per step
         state["correct"] += (logits.argmax(1) == y).sum()
         state["step"] += 1
         return len(y)
 
+    step.model = model
     return step
 
 
@@ -122,7 +143,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.data[i])), self.targets[i]
 
 
-def plain_contender(cfg, data, args, device):
+def plain_contender(cfg, data, args, device, precision):
     """A step() of the textbook DataLoader loop; returns the number of images."""
     size = data.train.images.shape[-1]
     transform = transforms.Compose([transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip(),
@@ -139,7 +160,8 @@ def plain_contender(cfg, data, args, device):
     def step() -> int:
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = F.cross_entropy(model(x), y)
+        with autocast(device, precision):
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
@@ -158,44 +180,77 @@ def throughput(step, args, device) -> float:
         torch.cuda.synchronize()
     start = time.perf_counter()
     images = sum(step() for _ in range(args.steps))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return images / (time.perf_counter() - start)
+    return images / seconds_since(start, device)
+
+
+def first_step_seconds(step, device) -> float:
+    """The first step alone: with --compile, that is where torch.compile does its work."""
+    start = time.perf_counter()
+    step()
+    return seconds_since(start, device)
+
+
+def snapshot_seconds(model: torch.nn.Module) -> float:
+    """Median wall time of 3 save_snapshot calls (copy to CPU, safetensors, fsync, rename)."""
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(3):
+            start = time.perf_counter()
+            save_snapshot(Path(tmp) / f"cycle_{k:02d}.safetensors", model, {"cycle": k})
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(model_name: str, data, args, device, precision) -> dict:
+    """Both contenders on one model, alternating --repeats times; medians, ratio and the snapshot share."""
+    overrides = [f"model={model_name}", f"data={args.data}", f"data.num_classes={len(data.classes)}",
+                 f"trainer.batch_size={args.batch_size}"] + ([f"data.root={args.root}"] if args.root else [])
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    contenders = {"snapens": snapens_contender(cfg, data, args, device, precision),
+                  "plain": plain_contender(cfg, data, args, device, precision)}
+    first = first_step_seconds(contenders["snapens"], device)
+    runs = {name: [] for name in contenders}
+    for r in range(args.repeats):
+        for name in (list(contenders) if r % 2 == 0 else list(contenders)[::-1]):  # alternate who goes first
+            runs[name].append(throughput(contenders[name], args, device))
+    median = {name: statistics.median(v) for name, v in runs.items()}
+    write = snapshot_seconds(contenders["snapens"].model)
+    run_seconds = args.budget * 50_000 / median["snapens"]
+    return {"model": model_name, "images_per_s": median, "runs": runs, "ratio": median["snapens"] / median["plain"],
+            "first_step_s": first, "snapshot_write_s": write, "snapshot_share": 5 * write / run_seconds}
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    precision = pick_precision(args.precision, device, key="--precision")
     data = load(args)
     register_configs()
-    overrides = [f"model={args.model}", f"data={args.data}", f"data.num_classes={len(data.classes)}",
-                 f"trainer.batch_size={args.batch_size}"] + ([f"data.root={args.root}"] if args.root else [])
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    contenders = {"snapens": snapens_contender(cfg, data, args, device),
-                  "plain": plain_contender(cfg, data, args, device)}
-    runs = {name: [] for name in contenders}
-    for r in range(args.repeats):
-        for name in (list(contenders) if r % 2 == 0 else list(contenders)[::-1]):  # alternate who goes first
-            runs[name].append(throughput(contenders[name], args, device))
-    median = {name: statistics.median(v) for name, v in runs.items()}
-    ratio = median["snapens"] / median["plain"]
-
-    config = {"model": args.model, "batch": args.batch_size, "device": str(device), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "workers": os.cpu_count(), "images": len(data.train),
-              "data": args.data, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+    results = [measure(name, data, args, device, precision) for name in args.models.split(",")]
+    config = {"batch": args.batch_size, "device": str(device), "precision": describe(precision, args.channels_last),
+              "compile": args.compile, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "workers": os.cpu_count(), "images": len(data.train), "data": args.data, "steps": args.steps,
+              "warmup": args.warmup, "repeats": args.repeats, "budget": args.budget,
               "load1": round(os.getloadavg()[0], 2)}
+    if device.type == "cuda":
+        config["gpu"] = torch.cuda.get_device_name()
 
-    print(f"{'contender':<10} {'images/s':>10} {'s/epoch(50k)':>13}   runs (images/s)")
-    for name, v in median.items():
-        print(f"{name:<10} {v:>10.1f} {50_000 / v:>13.1f}   {', '.join(f'{x:.1f}' for x in runs[name])}")
-    print(f"snapens / plain throughput: {ratio:.2f}x")
+    print(f"{'model':<10}{'snapens img/s':>14}{'plain img/s':>13}{'ratio':>7}{'s/epoch(50k)':>14}"
+          f"{'first step s':>14}{'snapshot s':>12}{'5 writes / run':>16}")
+    for r in results:
+        m = r["images_per_s"]
+        print(f"{r['model']:<10}{m['snapens']:>14.1f}{m['plain']:>13.1f}{r['ratio']:>6.2f}x"
+              f"{50_000 / m['snapens']:>14.2f}{r['first_step_s']:>14.2f}{r['snapshot_write_s']:>12.4f}"
+              f"{100 * r['snapshot_share']:>15.4f}%")
+    for r in results:
+        print(f"snapens / plain throughput, {r['model']}: {r['ratio']:.2f}x  (runs, images/s: snapens "
+              f"{', '.join(f'{x:.1f}' for x in r['runs']['snapens'])}; plain "
+              f"{', '.join(f'{x:.1f}' for x in r['runs']['plain'])})")
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     if args.json:
-        paired = [a / b for a, b in zip(runs["snapens"], runs["plain"])]  # each repeat's two blocks ran back to back
-        result = {"config": config, "images_per_s": median, "runs": runs, "ratio": ratio, "ratio_per_repeat": paired}
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,16 @@ def pick_device(name: str, key: str = "trainer.device") -> torch.device:
     return torch.device(name)
 
 
+def pick_precision(name: str, device: torch.device, key: str = "trainer.precision") -> torch.dtype | None:
+    """auto | bf16 | fp32 -> the autocast dtype (None: plain fp32). auto is bf16 on CUDA, where it roughly doubles
+    the convolutions' speed, and fp32 on CPU, where bf16 is emulated on most processors and slower."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SnapensError(f"{key}=bf16 but {torch.cuda.get_device_name()} has no bf16 support; use {key}=fp32")
+    return torch.bfloat16 if name == "bf16" else None
+
+
 def build_data(cfg: DictConfig) -> Dataset:
     """Load (or make) the dataset named by `cfg.data` and take its validation split and subsets."""
     if cfg.name != "synthetic" and OmegaConf.is_missing(cfg, "root"):
@@ -119,12 +129,18 @@ def build_schedule(cfg: DictConfig, epochs: float, steps_per_epoch: int) -> sche
                                f"({steps_per_epoch} steps per epoch)")
         return n
 
+    if cfg.name == "adaptive_sgdr":  # starts as SGDR (all its checks), then train.py lengthens cycles as it goes
+        plain = build_schedule(OmegaConf.merge(cfg, {"name": "sgdr"}), epochs, steps_per_epoch)
+        inner = getattr(plain, "inner", plain)
+        ends = [0, *inner.cycle_ends()]
+        lengths = tuple(b - a for a, b in zip(ends, ends[1:]))
+        return schedules.with_cycle_lengths(plain, lengths)
     if cfg.name == "onecycle" and cfg.get("warmup"):
         raise SnapensError("scheduler.warmup is not for onecycle: its rise over pct_start is the warmup")
     try:
         schedule = _make(cfg, _cycle_end_near(cfg, total, epochs * steps_per_epoch, steps), steps)
         if cfg.get("warmup"):
-            schedule = schedules.Warmup(schedule, steps("warmup"))
+            schedule = schedules.Warmup(schedule, steps("warmup"), cfg.warmup_every_cycle)
     except ValueError as e:
         raise SnapensError(f"scheduler={cfg.name}: {e}") from None
     _check_budget(schedule, epochs, steps_per_epoch)

@@ -82,6 +82,7 @@ class ScheduleConfig:
     unit: str = "epoch"  # epoch | step: the unit of every length below
     eta_max: float = 0.1  # peak learning rate
     warmup: float = 0.0  # linear warmup length at the start of training
+    warmup_every_cycle: bool = False  # warm up at the start of every cycle instead (cyclic schedules)
 
 
 @dataclass
@@ -109,6 +110,13 @@ class SGDRConfig(ScheduleConfig):
     T_0: float = 10.0
     T_mult: float = 2.0
     decay: float = 1.0
+
+
+@dataclass
+class AdaptiveSGDRConfig(SGDRConfig):
+    name: str = "adaptive_sgdr"
+    patience: int = 2  # validation evaluations (one per epoch) without a new best loss before extending
+    extension_factor: float = 1.5  # the current cycle's length is multiplied by this, once per cycle
 
 
 @dataclass
@@ -146,6 +154,11 @@ class CyclicConfig(ScheduleConfig):
 
 # --- trainer and ensemble ---------------------------------------------------------------------------------------
 @dataclass
+class SWAConfig:
+    start: Optional[float] = None  # fraction of each cycle after which weights are averaged; null disables
+
+
+@dataclass
 class TrainerConfig:
     epochs: float = 150.0
     batch_size: int = 128
@@ -159,6 +172,14 @@ class TrainerConfig:
     resume: str = "auto"
     on_nonfinite: str = "stop"
     max_skipped: int = 10
+    precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    accumulate: int = 1
+    label_smoothing: float = 0.0
+    reset_optimizer_on_restart: bool = False
+    keep_snapshots: int = 0
+    swa: SWAConfig = field(default_factory=lambda: SWAConfig())
 
 
 @dataclass
@@ -189,11 +210,25 @@ class InferenceConfig:
     split: str = "test"
     rule: str = "logits"
     members: Any = "all"
+    swa: bool = False
     bins: int = 15
     batch_size: int = 1000
     device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
     predict: Optional[str] = None
     out: Optional[str] = None
+
+
+@dataclass
+class LRFindConfig:
+    """conf/lr_find.yaml's `lr_find` block: the LR range test (Smith 2017, arXiv 1506.01186)."""
+
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    num_steps: int = 100
+    smoothing: float = 0.98
+    diverge_factor: float = 4.0
 
 
 SCHEMAS = {
@@ -205,6 +240,7 @@ SCHEMAS = {
         "step": StepConfig,
         "cosine": CosineConfig,
         "sgdr": SGDRConfig,
+        "adaptive_sgdr": AdaptiveSGDRConfig,
         "snapshot": SnapshotConfig,
         "onecycle": OneCycleConfig,
         "cyclic": CyclicConfig,
@@ -217,6 +253,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(name="schema_ensemble", node=InferenceConfig)
+    cs.store(group="schema", name="lr_find", node=LRFindConfig)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
@@ -232,14 +269,17 @@ CHOICES = {
     "trainer.clip_mode": ("norm", "value"),
     "trainer.resume": ("auto", "never"),
     "trainer.on_nonfinite": ("stop", "skip"),
+    "trainer.precision": ("auto", "bf16", "fp32"),
     "ensemble.rule": ("logits", "probs", "vote"),
 }
 
 POSITIVE = ("data.num_classes", "trainer.epochs", "trainer.batch_size", "trainer.log_every", "ensemble.batch_size",
-            "scheduler.eta_max", "scheduler.T_0", "scheduler.T_mult", "scheduler.cycles", "scheduler.step_size_up")
+            "scheduler.eta_max", "scheduler.T_0", "scheduler.T_mult", "scheduler.cycles", "scheduler.step_size_up",
+            "trainer.accumulate", "scheduler.patience")
 NON_NEGATIVE = ("data.image_size", "data.train_limit", "data.test_limit", "data.val_size", "data.crop_padding",
                 "data.cutout", "trainer.grad_clip", "trainer.num_threads", "trainer.checkpoint_every",
-                "trainer.max_skipped", "scheduler.eta_min", "scheduler.warmup")
+                "trainer.max_skipped", "scheduler.eta_min", "scheduler.warmup", "trainer.keep_snapshots",
+                "trainer.label_smoothing")
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -271,7 +311,18 @@ def check_config(cfg: DictConfig) -> None:
     eta_min, eta_max = _get(cfg, "scheduler.eta_min"), cfg.scheduler.eta_max
     if eta_min is not None and eta_min > eta_max:
         raise SnapensError(f"scheduler.eta_min={eta_min} must not exceed scheduler.eta_max={eta_max}")
-    if cfg.scheduler.name == "sgdr" and cfg.scheduler.T_mult < 1:
+    if cfg.trainer.label_smoothing >= 1:
+        raise SnapensError(f"trainer.label_smoothing={cfg.trainer.label_smoothing} must be in [0, 1)")
+    swa = cfg.trainer.swa.start
+    if swa is not None and not 0 <= swa < 1:
+        raise SnapensError(f"trainer.swa.start={swa} must be a fraction of the cycle in [0, 1), or null to disable")
+    if cfg.scheduler.name == "adaptive_sgdr":
+        if cfg.scheduler.extension_factor <= 1:
+            raise SnapensError(f"scheduler.extension_factor={cfg.scheduler.extension_factor} must be > 1")
+        if not _get(cfg, "data.val_size"):
+            raise SnapensError("scheduler=adaptive_sgdr watches the validation loss: hold out images with "
+                               "data.val_size=N")
+    if cfg.scheduler.name in ("sgdr", "adaptive_sgdr") and cfg.scheduler.T_mult < 1:
         raise SnapensError(f"scheduler.T_mult={cfg.scheduler.T_mult} must be >= 1 (cycles never shrink)")
     if _get(cfg, "scheduler.warmup") and cfg.scheduler.warmup >= _budget(cfg):
         raise SnapensError(f"scheduler.warmup={cfg.scheduler.warmup} must be shorter than the budget "

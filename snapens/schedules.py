@@ -13,6 +13,8 @@ No torch here on purpose: this is plain arithmetic, checked value for value agai
 ``torch.optim.lr_scheduler`` in tests/test_schedules.py.
 """
 
+import bisect
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -433,21 +435,31 @@ class Warmup(Schedule):
     """Linear warm-up in front of any schedule (gradual warm-up, Goyal et al., arXiv:1706.02677).
 
     For ``t < warmup_steps`` (W): ``lr(t) = inner.lr(W) * (t + 1) / (W + 1)``, which ramps to exactly the value
-    the inner schedule has at step W, so nothing jumps; from W on it is ``inner.lr(t)``. ``total_steps``,
-    ``momentum`` and ``cycle_ends`` are the inner schedule's.
+    the inner schedule has at step W, so nothing jumps; from W on it is ``inner.lr(t)``. With ``every_cycle`` the
+    same ramp starts every cycle, at each cycle's first step s: ``inner.lr(s + W) * (t - s + 1) / (W + 1)`` for
+    ``s <= t < s + W``; a restart then climbs to its peak instead of jumping there. ``total_steps``, ``momentum``
+    and ``cycle_ends`` are the inner schedule's.
 
     Args:
         inner: The schedule to warm up.
-        warmup_steps: W, with 0 <= W < ``inner.total_steps``; 0 leaves ``inner`` unchanged.
+        warmup_steps: W, with 0 <= W < ``inner.total_steps`` (every_cycle: shorter than every cycle); 0 leaves
+            ``inner`` unchanged.
+        every_cycle: Warm up at the start of every cycle, not only the first.
     """
 
     inner: Schedule
     warmup_steps: int
+    every_cycle: bool = False
 
     def __post_init__(self) -> None:
         _check_steps("warmup_steps", self.warmup_steps, minimum=0)
         _require(self.warmup_steps < self.inner.total_steps, f"warmup_steps ({self.warmup_steps}) must be < "
                  f"total_steps ({self.inner.total_steps}) of the wrapped schedule")
+        if self.every_cycle:
+            starts = [0, *self.inner.cycle_ends()]
+            shortest = min(b - a for a, b in zip(starts, starts[1:]))
+            _require(self.warmup_steps < shortest, f"warmup_steps ({self.warmup_steps}) must be shorter than "
+                     f"every cycle (the shortest has {shortest} steps) to warm up each one")
 
     @property
     def total_steps(self) -> int:  # type: ignore[override]
@@ -456,10 +468,91 @@ class Warmup(Schedule):
     def lr(self, t: int) -> float:
         self._check_t(t)
         w = self.warmup_steps
-        return self.inner.lr(t) if t >= w else float(self.inner.lr(w) * (t + 1) / (w + 1))
+        start = 0
+        if self.every_cycle:
+            ends = self.inner.cycle_ends()
+            start = ([0] + ends)[bisect.bisect_right(ends, t)]  # the first step of t's cycle
+        return self.inner.lr(t) if t >= start + w else float(self.inner.lr(start + w) * (t - start + 1) / (w + 1))
 
     def momentum(self, t: int) -> float | None:
         return self.inner.momentum(t)
 
     def cycle_ends(self) -> list[int]:
         return self.inner.cycle_ends()
+
+
+@dataclass(frozen=True)
+class CosineCycles(Schedule):
+    """SGDR's cosine cycles (eq. 5 of arXiv:1608.03983) with explicitly given lengths: what adaptive SGDR uses,
+    whose cycle lengths are decided during training and recorded, so that this schedule, and a resumed run, can
+    replay them exactly.
+
+    Args:
+        eta_max: Peak rate of cycle 0.
+        lengths: Steps of each cycle; their sum is the budget.
+        eta_min: Rate each cosine anneals towards.
+        decay: Peak multiplier per cycle, in (0, 1].
+    """
+
+    eta_max: float
+    lengths: tuple[int, ...]
+    eta_min: float = 0.0
+    decay: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(len(self.lengths) > 0, "lengths must name at least one cycle")
+        for n in self.lengths:
+            _check_steps("every cycle length", n)
+        _check_lr_range(self.eta_min, self.eta_max)
+        _require(0 < self.decay <= 1, f"decay must be in (0, 1], got {self.decay!r}")
+
+    @property
+    def total_steps(self) -> int:  # type: ignore[override]
+        return sum(self.lengths)
+
+    def cycle_ends(self) -> list[int]:
+        ends, end = [], 0
+        for n in self.lengths:
+            end += n
+            ends.append(end)
+        return ends
+
+    def cycle(self, t: int) -> int:
+        """0-based index of the cycle containing update ``t``."""
+        self._check_t(t)
+        return bisect.bisect_right(self.cycle_ends(), t)
+
+    def lr(self, t: int) -> float:
+        i = self.cycle(t)
+        start = sum(self.lengths[:i])
+        return _cosine(self.eta_max * self.decay**i, self.eta_min, t - start, self.lengths[i])
+
+
+def extend_cycle(lengths: tuple[int, ...], i: int, factor: float) -> tuple[int, ...]:
+    """Cycle lengths after cycle ``i`` is made ``factor`` times longer, within the same budget (their sum).
+
+    Later cycles keep their lengths and move back; the first one that would cross the budget is cut to end at it,
+    and those after it are dropped. A cut cycle shorter than half its planned length is merged into the one before,
+    so no cycle is a stub whose snapshot has barely moved from the previous one. Cycle ``i`` itself never ends past
+    the budget.
+    """
+    total, start = sum(lengths), sum(lengths[:i])
+    out = list(lengths[:i]) + [min(round(lengths[i] * factor), total - start)]
+    end = start + out[-1]
+    for n in lengths[i + 1:]:
+        if end >= total:
+            break
+        cut = min(n, total - end)
+        if cut < n / 2:
+            out[-1] += cut  # merged into the cycle before (cycle i itself, if it comes right before)
+        else:
+            out.append(cut)
+        end += cut
+    return tuple(out)
+
+
+def with_cycle_lengths(schedule: Schedule, lengths: tuple[int, ...]) -> Schedule:
+    """The same schedule (SGDR or CosineCycles, possibly warmed up) as CosineCycles with the given lengths."""
+    if isinstance(schedule, Warmup):
+        return dataclasses.replace(schedule, inner=with_cycle_lengths(schedule.inner, lengths))
+    return CosineCycles(schedule.eta_max, tuple(lengths), schedule.eta_min, schedule.decay)

@@ -23,9 +23,9 @@ FORMAT = "snapens-1"
 METADATA_KEY = "snapens"
 
 
-def snapshot_path(run_dir: str | Path, cycle: int) -> Path:
-    """Cycles count from 1 in file names: cycle_01 is the first snapshot."""
-    return Path(run_dir) / "snapshots" / f"cycle_{cycle:02d}.safetensors"
+def snapshot_path(run_dir: str | Path, cycle: int, swa: bool = False) -> Path:
+    """Cycles count from 1 in file names: cycle_01 is the first snapshot, cycle_01_swa its cycle's SWA average."""
+    return Path(run_dir) / "snapshots" / f"cycle_{cycle:02d}{'_swa' if swa else ''}.safetensors"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -120,7 +120,23 @@ def load_into(model: torch.nn.Module, path: Path) -> dict[str, Any]:
     return metadata
 
 
-def list_snapshots(run_dir: str | Path) -> list[Path]:
-    """The run's snapshot files in cycle order."""
-    found = [(re.fullmatch(r"cycle_(\d+)", p.stem), p) for p in (Path(run_dir) / "snapshots").glob("*.safetensors")]
+def list_snapshots(run_dir: str | Path, swa: bool = False) -> list[Path]:
+    """The run's snapshot files in cycle order (swa: the cycles' SWA averages, cycle_XX_swa, instead)."""
+    pattern = r"cycle_(\d+)_swa" if swa else r"cycle_(\d+)"
+    found = [(re.fullmatch(pattern, p.stem), p) for p in (Path(run_dir) / "snapshots").glob("*.safetensors")]
     return [p for m, p in sorted((int(m[1]), p) for m, p in found if m)]
+
+
+def prune_snapshots(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` cycles' snapshots (with their _swa siblings and cached logits); return what
+    was deleted. Used for trainer.keep_snapshots, where the user asked for exactly this."""
+    paths = list_snapshots(run_dir)
+    doomed = []
+    for path in paths[:max(len(paths) - keep, 0)]:
+        doomed += [path, path.with_name(f"{path.stem}_swa.safetensors")]
+        for name in (path.name, f"{path.stem}_swa.safetensors"):
+            doomed += list((Path(run_dir) / "logits").glob(f"*/{name}"))
+    deleted = [p for p in doomed if p.exists()]
+    for p in deleted:
+        p.unlink()
+    return deleted

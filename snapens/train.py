@@ -6,6 +6,7 @@ each snapshot is read back from its file and evaluated once, and the snapshots' 
 the last snapshot alone.
 """
 
+import bisect
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 import hydra
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from snapens.build import (build_augmentation, build_data, build_model, build_optimizer, build_schedule,
-                           model_name, pick_device)
+                           model_name, pick_device, pick_precision)
 from snapens.config import check_config, register_configs
 from snapens.checkpoint import (checkpoint_path, deciding_values, differing_keys, load_checkpoint, rng_state,
                                 save_checkpoint, set_rng_state, stop_requests)
@@ -32,7 +34,11 @@ from snapens.data import epoch_order, train_batches
 from snapens.ensemble import ensemble_report, format_report
 from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError
-from snapens.snapshots import list_snapshots, read_metadata, save_snapshot, snapshot_path, write_atomic
+from snapens.precision import autocast, describe, layout
+from snapens.restarts import finish_swa, new_adaptive_state, should_extend, swa_first_update, validation_loss
+from snapens.schedules import extend_cycle, with_cycle_lengths
+from snapens.snapshots import (list_snapshots, prune_snapshots, read_metadata, save_snapshot, snapshot_path,
+                               write_atomic)
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -58,33 +64,58 @@ def clip_gradients(model: torch.nn.Module, max_value: float, mode: str) -> None:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               grad_clip: float, clip_mode: str,
-               keep_buffers: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """One update on one batch, unless the loss or the gradient is not finite (then the weights are left alone).
+               grad_clip: float, clip_mode: str, precision: torch.dtype | None = None,
+               skip_nonfinite: bool = False, micro_batch: int = 0,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | bool]:
+    """One update on one batch, with the forward pass under autocast to `precision` (None: fp32).
 
-    Returns the detached mean loss, the logits, the gradient norm before clipping, and whether the update was made.
-    Deciding that needs one read-back from the device per step; everything else stays there. The forward pass has
-    already moved BatchNorm's running statistics; with keep_buffers they are put back when the update is dropped.
+    With micro_batch > 0 the batch goes forward and backward in pieces of that many images (gradient accumulation:
+    the memory of a small batch, the update of the whole one); each piece's mean loss is weighted by its share of
+    the batch, so the gradient is that of the batch's mean loss.
+
+    Returns the detached mean loss, the logits, the gradient norm before clipping and whether both were finite, all
+    as tensors on the device: nothing is read back, so the host can queue the next steps while the device works.
+    The update is made even when they are not finite, unless skip_nonfinite: then the flag is read back (one wait
+    for the device per step; it is returned as a bool) and such an update is dropped, with BatchNorm's running
+    statistics, which the forward pass has already moved, put back. Gradients are those of the fp32 weights, so
+    clipping is the same under bf16.
     """
-    buffers = [b.clone() for b in model.buffers()] if keep_buffers else None
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    buffers = [b.clone() for b in model.buffers()] if skip_nonfinite else None
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    finite = bool(torch.isfinite(loss) & torch.isfinite(norm))
-    if finite:
-        if grad_clip > 0 and clip_mode == "norm":
-            torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm)  # reuses the norm computed above
-        else:
-            clip_gradients(model, grad_clip, clip_mode)
-        optimizer.step()
-    elif buffers is not None:
+    losses, outputs = [], []
+    for xs, ys in zip(x.split(micro_batch or len(x)), y.split(micro_batch or len(y))):
+        with autocast(x.device, precision):  # the loss itself is computed in fp32 under autocast
+            out = model(xs)
+            piece = F.cross_entropy(out, ys, label_smoothing=label_smoothing) * (len(ys) / len(y))
+        piece.backward()
+        losses.append(piece.detach())
+        outputs.append(out.detach())
+    loss, logits = torch.stack(losses).sum(), torch.cat(outputs)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    finite = torch.isfinite(loss) & torch.isfinite(norm)
+    if skip_nonfinite:
+        finite = bool(finite)
+    if finite is False:
         with torch.no_grad():
             for buffer, saved in zip(model.buffers(), buffers):
                 buffer.copy_(saved)
-    return loss.detach(), logits.detach(), norm, finite
+        return loss, logits, norm, finite
+    if grad_clip > 0 and clip_mode == "norm":
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)  # takes parameters; reuses the norm above
+    else:
+        clip_gradients(model, grad_clip, clip_mode)
+    optimizer.step()
+    return loss, logits, norm, finite
+
+
+def note_first_nonfinite(first: torch.Tensor, step: int, loss: torch.Tensor, norm: torch.Tensor,
+                         finite: torch.Tensor) -> None:
+    """Keep step, loss and gradient norm of the run's first non-finite update in `first` (float64 [3], step -1
+    while there is none), on the device: it is read at the next log interval or checkpoint, not at every step."""
+    found = ~finite & (first[0] < 0)
+    now = torch.cat([first.new_full((1,), step), torch.stack([loss, norm]).to(first.dtype)])
+    first.copy_(torch.where(found, now, first))
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -151,7 +182,7 @@ def new_progress() -> dict:
     """Where the loop stands; saved in every checkpoint. `order` is the current epoch's permutation, `position`
     the number of its batches done, the sums the epoch's running training loss and accuracy."""
     return {"step": 0, "epoch": 0, "position": 0, "order": None, "loss_sum": 0.0, "correct": 0, "seen": 0,
-            "skipped": 0, "skipped_in_row": 0, "seconds": 0.0}
+            "skipped": 0, "skipped_in_row": 0, "seconds": 0.0, "compile_seconds": 0.0}
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> float:
@@ -167,16 +198,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         return json.loads((run_dir / "results.json").read_text())["ensemble"]["acc"]
     t = cfg.trainer
     device = pick_device(t.device)
+    precision = pick_precision(t.precision, device)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
 
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model).to(device)  # before the data: a bad model config fails in a second
+    model = build_model(cfg.model).to(device, memory_format=layout(t.channels_last))  # before the data: a bad
+    # model config fails in a second. The compiled module shares the model's parameters; snapshots save `model`.
+    forward = torch.compile(model) if t.compile else model
     data = build_data(cfg.data)
-    steps_per_epoch = math.ceil(len(data.train) / t.batch_size)
+    update_size = t.batch_size * t.accumulate  # images per update; batch_size per forward pass
+    steps_per_epoch = math.ceil(len(data.train) / update_size)
     schedule = build_schedule(cfg.scheduler, t.epochs, steps_per_epoch)
-    cycle_ends = schedule.cycle_ends()
+    adaptive = new_adaptive_state(getattr(schedule, "inner", schedule).lengths) if cfg.scheduler.name == "adaptive_sgdr" else None
     optimizer = build_optimizer(model, cfg.optimizer, schedule.lr(0))
+    swa = AveragedModel(model) if t.swa.start is not None else None
     augmentation = build_augmentation(cfg.data)
     train_split = data.train.to(device)
     generator = torch.Generator(device).manual_seed(t.seed)
@@ -186,7 +222,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         save_checkpoint(checkpoint_path(run_dir), {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
             "progress": dict(progress), "config": OmegaConf.to_container(cfg, resolve=True),
-            "device": device.type, "snapshots": [p.name for p in list_snapshots(run_dir)]})
+            "device": device.type, "snapshots": [p.name for p in list_snapshots(run_dir)],
+            "swa": swa.state_dict() if swa else None, "adaptive": adaptive})
 
     if state is None:
         save_config(cfg, run_dir)
@@ -198,18 +235,36 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], generator)
-        progress = state["progress"]
+        progress, adaptive = state["progress"], state["adaptive"]
+        if swa:
+            swa.load_state_dict(state["swa"])
+        if adaptive:  # the cycle lengths this run has actually used so far
+            schedule = with_cycle_lengths(schedule, tuple(adaptive["lengths"]))
         keep_metrics_until(run_dir / "metrics.jsonl", progress["epoch"])
         log.info(f"resuming {run_dir} at step {progress['step']} of {schedule.total_steps}")
     metadata = {"model": model_name(cfg.model), "model_config": OmegaConf.to_container(cfg.model, resolve=True),
                 "num_classes": len(data.classes), "classes": data.classes,
                 "image_size": list(data.train.images.shape[2:]), "mean": list(data.mean), "std": list(data.std),
                 "config_hash": config_hash(cfg)}
+    cycle_ends = schedule.cycle_ends()
     log.info(f"{metadata['model']} on {cfg.data.name} ({len(data.train)} train / {len(data.test)} test images), "
-             f"{cfg.scheduler.name}: {schedule.total_steps} steps, snapshots after steps {cycle_ends}, on {device}")
+             f"{cfg.scheduler.name}: {schedule.total_steps} steps, snapshots after steps {cycle_ends}, on {device} "
+             f"({describe(precision, t.channels_last)}{', compiled' if t.compile else ''})")
 
     # ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----
-    p, start = progress, time.perf_counter() - progress["seconds"]
+    p, start, first_step = progress, time.perf_counter() - progress["seconds"], progress["step"]
+    began = time.perf_counter()
+    skip = t.on_nonfinite == "skip"
+    first_bad = torch.full((3,), -1.0, dtype=torch.float64, device=device)  # see note_first_nonfinite
+
+    def stop_if_nonfinite() -> None:  # before anything is written: the last checkpoint stays intact
+        step, loss, norm = first_bad.tolist()
+        if step >= 0:
+            raise SnapensError(f"non-finite loss or gradient at step {int(step)} (lr {schedule.lr(int(step)):.4g}, "
+                               f"loss {loss:.4g}, gradient norm {norm:.4g}); stopped, the last checkpoint is intact: "
+                               "start a new hydra.run.dir with a lower scheduler.eta_max, or resume this one with "
+                               "trainer.on_nonfinite=skip")
+
     bar = tqdm(total=schedule.total_steps, initial=p["step"], unit="step", dynamic_ncols=True, disable=None)
     with open(run_dir / "metrics.jsonl", "a") as metrics, logging_redirect_tqdm(), stop_requests() as stops:
         while p["step"] < schedule.total_steps:
@@ -218,38 +273,61 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                          seen=0)
             loss_sum = torch.tensor(p["loss_sum"], device=device)  # summed on the device, read at checkpoints
             correct = torch.tensor(p["correct"], device=device)
-            rest = p["order"][p["position"] * t.batch_size:].to(device)
-            for x, y in train_batches(train_split, t.batch_size, generator, augmentation, data.mean, data.std, rest):
+            rest = p["order"][p["position"] * update_size:].to(device)
+            for x, y in train_batches(train_split, update_size, generator, augmentation, data.mean, data.std, rest):
                 step, lr = p["step"], schedule.lr(p["step"])
                 set_hyperparameters(optimizer, lr, schedule.momentum(step))
-                loss, logits, norm, finite = train_step(model, optimizer, x, y, t.grad_clip, t.clip_mode,
-                                                        keep_buffers=t.on_nonfinite == "skip")
-                if finite:
+                x = x.contiguous(memory_format=layout(t.channels_last))
+                loss, logits, norm, finite = train_step(forward, optimizer, x, y, t.grad_clip, t.clip_mode,
+                                                        precision, skip, t.batch_size, t.label_smoothing)
+                if skip and not finite:
+                    skip_nonfinite(t, p, step, lr, loss, norm)
+                else:
                     loss_sum += loss * len(y)
                     correct += (logits.argmax(1) == y).sum()
                     p["seen"] += len(y)
                     p["skipped_in_row"] = 0
-                else:
-                    check_nonfinite(t, p, step, lr, loss, norm)
+                    if not skip:
+                        note_first_nonfinite(first_bad, step, loss, norm, finite)
                 p["step"], p["position"] = step + 1, p["position"] + 1
                 bar.update()
+                cycle = bisect.bisect_right(cycle_ends, step)  # 0-based, of the update just made
+                if swa and step >= swa_first_update(([0] + cycle_ends)[cycle], cycle_ends[cycle], t.swa.start):
+                    swa.update_parameters(model)
+                if t.compile and step == first_step:
+                    p["compile_seconds"] = seconds_since(began, device)
+                    log.info(f"first step, with torch.compile, took {p['compile_seconds']:.1f}s")
                 if p["step"] % t.log_every == 0 and p["seen"]:
+                    stop_if_nonfinite()
                     bar.set_postfix(loss=f"{loss_sum.item() / p['seen']:.3f}", lr=f"{lr:.4g}",
                                     acc=f"{correct.item() / p['seen']:.3f}")
-                if p["step"] in cycle_ends:
-                    cycle = cycle_ends.index(p["step"]) + 1
-                    save_snapshot(snapshot_path(run_dir, cycle), model, {
-                        **metadata, "cycle": cycle, "step": p["step"], "epoch": p["step"] / steps_per_epoch,
-                        "lr": lr})
-                epoch_done = p["position"] * t.batch_size >= len(train_split) or p["step"] == schedule.total_steps
+                epoch_done = p["position"] * update_size >= len(train_split) or p["step"] == schedule.total_steps
                 checkpoint = epoch_done or p["step"] in cycle_ends or stops or (
                     t.checkpoint_every and p["step"] % t.checkpoint_every == 0)
+                if checkpoint:
+                    stop_if_nonfinite()
+                if p["step"] in cycle_ends:  # cycle `cycle` (0-based) is over: file name and metadata count from 1
+                    meta = {**metadata, "cycle": cycle + 1, "step": p["step"], "epoch": p["step"] / steps_per_epoch,
+                            "lr": lr}
+                    save_snapshot(snapshot_path(run_dir, cycle + 1), model, meta)
+                    if swa:
+                        averaged = finish_swa(swa, train_split, cfg.ensemble.batch_size, data.mean, data.std)
+                        save_snapshot(snapshot_path(run_dir, cycle + 1, swa=True), averaged,
+                                      {**meta, "swa_start": t.swa.start, "swa_updates": int(swa.n_averaged)})
+                        swa.n_averaged.zero_()  # the next cycle's average starts afresh
+                    if t.keep_snapshots:
+                        prune_snapshots(run_dir, t.keep_snapshots)
+                    if t.reset_optimizer_on_restart and p["step"] < schedule.total_steps:
+                        optimizer.state.clear()  # no momentum or Adam moments carried over the restart
                 if checkpoint:  # the sums come back from the device only here
                     p.update(loss_sum=loss_sum.item(), correct=int(correct.item()),
                              seconds=time.perf_counter() - start)
                 if epoch_done:
                     p["epoch"] += 1
-                    write_metrics(metrics, p, lr)
+                    if adaptive and p["step"] < schedule.total_steps:
+                        schedule = adapt_cycles(cfg, adaptive, schedule, model, data, device, precision, p["step"])
+                        cycle_ends = schedule.cycle_ends()
+                    write_metrics(metrics, p, lr, cycle_ends)
                     p["order"] = None
                 if checkpoint:
                     save_progress()
@@ -261,45 +339,70 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     bar.close()
 
     with stop_requests():  # a few seconds more: a signal now waits for results.json rather than losing it
-        report = evaluate_snapshots(cfg, run_dir, model, data, device)
+        training = {"steps": p["step"], "seconds": p["seconds"], "compile_seconds": p["compile_seconds"],
+                    "device": str(device), "precision": describe(precision, t.channels_last), "compiled": t.compile}
+        report = evaluate_snapshots(cfg, run_dir, model, data, device, precision, training)
     log.info("\n" + format_report(report))
     return report["ensemble"]["acc"]
 
 
-def check_nonfinite(t: DictConfig, p: dict, step: int, lr: float, loss: torch.Tensor, norm: torch.Tensor) -> None:
-    """on_nonfinite=stop: stop, leaving the last checkpoint as it is. skip: count the dropped update; stop after
-    max_skipped in a row."""
+def adapt_cycles(cfg: DictConfig, adaptive: dict, schedule, model, data, device, precision, step: int):
+    """Adaptive SGDR at an epoch end: evaluate the validation loss and, when it has stalled, lengthen the cycle in
+    progress (never one that has not begun: at a cycle boundary nothing is extended)."""
+    loss = validation_loss(model, data.val, data.mean, data.std, cfg.ensemble.batch_size, device, precision,
+                           cfg.trainer.channels_last)
+    ends = schedule.cycle_ends()
+    cycle = bisect.bisect_right(ends, step)
+    in_progress = step not in ends
+    if should_extend(adaptive, loss, cycle, cfg.scheduler.patience, in_progress):
+        lengths = extend_cycle(tuple(adaptive["lengths"]), cycle, cfg.scheduler.extension_factor)
+        adaptive["lengths"] = list(lengths)
+        schedule = with_cycle_lengths(schedule, lengths)
+        log.info(f"validation loss {loss:.4f} has not improved for {cfg.scheduler.patience} evaluations: cycle "
+                 f"{cycle + 1} extended; cycles now end after steps {schedule.cycle_ends()}")
+    return schedule
+
+
+def seconds_since(start: float, device: torch.device) -> float:
+    """Wall seconds since `start` (time.perf_counter), once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def skip_nonfinite(t: DictConfig, p: dict, step: int, lr: float, loss: torch.Tensor, norm: torch.Tensor) -> None:
+    """on_nonfinite=skip: count the dropped update; stop after max_skipped in a row."""
     p["skipped"] += 1
     p["skipped_in_row"] += 1
     what = f"non-finite loss or gradient at step {step} (lr {lr:.4g}, loss {loss.item():.4g}, " \
            f"gradient norm {norm.item():.4g})"
-    if t.on_nonfinite == "stop":
-        raise SnapensError(f"{what}; stopped, the last checkpoint is intact: start a new hydra.run.dir with a lower "
-                           "scheduler.eta_max, or resume this one with trainer.on_nonfinite=skip")
     if p["skipped_in_row"] > t.max_skipped:
         raise SnapensError(f"{what}: {p['skipped_in_row']} non-finite updates in a row (trainer.max_skipped="
                            f"{t.max_skipped}); stopped, the last checkpoint is intact")
     log.warning(f"{what}: update skipped")
 
 
-def write_metrics(metrics, p: dict, lr: float) -> None:
-    """One metrics.jsonl line for the epoch just finished (and the log line that says the same)."""
+def write_metrics(metrics, p: dict, lr: float, cycle_ends: list[int]) -> None:
+    """One metrics.jsonl line for the epoch just finished (and the log line that says the same); cycle_ends are
+    those in use (adaptive SGDR moves them)."""
     seen = max(p["seen"], 1)
     record = {"epoch": p["epoch"], "step": p["step"], "lr": lr, "train_loss": p["loss_sum"] / seen,
-              "train_acc": p["correct"] / seen, "seconds": p["seconds"], "skipped": p["skipped"]}
+              "train_acc": p["correct"] / seen, "seconds": p["seconds"], "skipped": p["skipped"],
+              "cycle_ends": cycle_ends}
     metrics.write(json.dumps(record) + "\n")
     metrics.flush()
     log.info("epoch {epoch} step {step} lr {lr:.4g} loss {train_loss:.4f} acc {train_acc:.4f} "
              "{seconds:.1f}s".format(**record))
 
 
-def evaluate_snapshots(cfg: DictConfig, run_dir: Path, model, data, device) -> dict:
+def evaluate_snapshots(cfg: DictConfig, run_dir: Path, model, data, device, precision, training: dict) -> dict:
     """Read every snapshot back from its file, compute its test logits once (kept in logits/test/ for
-    `python -m snapens.ensemble`), and write results.json."""
+    `python -m snapens.ensemble`), and write results.json (with `training`: its steps, seconds and precision)."""
     paths = list_snapshots(run_dir)
     metas = [read_metadata(p) for p in paths]
-    logits = cached_logits(paths, metas, data.test, "test", cfg.ensemble.batch_size, device, lambda *_: model)
-    report = ensemble_report(logits, data.test.labels, paths, metas, cfg.ensemble.rule)
+    logits = cached_logits(paths, metas, data.test, "test", cfg.ensemble.batch_size, device, lambda *_: model,
+                           precision, cfg.trainer.channels_last)
+    report = {**ensemble_report(logits, data.test.labels, paths, metas, cfg.ensemble.rule), "training": training}
     write_atomic(run_dir / "results.json", (json.dumps(report, indent=2) + "\n").encode())
     return report
 

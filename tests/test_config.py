@@ -26,7 +26,8 @@ def test_groups_hold_the_options_the_design_names():
     assert GROUPS["data"] == ["cifar10", "cifar100", "imagefolder", "synthetic"]
     assert GROUPS["model"] == ["resnet110", "resnet20", "resnet32", "resnet44", "resnet56", "wrn16_4", "wrn28_10"]
     assert GROUPS["optimizer"] == ["adamw", "sgd"]
-    assert GROUPS["scheduler"] == ["constant", "cosine", "cyclic", "onecycle", "sgdr", "snapshot", "step"]
+    assert GROUPS["scheduler"] == ["adaptive_sgdr", "constant", "cosine", "cyclic", "onecycle", "sgdr", "snapshot",
+                                   "step"]
 
 
 @pytest.mark.parametrize("name", GROUPS["scheduler"])
@@ -173,3 +174,16 @@ def test_image_folder_without_images(make_cfg, tmp_path, make_tree, message):
     cfg = make_cfg("data=imagefolder", f"data.root={tmp_path / 'data'}", "trainer.device=cpu")
     with pytest.raises(SnapensError, match=message):
         train(cfg, tmp_path / "run")
+
+
+def test_c10_fast_preset_only_overrides(make_cfg):
+    """experiment=c10_fast: WRN-16-4, 3 snapshot cycles of 10 epochs over 30, bf16 and compile; the data root is still
+    the user's to give, and every other key keeps its default."""
+    cfg, plain = make_cfg("experiment=c10_fast", "data.root=DIR"), make_cfg()
+    assert (cfg.model.depth, cfg.model.widen_factor, cfg.model.num_classes) == (16, 4, 10)
+    assert (cfg.data.name, cfg.data.root, cfg.data.cutout) == ("imagefolder", "DIR", 8)
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.precision, cfg.trainer.compile) == \
+        (30, 256, "bf16", True)
+    assert build_schedule(cfg.scheduler, cfg.trainer.epochs, steps_per_epoch=196).cycle_ends() == [1960, 3920, 5880]
+    assert cfg.trainer.seed == plain.trainer.seed and cfg.ensemble == plain.ensemble
+    assert cfg.optimizer.nesterov and cfg.optimizer.momentum == plain.optimizer.momentum

@@ -1,13 +1,14 @@
 """The issue's acceptance run on the real CIFAR-10 copy: ResNet-20, SGDR with three one-epoch cycles, 5,000 images.
 
-Measured on the 2-core CPU (torch 2.14.1, 2026-11-23) with this command and trainer.seed=0, 1, 2, test accuracy on
-1,000 test images after 3 epochs (chance is 0.10), as last snapshot / ensemble:
-  trainer.num_threads=1: 0.341/0.314, 0.375/0.367, 0.337/0.342
-  trainer.num_threads=2: 0.314/0.305, 0.372/0.378, 0.326/0.322
-The float results depend on the thread count, so another machine trains a different model from the same seed: with
-2,000 images CI once measured 0.203/0.169 where this machine had 0.259/0.262. The test runs seed 0 with torch's
-default threads. The floor below, 0.22, sits 0.085 under the lowest value measured and twelve standard errors above
-chance.
+Measured on the 2-core CPU (torch 2.14.1, 2026-11-23, gradient clipping at norm 1.0, channels_last) with this
+command and trainer.seed=0, 1, 2, test accuracy on 1,000 test images after 3 epochs (chance is 0.10), as last
+snapshot / ensemble:
+  trainer.num_threads=1: 0.405/0.396, 0.422/0.414, 0.375/0.380
+  trainer.num_threads=2: 0.397/0.395, 0.408/0.412, 0.399/0.380
+The float results depend on the thread count, so another machine trains a different model from the same seed (with
+2,000 images and before clipping worked, CI once measured 0.203/0.169 where this machine had 0.259/0.262). The test
+runs seed 0 with torch's default threads. The floor below, 0.30, sits 0.075 under the lowest value measured and
+twenty standard errors above chance.
 """
 
 import json
@@ -22,7 +23,7 @@ from omegaconf import OmegaConf
 from snapens.data import load_image_folder, normalize, prepare
 from snapens.snapshots import list_snapshots, load_into, read_metadata
 
-FLOOR = 0.22
+FLOOR = 0.30
 
 
 @pytest.mark.slow

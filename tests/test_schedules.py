@@ -374,7 +374,7 @@ def test_module_imports_only_stdlib_arithmetic():
     tree = ast.parse(SCHEDULES_PY.read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "math", "dataclasses", "typing"}
+    assert imported <= {"__future__", "bisect", "math", "dataclasses", "typing"}
 
 
 def test_module_loads_without_torch():

@@ -9,17 +9,24 @@ from pathlib import Path
 import torch
 
 from snapens.data import Split, eval_batches
+from snapens.precision import autocast, layout
 
 RULES = ("logits", "probs", "vote")
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, split: Split, mean, std, batch_size: int,
-                   device: torch.device) -> torch.Tensor:
-    """Logits of `model` (in eval mode) for every image of the split: float32 N x C, on the CPU."""
-    model.eval()
-    out = [model(x).float().cpu() for x, _ in eval_batches(split, batch_size, mean, std, device)]
-    return torch.cat(out)
+def predict_logits(model: torch.nn.Module, split: Split, mean, std, batch_size: int, device: torch.device,
+                   precision: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+    """Logits of `model` (in eval mode, moved to `device` in the given layout) for every image of the split, under
+    autocast to `precision` (None: fp32): float32 N x C, on the CPU.
+
+    The batches' logits stay on the device until the end, so the pass never waits on a copy back to the host.
+    """
+    model.to(device, memory_format=layout(channels_last)).eval()
+    with autocast(device, precision):
+        out = [model(x.contiguous(memory_format=layout(channels_last))).float()
+               for x, _ in eval_batches(split, batch_size, mean, std, device)]
+    return torch.cat(out).cpu()
 
 
 def combine(logits: torch.Tensor, rule: str = "logits") -> torch.Tensor:

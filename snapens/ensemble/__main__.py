@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -18,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from snapens.build import build_data, model_from_metadata, pick_device
+from snapens.build import build_data, model_from_metadata, pick_device, pick_precision
 from snapens.config import CHOICES, register_configs
 from snapens.data import IMAGE_EXTENSIONS, Split, read_image
 from snapens.ensemble import predict_logits
@@ -45,14 +46,17 @@ def find_members(cfg: DictConfig) -> list[list[Path]]:
             if not p.is_file():
                 raise SnapensError(f"snapshot {p} does not exist")
     else:
-        groups = [_run_snapshots(Path(d)) for d in ([cfg.run] if cfg.run else cfg.runs)]
+        groups = [_run_snapshots(Path(d), cfg.swa) for d in ([cfg.run] if cfg.run else cfg.runs)]
     return [select(group, cfg.members) for group in groups]
 
 
-def _run_snapshots(run_dir: Path) -> list[Path]:
+def _run_snapshots(run_dir: Path, swa: bool) -> list[Path]:
     if not run_dir.is_dir():
         raise SnapensError(f"run dir {run_dir} does not exist")
-    paths = list_snapshots(run_dir)
+    paths = list_snapshots(run_dir, swa)
+    if swa and not paths:
+        raise SnapensError(f"run dir {run_dir} has no SWA snapshots (snapshots/cycle_XX_swa.safetensors): train "
+                           "with trainer.swa.start=FRACTION, or leave out swa=true")
     if not paths:
         raise SnapensError(f"run dir {run_dir} has no snapshots (snapshots/cycle_XX.safetensors): "
                            "its training has not finished a cycle")
@@ -141,7 +145,7 @@ def model_maker(device: torch.device):
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
-def report(cfg, paths, logits, labels, out_dir: Path) -> dict:
+def report(cfg, paths, logits, labels, out_dir: Path, logits_seconds: float) -> dict:
     names = [f"{p.parent.parent.name}/{p.stem}" if len({q.parent for q in paths}) > 1 else p.stem for p in paths]
     per_snapshot = [{"file": str(p), "name": n, **metrics.scores(logits[i:i + 1], labels, "logits", cfg.bins)}
                     for i, (p, n) in enumerate(zip(paths, names))]
@@ -153,6 +157,7 @@ def report(cfg, paths, logits, labels, out_dir: Path) -> dict:
                     "why": f"members={cfg.members} as given; nothing was chosen by looking at {cfg.split} results"},
         "snapshots": per_snapshot, "single": per_snapshot[-1], "ensemble": ensemble, "curves": curves,
         "disagreement": metrics.disagreement(logits).tolist(),
+        "logits_seconds": logits_seconds,  # wall time of reading or computing every member's logits
     }
     write_atomic(out_dir / "ensemble.json", (json.dumps(result, indent=2) + "\n").encode())
     plot_accuracy_vs_members(curves, per_snapshot[-1]["acc"], cfg.rule, out_dir / "accuracy_vs_members.png")
@@ -196,7 +201,7 @@ def image_files(target: Path) -> list[Path]:
     return files
 
 
-def predict(cfg, paths, metas, device, out_dir: Path) -> Path:
+def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
     """predictions.csv: path, predicted class, its probability, and every class's probability.
 
     Images are read as the training data was (RGB, resized to the snapshots' image size when they differ) and
@@ -213,7 +218,8 @@ def predict(cfg, paths, metas, device, out_dir: Path) -> Path:
     for path, meta in zip(paths, metas):
         model = build_snapshot_model(path, meta).to(device)
         load_into(model, path)
-        logits.append(predict_logits(model, split, meta["mean"], meta["std"], cfg.batch_size, device))
+        logits.append(predict_logits(model, split, meta["mean"], meta["std"], cfg.batch_size, device, precision,
+                                     cfg.channels_last))
         del model
     logits = torch.stack(logits)
     probs, predicted = metrics.probabilities(logits, cfg.rule), metrics.predictions(logits, cfg.rule)
@@ -236,8 +242,9 @@ def main(cfg: DictConfig) -> float:
 
 
 def evaluate(cfg: DictConfig) -> float:
-    for key in ("split", "rule", "device"):
-        allowed = {"split": ("test", "val"), "rule": CHOICES["ensemble.rule"], "device": CHOICES["trainer.device"]}
+    for key in ("split", "rule", "device", "precision"):
+        allowed = {"split": ("test", "val"), "rule": CHOICES["ensemble.rule"], "device": CHOICES["trainer.device"],
+                   "precision": CHOICES["trainer.precision"]}
         if cfg[key] not in allowed[key]:
             raise SnapensError(f"{key}={cfg[key]} is not allowed; choose one of: {', '.join(allowed[key])}")
     for key in ("bins", "batch_size"):
@@ -254,19 +261,23 @@ def evaluate(cfg: DictConfig) -> float:
             raise SnapensError(f"snapshot {path} lacks {', '.join(missing)} in its metadata: it was not written by "
                                "snapens.train")
     device = pick_device(cfg.device, key="device")
+    precision = pick_precision(cfg.precision, device, key="precision")
     train_cfg = training_config(cfg)
     data = build_data(train_cfg.data)
     check_same_classes(paths, metas, data.classes)
     split = data.test if cfg.split == "test" else data.val
     if split is None:
         raise SnapensError("split=val but the run held out no validation images (train with data.val_size=N)")
-    out_dir = Path(cfg.out) if cfg.out else (Path(cfg.run) / "ensemble" / cfg.split if cfg.run
+    report_name = f"{cfg.split}_swa" if cfg.swa else cfg.split  # the SWA report never replaces the plain one
+    out_dir = Path(cfg.out) if cfg.out else (Path(cfg.run) / "ensemble" / report_name if cfg.run
                                              else Path(HydraConfig.get().runtime.output_dir))
-    logits = cached_logits(paths, metas, split, cfg.split, cfg.batch_size, device, model_maker(device))
-    result = report(cfg, paths, logits, split.labels, out_dir)
+    start = time.perf_counter()
+    logits = cached_logits(paths, metas, split, cfg.split, cfg.batch_size, device, model_maker(device), precision,
+                           cfg.channels_last)
+    result = report(cfg, paths, logits, split.labels, out_dir, time.perf_counter() - start)
     log.info("\n" + format_table(result) + f"\nreport: {out_dir}")
     if cfg.predict:
-        log.info(f"predictions: {predict(cfg, paths, metas, device, out_dir)}")
+        log.info(f"predictions: {predict(cfg, paths, metas, device, precision, out_dir)}")
     return result["ensemble"]["acc"]
 
 

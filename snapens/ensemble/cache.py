@@ -1,8 +1,9 @@
 """Each snapshot's logits on a split, computed once and kept beside the run's snapshots.
 
 `<run>/logits/<split>/cycle_XX.safetensors` holds the N x C float32 logits of `<run>/snapshots/cycle_XX.safetensors`
-together with the SHA-256 of the snapshot file and of the split's images and labels. A cache entry is reused only
-while both still match, so a retrained snapshot or a different test subset is recomputed, never mixed up.
+together with the SHA-256 of the snapshot file and of the split's images and labels, and the precision and layout
+they were computed in. A cache entry is reused only while all of these still match, so a retrained snapshot, a
+different test subset or bf16 logits where fp32 ones are asked for are recomputed, never mixed up.
 """
 
 import hashlib
@@ -18,6 +19,7 @@ from safetensors.torch import save
 from snapens.data import Split
 from snapens.ensemble import predict_logits
 from snapens.errors import SnapensError
+from snapens.precision import describe
 from snapens.snapshots import load_into, write_atomic
 
 log = logging.getLogger(__name__)
@@ -64,21 +66,25 @@ def write_cached(path: Path, key: dict, logits: torch.Tensor) -> None:
 
 
 def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name: str, batch_size: int,
-                  device: torch.device, model_for: Callable[[Path, dict], torch.nn.Module]) -> torch.Tensor:
+                  device: torch.device, model_for: Callable[[Path, dict], torch.nn.Module],
+                  precision: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
     """M x N x C logits of the snapshots on the split: read from the cache, or computed once and cached.
 
     `model_for(path, metadata)` gives a model of the snapshot's architecture (its weights are then loaded), so
-    one model is in memory at a time. Each snapshot is normalised with its own training statistics.
+    one model is in memory at a time. Each snapshot is normalised with its own training statistics. precision and
+    channels_last are as in `predict_logits`.
     """
     split_sha, out = split_digest(split), []
     for path, meta in zip(paths, metas):
-        key = {"snapshot_sha256": file_digest(path), "split_sha256": split_sha}
+        key = {"snapshot_sha256": file_digest(path), "split_sha256": split_sha,
+               "computed_in": describe(precision, channels_last)}
         cached = cache_path(path, split_name)
         logits = read_cached(cached, key) if cached else None
         if logits is None:
             model = model_for(path, meta)
             load_into(model, path)
-            logits = predict_logits(model, split, meta["mean"], meta["std"], batch_size, device)
+            logits = predict_logits(model, split, meta["mean"], meta["std"], batch_size, device, precision,
+                                    channels_last)
             try:
                 if cached:
                     write_cached(cached, key, logits)

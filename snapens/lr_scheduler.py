@@ -1,0 +1,109 @@
+"""snapens' schedules as `torch.optim.lr_scheduler.LRScheduler`s, for users who keep their own training loop.
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = snapens.SGDR(optimizer, T_0=1000, T_mult=2, total_steps=7000)   # eta_max: the optimizer's lr
+    for x, y in batches:                        # one scheduler.step() per optimizer update
+        ...; optimizer.step(); scheduler.step()
+        if scheduler.is_cycle_end:              # the learning rate has just been at its minimum
+            ensemble.add(model)
+
+The values are exactly those of `snapens.schedules` (the same pure functions of the update index that
+`python -m snapens.train` uses), so none of the off-by-one and wrong-cycle trouble of stepping torch's stateful
+schedulers with epochs (see the SGDR convention in DESIGN.md). Every parameter group gets the schedule's rate (and
+momentum, for the schedules that cycle it), as in snapens.train.
+"""
+
+import bisect
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+from snapens import schedules
+from snapens.schedules import Schedule
+
+
+class ScheduleLR(LRScheduler):
+    """Any `snapens.schedules.Schedule` as an LRScheduler stepped once per optimizer update.
+
+    After k calls of `step()` (k updates done), the optimizer holds lr(k), the rate of update k. Once the budget is
+    spent (k = total_steps) the last rate stays. The state_dict holds only counters, so a resumed scheduler is the
+    schedule at the saved step.
+
+    Args:
+        optimizer: Any torch optimizer.
+        schedule: The schedule, e.g. `schedules.SGDR(eta_max=0.1, T_0=100, total_steps=700, T_mult=2)`.
+        last_epoch: As in torch: -1 starts at update 0.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule, last_epoch: int = -1):
+        self.schedule = schedule
+        self.ends = schedule.cycle_ends()
+        super().__init__(optimizer, last_epoch)
+
+    def _t(self) -> int:
+        return min(self.last_epoch, self.schedule.total_steps - 1)
+
+    def get_lr(self) -> list[float]:
+        return [self.schedule.lr(self._t())] * len(self.optimizer.param_groups)
+
+    def step(self, epoch: None = None) -> None:
+        """Move to the next update: its learning rate (and momentum, where the schedule sets one)."""
+        if epoch is not None:  # torch's step(epoch) jumps; a function of the update index needs no such thing
+            raise TypeError("ScheduleLR.step() takes no epoch: call it once after every optimizer update")
+        super().step()
+        momentum = self.schedule.momentum(self._t())
+        if momentum is not None:
+            for group in self.optimizer.param_groups:
+                if "betas" in group:
+                    group["betas"] = (momentum, group["betas"][1])
+                else:
+                    group["momentum"] = momentum
+
+    @property
+    def updates_done(self) -> int:
+        return self.last_epoch
+
+    @property
+    def is_cycle_end(self) -> bool:
+        """True right after the update that closes a cycle: the moment to take a snapshot."""
+        return self.last_epoch in self.ends
+
+    @property
+    def cycle(self) -> int:
+        """1-based number of the cycle the last update belonged to (1 before any update); at a cycle end, the
+        cycle that has just closed."""
+        return min(bisect.bisect_left(self.ends, max(self.last_epoch, 1)) + 1, len(self.ends))
+
+    @property
+    def cycle_position(self) -> float:
+        """Fraction of the current cycle's updates done, in [0, 1]: 0 before its first update, 1 at its end."""
+        k = self.cycle - 1
+        start = self.ends[k - 1] if k else 0
+        return min(max(self.last_epoch - start, 0) / (self.ends[k] - start), 1.0)
+
+    def state_dict(self) -> dict:
+        """Counters only (no schedule object), so it loads with torch.load(weights_only=True)."""
+        return {k: v for k, v in super().state_dict().items() if k not in ("schedule", "ends")}
+
+
+def _adapter(schedule_class: type) -> type:
+    """An LRScheduler class taking the optimizer plus the schedule's keyword arguments; eta_max defaults to the
+    optimizer's learning rate (of its first group), as torch's schedulers take theirs from it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, last_epoch: int = -1, **kwargs) -> None:
+        kwargs.setdefault("eta_max", optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]))
+        ScheduleLR.__init__(self, optimizer, schedule_class(**kwargs), last_epoch)
+
+    doc = (f"`snapens.schedules.{schedule_class.__name__}` as an LRScheduler: "
+           f"{schedule_class.__name__}(optimizer, **schedule_kwargs); see ScheduleLR.\n\n{schedule_class.__doc__}")
+    return type(schedule_class.__name__, (ScheduleLR,), {"__init__": __init__, "__doc__": doc,
+                                                         "__module__": __name__})
+
+
+SGDR = _adapter(schedules.SGDR)
+Snapshot = _adapter(schedules.Snapshot)
+Cosine = _adapter(schedules.Cosine)
+StepDecay = _adapter(schedules.StepDecay)
+Constant = _adapter(schedules.Constant)
+OneCycle = _adapter(schedules.OneCycle)
+Cyclic = _adapter(schedules.Cyclic)

@@ -1,0 +1,177 @@
+"""The library API for your own loop: schedules as torch LRSchedulers, and SnapshotEnsemble."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import snapens
+from snapens import schedules
+from snapens.ensemble import combine
+from snapens.ensemble.snapshot_ensemble import SnapshotEnsembleError
+
+ADAPTERS = [
+    (snapens.SGDR, schedules.SGDR, dict(T_0=5, T_mult=2, total_steps=35, eta_min=0.001, decay=0.8)),
+    (snapens.Snapshot, schedules.Snapshot, dict(total_steps=30, cycles=3)),
+    (snapens.Cosine, schedules.Cosine, dict(total_steps=20, eta_min=0.01)),
+    (snapens.StepDecay, schedules.StepDecay, dict(total_steps=20, milestones=(5, 15))),
+    (snapens.Constant, schedules.Constant, dict(total_steps=7)),
+    (snapens.OneCycle, schedules.OneCycle, dict(total_steps=25)),
+    (snapens.Cyclic, schedules.Cyclic, dict(eta_min=0.01, step_size_up=4, total_steps=24)),
+]
+
+
+def sgd(lr=0.1, groups=1):
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(groups)]
+    return torch.optim.SGD([{"params": [p]} for p in params], lr=lr, momentum=0.9)
+
+
+@pytest.mark.parametrize("adapter, pure, kwargs", ADAPTERS, ids=[a[1].__name__ for a in ADAPTERS])
+def test_adapter_gives_the_pure_schedules_values_at_every_update(adapter, pure, kwargs):
+    optimizer = sgd(lr=0.1, groups=2)
+    scheduler = adapter(optimizer, **kwargs)
+    reference = pure(eta_max=0.1, **kwargs)
+    ends = reference.cycle_ends()
+    for t in range(reference.total_steps):
+        assert [g["lr"] for g in optimizer.param_groups] == [reference.lr(t)] * 2  # the rate of update t, exactly
+        if reference.momentum(t) is not None:
+            assert [g["momentum"] for g in optimizer.param_groups] == [reference.momentum(t)] * 2
+        optimizer.step()
+        scheduler.step()
+        assert scheduler.is_cycle_end == (t + 1 in ends)
+    assert scheduler.get_last_lr() == [reference.lr(reference.total_steps - 1)] * 2  # the budget spent: it stays
+
+
+def test_cycle_and_position_around_sgdr_restarts():
+    optimizer = sgd()
+    scheduler = snapens.SGDR(optimizer, T_0=2, T_mult=2, total_steps=6)  # cycles end after updates 2 and 6
+    seen = []
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+        seen.append((scheduler.updates_done, scheduler.cycle, scheduler.cycle_position, scheduler.is_cycle_end))
+    assert seen == [(1, 1, 0.5, False), (2, 1, 1.0, True), (3, 2, 0.25, False), (4, 2, 0.5, False),
+                    (5, 2, 0.75, False), (6, 2, 1.0, True)]
+
+
+def test_adapter_state_dict_resumes_and_loads_without_pickle():
+    optimizer = sgd()
+    scheduler = snapens.SGDR(optimizer, T_0=3, total_steps=9)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    buffer = io.BytesIO()
+    torch.save(scheduler.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    optimizer2 = sgd()
+    resumed = snapens.SGDR(optimizer2, T_0=3, total_steps=9)
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        optimizer.step(), scheduler.step(), optimizer2.step(), resumed.step()
+        assert optimizer2.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+        assert resumed.cycle == scheduler.cycle
+
+
+def test_step_with_an_epoch_is_refused():
+    scheduler = snapens.SGDR(sgd(), T_0=3, total_steps=9)
+    with pytest.raises(TypeError, match="once after every optimizer update"):
+        scheduler.step(3)
+
+
+def tiny_data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    return x, y
+
+
+def loader(x, y, batch=32):
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
+
+
+def test_plain_pytorch_loop_with_sgdr_and_snapshot_ensemble(tmp_path):
+    """The README's loop: SGDR stepped per update, a snapshot at each cycle end, ensemble numbers at the end."""
+    torch.manual_seed(0)
+    x, y = tiny_data()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    scheduler = snapens.SGDR(optimizer, T_0=9, T_mult=1, total_steps=27)
+    ensemble = snapens.SnapshotEnsemble(folder=tmp_path / "snaps", max_snapshots=2)
+    kept = []
+    for _ in range(9):
+        for xb, yb in loader(x, y):
+            loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if scheduler.is_cycle_end:
+                ensemble.add(model, cycle=scheduler.cycle)
+                kept.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert len(ensemble) == 2 and ensemble.added == 3
+    assert sorted(p.name for p in (tmp_path / "snaps").iterdir()) == ["cycle_02.safetensors", "cycle_03.safetensors"]
+
+    # Independently: the last two cycles' weights, each run over the data, logits averaged.
+    logits = []
+    for state in kept[1:]:
+        model.load_state_dict(state)
+        with torch.no_grad():
+            logits.append(model(x))
+    logits = torch.stack(logits)
+    result = ensemble.evaluate(loader(x, y))
+    accs = [(lg.argmax(1) == y).double().mean().item() for lg in logits]
+    assert result["snapshots"] == pytest.approx(accs, abs=1e-12)
+    assert result["single"] == pytest.approx(accs[-1], abs=1e-12)
+    assert result["ensemble"] == pytest.approx((logits.mean(0).argmax(1) == y).double().mean().item(), abs=1e-12)
+    for rule in ("logits", "probs", "vote"):
+        torch.testing.assert_close(ensemble.predict(loader(x, y), rule=rule), combine(logits, rule))
+
+
+def test_in_memory_ensemble_copies_the_weights_at_add():
+    x, y = tiny_data()
+    model = torch.nn.Linear(8, 4)
+    ensemble = snapens.SnapshotEnsemble()
+    ensemble.add(model)
+    before = model(x).detach()
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training on must not change the member
+    torch.testing.assert_close(ensemble.predict(loader(x, y)), before)
+
+
+def test_identical_members_give_the_single_model_numbers():
+    x, y = tiny_data()
+    model = torch.nn.Linear(8, 4)
+    ensemble = snapens.SnapshotEnsemble()
+    for _ in range(3):
+        ensemble.add(model)
+    result = ensemble.evaluate(loader(x, y))
+    assert result["ensemble"] == result["single"] == result["snapshots"][0]
+
+
+def test_misuse_gets_one_clear_error(tmp_path):
+    x, y = tiny_data()
+    empty = snapens.SnapshotEnsemble()
+    with pytest.raises(SnapshotEnsembleError, match="the ensemble is empty"):
+        empty.predict(loader(x, y))
+    mixed = snapens.SnapshotEnsemble()
+    mixed.add(torch.nn.Linear(8, 4))
+    with pytest.raises(SnapshotEnsembleError, match="one architecture"):
+        mixed.add(torch.nn.Sequential(torch.nn.Linear(8, 4)))
+    mixed.add(torch.nn.Linear(8, 4))
+    shuffled = iter([loader(x, y), loader(x.flip(0), y.flip(0))])
+
+    class Reshuffling:
+        def __iter__(self):
+            return iter(next(shuffled))
+
+    with pytest.raises(SnapshotEnsembleError, match="shuffle=False"):
+        mixed.evaluate(Reshuffling())
+    (tmp_path / "cycle_01.safetensors").write_bytes(b"keep me")
+    taken = snapens.SnapshotEnsemble(folder=tmp_path)
+    with pytest.raises(SnapshotEnsembleError, match="already exists"):
+        taken.add(torch.nn.Linear(8, 4))
+    assert (tmp_path / "cycle_01.safetensors").read_bytes() == b"keep me"
+    with pytest.raises(ValueError, match="max_snapshots"):
+        snapens.SnapshotEnsemble(max_snapshots=0)

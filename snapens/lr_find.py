@@ -1,0 +1,217 @@
+"""The LR range test: `python -m snapens.lr_find [training overrides]` suggests scheduler.eta_max and eta_min.
+
+Smith 2017 (Cyclical Learning Rates, arXiv 1506.01186, section 3.3): train a fresh model for a short while with the
+learning rate growing exponentially from tiny to huge; the loss first stays flat, then falls, then explodes, and
+the useful range lies where it falls. Each update is the one training makes (same model, data order, augmentation,
+optimizer, clipping and precision; no torch.compile, whose first step would dwarf a short sweep). Only the curve is
+kept: lr_find.json and lr_find.png in the run dir; the model's weights are thrown away.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Iterator
+
+import hydra
+import matplotlib
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+from snapens.build import (build_augmentation, build_data, build_model, build_optimizer, model_name, pick_device,
+                           pick_precision)
+from snapens.config import check_config, register_configs
+from snapens.data import train_batches
+from snapens.errors import SnapensError
+from snapens.precision import layout
+from snapens.snapshots import write_atomic
+from snapens.train import exit_with, set_hyperparameters, train_step
+
+matplotlib.use("Agg")  # files only: works on a headless machine
+import matplotlib.pyplot as plt  # noqa: E402
+
+register_configs()
+SKIP_START = 0.1  # fraction of the planned steps the suggestion ignores, as fastai's lr_find does
+RULE = ("eta_max: the lr where the smoothed loss falls fastest (most negative slope against log10 lr) between the "
+        "first 10% of the steps and its minimum; alternative: the lr at the minimum / 10; eta_min: eta_max / 100")
+
+
+def check_lr_find(c: DictConfig) -> None:
+    """Raise SnapensError naming the first lr_find key whose value is out of range."""
+    for ok, message in [(0 < c.start_lr < math.inf, f"lr_find.start_lr={c.start_lr} must be a finite number > 0"),
+                        (0 < c.end_lr < math.inf, f"lr_find.end_lr={c.end_lr} must be a finite number > 0"),
+                        (c.start_lr < c.end_lr, f"lr_find.start_lr={c.start_lr} must be below lr_find.end_lr="
+                                                f"{c.end_lr}"),
+                        (c.num_steps >= 2, f"lr_find.num_steps={c.num_steps} must be >= 2"),
+                        (0 <= c.smoothing < 1, f"lr_find.smoothing={c.smoothing} must be >= 0 and < 1"),
+                        (c.diverge_factor > 1, f"lr_find.diverge_factor={c.diverge_factor} must be > 1")]:
+        if not ok:
+            raise SnapensError(message)
+
+
+def lr_at(step: int, start_lr: float, end_lr: float, num_steps: int) -> float:
+    """Learning rate of update `step` (0-based): exponential, start_lr at step 0 and end_lr at num_steps - 1."""
+    return start_lr * (end_lr / start_lr) ** (step / (num_steps - 1))
+
+
+def endless_batches(split, batch_size: int, generator: torch.Generator, augmentation, mean, std,
+                    memory_format: torch.memory_format) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Epoch after epoch of training batches, drawn and laid out as snapens.train draws them."""
+    while True:
+        for x, y in train_batches(split, batch_size, generator, augmentation, mean, std):
+            yield x.contiguous(memory_format=memory_format), y
+
+
+def sweep(step: Callable, optimizer: torch.optim.Optimizer, batches: Iterator, lrs: list[float], smoothing: float,
+          diverge_factor: float) -> dict:
+    """One update per lr in `lrs` (step(x, y) -> loss tensor); stop once the smoothed loss diverges.
+
+    The smoothed loss is fastai's: an exponential moving average of the loss, divided by 1 - smoothing**(i+1) so
+    that an average started at 0 is not too low over the first steps.
+    """
+    losses, smoothed, average, best = [], [], 0.0, math.inf
+    for i, (lr, (x, y)) in enumerate(tqdm(zip(lrs, batches), total=len(lrs), unit="step", disable=None)):
+        set_hyperparameters(optimizer, lr, None)  # momentum stays as the optimizer config says
+        loss = float(step(x, y))  # read back at every step: the stop rule needs it
+        average = smoothing * average + (1 - smoothing) * loss
+        losses.append(loss)
+        smoothed.append(average / (1 - smoothing ** (i + 1)))
+        if not math.isfinite(smoothed[-1]) or smoothed[-1] > diverge_factor * best:
+            reason = (f"at step {i} (lr {lr:.3g}) the smoothed loss {smoothed[-1]:.4g} "
+                      + (f"exceeded {diverge_factor:g} x its best {best:.4g}" if math.isfinite(smoothed[-1])
+                         else "is not finite"))
+            return {"lrs": lrs[:i + 1], "losses": losses, "smoothed": smoothed, "stopped_early": True,
+                    "stop_reason": reason}
+        best = min(best, smoothed[-1])
+    return {"lrs": lrs, "losses": losses, "smoothed": smoothed, "stopped_early": False, "stop_reason": None}
+
+
+def suggest(lrs: list[float], smoothed: list[float], skip_start: int = 0) -> dict | None:
+    """eta_max at the steepest descent of the smoothed loss before its minimum; None if it has no descent there.
+
+    The slope is np.gradient against log10 lr (central differences, one-sided at the ends) over steps skip_start to
+    the minimum: a drop after the loss has blown up is never chosen, nor one in the first steps, where the average
+    holds a few batches and its noise looks like a slope (fastai skips the first 10% for this reason).
+    """
+    loss = np.asarray(smoothed, dtype=float)
+    loss = loss[:len(loss) if np.isfinite(loss).all() else int(np.argmin(np.isfinite(loss)))]
+    low = int(np.argmin(loss)) if len(loss) else 0
+    if low - skip_start < 1:
+        return None
+    slope = np.gradient(loss[skip_start:low + 1], np.log10(lrs[skip_start:low + 1]))
+    steep = skip_start + int(np.argmin(slope))
+    return {"eta_max": lrs[steep], "eta_min": lrs[steep] / 100, "steepest_step": steep,
+            "slope_per_decade": float(slope[steep - skip_start]), "min_step": low, "lr_at_min": lrs[low],
+            "lr_at_min_over_10": lrs[low] / 10}
+
+
+def overrides_line(suggestion: dict, scheduler: DictConfig) -> str:
+    """`scheduler.eta_max=X scheduler.eta_min=Y` at 2 significant digits, for the keys the scheduler has."""
+    eta_max = float(f"{suggestion['eta_max']:.2g}")
+    values = {"eta_max": eta_max, "eta_min": float(f"{eta_max / 100:.2g}")}
+    return " ".join(f"scheduler.{k}={v:g}" for k, v in values.items() if k in scheduler)
+
+
+def plot_curve(result: dict, path: Path) -> None:
+    """Smoothed (and raw, faint) loss against lr on a log axis, with the suggestions marked."""
+    lrs, s = result["lrs"], result["suggestion"]
+    smoothed = np.where(np.isfinite(result["smoothed"]), result["smoothed"], np.nan)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, np.where(np.isfinite(result["losses"]), result["losses"], np.nan), color="0.8", lw=1, label="loss")
+    ax.plot(lrs, smoothed, color="C0", label="smoothed loss")
+    if s:
+        ax.plot(s["eta_max"], smoothed[s["steepest_step"]], "o", color="C3",
+                label=f"eta_max {s['eta_max']:.2g} (steepest descent)")
+        ax.axvline(s["lr_at_min_over_10"], color="C2", ls=":", label=f"minimum / 10: {s['lr_at_min_over_10']:.2g}")
+    if np.isfinite(smoothed).any():
+        ax.set_ylim(np.nanmin(smoothed) * 0.95, np.nanmax(smoothed) * 1.05)  # raw spikes at the end stay off-scale
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="LR range test (arXiv 1506.01186)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def prepare(cfg: DictConfig) -> tuple[Callable, torch.optim.Optimizer, Iterator, str]:
+    """Model, optimizer and batches as snapens.train builds them; returns the update, the optimizer, the batches
+    and a one-line description of the setting."""
+    t = cfg.trainer
+    device = pick_device(t.device)
+    precision = pick_precision(t.precision, device)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model).to(device, memory_format=layout(t.channels_last))
+    data = build_data(cfg.data)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr_find.start_lr)
+    generator = torch.Generator(device).manual_seed(t.seed)
+    update_size = t.batch_size * t.accumulate  # as in training: accumulate batches of batch_size per update
+    batches = endless_batches(data.train.to(device), update_size, generator, build_augmentation(cfg.data),
+                              data.mean, data.std, layout(t.channels_last))
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return train_step(model, optimizer, x, y, t.grad_clip, t.clip_mode, precision, micro_batch=t.batch_size,
+                          label_smoothing=t.label_smoothing)[0]
+
+    return step, optimizer, batches, (f"{model_name(cfg.model)} on {cfg.data.name} ({len(data.train)} images), "
+                                      f"{cfg.optimizer.name}, batch {update_size}, on {device}")
+
+
+def find_lr(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Run the range test as `cfg` (conf/lr_find.yaml) says; write lr_find.json and lr_find.png into run_dir."""
+    check_config(cfg)
+    lf, run_dir = cfg.lr_find, Path(run_dir)
+    check_lr_find(lf)
+    if (run_dir / "lr_find.json").exists():
+        raise SnapensError(f"{run_dir} already holds lr_find.json; pass a new hydra.run.dir=DIR (nothing was changed)")
+    step, optimizer, batches, setting = prepare(cfg)
+    lrs = [lr_at(i, lf.start_lr, lf.end_lr, lf.num_steps) for i in range(lf.num_steps)]
+    result = sweep(step, optimizer, batches, lrs, lf.smoothing, lf.diverge_factor)
+    result["suggestion"] = suggest(result["lrs"], result["smoothed"], int(SKIP_START * lf.num_steps))
+    result.update(rule=RULE, setting=setting, config={
+        k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "optimizer", "trainer", "lr_find")},
+                  overrides=result["suggestion"] and overrides_line(result["suggestion"], cfg.scheduler))
+    if HydraConfig.initialized():
+        result["config"]["command_line"] = list(HydraConfig.get().overrides.task)
+    write_results(result, run_dir)
+    if result["suggestion"] is None:
+        raise SnapensError(f"the smoothed loss does not fall before its minimum, so there is nothing to suggest (see "
+                           f"{run_dir}/lr_find.png); lower lr_find.start_lr or raise lr_find.num_steps")
+    return result
+
+
+def write_results(result: dict, run_dir: Path) -> None:
+    """lr_find.json (a non-finite loss as null: JSON has no NaN or Infinity) and lr_find.png."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {**result, **{k: [v if math.isfinite(v) else None for v in result[k]] for k in ("losses", "smoothed")}}
+    write_atomic(run_dir / "lr_find.json", (json.dumps(record, indent=1) + "\n").encode())
+    plot_curve(result, run_dir / "lr_find.png")
+
+
+def summary(result: dict, run_dir: str | Path) -> str:
+    """What the test found, the rule, and the overrides to paste (the last line)."""
+    s, n = result["suggestion"], result["config"]["lr_find"]["num_steps"]
+    return "\n".join([
+        f"LR range test (arXiv 1506.01186): {result['setting']}; {len(result['lrs'])} of {n} steps"
+        + (f", stopped early: {result['stop_reason']}" if result["stopped_early"] else ""),
+        f"steepest descent of the smoothed loss at lr {s['eta_max']:.3g} (step {s['steepest_step']}); "
+        f"minimum at lr {s['lr_at_min']:.3g} (step {s['min_step']}), / 10 = {s['lr_at_min_over_10']:.3g}",
+        f"rule: {RULE}",
+        f"wrote {Path(run_dir) / 'lr_find.json'} and lr_find.png; overrides to paste:",
+        result["overrides"]])
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="lr_find")
+def main(cfg: DictConfig) -> None:
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        print(summary(find_lr(cfg, run_dir), run_dir))
+    except (SnapensError, OmegaConfBaseException) as e:
+        exit_with(e)
+
+
+if __name__ == "__main__":
+    main()

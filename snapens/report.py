@@ -1,0 +1,228 @@
+"""Compare finished runs, seeds grouped: `python -m snapens.report <multirun dir or run dirs...>`.
+
+Reads each run's results.json and .hydra/overrides.yaml. Runs whose overrides are equal once the seed (and any
+hydra.* override) is dropped form one config; each config gets one row: single-model and ensemble test accuracy as
+mean ± sample std over its runs, the paired gain mean(ensemble - single), the number of snapshots and the mean wall
+time of training. Printed as a table and written as report.md, report.csv (raw fractions) and report.png.
+Only reads files: no Hydra, no models.
+"""
+
+import argparse
+import csv
+import io
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import yaml  # comes with omegaconf; overrides.yaml is a plain list of strings
+
+from snapens.errors import SnapensError
+from snapens.snapshots import write_atomic
+
+DEFAULTS = "(defaults)"
+COLUMNS = ["config", "n", "single_mean", "single_std", "ensemble_mean", "ensemble_std", "gain_mean", "gain_std",
+           "snapshots_min", "snapshots_max", "seconds_mean", "runs"]
+
+
+# ---- finding and reading runs ------------------------------------------------------------------------------------
+def is_run(path: Path) -> bool:
+    """A run dir, finished or not: snapens.train writes .hydra/ and checkpoints/ first, results.json last."""
+    return any((path / name).exists() for name in ("results.json", ".hydra", "checkpoints"))
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Each path is a run dir, or a folder (e.g. a multirun dir) whose immediate subdirectories are run dirs."""
+    runs = []
+    for path in paths:
+        if not path.is_dir():
+            raise SnapensError(f"{path} is not a directory; give run dirs or a multirun dir")
+        if is_run(path):
+            runs.append(path)
+            continue
+        subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and is_run(d)]
+        # Job numbers sort as numbers (2 before 10), anything else by name after them.
+        runs += sorted(subdirs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+    return runs
+
+
+def config_of(overrides: list[str], seed_key: str) -> str:
+    """The config a run belongs to: its sorted overrides without the seed and hydra's own; DEFAULTS when none."""
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+    kept = [o for o in overrides
+            if key(o) != seed_key and key(o) != "hydra" and not key(o).startswith(("hydra.", "hydra/"))]
+    return " ".join(sorted(kept)) or DEFAULTS
+
+
+def read_run(run: Path, seed_key: str) -> dict:
+    """One finished run's numbers; a file that cannot be read or lacks a field is one error naming it."""
+    path = run / "results.json"
+    try:
+        results = json.loads(path.read_text())
+        record = {"dir": run, "single": float(results["single"]["acc"]),
+                  "ensemble": float(results["ensemble"]["acc"]),
+                  "snapshots": len(results["ensemble"]["members"]),
+                  "seconds": results.get("training", {}).get("seconds")}  # older runs have no "training"
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SnapensError(f"cannot read {path}: {type(e).__name__}: {e}; is it a results.json written by "
+                           "snapens.train? (move the run away to report the others)") from None
+    overrides_path = run / ".hydra" / "overrides.yaml"
+    if not overrides_path.exists():  # train() called without Hydra: its config is unknown, so never grouped
+        record["config"] = f"({run})"
+        return record
+    try:
+        overrides = yaml.safe_load(overrides_path.read_text()) or []
+        if not isinstance(overrides, list):
+            raise ValueError("not a list of overrides")
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise SnapensError(f"cannot read {overrides_path}: {str(e).splitlines()[0]}") from None
+    record["config"] = config_of([str(o) for o in overrides], seed_key)
+    return record
+
+
+# ---- summary -----------------------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); None for the std of a single value."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """One row per config, in the order configs first appear (a multirun's job order)."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["config"], []).append(r)
+    rows = []
+    for config, runs in groups.items():
+        single, ensemble = [r["single"] for r in runs], [r["ensemble"] for r in runs]
+        counts = [r["snapshots"] for r in runs]
+        seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
+        rows.append({"config": config, "n": len(runs), "single": mean_std(single), "ensemble": mean_std(ensemble),
+                     "gain": mean_std([e - s for s, e in zip(single, ensemble)]),  # paired: same run, same test set
+                     "snapshots": (min(counts), max(counts)),
+                     "seconds": statistics.fmean(seconds) if seconds else None,
+                     "runs": [str(r["dir"]) for r in runs]})
+    return rows
+
+
+def shared_overrides(rows: list[dict]) -> list[str]:
+    """Overrides every config has (data=..., model=...): said once above the table rather than in every row."""
+    if len(rows) < 2:
+        return []
+    sets = [set(r["config"].split()) if not r["config"].startswith("(") else set() for r in rows]
+    return sorted(set.intersection(*sets))
+
+
+def label(row: dict, shared: list[str]) -> str:
+    """The config as shown: its overrides that not every config shares."""
+    return " ".join(o for o in row["config"].split() if o not in shared) or "(shared overrides only)"
+
+
+# ---- output ------------------------------------------------------------------------------------------------------
+def percent(mean: float, std: float | None) -> str:
+    return f"{100 * mean:.2f} ± {'-' if std is None else f'{100 * std:.2f}'}"
+
+
+def format_table(rows: list[dict], shared: list[str]) -> str:
+    """A Markdown table, padded so that it also reads well as plain text."""
+    header = ["config", "n", "single acc (%)", "ensemble acc (%)", "gain (pp)", "snapshots", "wall time (s)"]
+    cells = []
+    for r in rows:
+        lo, hi = r["snapshots"]
+        cells.append([label(r, shared), str(r["n"]), percent(*r["single"]), percent(*r["ensemble"]),
+                      f"{100 * r['gain'][0]:+.2f}", str(lo) if lo == hi else f"{lo}-{hi}",
+                      "-" if r["seconds"] is None else f"{r['seconds']:.1f}"])
+    widths = [max(3, *(len(row[i]) for row in [header, *cells])) for i in range(len(header))]  # 3: "--:"
+    # Left-align the config, right-align the numbers.
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(row, widths))) + " |"
+    rule = "| " + " | ".join("-" * (w - 1) + (":" if i else "-") for i, w in enumerate(widths)) + " |"
+    return "\n".join([line(header), rule, *map(line, cells)])
+
+
+def csv_bytes(rows: list[dict]) -> bytes:
+    """report.csv: raw fractions and seconds at full precision; empty where a value is unknown."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for r in rows:
+        writer.writerow([r["config"], r["n"], *r["single"], *r["ensemble"], *r["gain"], *r["snapshots"],
+                         r["seconds"], " ".join(r["runs"])])  # None is written as an empty cell
+    return out.getvalue().encode()
+
+
+def plot_bytes(rows: list[dict], shared: list[str]) -> bytes:
+    """report.png: single vs ensemble accuracy per config, bars at the mean with sample-std error bars."""
+    import matplotlib  # here, not at import: the table and the CSV need no plotting library
+    matplotlib.use("Agg")  # files only: works on a headless machine
+    import matplotlib.pyplot as plt
+
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(rows) + 3), 4.5))
+    for offset, name in ((-0.2, "single"), (0.2, "ensemble")):
+        means = [100 * r[name][0] for r in rows]
+        errors = [100 * (r[name][1] or 0.0) for r in rows]
+        ax.bar([i + offset for i in x], means, width=0.4, yerr=errors, capsize=3, label=name)
+    ax.set_xticks(list(x), [label(r, shared).replace(" ", "\n") for r in rows], fontsize=8)
+    ax.set(ylabel="test accuracy (%), mean ± std", title="single (last snapshot) vs ensemble")
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the axes: never over a bar
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def report(paths: list[Path], out: Path, seed_key: str = "trainer.seed") -> list[dict]:
+    """Read the runs under `paths`, print the table and write report.md, report.csv and report.png to `out`.
+
+    Args:
+        paths: run dirs, or folders (e.g. a multirun dir) whose immediate subdirectories are run dirs.
+        out: the folder for the three files (made when missing).
+        seed_key: the override left out of a run's config, so that its seeds form one row.
+    Returns:
+        One dict per config: config, n, single/ensemble/gain as (mean, std or None), snapshots (min, max),
+        seconds (mean, None when unknown), runs.
+    """
+    runs = find_runs(paths)
+    finished = [r for r in runs if (r / "results.json").exists()]
+    unfinished = [str(r) for r in runs if r not in finished]
+    given = ", ".join(map(str, paths))
+    if not finished:
+        found = f"{len(unfinished)} unfinished (no results.json)" if unfinished else "no run dirs"
+        raise SnapensError(f"no finished run in {given}: found {found}; wait for training to end, or give other dirs")
+    if unfinished:
+        print(f"snapens: warning: skipping {len(unfinished)} unfinished runs (no results.json): "
+              f"{', '.join(unfinished)}", file=sys.stderr)
+    rows = summarise([read_run(r, seed_key) for r in finished])
+    shared = shared_overrides(rows)
+    table = format_table(rows, shared)
+    common = f"Overrides shared by all configs: `{' '.join(shared)}`\n\n" if shared else ""
+    runs_line = f"Runs ({len(finished)}): {', '.join(str(r) for r in finished)}"
+    write_atomic(out / "report.md", f"# snapens report\n\n{common}{table}\n\n{runs_line}\n".encode())
+    write_atomic(out / "report.csv", csv_bytes(rows))
+    write_atomic(out / "report.png", plot_bytes(rows, shared))
+    print(f"{common}{table}\n\nwrote report.md, report.csv and report.png to {out}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m snapens.report", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="run dirs, or dirs whose subdirectories are run dirs")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where to write report.md/.csv/.png (default: the one multirun dir "
+                                                 "given, else the current directory)")
+    parser.add_argument("--group-by-seed-key", default="trainer.seed", dest="seed_key", metavar="KEY",
+                        help="the override dropped when grouping runs into configs (default: trainer.seed)")
+    args = parser.parse_args(argv)
+    one_folder = len(args.paths) == 1 and args.paths[0].is_dir() and not is_run(args.paths[0])
+    out = args.out or (args.paths[0] if one_folder else Path("."))
+    try:
+        report(args.paths, out, args.seed_key)
+    except SnapensError as e:  # one line, exit status 2, as snapens.train's exit_with
+        print(f"snapens: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

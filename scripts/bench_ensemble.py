@@ -67,7 +67,7 @@ from snapens.config import register_configs
 from snapens.data import Split, load_image_folder, make_synthetic
 from snapens.precision import autocast, describe, layout
 from snapens.snapshots import list_snapshots, read_metadata, save_snapshot, snapshot_path
-from snapens.train import config_hash
+from snapens.run_dir import config_hash
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Runs a module (`-m`) or a script in this process, then prints its own time, CPU time and peak RSS (KiB).

@@ -54,7 +54,7 @@ from snapens.config import register_configs
 from snapens.data import load_image_folder, make_synthetic, prepare, train_batches
 from snapens.precision import autocast, describe, layout
 from snapens.snapshots import save_snapshot
-from snapens.train import seconds_since, set_hyperparameters, train_step
+from snapens.step import seconds_since, set_hyperparameters, train_step
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SEED = 0

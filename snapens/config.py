@@ -17,7 +17,7 @@ from snapens.errors import SnapensError
 # --- data -------------------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    name: str = MISSING  # cifar10 | cifar100 | imagefolder | synthetic
+    name: str = MISSING  # cifar10 | cifar100 | digits | imagefolder | synthetic
     root: str = MISSING  # where the files are (and where the decoded cache is kept)
     num_classes: int = 10  # must equal the number of classes in the data; the model's output size
     download: bool = True  # cifar only: fetch missing files when the network allows
@@ -36,6 +36,12 @@ class SyntheticDataConfig(DataConfig):
     train_size: int = 256  # random images per split, for tests only
     test_size: int = 128
     size: int = 32  # height and width
+
+
+@dataclass
+class DigitsDataConfig(DataConfig):
+    root: str = ""  # unused: the digits ship inside scikit-learn
+    split_seed: int = 0  # seed of the stratified 80/20 train/test split (not trainer.seed): the same split everywhere
 
 
 # --- models -----------------------------------------------------------------------------------------------------
@@ -232,7 +238,7 @@ class LRFindConfig:
 
 
 SCHEMAS = {
-    "data": {"files": DataConfig, "synthetic": SyntheticDataConfig},
+    "data": {"files": DataConfig, "synthetic": SyntheticDataConfig, "digits": DigitsDataConfig},
     "model": {"resnet": ResNetConfig, "wrn": WRNConfig},
     "optimizer": {"sgd": SGDConfig, "adamw": AdamWConfig},
     "scheduler": {
@@ -260,7 +266,7 @@ def register_configs() -> None:
 
 
 CHOICES = {
-    "data.name": ("cifar10", "cifar100", "imagefolder", "synthetic"),
+    "data.name": ("cifar10", "cifar100", "digits", "imagefolder", "synthetic"),
     "optimizer.name": ("sgd", "adamw"),
     "scheduler.unit": ("epoch", "step"),
     "scheduler.anneal": ("cos", "linear"),

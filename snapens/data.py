@@ -8,6 +8,7 @@ normalisation run on whole batches where the data lives (the way airbench does i
 
 import hashlib
 import json
+import math
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -211,6 +212,59 @@ def make_synthetic(num_classes: int, train_size: int, test_size: int, size: int,
         return Split(images.to(torch.uint8), labels)
 
     return split(train_size), split(test_size), [f"class{i}" for i in range(num_classes)]
+
+
+def stratified_split(labels: torch.Tensor, test_fraction: float,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded class-stratified (train, test) indices, each sorted ascending.
+
+    The test split has ceil(test_fraction * N) examples (as scikit-learn's train_test_split), shared among the
+    classes in proportion to their sizes: each class gets the floor of its exact share, and the examples left over
+    go to the classes with the largest remainders (ties to the lower label). The shares are computed in integers,
+    so the counts are the same on every machine; the generator only decides which examples of a class go to test.
+    """
+    n = len(labels)
+    n_test = min(n, math.ceil(test_fraction * n))
+    sizes = torch.bincount(labels).tolist()
+    shares = [n_test * size for size in sizes]  # class c's exact share is shares[c] / n
+    quota = [share // n for share in shares]
+    by_remainder = sorted(range(len(sizes)), key=lambda c: (-(shares[c] % n), c))
+    for c in by_remainder[:n_test - sum(quota)]:
+        quota[c] += 1
+    test = [torch.nonzero(labels == c).flatten()[torch.randperm(size, generator=generator)[:quota[c]]]
+            for c, size in enumerate(sizes)]
+    is_test = torch.zeros(n, dtype=torch.bool)
+    is_test[torch.cat(test)] = True
+    return (~is_test).nonzero().flatten(), is_test.nonzero().flatten()
+
+
+def load_digits(seed: int = 0, test_fraction: float = 0.2) -> tuple[Split, Split, list[str]]:
+    """scikit-learn's 1,797 handwritten digits (UCI optdigits' test set, 8x8 grey, 0..16) as 32x32 RGB uint8.
+
+    The data is a file inside the scikit-learn wheel: no network, no data.root. Grey levels v in 0..16 become
+    round(v * 255 / 16) (half up, in integers: 0 -> 0, 8 -> 128, 16 -> 255). Each pixel becomes a 4x4 block
+    (nearest-neighbour upscaling): the images keep exactly the source's values, with no blur that bilinear
+    interpolation would invent between pixels, and the CIFAR models and their pad-4 random crop (a shift of up to
+    one source pixel) apply unchanged. The grey image is copied into the 3 channels the models expect.
+
+    Args:
+        seed: seed of the class-stratified train/test split (not of training), so the split is the same on every
+            machine and for every trainer.seed.
+        test_fraction: share of the images in the test split: 0.2 gives 1,437 train and 360 test images.
+
+    Returns:
+        train and test Splits (uint8 N x 3 x 32 x 32, int64 labels 0..9) and the class names "0".."9".
+    """
+    from sklearn.datasets import load_digits as sklearn_digits  # lazily: only this dataset needs scikit-learn
+
+    digits = sklearn_digits()
+    grey = (torch.from_numpy(digits.images).round().long() * 255 + 8) // 16  # N x 8 x 8, 0..255
+    big = F.interpolate(grey[:, None].float(), scale_factor=4, mode="nearest")  # N x 1 x 32 x 32, exact copies
+    images = big.round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(digits.target).long()
+    train, test = stratified_split(labels, test_fraction, torch.Generator().manual_seed(seed))
+    classes = [str(name) for name in digits.target_names]
+    return Split(images[train], labels[train]), Split(images[test], labels[test]), classes
 
 
 # --- subsets and statistics ---------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from snapens.data import train_batches
 from snapens.errors import SnapensError
 from snapens.precision import layout
 from snapens.snapshots import write_atomic
-from snapens.train import exit_with, set_hyperparameters, train_step
+from snapens.step import set_hyperparameters, train_step
+from snapens.train import exit_with
 
 matplotlib.use("Agg")  # files only: works on a headless machine
 import matplotlib.pyplot as plt  # noqa: E402

@@ -7,7 +7,6 @@ the last snapshot alone.
 """
 
 import bisect
-import hashlib
 import json
 import logging
 import math
@@ -17,132 +16,31 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from snapens.build import (build_augmentation, build_data, build_model, build_optimizer, build_schedule,
                            model_name, pick_device, pick_precision)
+from snapens.checkpoint import checkpoint_path, rng_state, save_checkpoint, set_rng_state, stop_requests
 from snapens.config import check_config, register_configs
-from snapens.checkpoint import (checkpoint_path, deciding_values, differing_keys, load_checkpoint, rng_state,
-                                save_checkpoint, set_rng_state, stop_requests)
 from snapens.data import epoch_order, train_batches
 from snapens.ensemble import ensemble_report, format_report
 from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError
-from snapens.precision import autocast, describe, layout
+from snapens.precision import describe, layout
 from snapens.restarts import finish_swa, new_adaptive_state, should_extend, swa_first_update, validation_loss
+from snapens.run_dir import config_hash, keep_metrics_until, resume_state, save_config
 from snapens.schedules import extend_cycle, with_cycle_lengths
 from snapens.snapshots import (list_snapshots, prune_snapshots, read_metadata, save_snapshot, snapshot_path,
                                write_atomic)
+from snapens.step import note_first_nonfinite, seconds_since, set_hyperparameters, train_step
 
 register_configs()
 log = logging.getLogger(__name__)
-
-
-def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) -> None:
-    """Write the schedule's values for this update into every parameter group (beta1 stands for momentum in Adam)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-        if momentum is not None:
-            if "betas" in group:
-                group["betas"] = (momentum, group["betas"][1])
-            else:
-                group["momentum"] = momentum
-
-
-def clip_gradients(model: torch.nn.Module, max_value: float, mode: str) -> None:
-    """Clip the total gradient norm (mode norm) or each gradient entry (mode value) at max_value; 0 disables."""
-    if max_value > 0 and mode == "norm":
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_value)
-    elif max_value > 0:
-        torch.nn.utils.clip_grad_value_(model.parameters(), max_value)
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               grad_clip: float, clip_mode: str, precision: torch.dtype | None = None,
-               skip_nonfinite: bool = False, micro_batch: int = 0,
-               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | bool]:
-    """One update on one batch, with the forward pass under autocast to `precision` (None: fp32).
-
-    With micro_batch > 0 the batch goes forward and backward in pieces of that many images (gradient accumulation:
-    the memory of a small batch, the update of the whole one); each piece's mean loss is weighted by its share of
-    the batch, so the gradient is that of the batch's mean loss.
-
-    Returns the detached mean loss, the logits, the gradient norm before clipping and whether both were finite, all
-    as tensors on the device: nothing is read back, so the host can queue the next steps while the device works.
-    The update is made even when they are not finite, unless skip_nonfinite: then the flag is read back (one wait
-    for the device per step; it is returned as a bool) and such an update is dropped, with BatchNorm's running
-    statistics, which the forward pass has already moved, put back. Gradients are those of the fp32 weights, so
-    clipping is the same under bf16.
-    """
-    buffers = [b.clone() for b in model.buffers()] if skip_nonfinite else None
-    optimizer.zero_grad(set_to_none=True)
-    losses, outputs = [], []
-    for xs, ys in zip(x.split(micro_batch or len(x)), y.split(micro_batch or len(y))):
-        with autocast(x.device, precision):  # the loss itself is computed in fp32 under autocast
-            out = model(xs)
-            piece = F.cross_entropy(out, ys, label_smoothing=label_smoothing) * (len(ys) / len(y))
-        piece.backward()
-        losses.append(piece.detach())
-        outputs.append(out.detach())
-    loss, logits = torch.stack(losses).sum(), torch.cat(outputs)
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    finite = torch.isfinite(loss) & torch.isfinite(norm)
-    if skip_nonfinite:
-        finite = bool(finite)
-    if finite is False:
-        with torch.no_grad():
-            for buffer, saved in zip(model.buffers(), buffers):
-                buffer.copy_(saved)
-        return loss, logits, norm, finite
-    if grad_clip > 0 and clip_mode == "norm":
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)  # takes parameters; reuses the norm above
-    else:
-        clip_gradients(model, grad_clip, clip_mode)
-    optimizer.step()
-    return loss, logits, norm, finite
-
-
-def note_first_nonfinite(first: torch.Tensor, step: int, loss: torch.Tensor, norm: torch.Tensor,
-                         finite: torch.Tensor) -> None:
-    """Keep step, loss and gradient norm of the run's first non-finite update in `first` (float64 [3], step -1
-    while there is none), on the device: it is read at the next log interval or checkpoint, not at every step."""
-    found = ~finite & (first[0] < 0)
-    now = torch.cat([first.new_full((1,), step), torch.stack([loss, norm]).to(first.dtype)])
-    first.copy_(torch.where(found, now, first))
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """Never write over an earlier run's results."""
-    earlier = [str(p.relative_to(run_dir)) for p in (run_dir / "snapshots", run_dir / "metrics.jsonl",
-                                                         run_dir / "results.json", run_dir / ".hydra" / "config.yaml")
-               if p.exists()]
-    if earlier:
-        raise SnapensError(f"run dir {run_dir} already holds {', '.join(earlier)} from an earlier run; "
-                           "pass a new hydra.run.dir=DIR (nothing was overwritten)")
-
-
-def save_config(cfg: DictConfig, run_dir: Path) -> None:
-    """.hydra/config.yaml (and overrides.yaml under Hydra), written by us only once the run dir is known to be new:
-    conf/config.yaml sets hydra.output_subdir=null so that Hydra itself never writes over an earlier run's record."""
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg).encode())
-    if HydraConfig.initialized():
-        overrides = OmegaConf.to_yaml(list(HydraConfig.get().overrides.task))
-        write_atomic(run_dir / ".hydra" / "overrides.yaml", overrides.encode())
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """First 16 hex digits of the SHA-256 of the config's values that decide the result (device, threads and logging
-    left out, as on resume): tells whether two snapshots come from the same setting."""
-    values = deciding_values(OmegaConf.to_container(cfg, resolve=True))
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Interrupted(Exception):
@@ -150,32 +48,6 @@ class Interrupted(Exception):
 
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL (sysexits.h): try again later, e.g. requeue the job
-
-
-def resume_state(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """The checkpoint to continue from (None for a new run), after checking that resuming is allowed and sound."""
-    path = checkpoint_path(run_dir)
-    if not path.exists():
-        check_run_dir(run_dir)
-        return None
-    if cfg.trainer.resume == "never":
-        raise SnapensError(f"run dir {run_dir} holds a checkpoint and trainer.resume=never: pass a new "
-                           "hydra.run.dir=DIR, or trainer.resume=auto to continue that run")
-    for partial in run_dir.rglob(".*.tmp"):  # half-written files of a killed run, never visible as results
-        partial.unlink()
-    state = load_checkpoint(path)
-    changed = differing_keys(state["config"], OmegaConf.to_container(cfg, resolve=True))
-    if changed:
-        raise SnapensError(f"cannot resume {run_dir}: the config differs in {', '.join(changed)}; run with the "
-                           "original values, or pass a new hydra.run.dir=DIR")
-    return state
-
-
-def keep_metrics_until(path: Path, epoch: int) -> None:
-    """Drop metrics lines of epochs after the checkpoint's: they will be trained (and written) again."""
-    if path.exists():
-        lines = path.read_text().splitlines()[:epoch]  # one line per finished epoch; a torn last line goes too
-        write_atomic(path, "".join(line + "\n" for line in lines).encode())
 
 
 def new_progress() -> dict:
@@ -361,13 +233,6 @@ def adapt_cycles(cfg: DictConfig, adaptive: dict, schedule, model, data, device,
         log.info(f"validation loss {loss:.4f} has not improved for {cfg.scheduler.patience} evaluations: cycle "
                  f"{cycle + 1} extended; cycles now end after steps {schedule.cycle_ends()}")
     return schedule
-
-
-def seconds_since(start: float, device: torch.device) -> float:
-    """Wall seconds since `start` (time.perf_counter), once the device has finished the work queued so far."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def skip_nonfinite(t: DictConfig, p: dict, step: int, lr: float, loss: torch.Tensor, norm: torch.Tensor) -> None:

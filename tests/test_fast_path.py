@@ -9,13 +9,13 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import snapens.train
 from snapens.build import build_data, pick_precision
 from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError
 from snapens.models import CifarResNet
 from snapens.snapshots import list_snapshots, read_metadata
-from snapens.train import train, train_step
+from snapens.step import train_step
+from snapens.train import train
 
 from conftest import FAST
 
@@ -128,14 +128,14 @@ def test_skip_mode_reads_the_flag_every_step(make_cfg, tmp_path, monkeypatch):
 def test_nonfinite_found_later_still_stops_before_anything_is_written(make_cfg, tmp_path, monkeypatch):
     """Found at the next checkpoint (here the epoch end at step 8), not at step 5 itself: the epoch-1 checkpoint
     and snapshot stay as they were, and the message names the step where it happened."""
-    real = snapens.train.F.cross_entropy
+    real = torch.nn.functional.cross_entropy
     calls = []
 
     def nan_at_5(logits, y, **kwargs):
         calls.append(1)
         return real(logits, y, **kwargs) * (float("nan") if len(calls) == 6 else 1.0)
 
-    monkeypatch.setattr(snapens.train.F, "cross_entropy", nan_at_5)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_at_5)
     with pytest.raises(SnapensError, match=r"non-finite loss or gradient at step 5 \(lr .*, loss nan"):
         train(make_cfg(*TWO_EPOCHS, "trainer.log_every=1000"), tmp_path)
     assert len(calls) == 8  # trained on to the end of the epoch, then stopped

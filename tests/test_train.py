@@ -12,7 +12,8 @@ from hydra.utils import instantiate
 from snapens.build import build_data, build_schedule
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, load_into, read_metadata
-from snapens.train import clip_gradients, set_hyperparameters, train
+from snapens.step import clip_gradients, set_hyperparameters
+from snapens.train import train
 
 from conftest import FAST
 

@@ -9,7 +9,6 @@ writes into snapshots/.
 import csv
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 

@@ -186,6 +186,13 @@ class TrainerConfig:
     reset_optimizer_on_restart: bool = False
     keep_snapshots: int = 0
     swa: SWAConfig = field(default_factory=lambda: SWAConfig())
+    snapshot_every: float = 0.0
+    sync_bn: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
 
 
 @dataclass
@@ -200,6 +207,7 @@ class Config:
     model: Any = MISSING
     optimizer: Any = MISSING
     scheduler: Any = MISSING
+    logger: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
@@ -240,6 +248,7 @@ class LRFindConfig:
 SCHEMAS = {
     "data": {"files": DataConfig, "synthetic": SyntheticDataConfig, "digits": DigitsDataConfig},
     "model": {"resnet": ResNetConfig, "wrn": WRNConfig},
+    "logger": {"none": LoggerConfig, "tensorboard": LoggerConfig},
     "optimizer": {"sgd": SGDConfig, "adamw": AdamWConfig},
     "scheduler": {
         "constant": ConstantConfig,
@@ -276,6 +285,7 @@ CHOICES = {
     "trainer.resume": ("auto", "never"),
     "trainer.on_nonfinite": ("stop", "skip"),
     "trainer.precision": ("auto", "bf16", "fp32"),
+    "logger.name": ("none", "tensorboard"),
     "ensemble.rule": ("logits", "probs", "vote"),
 }
 
@@ -285,7 +295,7 @@ POSITIVE = ("data.num_classes", "trainer.epochs", "trainer.batch_size", "trainer
 NON_NEGATIVE = ("data.image_size", "data.train_limit", "data.test_limit", "data.val_size", "data.crop_padding",
                 "data.cutout", "trainer.grad_clip", "trainer.num_threads", "trainer.checkpoint_every",
                 "trainer.max_skipped", "scheduler.eta_min", "scheduler.warmup", "trainer.keep_snapshots",
-                "trainer.label_smoothing")
+                "trainer.snapshot_every", "trainer.label_smoothing")
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -323,6 +333,9 @@ def check_config(cfg: DictConfig) -> None:
     if swa is not None and not 0 <= swa < 1:
         raise SnapensError(f"trainer.swa.start={swa} must be a fraction of the cycle in [0, 1), or null to disable")
     if cfg.scheduler.name == "adaptive_sgdr":
+        if cfg.trainer.snapshot_every:
+            raise SnapensError("trainer.snapshot_every does not go with scheduler=adaptive_sgdr, whose snapshots "
+                               "follow the cycles it adapts; leave trainer.snapshot_every=0")
         if cfg.scheduler.extension_factor <= 1:
             raise SnapensError(f"scheduler.extension_factor={cfg.scheduler.extension_factor} must be > 1")
         if not _get(cfg, "data.val_size"):

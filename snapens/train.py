@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -23,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from snapens import distributed
 from snapens.build import (build_augmentation, build_data, build_model, build_optimizer, build_schedule,
                            model_name, pick_device, pick_precision)
 from snapens.checkpoint import checkpoint_path, rng_state, save_checkpoint, set_rng_state, stop_requests
@@ -33,11 +35,13 @@ from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError
 from snapens.precision import describe, layout
 from snapens.restarts import finish_swa, new_adaptive_state, should_extend, swa_first_update, validation_loss
+from snapens.run_plots import plot_lr_schedule, plot_training
 from snapens.run_dir import config_hash, keep_metrics_until, resume_state, save_config
 from snapens.schedules import extend_cycle, with_cycle_lengths
 from snapens.snapshots import (list_snapshots, prune_snapshots, read_metadata, save_snapshot, snapshot_path,
                                write_atomic)
 from snapens.step import note_first_nonfinite, seconds_since, set_hyperparameters, train_step
+from snapens.tensorboard_log import IntervalStats, log_interval, log_report, open_writer
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -57,32 +61,45 @@ def new_progress() -> dict:
             "skipped": 0, "skipped_in_row": 0, "seconds": 0.0, "compile_seconds": 0.0}
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> float:
-    """Train as `cfg` says, write snapshots, metrics.jsonl and results.json to `run_dir`; return ensemble accuracy.
+def train(cfg: DictConfig, run_dir: str | Path) -> float | None:
+    """Train as `cfg` says, write snapshots, metrics.jsonl and results.json to `run_dir`; return ensemble accuracy
+    (None on the ranks other than 0 under torchrun, which write nothing).
 
     A run dir that holds a checkpoint is continued from it (bit-identical on CPU to a run never stopped).
     """
     check_config(cfg)
-    run_dir = Path(run_dir)
+    ranks = distributed.start(pick_device(cfg.trainer.device).type)
+    try:
+        return run(cfg, Path(run_dir), ranks)
+    finally:
+        distributed.stop(ranks)
+
+
+def run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float | None:
     state = resume_state(cfg, run_dir)
+    distributed.barrier(ranks)  # every rank has read the run dir before rank 0 writes into it
     if state is not None and (run_dir / "results.json").exists():
         log.info(f"run dir {run_dir} holds a finished run; nothing to do (results.json has its numbers)")
         return json.loads((run_dir / "results.json").read_text())["ensemble"]["acc"]
-    t = cfg.trainer
-    device = pick_device(t.device)
+    t, main = cfg.trainer, ranks.main
+    device = distributed.device_for(pick_device(t.device), ranks)
     precision = pick_precision(t.precision, device)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # per job in a multirun sweep
 
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device, memory_format=layout(t.channels_last))  # before the data: a bad
-    # model config fails in a second. The compiled module shares the model's parameters; snapshots save `model`.
-    forward = torch.compile(model) if t.compile else model
+    # model config fails in a second. DDP and the compiled module share the model's parameters; snapshots save it.
+    forward = distributed.wrap(model, ranks, device, t.sync_bn)
+    forward = torch.compile(forward) if t.compile else forward
     data = build_data(cfg.data)
-    update_size = t.batch_size * t.accumulate  # images per update; batch_size per forward pass
+    update_size = t.batch_size * t.accumulate  # images per update (all ranks together); batch_size per pass
     steps_per_epoch = math.ceil(len(data.train) / update_size)
     schedule = build_schedule(cfg.scheduler, t.epochs, steps_per_epoch)
-    adaptive = new_adaptive_state(getattr(schedule, "inner", schedule).lengths) if cfg.scheduler.name == "adaptive_sgdr" else None
+    adaptive = new_adaptive_state(getattr(schedule, "inner", schedule).lengths) \
+        if cfg.scheduler.name == "adaptive_sgdr" else None
     optimizer = build_optimizer(model, cfg.optimizer, schedule.lr(0))
     swa = AveragedModel(model) if t.swa.start is not None else None
     augmentation = build_augmentation(cfg.data)
@@ -91,14 +108,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     progress = new_progress()
 
     def save_progress() -> None:
-        save_checkpoint(checkpoint_path(run_dir), {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
-            "progress": dict(progress), "config": OmegaConf.to_container(cfg, resolve=True),
-            "device": device.type, "snapshots": [p.name for p in list_snapshots(run_dir)],
-            "swa": swa.state_dict() if swa else None, "adaptive": adaptive})
+        if main:
+            save_checkpoint(checkpoint_path(run_dir), {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
+                "progress": dict(progress), "config": OmegaConf.to_container(cfg, resolve=True),
+                "device": device.type, "snapshots": [p.name for p in list_snapshots(run_dir)],
+                "swa": swa.state_dict() if swa else None, "adaptive": adaptive})
 
     if state is None:
-        save_config(cfg, run_dir)
+        if main:
+            save_config(cfg, run_dir)
         save_progress()  # step 0: a run killed before its first epoch ends resumes like any other
     elif state["device"] != device.type:
         raise SnapensError(f"the checkpoint of {run_dir} was written on {state['device']}; resume it there "
@@ -112,22 +131,29 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
             swa.load_state_dict(state["swa"])
         if adaptive:  # the cycle lengths this run has actually used so far
             schedule = with_cycle_lengths(schedule, tuple(adaptive["lengths"]))
-        keep_metrics_until(run_dir / "metrics.jsonl", progress["epoch"])
+        if main:
+            keep_metrics_until(run_dir / "metrics.jsonl", progress["epoch"])
         log.info(f"resuming {run_dir} at step {progress['step']} of {schedule.total_steps}")
     metadata = {"model": model_name(cfg.model), "model_config": OmegaConf.to_container(cfg.model, resolve=True),
                 "num_classes": len(data.classes), "classes": data.classes,
                 "image_size": list(data.train.images.shape[2:]), "mean": list(data.mean), "std": list(data.std),
                 "config_hash": config_hash(cfg)}
-    cycle_ends = schedule.cycle_ends()
+    every = round(t.snapshot_every * steps_per_epoch)
+    cycle_ends = snapshot_steps(schedule, every)
+    if main:
+        plot_lr_schedule(schedule, steps_per_epoch, cycle_ends, run_dir / "lr_schedule.png")
     log.info(f"{metadata['model']} on {cfg.data.name} ({len(data.train)} train / {len(data.test)} test images), "
              f"{cfg.scheduler.name}: {schedule.total_steps} steps, snapshots after steps {cycle_ends}, on {device} "
-             f"({describe(precision, t.channels_last)}{', compiled' if t.compile else ''})")
+             f"({describe(precision, t.channels_last)}{', compiled' if t.compile else ''}"
+             f"{f', {ranks.world} processes' if ranks.parallel else ''})")
 
     # ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----
     p, start, first_step = progress, time.perf_counter() - progress["seconds"], progress["step"]
     began = time.perf_counter()
     skip = t.on_nonfinite == "skip"
     first_bad = torch.full((3,), -1.0, dtype=torch.float64, device=device)  # see note_first_nonfinite
+    writer = open_writer(run_dir) if main and cfg.logger.name == "tensorboard" else None
+    interval = IntervalStats(device) if writer else None
 
     def stop_if_nonfinite() -> None:  # before anything is written: the last checkpoint stays intact
         step, loss, norm = first_bad.tolist()
@@ -137,8 +163,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                                "start a new hydra.run.dir with a lower scheduler.eta_max, or resume this one with "
                                "trainer.on_nonfinite=skip")
 
-    bar = tqdm(total=schedule.total_steps, initial=p["step"], unit="step", dynamic_ncols=True, disable=None)
-    with open(run_dir / "metrics.jsonl", "a") as metrics, logging_redirect_tqdm(), stop_requests() as stops:
+    bar = tqdm(total=schedule.total_steps, initial=p["step"], unit="step", dynamic_ncols=True,
+               disable=None if main else True)
+    with (open(run_dir / "metrics.jsonl", "a") if main else nullcontext()) as metrics, logging_redirect_tqdm(), \
+            stop_requests() as stops:
         while p["step"] < schedule.total_steps:
             if p["order"] is None:
                 p.update(order=epoch_order(len(train_split), generator).cpu(), position=0, loss_sum=0.0, correct=0,
@@ -149,18 +177,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
             for x, y in train_batches(train_split, update_size, generator, augmentation, data.mean, data.std, rest):
                 step, lr = p["step"], schedule.lr(p["step"])
                 set_hyperparameters(optimizer, lr, schedule.momentum(step))
-                x = x.contiguous(memory_format=layout(t.channels_last))
+                x, y = distributed.share(x.contiguous(memory_format=layout(t.channels_last)), y, ranks)
                 loss, logits, norm, finite = train_step(forward, optimizer, x, y, t.grad_clip, t.clip_mode,
                                                         precision, skip, t.batch_size, t.label_smoothing)
                 if skip and not finite:
                     skip_nonfinite(t, p, step, lr, loss, norm)
-                else:
+                else:  # under torchrun: this rank's share (a random part of every batch) stands for the whole
                     loss_sum += loss * len(y)
                     correct += (logits.argmax(1) == y).sum()
                     p["seen"] += len(y)
                     p["skipped_in_row"] = 0
                     if not skip:
                         note_first_nonfinite(first_bad, step, loss, norm, finite)
+                    if interval:
+                        interval.add(loss, logits, y, norm, t.grad_clip)
                 p["step"], p["position"] = step + 1, p["position"] + 1
                 bar.update()
                 cycle = bisect.bisect_right(cycle_ends, step)  # 0-based, of the update just made
@@ -169,26 +199,28 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                 if t.compile and step == first_step:
                     p["compile_seconds"] = seconds_since(began, device)
                     log.info(f"first step, with torch.compile, took {p['compile_seconds']:.1f}s")
-                if p["step"] % t.log_every == 0 and p["seen"]:
+                log_now = p["step"] % t.log_every == 0
+                epoch_done = p["position"] * update_size >= len(train_split) or p["step"] == schedule.total_steps
+                if log_now and p["seen"]:
                     stop_if_nonfinite()
                     bar.set_postfix(loss=f"{loss_sum.item() / p['seen']:.3f}", lr=f"{lr:.4g}",
                                     acc=f"{correct.item() / p['seen']:.3f}")
-                epoch_done = p["position"] * update_size >= len(train_split) or p["step"] == schedule.total_steps
-                checkpoint = epoch_done or p["step"] in cycle_ends or stops or (
+                    if writer:
+                        log_interval(writer, interval.read(), p["step"], optimizer)
+                # A signal may reach torchrun's ranks at different steps: they agree at log intervals and epoch ends.
+                stopping = distributed.any_rank(bool(stops), ranks, device) \
+                    if not ranks.parallel or log_now or epoch_done else False
+                checkpoint = epoch_done or p["step"] in cycle_ends or stopping or (
                     t.checkpoint_every and p["step"] % t.checkpoint_every == 0)
                 if checkpoint:
                     stop_if_nonfinite()
-                if p["step"] in cycle_ends:  # cycle `cycle` (0-based) is over: file name and metadata count from 1
-                    meta = {**metadata, "cycle": cycle + 1, "step": p["step"], "epoch": p["step"] / steps_per_epoch,
-                            "lr": lr}
-                    save_snapshot(snapshot_path(run_dir, cycle + 1), model, meta)
+                if p["step"] in cycle_ends and main:  # cycle `cycle` (0-based) is over: files count from 1
+                    end_cycle(cfg, run_dir, model, swa, train_split, data, {
+                        **metadata, "cycle": cycle + 1, "step": p["step"], "epoch": p["step"] / steps_per_epoch,
+                        "lr": lr})
+                if p["step"] in cycle_ends:
                     if swa:
-                        averaged = finish_swa(swa, train_split, cfg.ensemble.batch_size, data.mean, data.std)
-                        save_snapshot(snapshot_path(run_dir, cycle + 1, swa=True), averaged,
-                                      {**meta, "swa_start": t.swa.start, "swa_updates": int(swa.n_averaged)})
                         swa.n_averaged.zero_()  # the next cycle's average starts afresh
-                    if t.keep_snapshots:
-                        prune_snapshots(run_dir, t.keep_snapshots)
                     if t.reset_optimizer_on_restart and p["step"] < schedule.total_steps:
                         optimizer.state.clear()  # no momentum or Adam moments carried over the restart
                 if checkpoint:  # the sums come back from the device only here
@@ -199,23 +231,58 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                     if adaptive and p["step"] < schedule.total_steps:
                         schedule = adapt_cycles(cfg, adaptive, schedule, model, data, device, precision, p["step"])
                         cycle_ends = schedule.cycle_ends()
-                    write_metrics(metrics, p, lr, cycle_ends)
+                    if main:
+                        write_metrics(metrics, p, lr, cycle_ends)
                     p["order"] = None
                 if checkpoint:
                     save_progress()
-                if stops:
-                    raise Interrupted(f"stopped by {stops[0]} after step {p['step']} with a checkpoint; run the same "
-                                      f"command again (hydra.run.dir={run_dir}) to resume")
+                if stopping:
+                    raise Interrupted(f"stopped by {stops[0] if stops else 'a signal to another rank'} after step "
+                                      f"{p['step']} with a checkpoint; run the same command again "
+                                      f"(hydra.run.dir={run_dir}) to resume")
                 if epoch_done:
                     break
     bar.close()
 
+    training = {"steps": p["step"], "seconds": p["seconds"], "compile_seconds": p["compile_seconds"],
+                "device": str(device), "precision": describe(precision, t.channels_last), "compiled": t.compile,
+                "processes": ranks.world, "rank_weights_sha256": distributed.gather_digests(model, ranks)}
+    if device.type == "cuda":
+        training["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if not main:
+        return None
     with stop_requests():  # a few seconds more: a signal now waits for results.json rather than losing it
-        training = {"steps": p["step"], "seconds": p["seconds"], "compile_seconds": p["compile_seconds"],
-                    "device": str(device), "precision": describe(precision, t.channels_last), "compiled": t.compile}
         report = evaluate_snapshots(cfg, run_dir, model, data, device, precision, training)
+        plot_lr_schedule(schedule, steps_per_epoch, cycle_ends, run_dir / "lr_schedule.png")  # as actually used
+        plot_training(read_metrics(run_dir), [e / steps_per_epoch for e in cycle_ends], run_dir / "training.png")
+        if writer:
+            log_report(writer, report)
+            writer.close()
     log.info("\n" + format_report(report))
     return report["ensemble"]["acc"]
+
+
+def snapshot_steps(schedule, every: int) -> list[int]:
+    """Where snapshots are taken: at the cycle ends, or every `every` updates and at the end (the NoCycle
+    baseline of Huang et al. 2017, arXiv 1704.00109, section 4). SWA windows and optimizer resets follow them."""
+    if not every:
+        return schedule.cycle_ends()
+    return sorted(set(range(every, schedule.total_steps, every)) | {schedule.total_steps})
+
+
+def end_cycle(cfg: DictConfig, run_dir: Path, model, swa, train_split, data, meta: dict) -> None:
+    """At a cycle end (rank 0): the snapshot, the cycle's SWA average beside it, and the pruning of old ones."""
+    save_snapshot(snapshot_path(run_dir, meta["cycle"]), model, meta)
+    if swa:
+        averaged = finish_swa(swa, train_split, cfg.ensemble.batch_size, data.mean, data.std)
+        save_snapshot(snapshot_path(run_dir, meta["cycle"], swa=True), averaged,
+                      {**meta, "swa_start": cfg.trainer.swa.start, "swa_updates": int(swa.n_averaged)})
+    if cfg.trainer.keep_snapshots:
+        prune_snapshots(run_dir, cfg.trainer.keep_snapshots)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def adapt_cycles(cfg: DictConfig, adaptive: dict, schedule, model, data, device, precision, step: int):

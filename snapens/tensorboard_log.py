@@ -1,0 +1,57 @@
+"""TensorBoard logging (logger=tensorboard): per log interval lr, momentum, loss, accuracy, gradient norm and clip
+rate; each snapshot's test accuracy at the end. The sums stay on the device and are read once per interval."""
+
+from pathlib import Path
+
+import torch
+
+
+class IntervalStats:
+    """Sums over one log interval, on the device: loss x images, correct predictions, gradient norms, clipped
+    updates (those whose norm exceeded the clipping threshold)."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.updates = self.images = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, norm: torch.Tensor,
+            grad_clip: float) -> None:
+        correct = (logits.argmax(1) == y).sum()
+        clipped = norm > grad_clip if grad_clip > 0 else torch.zeros_like(norm, dtype=torch.bool)
+        self.sums += torch.stack([loss * len(y), correct, norm, clipped]).to(torch.float64)
+        self.updates += 1
+        self.images += len(y)
+
+    def read(self) -> dict[str, float]:
+        """The interval's means (one read from the device), and a fresh interval."""
+        loss, correct, norm, clipped = self.sums.tolist()
+        n, images = max(self.updates, 1), max(self.images, 1)
+        self.sums.zero_()
+        self.updates = self.images = 0
+        return {"loss": loss / images, "accuracy": correct / images, "grad_norm": norm / n, "clip_rate": clipped / n}
+
+
+def open_writer(run_dir: Path):
+    """A SummaryWriter into <run dir>/tensorboard (imported here: only runs that log to TensorBoard need it)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def log_interval(writer, stats: dict[str, float], step: int, optimizer: torch.optim.Optimizer) -> None:
+    """The interval's means at `step` (updates done), with the lr and momentum (Adam: beta1) of the last update."""
+    for name, value in stats.items():
+        writer.add_scalar(f"train/{name}", value, step)
+    group = optimizer.param_groups[0]
+    writer.add_scalar("train/lr", group["lr"], step)
+    momentum = group["betas"][0] if "betas" in group else group.get("momentum")
+    if momentum is not None:
+        writer.add_scalar("train/momentum", momentum, step)
+
+
+def log_report(writer, report: dict) -> None:
+    """Each snapshot's test accuracy at its step, and the ensemble's at the last step."""
+    for snapshot in report["snapshots"]:
+        writer.add_scalar("test/snapshot_accuracy", snapshot["acc"], snapshot["step"])
+    writer.add_scalar("test/ensemble_accuracy", report["ensemble"]["acc"], report["snapshots"][-1]["step"])
+    writer.flush()

@@ -1,0 +1,99 @@
+"""What a run leaves besides snapshots: the plots, TensorBoard events, the NoCycle snapshots, 2-process DDP."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from snapens.build import build_schedule
+from snapens.errors import SnapensError
+from snapens.snapshots import list_snapshots, read_metadata
+from snapens.train import train
+
+from conftest import FAST
+
+CYCLES = [*FAST, "scheduler=sgdr", "scheduler.T_0=1", "scheduler.T_mult=2", "trainer.epochs=3"]  # ends: 4, 12
+
+
+def test_plots_are_written(make_cfg, tmp_path):
+    train(make_cfg(*CYCLES), tmp_path)
+    for name in ("lr_schedule.png", "training.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 200
+
+
+def test_lr_schedule_plot_comes_before_training(make_cfg, tmp_path, monkeypatch):
+    seen = []
+    real = snapens_train_step()
+    monkeypatch.setattr("snapens.train.train_step",
+                        lambda *a, **k: seen.append((tmp_path / "lr_schedule.png").exists()) or real(*a, **k))
+    train(make_cfg(*CYCLES), tmp_path)
+    assert seen and all(seen)
+
+
+def snapens_train_step():
+    import snapens.train
+    return snapens.train.train_step
+
+
+def test_tensorboard_events(make_cfg, tmp_path):
+    cfg = make_cfg(*CYCLES, "logger=tensorboard", "trainer.log_every=2", "trainer.grad_clip=0.5")
+    train(cfg, tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/lr", "train/momentum", "train/loss", "train/accuracy", "train/grad_norm", "train/clip_rate",
+            "test/snapshot_accuracy", "test/ensemble_accuracy"} <= set(scalars)
+    schedule = build_schedule(cfg.scheduler, cfg.trainer.epochs, steps_per_epoch=4)
+    lrs = events.Scalars("train/lr")
+    assert [e.step for e in lrs] == list(range(2, 13, 2))  # every 2 updates
+    assert [e.value for e in lrs] == [pytest.approx(schedule.lr(e.step - 1), rel=1e-6) for e in lrs]
+    assert all(0 <= e.value <= 1 for e in events.Scalars("train/clip_rate"))
+    assert all(e.value > 0 for e in events.Scalars("train/grad_norm"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    snapshot_accs = events.Scalars("test/snapshot_accuracy")
+    assert [(e.step, e.value) for e in snapshot_accs] == [
+        (s["step"], pytest.approx(s["acc"], rel=1e-6)) for s in results["snapshots"]]
+    assert events.Scalars("test/ensemble_accuracy")[0].value == pytest.approx(results["ensemble"]["acc"], rel=1e-6)
+
+
+def test_no_tensorboard_folder_without_the_logger(make_cfg, tmp_path):
+    train(make_cfg(*CYCLES), tmp_path)
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_nocycle_snapshots_every_n_epochs(make_cfg, tmp_path):
+    """The NoCycle baseline: a step schedule snapshotted every 2 epochs over 6 (4 updates per epoch)."""
+    train(make_cfg(*FAST, "scheduler=step", "scheduler.milestones=[3,4.5]", "trainer.epochs=6",
+                   "trainer.snapshot_every=2"), tmp_path)
+    assert [read_metadata(p)["step"] for p in list_snapshots(tmp_path)] == [8, 16, 24]
+
+
+def test_snapshot_every_does_not_go_with_adaptive_sgdr(make_cfg, tmp_path):
+    with pytest.raises(SnapensError, match="trainer.snapshot_every does not go with scheduler=adaptive_sgdr"):
+        train(make_cfg(*FAST, "scheduler=adaptive_sgdr", "data.val_size=32", "trainer.snapshot_every=2",
+                       "scheduler.T_0=2", "scheduler.T_mult=1", "trainer.epochs=4"), tmp_path)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
+    """torchrun with 2 CPU processes (gloo): every rank takes half of each batch; both end bit-identical, and only
+    rank 0 writes files."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "snapens.train", *CYCLES, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    training = json.loads((run_dir / "results.json").read_text())["training"]
+    assert training["processes"] == 2
+    first, second = training["rank_weights_sha256"]
+    assert first == second
+    assert [read_metadata(p)["step"] for p in list_snapshots(run_dir)] == [4, 12]  # 64-image updates, 32 per rank
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written outside the run dir
+    assert math.isfinite(json.loads((run_dir / "results.json").read_text())["ensemble"]["acc"])

@@ -9,7 +9,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from snapens import schedules
-from snapens.data import Augmentation, Dataset, load_cifar, load_image_folder, make_synthetic, prepare
+from snapens.data import (Augmentation, Dataset, load_cifar, load_digits, load_image_folder, make_synthetic,
+                          prepare)
 from snapens.errors import SnapensError
 from snapens.models import CifarResNet, WideResNet
 
@@ -43,8 +44,6 @@ def build_data(cfg: DictConfig) -> Dataset:
     elif cfg.name == "imagefolder":
         train, test, classes = load_image_folder(cfg.root, cfg.image_size)
     elif cfg.name == "digits":
-        from snapens.data import load_digits  # TODO(lead): hoist into the import above (kept here: build.py is shared)
-
         train, test, classes = load_digits(cfg.split_seed)
     else:
         train, test, classes = make_synthetic(cfg.num_classes, cfg.train_size, cfg.test_size, cfg.size)

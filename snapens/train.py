@@ -95,7 +95,8 @@ def run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float | Non
     forward = distributed.wrap(model, ranks, device, t.sync_bn)
     forward = torch.compile(forward) if t.compile else forward
     data = build_data(cfg.data)
-    update_size = t.batch_size * t.accumulate  # images per update (all ranks together); batch_size per pass
+    update_size = t.batch_size * t.accumulate  # images per update, all ranks together
+    micro_batch = math.ceil(t.batch_size / ranks.world)  # images per forward pass on each rank
     steps_per_epoch = math.ceil(len(data.train) / update_size)
     schedule = build_schedule(cfg.scheduler, t.epochs, steps_per_epoch)
     adaptive = new_adaptive_state(getattr(schedule, "inner", schedule).lengths) \
@@ -179,7 +180,7 @@ def run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float | Non
                 set_hyperparameters(optimizer, lr, schedule.momentum(step))
                 x, y = distributed.share(x.contiguous(memory_format=layout(t.channels_last)), y, ranks)
                 loss, logits, norm, finite = train_step(forward, optimizer, x, y, t.grad_clip, t.clip_mode,
-                                                        precision, skip, t.batch_size, t.label_smoothing)
+                                                        precision, skip, micro_batch, t.label_smoothing)
                 if skip and not finite:
                     skip_nonfinite(t, p, step, lr, loss, norm)
                 else:  # under torchrun: this rank's share (a random part of every batch) stands for the whole

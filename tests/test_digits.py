@@ -93,13 +93,13 @@ def test_demo_experiment_composes(make_cfg):
     cfg = make_cfg("experiment=demo")
     assert cfg.data.name == "digits"
     assert cfg.trainer.device == "auto"
-    assert cfg.scheduler.name in ("sgdr", "snapshot")
+    assert cfg.scheduler.name == "snapshot" and cfg.scheduler.cycles >= 3
 
 
 def test_demo_end_to_end_with_a_short_budget(make_cfg, tmp_path):
     """The demo's config, its budget cut to three 1-epoch cycles on a 500-image subset: snapshots and results."""
-    cfg = make_cfg("experiment=demo", "trainer.device=cpu", "data.train_limit=500", "model.depth=8",
-                   "scheduler=snapshot", "scheduler.cycles=3", "trainer.epochs=3")
+    cfg = make_cfg("experiment=demo", "trainer.device=cpu", "data.train_limit=500", "scheduler.cycles=3",
+                   "trainer.epochs=3")
     ensemble_acc = train(cfg, tmp_path)
     snapshots = sorted(p.name for p in (tmp_path / "snapshots").glob("*.safetensors"))
     assert snapshots == ["cycle_01.safetensors", "cycle_02.safetensors", "cycle_03.safetensors"]

@@ -97,3 +97,18 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
     assert [read_metadata(p)["step"] for p in list_snapshots(run_dir)] == [4, 12]  # 64-image updates, 32 per rank
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written outside the run dir
     assert math.isfinite(json.loads((run_dir / "results.json").read_text())["ensemble"]["acc"])
+
+
+def test_a_sweep_submitted_again_leaves_finished_jobs_alone(tmp_path):
+    """The SLURM recipe's resume path, locally: the same multirun into the same sweep dir finds every job done."""
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "snapens.train", "-m", *CYCLES, "trainer.seed=0,1", f"hydra.sweep.dir={sweep}"]
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p: p.stat().st_mtime_ns for p in sweep.rglob("*.safetensors")}
+    assert len([p for p in before if p.parent.name == "snapshots"]) == 4  # 2 jobs x 2 cycles
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("holds a finished run; nothing to do") + \
+        again.stderr.count("holds a finished run; nothing to do") == 2
+    assert {p: p.stat().st_mtime_ns for p in sweep.rglob("*.safetensors")} == before

@@ -336,6 +336,9 @@ def check_config(cfg: DictConfig) -> None:
         if cfg.trainer.snapshot_every:
             raise SnapensError("trainer.snapshot_every does not go with scheduler=adaptive_sgdr, whose snapshots "
                                "follow the cycles it adapts; leave trainer.snapshot_every=0")
+        if cfg.scheduler.warmup_every_cycle:
+            raise SnapensError("scheduler.warmup_every_cycle does not go with scheduler=adaptive_sgdr: an extension "
+                               "may cut a later cycle shorter than the warmup; leave warmup_every_cycle=false")
         if cfg.scheduler.extension_factor <= 1:
             raise SnapensError(f"scheduler.extension_factor={cfg.scheduler.extension_factor} must be > 1")
         if not _get(cfg, "data.val_size"):

@@ -83,12 +83,26 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def gather_digests(model: torch.nn.Module, ranks: Ranks) -> list[str]:
-    """Every rank's weights_digest, in rank order (on every rank). BatchNorm's running statistics are first taken
-    from rank 0, as DDP does before every forward pass: the last pass left each rank with those of its own share."""
+def sync_buffers(model: torch.nn.Module, ranks: Ranks) -> None:
+    """BatchNorm's running statistics from rank 0, as DDP takes them before every forward pass: the last pass left
+    each rank with those of its own share."""
     if ranks.parallel:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def from_rank0(value: float, ranks: Ranks, device: torch.device) -> float:
+    """Rank 0's value on every rank (a decision taken from it is then the same everywhere)."""
+    if not ranks.parallel:
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return tensor.item()
+
+
+def gather_digests(model: torch.nn.Module, ranks: Ranks) -> list[str]:
+    """Every rank's weights_digest, in rank order (on every rank), after sync_buffers."""
+    sync_buffers(model, ranks)
     digest = weights_digest(model)
     if not ranks.parallel:
         return [digest]

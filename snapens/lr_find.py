@@ -154,7 +154,7 @@ def prepare(cfg: DictConfig) -> tuple[Callable, torch.optim.Optimizer, Iterator,
                               data.mean, data.std, layout(t.channels_last))
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return train_step(model, optimizer, x, y, t.grad_clip, t.clip_mode, precision, micro_batch=t.batch_size,
+        return train_step(model, optimizer, x, y, t.grad_clip, t.clip_mode, precision, accumulate=t.accumulate,
                           label_smoothing=t.label_smoothing)[0]
 
     return step, optimizer, batches, (f"{model_name(cfg.model)} on {cfg.data.name} ({len(data.train)} images), "

@@ -210,8 +210,8 @@ def report(paths: list[Path], out: Path, seed_key: str = "trainer.seed") -> list
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m snapens.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run dirs, or dirs whose subdirectories are run dirs")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="where to write report.md/.csv/.png (default: the one multirun dir "
-                                                 "given, else the current directory)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where to write report.md/.csv/.png (default: the "
+                        "one multirun dir given, else the current directory)")
     parser.add_argument("--group-by-seed-key", default="trainer.seed", dest="seed_key", metavar="KEY",
                         help="the override dropped when grouping runs into configs (default: trainer.seed)")
     args = parser.parse_args(argv)

@@ -42,13 +42,16 @@ def validation_loss(model: torch.nn.Module, val: Split, mean, std, batch_size: i
 def new_adaptive_state(lengths: tuple[int, ...]) -> dict:
     """Adaptive SGDR's record, kept in the checkpoint: the cycle lengths in use, the best validation loss, the
     evaluations since it, and the cycles already extended."""
-    return {"lengths": list(lengths), "best": math.inf, "since_best": 0, "extended": []}
+    return {"lengths": list(lengths), "cycle": 0, "best": math.inf, "since_best": 0, "extended": []}
 
 
 def should_extend(state: dict, loss: float, cycle: int, patience: int, in_progress: bool = True) -> bool:
-    """Record one validation loss; True when `cycle` (0-based) is to be extended now: `patience` evaluations
-    without a new best, the cycle in progress (not at its very start), and not extended before (once per cycle, so
-    a plateau cannot take the whole budget)."""
+    """Record one validation loss, measured after an update of `cycle` (0-based); True when that cycle is to be
+    extended now: `patience` evaluations without a new best within the cycle, the cycle still in progress, and not
+    extended before (once per cycle, so a plateau cannot take the whole budget). Each cycle is judged against its
+    own best: a restart raises the loss, which is no plateau."""
+    if cycle != state["cycle"]:
+        state.update(cycle=cycle, best=math.inf, since_best=0)
     if loss < state["best"]:
         state["best"], state["since_best"] = loss, 0
         return False

@@ -51,7 +51,7 @@ def resume_state(cfg: DictConfig, run_dir: Path) -> dict | None:
         raise SnapensError(f"run dir {run_dir} holds a checkpoint and trainer.resume=never: pass a new "
                            "hydra.run.dir=DIR, or trainer.resume=auto to continue that run")
     for partial in run_dir.rglob(".*.tmp"):  # half-written files of a killed run, never visible as results
-        partial.unlink()
+        partial.unlink(missing_ok=True)  # under torchrun every rank looks
     state = load_checkpoint(path)
     changed = differing_keys(state["config"], OmegaConf.to_container(cfg, resolve=True))
     if changed:

@@ -5,6 +5,7 @@ device works, and the loop reads its sums once per log interval.
 """
 
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +34,14 @@ def clip_gradients(model: torch.nn.Module, max_value: float, mode: str) -> None:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                grad_clip: float, clip_mode: str, precision: torch.dtype | None = None,
-               skip_nonfinite: bool = False, micro_batch: int = 0,
+               skip_nonfinite: bool = False, accumulate: int = 1,
                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | bool]:
     """One update on one batch, with the forward pass under autocast to `precision` (None: fp32).
 
-    With micro_batch > 0 the batch goes forward and backward in pieces of that many images (gradient accumulation:
-    the memory of a small batch, the update of the whole one); each piece's mean loss is weighted by its share of
-    the batch, so the gradient is that of the batch's mean loss.
+    With accumulate = K > 1 the batch goes forward and backward in K pieces (gradient accumulation: the memory of a
+    small batch, the update of the whole one); each piece's mean loss is weighted by its share of the batch, so the
+    gradient is that of the batch's mean loss. Always K pieces, so that under DDP every rank makes as many backward
+    passes; gradients are all-reduced only after the last (no_sync).
 
     Returns the detached mean loss, the logits, the gradient norm before clipping and whether both were finite, all
     as tensors on the device: nothing is read back, so the host can queue the next steps while the device works.
@@ -51,11 +53,14 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     buffers = [b.clone() for b in model.buffers()] if skip_nonfinite else None
     optimizer.zero_grad(set_to_none=True)
     losses, outputs = [], []
-    for xs, ys in zip(x.split(micro_batch or len(x)), y.split(micro_batch or len(y))):
-        with autocast(x.device, precision):  # the loss itself is computed in fp32 under autocast
-            out = model(xs)
-            piece = F.cross_entropy(out, ys, label_smoothing=label_smoothing) * (len(ys) / len(y))
-        piece.backward()
+    pieces = list(zip(x.tensor_split(accumulate), y.tensor_split(accumulate)))
+    for k, (xs, ys) in enumerate(pieces):
+        last = k == len(pieces) - 1
+        with nullcontext() if last else no_sync(model):
+            with autocast(x.device, precision):  # the loss itself is computed in fp32 under autocast
+                out = model(xs)
+                piece = F.cross_entropy(out, ys, label_smoothing=label_smoothing) * (len(ys) / len(y))
+            piece.backward()
         losses.append(piece.detach())
         outputs.append(out.detach())
     loss, logits = torch.stack(losses).sum(), torch.cat(outputs)
@@ -75,6 +80,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         clip_gradients(model, grad_clip, clip_mode)
     optimizer.step()
     return loss, logits, norm, finite
+
+
+def no_sync(model: torch.nn.Module):
+    """DDP's no_sync (skip the gradient all-reduce of this backward pass); a no-op for a plain module."""
+    return model.no_sync() if hasattr(model, "no_sync") else nullcontext()
 
 
 def note_first_nonfinite(first: torch.Tensor, step: int, loss: torch.Tensor, norm: torch.Tensor,

@@ -31,11 +31,13 @@ class IntervalStats:
         return {"loss": loss / images, "accuracy": correct / images, "grad_norm": norm / n, "clip_rate": clipped / n}
 
 
-def open_writer(run_dir: Path):
-    """A SummaryWriter into <run dir>/tensorboard (imported here: only runs that log to TensorBoard need it)."""
+def open_writer(run_dir: Path, purge_step: int | None = None):
+    """A SummaryWriter into <run dir>/tensorboard (imported here: only runs that log to TensorBoard need it). A
+    resumed run passes its step as purge_step: events the killed run wrote after its checkpoint are dropped, as
+    the resumed run writes those steps again."""
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
 def log_interval(writer, stats: dict[str, float], step: int, optimizer: torch.optim.Optimizer) -> None:

@@ -92,17 +92,17 @@ def run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float | Non
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device, memory_format=layout(t.channels_last))  # before the data: a bad
     # model config fails in a second. DDP and the compiled module share the model's parameters; snapshots save it.
+    # The SWA copy is taken first, so it keeps plain BatchNorm: rank 0 alone recomputes its statistics.
+    swa = AveragedModel(model) if t.swa.start is not None else None
     forward = distributed.wrap(model, ranks, device, t.sync_bn)
     forward = torch.compile(forward) if t.compile else forward
     data = build_data(cfg.data)
     update_size = t.batch_size * t.accumulate  # images per update, all ranks together
-    micro_batch = math.ceil(t.batch_size / ranks.world)  # images per forward pass on each rank
     steps_per_epoch = math.ceil(len(data.train) / update_size)
     schedule = build_schedule(cfg.scheduler, t.epochs, steps_per_epoch)
     adaptive = new_adaptive_state(getattr(schedule, "inner", schedule).lengths) \
         if cfg.scheduler.name == "adaptive_sgdr" else None
     optimizer = build_optimizer(model, cfg.optimizer, schedule.lr(0))
-    swa = AveragedModel(model) if t.swa.start is not None else None
     augmentation = build_augmentation(cfg.data)
     train_split = data.train.to(device)
     generator = torch.Generator(device).manual_seed(t.seed)
@@ -153,7 +153,8 @@ def run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float | Non
     began = time.perf_counter()
     skip = t.on_nonfinite == "skip"
     first_bad = torch.full((3,), -1.0, dtype=torch.float64, device=device)  # see note_first_nonfinite
-    writer = open_writer(run_dir) if main and cfg.logger.name == "tensorboard" else None
+    tensorboard = main and cfg.logger.name == "tensorboard"
+    writer = open_writer(run_dir, purge_step=p["step"] if state else None) if tensorboard else None
     interval = IntervalStats(device) if writer else None
 
     def stop_if_nonfinite() -> None:  # before anything is written: the last checkpoint stays intact
@@ -167,7 +168,7 @@ def run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float | Non
     bar = tqdm(total=schedule.total_steps, initial=p["step"], unit="step", dynamic_ncols=True,
                disable=None if main else True)
     with (open(run_dir / "metrics.jsonl", "a") if main else nullcontext()) as metrics, logging_redirect_tqdm(), \
-            stop_requests() as stops:
+            stop_requests() as stops, writer or nullcontext():  # the writer is closed (flushed) however it ends
         while p["step"] < schedule.total_steps:
             if p["order"] is None:
                 p.update(order=epoch_order(len(train_split), generator).cpu(), position=0, loss_sum=0.0, correct=0,
@@ -180,7 +181,7 @@ def run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float | Non
                 set_hyperparameters(optimizer, lr, schedule.momentum(step))
                 x, y = distributed.share(x.contiguous(memory_format=layout(t.channels_last)), y, ranks)
                 loss, logits, norm, finite = train_step(forward, optimizer, x, y, t.grad_clip, t.clip_mode,
-                                                        precision, skip, micro_batch, t.label_smoothing)
+                                                        precision, skip, t.accumulate, t.label_smoothing)
                 if skip and not finite:
                     skip_nonfinite(t, p, step, lr, loss, norm)
                 else:  # under torchrun: this rank's share (a random part of every batch) stands for the whole
@@ -230,8 +231,11 @@ def run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float | Non
                 if epoch_done:
                     p["epoch"] += 1
                     if adaptive and p["step"] < schedule.total_steps:
-                        schedule = adapt_cycles(cfg, adaptive, schedule, model, data, device, precision, p["step"])
+                        schedule, extended = adapt_cycles(cfg, adaptive, schedule, model, data, device, precision,
+                                                          p["step"], ranks)
                         cycle_ends = schedule.cycle_ends()
+                        if extended and swa:
+                            swa.n_averaged.zero_()  # the extended cycle's window starts later: average afresh
                     if main:
                         write_metrics(metrics, p, lr, cycle_ends)
                     p["order"] = None
@@ -254,11 +258,11 @@ def run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float | Non
         return None
     with stop_requests():  # a few seconds more: a signal now waits for results.json rather than losing it
         report = evaluate_snapshots(cfg, run_dir, model, data, device, precision, training)
-        plot_lr_schedule(schedule, steps_per_epoch, cycle_ends, run_dir / "lr_schedule.png")  # as actually used
+        plot_lr_schedule(schedule, steps_per_epoch, cycle_ends, run_dir / "lr_schedule.png")  # final cycle lengths
         plot_training(read_metrics(run_dir), [e / steps_per_epoch for e in cycle_ends], run_dir / "training.png")
-        if writer:
-            log_report(writer, report)
-            writer.close()
+        if tensorboard:
+            with open_writer(run_dir) as end_writer:
+                log_report(end_writer, report)
     log.info("\n" + format_report(report))
     return report["ensemble"]["acc"]
 
@@ -286,21 +290,25 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def adapt_cycles(cfg: DictConfig, adaptive: dict, schedule, model, data, device, precision, step: int):
-    """Adaptive SGDR at an epoch end: evaluate the validation loss and, when it has stalled, lengthen the cycle in
-    progress (never one that has not begun: at a cycle boundary nothing is extended)."""
+def adapt_cycles(cfg: DictConfig, adaptive: dict, schedule, model, data, device, precision, step: int,
+                 ranks: distributed.Ranks):
+    """Adaptive SGDR at an epoch end (`step` updates done): evaluate the validation loss and, when it has stalled
+    within the current cycle, lengthen that cycle, if it is still in progress. Returns the schedule and whether it
+    changed. Under torchrun every rank evaluates rank 0's model and takes rank 0's loss, so all decide alike."""
+    distributed.sync_buffers(model, ranks)
     loss = validation_loss(model, data.val, data.mean, data.std, cfg.ensemble.batch_size, device, precision,
                            cfg.trainer.channels_last)
+    loss = distributed.from_rank0(loss, ranks, device)
     ends = schedule.cycle_ends()
-    cycle = bisect.bisect_right(ends, step)
-    in_progress = step not in ends
-    if should_extend(adaptive, loss, cycle, cfg.scheduler.patience, in_progress):
-        lengths = extend_cycle(tuple(adaptive["lengths"]), cycle, cfg.scheduler.extension_factor)
-        adaptive["lengths"] = list(lengths)
-        schedule = with_cycle_lengths(schedule, lengths)
-        log.info(f"validation loss {loss:.4f} has not improved for {cfg.scheduler.patience} evaluations: cycle "
-                 f"{cycle + 1} extended; cycles now end after steps {schedule.cycle_ends()}")
-    return schedule
+    cycle = bisect.bisect_right(ends, step - 1)  # the cycle of the last update
+    if not should_extend(adaptive, loss, cycle, cfg.scheduler.patience, in_progress=step not in ends):
+        return schedule, False
+    lengths = extend_cycle(tuple(adaptive["lengths"]), cycle, cfg.scheduler.extension_factor)
+    adaptive["lengths"] = list(lengths)
+    schedule = with_cycle_lengths(schedule, lengths)
+    log.info(f"validation loss {loss:.4f} has not improved for {cfg.scheduler.patience} evaluations in cycle "
+             f"{cycle + 1}: extended; cycles now end after steps {schedule.cycle_ends()}")
+    return schedule, True
 
 
 def skip_nonfinite(t: DictConfig, p: dict, step: int, lr: float, loss: torch.Tensor, norm: torch.Tensor) -> None:

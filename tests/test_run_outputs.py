@@ -81,12 +81,14 @@ def test_snapshot_every_does_not_go_with_adaptive_sgdr(make_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
-    """torchrun with 2 CPU processes (gloo): every rank takes half of each batch; both end bit-identical, and only
-    rank 0 writes files."""
+@pytest.mark.parametrize("extra", [[], ["trainer.batch_size=32", "trainer.accumulate=2", "trainer.swa.start=0.5"]],
+                         ids=["plain", "accumulate_swa"])
+def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path, extra):
+    """torchrun with 2 CPU processes (gloo): every rank takes half of each batch (with accumulation, in 2 pieces);
+    both end bit-identical, and only rank 0 writes files."""
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "snapens.train", *CYCLES, f"hydra.run.dir={run_dir}"]
+               "-m", "snapens.train", *CYCLES, *extra, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -101,7 +101,7 @@ def test_ensemble_tool_evaluates_the_swa_set(make_cfg, tmp_path):
     assert result.returncode == 2 and "has no SWA snapshots" in result.stderr
 
 
-ADAPTIVE = [*FAST, "scheduler=adaptive_sgdr", "scheduler.T_0=2", "scheduler.T_mult=1", "trainer.epochs=6",
+ADAPTIVE = [*FAST, "scheduler=adaptive_sgdr", "scheduler.T_0=3", "scheduler.T_mult=1", "trainer.epochs=9",
             "data.val_size=32", "data.train_size=288", "scheduler.patience=1", "scheduler.extension_factor=1.5"]
 
 
@@ -120,28 +120,30 @@ def scripted_losses(monkeypatch, losses, fail_at=None):
 
 
 def test_adaptive_sgdr_extends_the_stalled_cycle_on_a_scripted_loss(make_cfg, tmp_path, monkeypatch):
-    """256 training images: 4 updates per epoch, planned cycles of 8 updates ending at 8, 16, 24. Evaluations at
-    the ends of epochs 1..5: 1.0 (best), 1.1 at a cycle boundary (stalled, but no cycle is in progress), 1.2 at
-    step 12 (cycle 2 in progress: extended to 12 updates; the last one is cut to the 4 left), 1.3 (cycle 2 already
-    extended once), 0.9 (a new best)."""
-    calls = scripted_losses(monkeypatch, [1.0, 1.1, 1.2, 1.3, 0.9])
+    """256 training images: 4 updates per epoch, planned cycles of 12 updates ending at 12, 24, 36; evaluations at
+    the ends of epochs 1..8. Cycle 1 improves to its end (1.0, 0.9, 0.8). Cycle 2 starts at 1.5 (a restart raises
+    the loss: no plateau, a new cycle is judged on its own), stalls at 1.6 after step 20 and is extended to 18
+    updates (the last cycle is cut to the 6 left); 1.7 does not extend it again; cycle 3 starts afresh."""
+    calls = scripted_losses(monkeypatch, LOSSES)
     train(make_cfg(*ADAPTIVE), tmp_path)
-    assert len(calls) == 5
-    assert [read_metadata(p)["step"] for p in list_snapshots(tmp_path)] == [8, 20, 24]
+    assert len(calls) == 8
+    assert [read_metadata(p)["step"] for p in list_snapshots(tmp_path)] == [12, 30, 36]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["cycle_ends"] for r in lines] == [[8, 16, 24]] * 2 + [[8, 20, 24]] * 4
+    assert [r["cycle_ends"] for r in lines] == [[12, 24, 36]] * 4 + [[12, 30, 36]] * 5
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [s["step"] for s in results["snapshots"]] == [8, 20, 24]
+    assert [s["step"] for s in results["snapshots"]] == [12, 30, 36]
+
+
+LOSSES = [1.0, 0.9, 0.8, 1.5, 1.6, 1.7, 1.2, 1.1]
 
 
 def test_adaptive_sgdr_resume_replays_the_recorded_cycles(make_cfg, tmp_path, monkeypatch):
-    losses = [1.0, 1.1, 1.2, 1.3, 0.9]
-    scripted_losses(monkeypatch, losses)
+    scripted_losses(monkeypatch, LOSSES)
     train(make_cfg(*ADAPTIVE), tmp_path / "whole")
-    scripted_losses(monkeypatch, losses, fail_at=3)  # dies at the end of epoch 4, after the extension
+    scripted_losses(monkeypatch, LOSSES, fail_at=5)  # dies at the end of epoch 6, after the extension
     with pytest.raises(RuntimeError, match="scripted failure"):
         train(make_cfg(*ADAPTIVE), tmp_path / "stopped")
-    scripted_losses(monkeypatch, losses[3:])  # the evaluations still to come
+    scripted_losses(monkeypatch, LOSSES[5:])  # the evaluations still to come
     train(make_cfg(*ADAPTIVE), tmp_path / "stopped")
     for a, b in zip(list_snapshots(tmp_path / "whole"), list_snapshots(tmp_path / "stopped"), strict=True):
         assert a.name == b.name and a.read_bytes() == b.read_bytes()
@@ -156,6 +158,9 @@ def test_extension_rule():
     state = new_adaptive_state((8, 8, 8))
     assert [should_extend(state, loss, 0, 2) for loss in (3.0, 3.1, 3.2, 3.3, 3.4)] == [False, False, True,
                                                                                        False, False]
+    assert [should_extend(state, loss, 1, 2) for loss in (5.0, 4.0, 4.5)] == [False, False, False]  # own best
+    assert not should_extend(state, 4.6, 1, 2, in_progress=False)  # stalled, but the cycle is over
+    assert should_extend(state, 4.7, 1, 2)
     assert extend_cycle((10, 20, 40, 80), 1, 1.5) == (10, 30, 40, 70)  # later cycles move back; the last is cut
     assert extend_cycle((10, 10, 10, 10), 0, 1.5) == (15, 10, 10, 5)  # a cut of half its length stays a cycle
     assert extend_cycle((10, 10, 10, 10), 1, 1.8) == (10, 18, 12)  # a stub of 2 is merged into the cycle before
@@ -197,7 +202,7 @@ def test_accumulation_with_half_the_batch_equals_one_full_batch():
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
     for _ in range(3):
         whole = train_step(models[0], optimizers[0], x, y, grad_clip=0.5, clip_mode="norm")
-        halves = train_step(models[1], optimizers[1], x, y, grad_clip=0.5, clip_mode="norm", micro_batch=16)
+        halves = train_step(models[1], optimizers[1], x, y, grad_clip=0.5, clip_mode="norm", accumulate=2)
         torch.testing.assert_close(halves[0], whole[0])  # the batch's mean loss
         torch.testing.assert_close(halves[2], whole[2])  # the gradient norm before clipping
     for a, b in zip(models[0].parameters(), models[1].parameters()):
@@ -209,7 +214,7 @@ def test_accumulation_counts_updates_not_batches(make_cfg, tmp_path, monkeypatch
     real = snapens.train.train_step
     monkeypatch.setattr(snapens.train, "train_step", lambda *a, **k: sizes.append((len(a[2]), a[8])) or real(*a, **k))
     train(make_cfg(*CYCLES, "trainer.batch_size=32", "trainer.accumulate=2"), tmp_path)
-    assert sizes == [(64, 32)] * 12  # 4 updates of 64 images per epoch, each in 2 forward passes of 32
+    assert sizes == [(64, 2)] * 12  # 4 updates of 64 images per epoch, each in 2 forward passes of 32
     assert [read_metadata(p)["step"] for p in list_snapshots(tmp_path)] == [4, 8, 12]
 
 
@@ -245,7 +250,9 @@ def test_keep_only_the_newest_snapshots(make_cfg, tmp_path):
     ("trainer.label_smoothing=1.0", "trainer.label_smoothing=1.0 must be in"),
     ("trainer.accumulate=0", "trainer.accumulate=0 must be a finite number > 0"),
     ("trainer.keep_snapshots=-1", "trainer.keep_snapshots=-1 must be >= 0"),
+    ("scheduler=adaptive_sgdr data.val_size=32 scheduler.warmup_every_cycle=true",
+     "scheduler.warmup_every_cycle does not go with scheduler=adaptive_sgdr"),
 ])
 def test_bad_option_values(make_cfg, tmp_path, override, message):
     with pytest.raises(SnapensError, match=message):
-        train(make_cfg(*CYCLES, override), tmp_path)
+        train(make_cfg(*CYCLES, *override.split()), tmp_path)

@@ -1,17 +1,25 @@
 """The run dir around the training loop: never overwrite an earlier run, record the config, decide whether and
-how to resume. For the entry point (it reads the Hydra config); the loop itself is in train.py.
+how to resume, and write what the loop produces (metrics lines, snapshots at cycle ends, results.json). For the
+entry point (it reads the Hydra config); the loop itself is in train.py.
 """
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from snapens.checkpoint import checkpoint_path, deciding_values, differing_keys, load_checkpoint
+from snapens.ensemble import ensemble_report
+from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError
-from snapens.snapshots import write_atomic
+from snapens.restarts import finish_swa
+from snapens.snapshots import (list_snapshots, prune_snapshots, read_metadata, save_snapshot, snapshot_path,
+                               write_atomic)
+
+log = logging.getLogger(__name__)
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -65,3 +73,43 @@ def keep_metrics_until(path: Path, epoch: int) -> None:
     if path.exists():
         lines = path.read_text().splitlines()[:epoch]  # one line per finished epoch; a torn last line goes too
         write_atomic(path, "".join(line + "\n" for line in lines).encode())
+
+
+def write_metrics(metrics, p: dict, lr: float, cycle_ends: list[int]) -> None:
+    """One metrics.jsonl line for the epoch just finished (and the log line that says the same); cycle_ends are
+    those in use (adaptive SGDR moves them)."""
+    seen = max(p["seen"], 1)
+    record = {"epoch": p["epoch"], "step": p["step"], "lr": lr, "train_loss": p["loss_sum"] / seen,
+              "train_acc": p["correct"] / seen, "seconds": p["seconds"], "skipped": p["skipped"],
+              "cycle_ends": cycle_ends}
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    log.info("epoch {epoch} step {step} lr {lr:.4g} loss {train_loss:.4f} acc {train_acc:.4f} "
+             "{seconds:.1f}s".format(**record))
+
+
+def evaluate_snapshots(cfg: DictConfig, run_dir: Path, model, data, device, precision, training: dict) -> dict:
+    """Read every snapshot back from its file, compute its test logits once (kept in logits/test/ for
+    `python -m snapens.ensemble`), and write results.json (with `training`: its steps, seconds and precision)."""
+    paths = list_snapshots(run_dir)
+    metas = [read_metadata(p) for p in paths]
+    logits = cached_logits(paths, metas, data.test, "test", cfg.ensemble.batch_size, device, lambda *_: model,
+                           precision, cfg.trainer.channels_last)
+    report = {**ensemble_report(logits, data.test.labels, paths, metas, cfg.ensemble.rule), "training": training}
+    write_atomic(run_dir / "results.json", (json.dumps(report, indent=2) + "\n").encode())
+    return report
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def end_cycle(cfg: DictConfig, run_dir: Path, model, swa, train_split, data, meta: dict) -> None:
+    """At a cycle end (rank 0): the snapshot, the cycle's SWA average beside it, and the pruning of old ones."""
+    save_snapshot(snapshot_path(run_dir, meta["cycle"]), model, meta)
+    if swa:
+        averaged = finish_swa(swa, train_split, cfg.ensemble.batch_size, data.mean, data.std)
+        save_snapshot(snapshot_path(run_dir, meta["cycle"], swa=True), averaged,
+                      {**meta, "swa_start": cfg.trainer.swa.start, "swa_updates": int(swa.n_averaged)})
+    if cfg.trainer.keep_snapshots:
+        prune_snapshots(run_dir, cfg.trainer.keep_snapshots)

@@ -30,16 +30,15 @@ from snapens.build import (build_augmentation, build_data, build_model, build_op
 from snapens.checkpoint import checkpoint_path, rng_state, save_checkpoint, set_rng_state, stop_requests
 from snapens.config import check_config, register_configs
 from snapens.data import epoch_order, train_batches
-from snapens.ensemble import ensemble_report, format_report
-from snapens.ensemble.cache import cached_logits
+from snapens.ensemble import format_report
 from snapens.errors import SnapensError
 from snapens.precision import describe, layout
-from snapens.restarts import finish_swa, new_adaptive_state, should_extend, swa_first_update, validation_loss
+from snapens.restarts import new_adaptive_state, should_extend, swa_first_update, validation_loss
 from snapens.run_plots import plot_lr_schedule, plot_training
-from snapens.run_dir import config_hash, keep_metrics_until, resume_state, save_config
+from snapens.run_dir import (config_hash, end_cycle, evaluate_snapshots, keep_metrics_until, read_metrics,
+                             resume_state, save_config, write_metrics)
 from snapens.schedules import extend_cycle, with_cycle_lengths
-from snapens.snapshots import (list_snapshots, prune_snapshots, read_metadata, save_snapshot, snapshot_path,
-                               write_atomic)
+from snapens.snapshots import list_snapshots
 from snapens.step import note_first_nonfinite, seconds_since, set_hyperparameters, train_step
 from snapens.tensorboard_log import IntervalStats, log_interval, log_report, open_writer
 
@@ -275,21 +274,6 @@ def snapshot_steps(schedule, every: int) -> list[int]:
     return sorted(set(range(every, schedule.total_steps, every)) | {schedule.total_steps})
 
 
-def end_cycle(cfg: DictConfig, run_dir: Path, model, swa, train_split, data, meta: dict) -> None:
-    """At a cycle end (rank 0): the snapshot, the cycle's SWA average beside it, and the pruning of old ones."""
-    save_snapshot(snapshot_path(run_dir, meta["cycle"]), model, meta)
-    if swa:
-        averaged = finish_swa(swa, train_split, cfg.ensemble.batch_size, data.mean, data.std)
-        save_snapshot(snapshot_path(run_dir, meta["cycle"], swa=True), averaged,
-                      {**meta, "swa_start": cfg.trainer.swa.start, "swa_updates": int(swa.n_averaged)})
-    if cfg.trainer.keep_snapshots:
-        prune_snapshots(run_dir, cfg.trainer.keep_snapshots)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def adapt_cycles(cfg: DictConfig, adaptive: dict, schedule, model, data, device, precision, step: int,
                  ranks: distributed.Ranks):
     """Adaptive SGDR at an epoch end (`step` updates done): evaluate the validation loss and, when it has stalled
@@ -321,31 +305,6 @@ def skip_nonfinite(t: DictConfig, p: dict, step: int, lr: float, loss: torch.Ten
         raise SnapensError(f"{what}: {p['skipped_in_row']} non-finite updates in a row (trainer.max_skipped="
                            f"{t.max_skipped}); stopped, the last checkpoint is intact")
     log.warning(f"{what}: update skipped")
-
-
-def write_metrics(metrics, p: dict, lr: float, cycle_ends: list[int]) -> None:
-    """One metrics.jsonl line for the epoch just finished (and the log line that says the same); cycle_ends are
-    those in use (adaptive SGDR moves them)."""
-    seen = max(p["seen"], 1)
-    record = {"epoch": p["epoch"], "step": p["step"], "lr": lr, "train_loss": p["loss_sum"] / seen,
-              "train_acc": p["correct"] / seen, "seconds": p["seconds"], "skipped": p["skipped"],
-              "cycle_ends": cycle_ends}
-    metrics.write(json.dumps(record) + "\n")
-    metrics.flush()
-    log.info("epoch {epoch} step {step} lr {lr:.4g} loss {train_loss:.4f} acc {train_acc:.4f} "
-             "{seconds:.1f}s".format(**record))
-
-
-def evaluate_snapshots(cfg: DictConfig, run_dir: Path, model, data, device, precision, training: dict) -> dict:
-    """Read every snapshot back from its file, compute its test logits once (kept in logits/test/ for
-    `python -m snapens.ensemble`), and write results.json (with `training`: its steps, seconds and precision)."""
-    paths = list_snapshots(run_dir)
-    metas = [read_metadata(p) for p in paths]
-    logits = cached_logits(paths, metas, data.test, "test", cfg.ensemble.batch_size, device, lambda *_: model,
-                           precision, cfg.trainer.channels_last)
-    report = {**ensemble_report(logits, data.test.labels, paths, metas, cfg.ensemble.rule), "training": training}
-    write_atomic(run_dir / "results.json", (json.dumps(report, indent=2) + "\n").encode())
-    return report
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -1,5 +1,5 @@
 """What the training loop does around cycle ends besides the plain snapshot: stochastic weight averaging inside
-each cycle, the optimizer reset at a restart, and adaptive SGDR's decision to lengthen a cycle.
+each cycle, and adaptive SGDR's decision to lengthen a cycle.
 
 SWA (Izmailov et al. 2018, arXiv 1803.05407) averages the weights along the low-learning-rate end of a cycle; its
 BatchNorm statistics must then be recomputed on training data, since no forward pass ever used the averaged

@@ -53,7 +53,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     buffers = [b.clone() for b in model.buffers()] if skip_nonfinite else None
     optimizer.zero_grad(set_to_none=True)
     losses, outputs = [], []
-    pieces = list(zip(x.tensor_split(accumulate), y.tensor_split(accumulate)))
+    pieces = [(xs, ys) for xs, ys in zip(x.tensor_split(accumulate), y.tensor_split(accumulate)) if len(ys)]
     for k, (xs, ys) in enumerate(pieces):
         last = k == len(pieces) - 1
         with nullcontext() if last else no_sync(model):

@@ -209,6 +209,18 @@ def test_accumulation_with_half_the_batch_equals_one_full_batch():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_accumulation_with_fewer_images_than_pieces():
+    """An epoch's last batch may hold fewer images than trainer.accumulate: no empty forward pass."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(1, 4), torch.tensor([1])
+    expected = F.cross_entropy(model(x), y).detach()
+    loss, logits, _, finite = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 0.0, "norm",
+                                         accumulate=3)
+    assert logits.shape == (1, 2) and bool(finite)
+    torch.testing.assert_close(loss, expected)
+
+
 def test_accumulation_counts_updates_not_batches(make_cfg, tmp_path, monkeypatch):
     sizes = []
     real = snapens.train.train_step

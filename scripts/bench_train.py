@@ -111,14 +111,14 @@ def snapens_contender(cfg, data, args, device, precision):
     split, generator = data.train.to(device), torch.Generator(device).manual_seed(SEED)
     aug = build_augmentation(cfg.data)
     batches = itertools.chain.from_iterable(
-        train_batches(split, args.batch_size, generator, aug, data.mean, data.std) for _ in itertools.count())
+        train_batches(split, args.batch_size, generator, aug, data.mean, data.std, channels_last=args.channels_last)
+        for _ in itertools.count())
     state = {"step": 0, "loss_sum": torch.zeros((), device=device),
              "correct": torch.zeros((), device=device, dtype=torch.long)}
 
     def step() -> int:
         x, y = next(batches)
         set_hyperparameters(optimizer, schedule.lr(state["step"]), schedule.momentum(state["step"]))
-        x = x.contiguous(memory_format=layout(args.channels_last))
         loss, logits, _, _ = train_step(forward, optimizer, x, y, cfg.trainer.grad_clip, cfg.trainer.clip_mode,
                                         precision)
         state["loss_sum"] += loss * len(y)  # summed on the device: no host sync per step

@@ -185,7 +185,7 @@ class TrainerConfig:
     label_smoothing: float = 0.0
     reset_optimizer_on_restart: bool = False
     keep_snapshots: int = 0
-    swa: SWAConfig = field(default_factory=lambda: SWAConfig())
+    swa: SWAConfig = field(default_factory=SWAConfig)
     snapshot_every: float = 0.0
     sync_bn: bool = False
 

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from snapens.errors import SnapensError
+from snapens.precision import layout
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")  # read with Pillow
 CACHE_VERSION = "1"
@@ -364,8 +365,10 @@ def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug: Augmentation,
-                  mean, std, order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled, augmented, normalised batches (the last one may be smaller).
+                  mean, std, order: torch.Tensor | None = None,
+                  channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled, augmented, normalised batches (the last one may be smaller), in the channels_last
+    memory layout when asked (the model's, so its first convolution needs no conversion).
 
     The generator must live on the same device as the split; it alone decides the order and the augmentation.
     `order` is the epoch's permutation, drawn from the generator when None; a resumed epoch passes what was left
@@ -384,14 +387,16 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
         x = normalize(images, mean, std)
         if aug.cutout:
             x = cutout(x, aug.cutout, generator)
-        yield x, split.labels[index]
+        yield x.contiguous(memory_format=layout(channels_last)), split.labels[index]
 
 
-def eval_batches(split: Split, batch_size: int, mean, std,
-                 device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The split in order, normalised on `device` (default: where the split is), without augmentation."""
+def eval_batches(split: Split, batch_size: int, mean, std, device: torch.device | None = None,
+                 channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The split in order, normalised on `device` (default: where the split is), without augmentation, in the
+    channels_last layout when asked."""
     device = device or split.images.device
     mean, std = channel_tensors(mean, std, device)
     for start in range(0, len(split), batch_size):
         images = split.images[start:start + batch_size].to(device, non_blocking=True)
-        yield normalize(images, mean, std), split.labels[start:start + batch_size]
+        yield (normalize(images, mean, std).contiguous(memory_format=layout(channels_last)),
+               split.labels[start:start + batch_size])

@@ -25,11 +25,10 @@ from snapens.build import (build_augmentation, build_data, build_model, build_op
                            pick_precision)
 from snapens.config import check_config, register_configs
 from snapens.data import train_batches
-from snapens.errors import SnapensError
+from snapens.errors import SnapensError, exit_with
 from snapens.precision import layout
 from snapens.snapshots import write_atomic
 from snapens.step import set_hyperparameters, train_step
-from snapens.train import exit_with
 
 matplotlib.use("Agg")  # files only: works on a headless machine
 import matplotlib.pyplot as plt  # noqa: E402
@@ -59,11 +58,10 @@ def lr_at(step: int, start_lr: float, end_lr: float, num_steps: int) -> float:
 
 
 def endless_batches(split, batch_size: int, generator: torch.Generator, augmentation, mean, std,
-                    memory_format: torch.memory_format) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                    channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Epoch after epoch of training batches, drawn and laid out as snapens.train draws them."""
     while True:
-        for x, y in train_batches(split, batch_size, generator, augmentation, mean, std):
-            yield x.contiguous(memory_format=memory_format), y
+        yield from train_batches(split, batch_size, generator, augmentation, mean, std, channels_last=channels_last)
 
 
 def sweep(step: Callable, optimizer: torch.optim.Optimizer, batches: Iterator, lrs: list[float], smoothing: float,
@@ -151,7 +149,7 @@ def prepare(cfg: DictConfig) -> tuple[Callable, torch.optim.Optimizer, Iterator,
     generator = torch.Generator(device).manual_seed(t.seed)
     update_size = t.batch_size * t.accumulate  # as in training: accumulate batches of batch_size per update
     batches = endless_batches(data.train.to(device), update_size, generator, build_augmentation(cfg.data),
-                              data.mean, data.std, layout(t.channels_last))
+                              data.mean, data.std, t.channels_last)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return train_step(model, optimizer, x, y, t.grad_clip, t.clip_mode, precision, accumulate=t.accumulate,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml  # comes with omegaconf; overrides.yaml is a plain list of strings
 
-from snapens.errors import SnapensError
+from snapens.errors import SnapensError, exit_with
 from snapens.snapshots import write_atomic
 
 DEFAULTS = "(defaults)"
@@ -219,9 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (args.paths[0] if one_folder else Path("."))
     try:
         report(args.paths, out, args.seed_key)
-    except SnapensError as e:  # one line, exit status 2, as snapens.train's exit_with
-        print(f"snapens: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    except SnapensError as e:
+        exit_with(e)
 
 
 if __name__ == "__main__":

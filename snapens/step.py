@@ -63,7 +63,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
             piece.backward()
         losses.append(piece.detach())
         outputs.append(out.detach())
-    loss, logits = torch.stack(losses).sum(), torch.cat(outputs)
+    if len(pieces) == 1:  # no copies in the common case
+        loss, logits = losses[0], outputs[0]
+    else:
+        loss, logits = torch.stack(losses).sum(), torch.cat(outputs)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     finite = torch.isfinite(loss) & torch.isfinite(norm)

@@ -14,13 +14,13 @@ class IntervalStats:
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)
         self.updates = self.images = 0
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, norm: torch.Tensor,
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int, norm: torch.Tensor,
             grad_clip: float) -> None:
-        correct = (logits.argmax(1) == y).sum()
+        """One update: its mean loss and correct predictions over `images` images, its gradient norm."""
         clipped = norm > grad_clip if grad_clip > 0 else torch.zeros_like(norm, dtype=torch.bool)
-        self.sums += torch.stack([loss * len(y), correct, norm, clipped]).to(torch.float64)
+        self.sums += torch.stack([loss * images, correct, norm, clipped]).to(torch.float64)
         self.updates += 1
-        self.images += len(y)
+        self.images += images
 
     def read(self) -> dict[str, float]:
         """The interval's means (one read from the device), and a fresh interval."""

@@ -31,7 +31,7 @@ from snapens.checkpoint import checkpoint_path, rng_state, save_checkpoint, set_
 from snapens.config import check_config, register_configs
 from snapens.data import epoch_order, train_batches
 from snapens.ensemble import format_report
-from snapens.errors import SnapensError
+from snapens.errors import SnapensError, exit_with
 from snapens.precision import describe, layout
 from snapens.restarts import new_adaptive_state, should_extend, swa_first_update, validation_loss
 from snapens.run_plots import plot_lr_schedule, plot_training
@@ -159,10 +159,9 @@ def run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float | Non
     def stop_if_nonfinite() -> None:  # before anything is written: the last checkpoint stays intact
         step, loss, norm = first_bad.tolist()
         if step >= 0:
-            raise SnapensError(f"non-finite loss or gradient at step {int(step)} (lr {schedule.lr(int(step)):.4g}, "
-                               f"loss {loss:.4g}, gradient norm {norm:.4g}); stopped, the last checkpoint is intact: "
-                               "start a new hydra.run.dir with a lower scheduler.eta_max, or resume this one with "
-                               "trainer.on_nonfinite=skip")
+            raise SnapensError(f"{nonfinite(int(step), schedule.lr(int(step)), loss, norm)}; stopped, the last "
+                               "checkpoint is intact: start a new hydra.run.dir with a lower scheduler.eta_max, or "
+                               "resume this one with trainer.on_nonfinite=skip")
 
     bar = tqdm(total=schedule.total_steps, initial=p["step"], unit="step", dynamic_ncols=True,
                disable=None if main else True)
@@ -175,23 +174,25 @@ def run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float | Non
             loss_sum = torch.tensor(p["loss_sum"], device=device)  # summed on the device, read at checkpoints
             correct = torch.tensor(p["correct"], device=device)
             rest = p["order"][p["position"] * update_size:].to(device)
-            for x, y in train_batches(train_split, update_size, generator, augmentation, data.mean, data.std, rest):
+            for x, y in train_batches(train_split, update_size, generator, augmentation, data.mean, data.std, rest,
+                                      t.channels_last):
                 step, lr = p["step"], schedule.lr(p["step"])
                 set_hyperparameters(optimizer, lr, schedule.momentum(step))
-                x, y = distributed.share(x.contiguous(memory_format=layout(t.channels_last)), y, ranks)
+                x, y = distributed.share(x, y, ranks)
                 loss, logits, norm, finite = train_step(forward, optimizer, x, y, t.grad_clip, t.clip_mode,
                                                         precision, skip, t.accumulate, t.label_smoothing)
                 if skip and not finite:
                     skip_nonfinite(t, p, step, lr, loss, norm)
                 else:  # under torchrun: this rank's share (a random part of every batch) stands for the whole
+                    hits = (logits.argmax(1) == y).sum()
                     loss_sum += loss * len(y)
-                    correct += (logits.argmax(1) == y).sum()
+                    correct += hits
                     p["seen"] += len(y)
                     p["skipped_in_row"] = 0
                     if not skip:
                         note_first_nonfinite(first_bad, step, loss, norm, finite)
                     if interval:
-                        interval.add(loss, logits, y, norm, t.grad_clip)
+                        interval.add(loss, hits, len(y), norm, t.grad_clip)
                 p["step"], p["position"] = step + 1, p["position"] + 1
                 bar.update()
                 cycle = bisect.bisect_right(cycle_ends, step)  # 0-based, of the update just made
@@ -211,15 +212,16 @@ def run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float | Non
                 # A signal may reach torchrun's ranks at different steps: they agree at log intervals and epoch ends.
                 stopping = distributed.any_rank(bool(stops), ranks, device) \
                     if not ranks.parallel or log_now or epoch_done else False
-                checkpoint = epoch_done or p["step"] in cycle_ends or stopping or (
+                cycle_end = p["step"] in cycle_ends
+                checkpoint = epoch_done or cycle_end or stopping or (
                     t.checkpoint_every and p["step"] % t.checkpoint_every == 0)
                 if checkpoint:
                     stop_if_nonfinite()
-                if p["step"] in cycle_ends and main:  # cycle `cycle` (0-based) is over: files count from 1
+                if cycle_end and main:  # cycle `cycle` (0-based) is over: files count from 1
                     end_cycle(cfg, run_dir, model, swa, train_split, data, {
                         **metadata, "cycle": cycle + 1, "step": p["step"], "epoch": p["step"] / steps_per_epoch,
                         "lr": lr})
-                if p["step"] in cycle_ends:
+                if cycle_end:
                     if swa:
                         swa.n_averaged.zero_()  # the next cycle's average starts afresh
                     if t.reset_optimizer_on_restart and p["step"] < schedule.total_steps:
@@ -295,12 +297,15 @@ def adapt_cycles(cfg: DictConfig, adaptive: dict, schedule, model, data, device,
     return schedule, True
 
 
+def nonfinite(step: int, lr: float, loss: float, norm: float) -> str:
+    return f"non-finite loss or gradient at step {step} (lr {lr:.4g}, loss {loss:.4g}, gradient norm {norm:.4g})"
+
+
 def skip_nonfinite(t: DictConfig, p: dict, step: int, lr: float, loss: torch.Tensor, norm: torch.Tensor) -> None:
     """on_nonfinite=skip: count the dropped update; stop after max_skipped in a row."""
     p["skipped"] += 1
     p["skipped_in_row"] += 1
-    what = f"non-finite loss or gradient at step {step} (lr {lr:.4g}, loss {loss.item():.4g}, " \
-           f"gradient norm {norm.item():.4g})"
+    what = nonfinite(step, lr, loss.item(), norm.item())
     if p["skipped_in_row"] > t.max_skipped:
         raise SnapensError(f"{what}: {p['skipped_in_row']} non-finite updates in a row (trainer.max_skipped="
                            f"{t.max_skipped}); stopped, the last checkpoint is intact")
@@ -317,13 +322,6 @@ def main(cfg: DictConfig) -> float:
         log.warning(str(e))
         print(f"snapens: {e}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-
-
-def exit_with(error: Exception) -> None:
-    """One line on stderr, exit status 2: the message names the key or file and the fix."""
-    key = getattr(error, "full_key", None)
-    print(f"snapens: error: {str(error).splitlines()[0]}" + (f" ({key})" if key else ""), file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

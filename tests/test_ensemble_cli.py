@@ -215,6 +215,7 @@ def other_data_config(run):
     (None, ["members=last:9"], "members=last:9 needs 1 <= K <= 3"),
     (None, ["members=[7]"], "no snapshot for cycle 7"),
     (None, ["split=train"], "split=train is not allowed; choose one of: test, val"),
+    (None, ["precision=fp16"], "precision=fp16 is not allowed; choose one of: auto, bf16, fp32"),
     (code_in_metadata, [], "names a model snapens cannot build safely"),
     (other_data_config, ["split=val", "config=RUN/other.yaml"], "trained on other data than"),
     (None, ["members=[1,1]"], "names a cycle twice"),

@@ -264,6 +264,9 @@ def test_keep_only_the_newest_snapshots(make_cfg, tmp_path):
     ("trainer.keep_snapshots=-1", "trainer.keep_snapshots=-1 must be >= 0"),
     ("scheduler=adaptive_sgdr data.val_size=32 scheduler.warmup_every_cycle=true",
      "scheduler.warmup_every_cycle does not go with scheduler=adaptive_sgdr"),
+    ("scheduler=adaptive_sgdr data.val_size=32 scheduler.extension_factor=1.0",
+     "scheduler.extension_factor=1.0 must be > 1"),
+    ("scheduler=adaptive_sgdr data.val_size=32 scheduler.patience=0", "scheduler.patience=0 must be a finite number"),
 ])
 def test_bad_option_values(make_cfg, tmp_path, override, message):
     with pytest.raises(SnapensError, match=message):

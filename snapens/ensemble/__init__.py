@@ -24,8 +24,7 @@ def predict_logits(model: torch.nn.Module, split: Split, mean, std, batch_size: 
     """
     model.to(device, memory_format=layout(channels_last)).eval()
     with autocast(device, precision):
-        out = [model(x.contiguous(memory_format=layout(channels_last))).float()
-               for x, _ in eval_batches(split, batch_size, mean, std, device)]
+        out = [model(x).float() for x, _ in eval_batches(split, batch_size, mean, std, device, channels_last)]
     return torch.cat(out).cpu()
 
 

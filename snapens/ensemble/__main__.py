@@ -25,9 +25,8 @@ from snapens.ensemble import predict_logits
 from snapens.ensemble import metrics
 from snapens.ensemble.cache import cached_logits
 from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, plot_reliability
-from snapens.errors import SnapensError
+from snapens.errors import SnapensError, exit_with
 from snapens.snapshots import list_snapshots, load_into, read_metadata, write_atomic
-from snapens.train import exit_with
 
 register_configs()
 log = logging.getLogger(__name__)

@@ -1,44 +1,12 @@
 """Time and peak memory of evaluating M snapshots: `python -m snapens.ensemble` against the naive way, in one run.
 
-Setup (not timed): a run dir holding `.hydra/config.yaml` (composed from conf/ with data=imagefolder, the chosen
-model and data.test_limit=N) and M snapshot files from differently seeded untrained models, with the metadata
-snapens/train.py writes (accuracy does not matter here; step, epoch and lr are placeholders). The data is decoded
-once (snapens' uint8 cache exists) and the test JPEGs are read once (in the page cache), so neither contender pays
-a first read from disk. Without --root, make_synthetic images are written as PNG files (lossless) into an
-ImageFolder tree, so both contenders always read the same files.
-
-Each contender runs in a fresh Python process of its own, which reports its own peak RSS (getrusage RUSAGE_SELF:
-exact, unlike RUSAGE_CHILDREN in the parent, the maximum over every child ever waited for):
-
-  snapens  `python -m snapens.ensemble run=DIR device=D batch_size=B precision=P channels_last=L` with a cold logits
-           cache: imports, the training config, build_data (the decoded train and test tensors and the train
-           statistics), one model in memory reloaded per snapshot, M forward passes, the logits cache written,
-           metrics, ensemble.json and 3 plots. Then again with a warm cache (every snapshot's logits read back, no
-           forward pass). "logits s" is the tool's own timing of the M forward passes (ensemble.json's
-           logits_seconds, cold run): the ensemble evaluation itself, without start-up and data loading.
-  naive    the textbook way: all M models built from their metadata (model_config) and loaded with safetensors,
-           kept in memory; torchvision ImageFolder(ROOT/test) with ToTensor + Normalize(snapshot mean/std), a
-           Subset of the same N images snapens uses, in the same order (setup finds their indices by pixels);
-           DataLoader(batch_size=B, num_workers=os.cpu_count()); one full pass (JPEG decoding included) per model,
-           in the same precision and layout as snapens (so that the two must agree); logits averaged, accuracy
-           computed.
-
-Times: wall (around the subprocess, interpreter start included), own (inside the process, imports included) and
-CPU (user + sys, the naive DataLoader workers included). Peak RSS is the main process's, the number compared. The
-largest peak RSS of its child processes is shown apart: the naive DataLoader workers, and in both the `ldconfig -p`
-that importing torch runs. A forked child's RSS counts the pages it shares with its parent, so that column is not
-extra memory on top of the main process's. Torch threads are set with
-OMP_NUM_THREADS in both. The contenders alternate --repeats times (snapens cold and warm, then naive; next time naive
-first) and the medians are reported. The naive ensemble's accuracy and mean logits must equal snapens' (same images,
-same batches, same arithmetic); the script says so, or exits 1. Other processes on the machine make CPU times noisy
-(load1 in the config line); use --repeats 3 there.
+How it measures: docs/benchmarks.md. Usage:
 
     python scripts/bench_ensemble.py --quick                                     # CPU smoke run, synthetic, < 1 min
     python scripts/bench_ensemble.py --root /tmp/data/cifar10-jpeg              # CPU: ResNet-20, M=5, 10,000 images
     python scripts/bench_ensemble.py --root /tmp/data/cifar10-jpeg --model wrn28_10 --images 100 --batch-size 100
                                             # CPU, memory: 5 x 146 MB of weights in the naive process
-    python scripts/bench_ensemble.py --root DIR --device cuda --model wrn28_10   # GPU
-"""
+    python scripts/bench_ensemble.py --root DIR --device cuda --model wrn28_10   # GPU"""
 
 import argparse
 import json
@@ -53,7 +21,6 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors import safe_open
@@ -62,12 +29,11 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from snapens.build import build_data, build_model, model_name, pick_device, pick_precision
+from snapens.build import build_data, build_model, model_from_metadata, pick_device, pick_precision, snapshot_metadata
 from snapens.config import register_configs
 from snapens.data import Split, load_image_folder, make_synthetic
 from snapens.precision import autocast, describe, layout
 from snapens.snapshots import list_snapshots, read_metadata, save_snapshot, snapshot_path
-from snapens.run_dir import config_hash
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Runs a module (`-m`) or a script in this process, then prints its own time, CPU time and peak RSS (KiB).
@@ -121,7 +87,7 @@ def write_synthetic(root: Path, test_size: int) -> Path:
     return root
 
 
-def setup(args, work: Path) -> tuple[Path, int]:
+def make_run(args, work: Path) -> tuple[Path, int]:
     """A run dir with .hydra/config.yaml and M snapshots; the data decoded and its files read once."""
     for old in ("run", "synthetic"):
         shutil.rmtree(work / old, ignore_errors=True)
@@ -139,10 +105,7 @@ def setup(args, work: Path) -> tuple[Path, int]:
         if path.is_file():
             path.read_bytes()  # into the page cache for the naive contender
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    meta = {"model": model_name(cfg.model), "model_config": OmegaConf.to_container(cfg.model, resolve=True),
-            "num_classes": len(data.classes), "classes": data.classes,
-            "image_size": list(data.train.images.shape[2:]), "mean": list(data.mean), "std": list(data.std),
-            "config_hash": config_hash(cfg)}
+    meta = snapshot_metadata(cfg, data)
     for cycle in range(1, args.snapshots + 1):
         torch.manual_seed(cycle)
         save_snapshot(snapshot_path(run, cycle), build_model(cfg.model),
@@ -151,8 +114,7 @@ def setup(args, work: Path) -> tuple[Path, int]:
 
 
 def test_index(root: Path, image_size: int, test: Split) -> list[int]:
-    """Where each image of snapens' test split (a data.test_limit subset) is in the whole ROOT/test, in the order
-    of load_image_folder, which is ImageFolder's (classes, then files, sorted by name); found by pixels and label."""
+    """Index in the whole ROOT/test (ImageFolder's order) of each image of snapens' test split, by pixels and label."""
     _, full, _ = load_image_folder(str(root), image_size)
     where = {(x.numpy().tobytes(), int(y)): i for i, (x, y) in enumerate(zip(full.images, full.labels))}
     return [where[(x.numpy().tobytes(), int(y))] for x, y in zip(test.images, test.labels)]
@@ -165,7 +127,7 @@ def naive(run: Path, batch_size: int, device: torch.device, precision: torch.dty
     models, metas = [], []
     for path in sorted((run / "snapshots").glob("cycle_*.safetensors")):
         metas.append(read_metadata(path))
-        model = instantiate(metas[-1]["model_config"])
+        model = model_from_metadata(metas[-1]["model_config"], f"snapshot {path}")  # the allow-list, as snapens
         model.load_state_dict(load_file(path))
         models.append(model.to(device, memory_format=layout(channels_last)).eval())
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(metas[0]["mean"], metas[0]["std"])])
@@ -198,9 +160,8 @@ def check(run: Path) -> dict:
     """Accuracy and mean logits of both contenders on the same images; they must agree."""
     snap_acc = json.loads((run / "ensemble" / "test" / "ensemble.json").read_text())["ensemble"]["acc"]
     cached = [load_file(run / "logits" / "test" / p.name)["logits"] for p in list_snapshots(run)]
-    naive_logits = load_file(run / "naive.safetensors")["logits"]
     with safe_open(run / "naive.safetensors", framework="pt") as f:
-        naive_acc = float(f.metadata()["acc"])
+        naive_logits, naive_acc = f.get_tensor("logits"), float(f.metadata()["acc"])
     diff = (torch.stack(cached).mean(0) - naive_logits).abs().max().item()
     return {"snapens_acc": snap_acc, "naive_acc": naive_acc, "max_abs_logit_diff": diff,
             "agree": abs(snap_acc - naive_acc) <= 1e-9}
@@ -214,7 +175,7 @@ def main() -> None:
         return naive(Path(args.naive), args.batch_size, device, precision, args.channels_last)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp).resolve()
-        run, n = setup(args, work)
+        run, n = make_run(args, work)
         snap = ["snapens.ensemble", f"run={run}", f"device={args.device}", f"batch_size={args.batch_size}",
                 f"precision={args.precision}", f"channels_last={args.channels_last}"]
         naive_argv = [str(Path(__file__).resolve()), "--naive", str(run), "--device", args.device,
@@ -238,9 +199,8 @@ def main() -> None:
     ratios = {"time": median["naive"]["wall_s"] / median["snapens"]["wall_s"],
               "peak_rss": median["naive"]["peak_rss_mib"] / median["snapens"]["peak_rss_mib"],
               "time_vs_warm": median["naive"]["wall_s"] / median["snapens (warm)"]["wall_s"]}
-    config = {"model": args.model, "M": args.snapshots, "images": n, "batch": args.batch_size,
-              "device": str(device), "precision": describe(precision, args.channels_last),
-              "torch": torch.__version__, "threads": args.threads,
+    config = {"model": args.model, "M": args.snapshots, "images": n, "batch": args.batch_size, "device": str(device),
+              "precision": describe(precision, args.channels_last), "torch": torch.__version__, "threads": args.threads,
               "workers": os.cpu_count(), "data": args.root or "synthetic", "repeats": args.repeats,
               "load1": round(os.getloadavg()[0], 2)}
     if device.type == "cuda":
@@ -263,8 +223,7 @@ def main() -> None:
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"config": config, "median": median, "runs": runs, "ratios": ratios,
-                                               "logits_s": logits_s,
-                                               "agreement": agreement}, indent=2) + "\n")
+                                               "logits_s": logits_s, "agreement": agreement}, indent=2) + "\n")
     if not agreement["agree"]:
         sys.exit(1)
 

@@ -1,40 +1,16 @@
 """Training throughput (images/s) of snapens against a plain PyTorch loop, in one run, and their ratio, per model;
 seconds per CIFAR-10 epoch; and the share of a 5-cycle run's time that its snapshot writes take.
 
-Both contenders train the same model (built from conf/model/<name>.yaml, same seed) with the same SGD (momentum and
-weight decay from conf/optimizer/sgd.yaml), batch size, precision (--precision: autocast to bf16 or none), gradient
-clipping (norm 1.0) and torch threads, on the same images (a seeded class-balanced subset of the training split,
-already decoded to uint8 tensors, so JPEG decoding is excluded for both):
-
-  snapens  the snapens.train path: the uint8 split on the device, snapens.data.train_batches (pad-4 crop + flip +
-           normalisation on whole batches), the loop body of snapens/train.py (lr from the SGDR schedule, loss and
-           accuracy summed on the device, no read-back per step), channels_last unless --no-channels-last,
-           torch.compile with --compile (its first step, the compile, is timed apart and not in images/s).
-  plain    the textbook loop: a Dataset of HWC uint8 arrays made into PIL images (as torchvision's CIFAR10),
-           transforms RandomCrop(size, padding=4), RandomHorizontalFlip, ToTensor, Normalize; a DataLoader with
-           shuffle, num_workers=os.cpu_count(), pin_memory on CUDA, persistent workers; NCHW; loss.item() every step.
-
-Snapshot writes: snapens.snapshots.save_snapshot of the model (CPU copy, safetensors, fsync, rename), median of 3
-writes into a temporary folder, times 5, over the time snapens takes to train --budget epochs of 50,000 images at
-the measured throughput (default 200, the Snapshot Ensembles budget for CIFAR: 5 cycles of 40 epochs).
-
-One-time setup (loading, worker start) is not timed. Each timed block of --steps steps follows --warmup untimed
-steps (which also drain batches the DataLoader prefetched while the other contender ran); the contenders alternate
---repeats times and the medians are reported. Other processes on the machine make CPU numbers noisy (load1 in the
-config line), badly so when they leave torch's threads fewer free cores than it uses. On a small CPU machine the
-plain loop's workers and torch's intra-op threads share the cores (oversubscription): that is what a plain user
-gets, so it is measured as is.
+How it measures: docs/benchmarks.md. Usage:
 
     python scripts/bench_train.py --quick                                       # CPU smoke run, synthetic, < 1 min
     python scripts/bench_train.py --root /tmp/data/cifar10-jpeg --repeats 3     # CPU, CIFAR-10 ImageFolder
-    python scripts/bench_train.py --root DIR --device cuda --train-limit 50000 --steps 100 --repeats 5 \
-        --models resnet20,resnet56,wrn16_4,wrn28_10                                                     # GPU, bf16
-"""
+    python scripts/bench_train.py --root DIR --device cuda --train-limit 50000 --steps 100 --repeats 5 \\
+        --models resnet20,resnet56,wrn16_4,wrn28_10                                                     # GPU, bf16"""
 
 import argparse
 import itertools
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -44,15 +20,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from snapens.build import (build_augmentation, build_model, build_optimizer, build_schedule, pick_device,
-                           pick_precision)
+from snapens.batches import train_batches
+from snapens.build import Setup, build_model, pick_device, pick_precision, setup
 from snapens.config import register_configs
-from snapens.data import load_image_folder, make_synthetic, prepare, train_batches
-from snapens.precision import autocast, describe, layout
+from snapens.precision import autocast, describe
 from snapens.snapshots import save_snapshot
 from snapens.step import seconds_since, set_hyperparameters, train_step
 
@@ -82,51 +58,50 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="few steps on a small subset: a smoke run")
     p.add_argument("--json", help="also write the numbers to this file")
     a = p.parse_args()
-    quick = a.quick
-    a.steps = a.steps or (4 if quick else 30)
-    a.warmup = a.warmup if a.warmup is not None else (2 if quick else 5)
+    a.steps = a.steps or (4 if a.quick else 30)
+    a.warmup = a.warmup if a.warmup is not None else (2 if a.quick else 5)
     a.repeats = a.repeats or 1
-    a.train_limit = a.train_limit or (1024 if quick else 5000)
+    a.train_limit = a.train_limit or (1024 if a.quick else 5000)
     a.data = a.data or ("imagefolder" if a.root else "synthetic")
     if a.data == "imagefolder" and not a.root:
         p.error("--data imagefolder needs --root DIR")
     return a
 
 
-def load(args):
-    if args.data == "imagefolder":
-        train, test, classes = load_image_folder(args.root)
+def compose_config(model_name: str, args) -> DictConfig:
+    """The training config both contenders follow: conf/ with this model, the data, batch, precision and layout."""
+    overrides = [f"model={model_name}", f"data={args.data}", f"data.train_limit={args.train_limit}",
+                 f"trainer.batch_size={args.batch_size}", f"trainer.device={args.device}",
+                 f"trainer.precision={args.precision}", f"trainer.channels_last={args.channels_last}",
+                 f"trainer.compile={args.compile}", f"trainer.seed={SEED}", f"data.subset_seed={SEED}"]
+    if args.root:
+        classes = [d for d in (Path(args.root) / "train").iterdir() if d.is_dir() and not d.name.startswith(".")]
+        overrides += [f"data.root={args.root}", f"data.num_classes={len(classes)}"]
     else:
-        train, test, classes = make_synthetic(10, args.train_limit, 16, 32, seed=SEED)
-    return prepare(train, test, classes, train_limit=args.train_limit, seed=SEED)
+        overrides += [f"data.train_size={args.train_limit}", "data.test_size=16"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
 
 
-def snapens_contender(cfg, data, args, device, precision):
-    """A step() running one update exactly as snapens/train.py does; returns the number of images."""
-    torch.manual_seed(SEED)
-    model = build_model(cfg.model).to(device, memory_format=layout(args.channels_last)).train()
-    forward = torch.compile(model) if args.compile else model
-    schedule = build_schedule(cfg.scheduler, cfg.trainer.epochs, math.ceil(len(data.train) / args.batch_size))
-    optimizer = build_optimizer(model, cfg.optimizer, schedule.lr(0))
-    split, generator = data.train.to(device), torch.Generator(device).manual_seed(SEED)
-    aug = build_augmentation(cfg.data)
+def snapens_contender(s: Setup, cfg: DictConfig):
+    """A step(): one update as snapens/train.py's loop makes it (snapens.build.setup); returns the number of images."""
     batches = itertools.chain.from_iterable(
-        train_batches(split, args.batch_size, generator, aug, data.mean, data.std, channels_last=args.channels_last)
-        for _ in itertools.count())
-    state = {"step": 0, "loss_sum": torch.zeros((), device=device),
-             "correct": torch.zeros((), device=device, dtype=torch.long)}
+        train_batches(s.train_split, s.update_size, s.generator, s.augmentation, s.data.mean, s.data.std,
+                      channels_last=cfg.trainer.channels_last) for _ in itertools.count())
+    state = {"step": 0, "loss_sum": torch.zeros((), device=s.device),
+             "correct": torch.zeros((), device=s.device, dtype=torch.long)}
 
     def step() -> int:
         x, y = next(batches)
-        set_hyperparameters(optimizer, schedule.lr(state["step"]), schedule.momentum(state["step"]))
-        loss, logits, _, _ = train_step(forward, optimizer, x, y, cfg.trainer.grad_clip, cfg.trainer.clip_mode,
-                                        precision)
-        state["loss_sum"] += loss * len(y)  # summed on the device: no host sync per step
-        state["correct"] += (logits.argmax(1) == y).sum()
+        t = state["step"]
+        set_hyperparameters(s.optimizer, s.schedule.lr(t), s.schedule.momentum(t))
+        result = train_step(s.forward, s.optimizer, x, y, s.step_options)
+        state["loss_sum"] += result.loss * len(y)  # summed on the device: no host sync per step
+        state["correct"] += (result.logits.argmax(1) == y).sum()
         state["step"] += 1
         return len(y)
 
-    step.model = model
+    step.model = s.model
     return step
 
 
@@ -201,24 +176,23 @@ def snapshot_seconds(model: torch.nn.Module) -> float:
     return statistics.median(times)
 
 
-def measure(model_name: str, data, args, device, precision) -> dict:
+def measure(model_name: str, args) -> dict:
     """Both contenders on one model, alternating --repeats times; medians, ratio and the snapshot share."""
-    overrides = [f"model={model_name}", f"data={args.data}", f"data.num_classes={len(data.classes)}",
-                 f"trainer.batch_size={args.batch_size}"] + ([f"data.root={args.root}"] if args.root else [])
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    contenders = {"snapens": snapens_contender(cfg, data, args, device, precision),
-                  "plain": plain_contender(cfg, data, args, device, precision)}
-    first = first_step_seconds(contenders["snapens"], device)
+    cfg = compose_config(model_name, args)
+    s = setup(cfg)
+    contenders = {"snapens": snapens_contender(s, cfg), "plain": plain_contender(cfg, s.data, args, s.device,
+                                                                                 s.precision)}
+    first = first_step_seconds(contenders["snapens"], s.device)
     runs = {name: [] for name in contenders}
     for r in range(args.repeats):
         for name in (list(contenders) if r % 2 == 0 else list(contenders)[::-1]):  # alternate who goes first
-            runs[name].append(throughput(contenders[name], args, device))
+            runs[name].append(throughput(contenders[name], args, s.device))
     median = {name: statistics.median(v) for name, v in runs.items()}
     write = snapshot_seconds(contenders["snapens"].model)
     run_seconds = args.budget * 50_000 / median["snapens"]
     return {"model": model_name, "images_per_s": median, "runs": runs, "ratio": median["snapens"] / median["plain"],
-            "first_step_s": first, "snapshot_write_s": write, "snapshot_share": 5 * write / run_seconds}
+            "first_step_s": first, "snapshot_write_s": write, "snapshot_share": 5 * write / run_seconds,
+            "images": len(s.data.train)}
 
 
 def main() -> None:
@@ -226,12 +200,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device, key="--precision")
-    data = load(args)
     register_configs()
-    results = [measure(name, data, args, device, precision) for name in args.models.split(",")]
+    results = [measure(name, args) for name in args.models.split(",")]
     config = {"batch": args.batch_size, "device": str(device), "precision": describe(precision, args.channels_last),
               "compile": args.compile, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "workers": os.cpu_count(), "images": len(data.train), "data": args.data, "steps": args.steps,
+              "workers": os.cpu_count(), "images": results[0]["images"], "data": args.data, "steps": args.steps,
               "warmup": args.warmup, "repeats": args.repeats, "budget": args.budget,
               "load1": round(os.getloadavg()[0], 2)}
     if device.type == "cuda":

@@ -7,8 +7,7 @@
 Each preset (a name of conf/experiment/*.yaml) runs as `python -m snapens.train -m experiment=NAME
 trainer.seed=SEEDS [overrides]` into outputs/presets/<time>/<NAME>/; then one report over all of them is written to
 outputs/presets/<time>/ (report.md, report.csv, report.png). Anything after `--` goes to every training command
-(e.g. hydra/launcher=slurm_gpu to send the jobs to SLURM).
-"""
+(e.g. hydra/launcher=slurm_gpu to send the jobs to SLURM)."""
 
 import argparse
 import subprocess
@@ -37,8 +36,7 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     known = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
-    unknown = [name for name in args.presets if name not in known]
-    if unknown:
+    if unknown := [name for name in args.presets if name not in known]:
         sys.exit(f"run_preset: error: no preset {unknown[0]}; choose from: {', '.join(known)}")
     out = Path(args.out or f"outputs/presets/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     for command in commands(args.presets, args.seeds, overrides, out):

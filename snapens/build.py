@@ -3,16 +3,25 @@
 Library modules never see a config; entry points call these builders and hand the results over.
 """
 
+import hashlib
+import json
+import math
+from dataclasses import dataclass, replace
+
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.optim.swa_utils import AveragedModel
 
-from snapens import schedules
-from snapens.data import (Augmentation, Dataset, load_cifar, load_digits, load_image_folder, make_synthetic,
-                          prepare)
+from snapens import adaptive, distributed, schedules
+from snapens.batches import Augmentation
+from snapens.checkpoint import deciding_values
+from snapens.data import Dataset, Split, load_cifar, load_digits, load_image_folder, make_synthetic, prepare
 from snapens.errors import SnapensError
 from snapens.models import CifarResNet, WideResNet
+from snapens.precision import layout
+from snapens.step import StepOptions
 
 
 def pick_device(name: str, key: str = "trainer.device") -> torch.device:
@@ -112,66 +121,76 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, lr: float) -> torch
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
-def _epochs(steps: int, steps_per_epoch: int) -> str:
-    return f"{steps / steps_per_epoch:.6g}"
-
-
 def build_schedule(cfg: DictConfig, epochs: float, steps_per_epoch: int) -> schedules.Schedule:
-    """The schedule named by `cfg` (the scheduler group) over a budget of `epochs`, in optimizer steps."""
+    """The schedule named by `cfg` (the scheduler group) over a budget of `epochs`, in optimizer steps.
+
+    The schedule classes check their own arguments; their ValueError becomes one line naming the scheduler key.
+    Checked here is what the config adds: lengths in its unit, a budget that ends at a cycle end, and a warmup and
+    milestones that fit the cycles and the budget (on the schedule before the warmup is put in front of it).
+    """
     total = round(epochs * steps_per_epoch)
     if total < 1:
         raise SnapensError(f"trainer.epochs={epochs:g} is less than one step ({steps_per_epoch} steps per epoch)")
 
     def steps(key: str, value: float | None = None) -> int:
+        """A length of the scheduler group in optimizer steps; one <= 0 is left for the schedule class to refuse."""
         value = cfg[key] if value is None else value
-        n = round(value * steps_per_epoch) if cfg.get("unit", "epoch") == "epoch" else round(value)
-        if value and n < 1:
+        if not math.isfinite(value):
+            raise SnapensError(f"scheduler.{key}={value} must be a finite number of {cfg.unit}s")
+        n = round(value * steps_per_epoch) if cfg.unit == "epoch" else round(value)
+        if value > 0 and n < 1:
             raise SnapensError(f"scheduler.{key}={value} {cfg.unit}s is shorter than one step "
                                f"({steps_per_epoch} steps per epoch)")
         return n
 
     if cfg.name == "adaptive_sgdr":  # starts as SGDR (all its checks), then train.py lengthens cycles as it goes
         plain = build_schedule(OmegaConf.merge(cfg, {"name": "sgdr"}), epochs, steps_per_epoch)
-        inner = getattr(plain, "inner", plain)
-        ends = [0, *inner.cycle_ends()]
-        lengths = tuple(b - a for a, b in zip(ends, ends[1:]))
-        return schedules.with_cycle_lengths(plain, lengths)
-    if cfg.name == "onecycle" and cfg.get("warmup"):
+        return adaptive.with_cycle_lengths(plain, adaptive.cycle_lengths(plain))
+    if cfg.name == "onecycle" and cfg.warmup:
         raise SnapensError("scheduler.warmup is not for onecycle: its rise over pct_start is the warmup")
+    warmup = steps("warmup") if cfg.warmup else 0
     try:
-        schedule = _make(cfg, _cycle_end_near(cfg, total, epochs * steps_per_epoch, steps), steps)
-        if cfg.get("warmup"):
-            schedule = schedules.Warmup(schedule, steps("warmup"), cfg.warmup_every_cycle)
-    except ValueError as e:
-        raise SnapensError(f"scheduler={cfg.name}: {e}") from None
-    _check_budget(schedule, epochs, steps_per_epoch)
-    _check_cycles(cfg, schedule)
-    return schedule
+        schedule = _cycle_end_near(_make(cfg, total, steps), epochs * steps_per_epoch)
+        _check_budget(schedule, epochs, steps_per_epoch)
+        _check_cycles(cfg, schedule, warmup, steps)
+        return schedules.Warmup(schedule, warmup, cfg.warmup_every_cycle) if warmup else schedule
+    except ValueError as e:  # a schedule class refused an argument
+        raise _key_error(cfg, e) from None
 
 
-def _cycle_end_near(cfg: DictConfig, total: int, exact: float, steps) -> int:
-    """The budget in steps, moved onto a cycle end less than one step away (cycle lengths are rounded one by one,
-    so 47.5 epochs may be 18,572 steps where the rounded cycles end at 18,573)."""
-    if cfg.name != "sgdr":
-        return total
-    try:
-        ends = schedules.SGDR(cfg.eta_max, steps("T_0"), total, cfg.T_mult, cfg.eta_min, cfg.decay).ends_until(total)
-    except ValueError:
-        return total  # reported when the schedule itself is made
-    return next((e for e in ends if abs(e - exact) < 1), total)
+def _key_error(cfg: DictConfig, error: ValueError) -> SnapensError:
+    """A schedule class's ValueError as one line under the scheduler key it is about. Its message starts with the
+    argument's name, which is the key's, but for warmup_steps (scheduler.warmup, in steps)."""
+    message = str(error)
+    argument = message.split(" ", 1)[0]
+    key = "warmup" if argument == "warmup_steps" else argument
+    if key not in cfg:
+        return SnapensError(f"scheduler={cfg.name}: {message}")
+    if message.startswith(f"{key} must "):
+        message = message.removeprefix(f"{key} ")
+    return SnapensError(f"scheduler.{key}={cfg[key]}: {message}")
 
 
-def _check_cycles(cfg: DictConfig, schedule: schedules.Schedule) -> None:
-    """Each cycle must end at its smallest learning rate, where its snapshot is taken (arXiv 1704.00109)."""
+def _cycle_end_near(schedule: schedules.Schedule, exact: float) -> schedules.Schedule:
+    """SGDR with its budget moved onto a cycle end less than one step away from `exact` steps (cycle lengths are
+    rounded one by one, so 47.5 epochs may be 18,572 steps where the rounded cycles end at 18,573)."""
+    if not isinstance(schedule, schedules.SGDR):
+        return schedule
+    total = schedule.total_steps
+    return replace(schedule, total_steps=next((e for e in schedule.ends_until(total) if abs(e - exact) < 1), total))
+
+
+def _check_cycles(cfg: DictConfig, schedule: schedules.Schedule, warmup: int, steps) -> None:
+    """Each cycle must end at its smallest learning rate, where its snapshot is taken (arXiv 1704.00109); `schedule`
+    is not warmed up yet, `warmup` is the warmup's length in steps."""
     ends = schedule.cycle_ends()
-    warmup = getattr(schedule, "warmup_steps", 0)
     if len(ends) > 1 and warmup >= ends[0]:
         raise SnapensError(f"scheduler.warmup={cfg.warmup} reaches past the end of the first cycle "
                            f"(step {ends[0]}); make it shorter than the first cycle")
     if cfg.name == "sgdr" and cfg.eta_max * cfg.decay ** (len(ends) - 1) < cfg.eta_min:
         raise SnapensError(f"scheduler.decay={cfg.decay} brings the peak of cycle {len(ends)} below "
                            f"scheduler.eta_min={cfg.eta_min}: that cycle would anneal upwards")
-    if cfg.name == "step" and any(m >= schedule.total_steps for m in getattr(schedule, "milestones", ())):
+    if cfg.name == "step" and any(steps("milestones", m) >= schedule.total_steps for m in cfg.milestones):
         raise SnapensError(f"scheduler.milestones={list(cfg.milestones)} {cfg.unit}s: some lie at or beyond the "
                            f"budget (trainer.epochs); the learning rate would never drop there")
 
@@ -203,17 +222,81 @@ def _make(cfg: DictConfig, total: int, steps) -> schedules.Schedule:
 def _check_budget(schedule: schedules.Schedule, epochs: float, steps_per_epoch: int) -> None:
     """A cyclic schedule's budget must end where a cycle ends, so the last snapshot is taken at a minimum."""
     total = schedule.total_steps
-    inner = getattr(schedule, "inner", schedule)
-    if isinstance(inner, schedules.SGDR):
-        ends = inner.ends_until(total)
-    elif isinstance(inner, schedules.Cyclic):
-        length = inner.step_size_up + (inner.step_size_down or inner.step_size_up)
+    if isinstance(schedule, schedules.SGDR):
+        ends = schedule.ends_until(total)
+    elif isinstance(schedule, schedules.Cyclic):
+        length = schedule.step_size_up + (schedule.step_size_down or schedule.step_size_up)
         ends = list(range(length, total + length, length))
     else:
         return
     if total not in ends:
         cycle = next(i for i, e in enumerate(ends) if e > total) + 1
-        shown = [_epochs(e, steps_per_epoch) for e in ends]
+        shown = [f"{e / steps_per_epoch:.6g}" for e in ends]
         shown = ", ".join(shown if len(shown) <= 8 else shown[:3] + ["..."] + shown[-3:])
         raise SnapensError(f"trainer.epochs={epochs:g} ends inside cycle {cycle}; cycles end at {shown} epochs: "
                            "set trainer.epochs to one of them")
+
+
+# ---- the one setup every entry point that trains uses (train, lr_find, the benchmarks) ----------------------------
+@dataclass
+class Setup:
+    """Everything a training run builds from its config, built in one order so that seeds mean the same thing
+    everywhere (the weights are drawn first, right after torch.manual_seed(trainer.seed))."""
+
+    device: torch.device
+    precision: torch.dtype | None  # the autocast dtype; None: fp32
+    model: torch.nn.Module  # the weights, in the configured memory layout: what snapshots and checkpoints save
+    forward: torch.nn.Module  # what the loop calls: the model, in DDP under torchrun and compiled when asked
+    swa: AveragedModel | None  # trainer.swa.start's average, copied before DDP: it keeps plain BatchNorm
+    data: Dataset  # on the CPU
+    train_split: Split  # data.train on the device
+    schedule: schedules.Schedule  # in optimizer updates
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # on the device: decides the batch order and the augmentation
+    augmentation: Augmentation
+    steps_per_epoch: int
+    update_size: int  # images per update, all ranks together
+    step_options: StepOptions  # how each update is made
+
+
+def setup(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> Setup:
+    """Build what `cfg` (the training config) describes, for this process of `ranks`."""
+    trainer = cfg.trainer
+    device = distributed.device_for(pick_device(trainer.device), ranks)
+    precision = pick_precision(trainer.precision, device)
+    if trainer.num_threads:
+        torch.set_num_threads(trainer.num_threads)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # per job in a multirun sweep
+    torch.manual_seed(trainer.seed)
+    model = build_model(cfg.model).to(device, memory_format=layout(trainer.channels_last))  # before the data: a
+    # bad model config fails in a second
+    swa = AveragedModel(model) if trainer.swa.start is not None else None
+    forward = distributed.wrap(model, ranks, device, trainer.sync_bn)
+    forward = torch.compile(forward) if trainer.compile else forward
+    data = build_data(cfg.data)
+    update_size = trainer.batch_size * trainer.accumulate
+    steps_per_epoch = math.ceil(len(data.train) / update_size)
+    schedule = build_schedule(cfg.scheduler, trainer.epochs, steps_per_epoch)
+    optimizer = build_optimizer(model, cfg.optimizer, schedule.lr(0))
+    options = StepOptions(trainer.grad_clip, trainer.clip_mode, precision, trainer.on_nonfinite == "skip",
+                          trainer.accumulate, trainer.label_smoothing)
+    return Setup(device, precision, model, forward, swa, data, data.train.to(device), schedule, optimizer,
+                 torch.Generator(device).manual_seed(trainer.seed), build_augmentation(cfg.data), steps_per_epoch,
+                 update_size, options)
+
+
+def snapshot_metadata(cfg: DictConfig, data: Dataset) -> dict:
+    """What every snapshot of the run carries besides its cycle, step, epoch and lr: enough to rebuild the model
+    and its input normalisation without the run dir."""
+    return {"model": model_name(cfg.model), "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+            "num_classes": len(data.classes), "classes": data.classes,
+            "image_size": list(data.train.images.shape[2:]), "mean": list(data.mean), "std": list(data.std),
+            "config_hash": config_hash(cfg)}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """First 16 hex digits of the SHA-256 of the config's values that decide the result (device, threads and logging
+    left out, as on resume): tells whether two snapshots come from the same setting."""
+    values = deciding_values(OmegaConf.to_container(cfg, resolve=True))
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

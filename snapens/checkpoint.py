@@ -1,4 +1,5 @@
-"""The resumable state of a training run: `checkpoints/last.ckpt` in the run dir.
+"""The resumable state of a training run, `checkpoints/last.ckpt` in the run dir, and the decisions around it:
+whether a run dir may be written (never over an earlier run), whether and how to resume, and stop signals.
 
 It holds only tensors and plain Python values, written with torch.save and read with `torch.load(weights_only=True)`
 (no code runs on load), and goes through the same write-to-temporary-then-rename as snapshots, so a kill -9 at any
@@ -8,6 +9,7 @@ record of wrong rates after a resume (pytorch issues 88791, 52236, 65342).
 """
 
 import io
+import logging
 import random
 import signal
 from contextlib import contextmanager
@@ -16,9 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 from snapens.errors import SnapensError
-from snapens.snapshots import write_atomic
+from snapens.files import write_atomic
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_path(run_dir: str | Path) -> Path:
@@ -98,3 +104,49 @@ def stop_requests():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Never write over an earlier run's results."""
+    earlier = [str(p.relative_to(run_dir)) for p in (run_dir / "snapshots", run_dir / "metrics.jsonl",
+                                                         run_dir / "results.json", run_dir / ".hydra" / "config.yaml")
+               if p.exists()]
+    if earlier:
+        raise SnapensError(f"run dir {run_dir} already holds {', '.join(earlier)} from an earlier run; "
+                           "pass a new hydra.run.dir=DIR (nothing was overwritten)")
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """.hydra/config.yaml (and overrides.yaml under Hydra), written by us only once the run dir is known to be new:
+    conf/config.yaml sets hydra.output_subdir=null so that Hydra itself never writes over an earlier run's record."""
+    write_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+    if HydraConfig.initialized():
+        overrides = OmegaConf.to_yaml(list(HydraConfig.get().overrides.task))
+        write_atomic(run_dir / ".hydra" / "overrides.yaml", overrides.encode())
+
+
+def resume_state(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The checkpoint to continue from (None for a new run), after checking that resuming is allowed and sound."""
+    path = checkpoint_path(run_dir)
+    if not path.exists():
+        check_run_dir(run_dir)
+        return None
+    if cfg.trainer.resume == "never":
+        raise SnapensError(f"run dir {run_dir} holds a checkpoint and trainer.resume=never: pass a new "
+                           "hydra.run.dir=DIR, or trainer.resume=auto to continue that run")
+    for partial in run_dir.rglob(".*.tmp"):  # half-written files of a killed run, never visible as results
+        partial.unlink(missing_ok=True)  # under torchrun every rank looks
+    state = load_checkpoint(path)
+    changed = differing_keys(state["config"], OmegaConf.to_container(cfg, resolve=True))
+    if changed:
+        raise SnapensError(f"cannot resume {run_dir}: the config differs in {', '.join(changed)}; run with the "
+                           "original values, or pass a new hydra.run.dir=DIR")
+    return state
+
+
+def keep_metrics_until(path: Path, epoch: int) -> None:
+    """Drop metrics lines of epochs after the checkpoint's: they will be trained (and written) again."""
+    if path.exists():
+        lines = path.read_text().splitlines()[:epoch]  # one line per finished epoch; a torn last line goes too
+        write_atomic(path, "".join(line + "\n" for line in lines).encode())
+

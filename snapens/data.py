@@ -1,10 +1,9 @@
-"""Datasets as uint8 tensors, and batched augmentation on the training device.
+"""Datasets as uint8 tensors: loading, the decode cache, the validation split, subsets and statistics.
 
 Every dataset becomes `Split`s: images uint8 N x 3 x H x W and labels int64 N. Image files are decoded once: the
 tensors are cached next to the data (safetensors, keyed by a fingerprint of the source files), so a second run
-starts in seconds (CIFAR's python format is already arrays and loads in about a second). A "loader" is the tensors plus a permutation from an explicit torch.Generator; crops, flips, cutout and
-normalisation run on whole batches where the data lives (the way airbench does it, github.com/KellerJordan).
-"""
+starts in seconds (CIFAR's python format is already arrays and loads in about a second). Batches and their
+augmentation are made from these tensors on the training device by snapens.batches."""
 
 import hashlib
 import json
@@ -14,17 +13,17 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from snapens.errors import SnapensError
-from snapens.precision import layout
+from snapens.files import write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")  # read with Pillow
 CACHE_VERSION = "1"
@@ -53,15 +52,6 @@ class Dataset:
     classes: list[str]
     mean: tuple[float, float, float]  # per channel, of the training images on 0..1 pixels
     std: tuple[float, float, float]
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """Training augmentation of He et al. 2016 (arXiv 1512.03385): pad-and-crop, horizontal flip; cutout optional."""
-
-    padding: int = 4  # pixels of zero padding before the random crop; 0: no crop
-    flip: bool = True
-    cutout: int = 0  # side of the zeroed square (DeVries & Taylor 2017, arXiv 1708.04552); 0: none
 
 
 # --- loading ----------------------------------------------------------------------------------------------------
@@ -147,8 +137,7 @@ def _cache_dir(root: Path) -> Path:
             return here
     except OSError:
         pass
-    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    elsewhere = Path.home() / ".cache" / "snapens" / key
+    elsewhere = Path.home() / ".cache" / "snapens" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
     elsewhere.mkdir(parents=True, exist_ok=True)
     return elsewhere
 
@@ -164,12 +153,8 @@ def _load_or_decode(split: str, root: Path, classes: list[str], size: int) -> Sp
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # Pillow releases the GIL while decoding
         images = _stack(list(pool.map(lambda p: read_image(p, size), paths)), paths)
     result = Split(images, torch.tensor(labels, dtype=torch.int64))
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    try:
-        save_file({"images": result.images, "labels": result.labels}, tmp, metadata={"classes": json.dumps(classes)})
-        os.replace(tmp, cache)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(cache, save({"images": result.images, "labels": result.labels},
+                             metadata={"classes": json.dumps(classes)}))
     return result
 
 
@@ -217,13 +202,11 @@ def make_synthetic(num_classes: int, train_size: int, test_size: int, size: int,
 
 def stratified_split(labels: torch.Tensor, test_fraction: float,
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded class-stratified (train, test) indices, each sorted ascending.
-
-    The test split has ceil(test_fraction * N) examples (as scikit-learn's train_test_split), shared among the
-    classes in proportion to their sizes: each class gets the floor of its exact share, and the examples left over
-    go to the classes with the largest remainders (ties to the lower label). The shares are computed in integers,
-    so the counts are the same on every machine; the generator only decides which examples of a class go to test.
-    """
+    """Seeded class-stratified (train, test) indices, each sorted ascending. The test split has ceil(test_fraction *
+    N) examples (as scikit-learn's train_test_split), shared among the classes in proportion to their sizes: each
+    class gets the floor of its exact share, and the examples left over go to the classes with the largest remainders
+    (ties to the lower label). The shares are computed in integers, so the counts are the same on every machine; the
+    generator only decides which examples of a class go to test."""
     n = len(labels)
     n_test = min(n, math.ceil(test_fraction * n))
     sizes = torch.bincount(labels).tolist()
@@ -252,10 +235,8 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> tuple[Split, Split
         seed: seed of the class-stratified train/test split (not of training), so the split is the same on every
             machine and for every trainer.seed.
         test_fraction: share of the images in the test split: 0.2 gives 1,437 train and 360 test images.
-
     Returns:
-        train and test Splits (uint8 N x 3 x 32 x 32, int64 labels 0..9) and the class names "0".."9".
-    """
+        train and test Splits (uint8 N x 3 x 32 x 32, int64 labels 0..9) and the class names "0".."9"."""
     from sklearn.datasets import load_digits as sklearn_digits  # lazily: only this dataset needs scikit-learn
 
     digits = sklearn_digits()
@@ -264,8 +245,7 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> tuple[Split, Split
     images = big.round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(digits.target).long()
     train, test = stratified_split(labels, test_fraction, torch.Generator().manual_seed(seed))
-    classes = [str(name) for name in digits.target_names]
-    return Split(images[train], labels[train]), Split(images[test], labels[test]), classes
+    return Split(images[train], labels[train]), Split(images[test], labels[test]), list(map(str, digits.target_names))
 
 
 # --- subsets and statistics ---------------------------------------------------------------------------------------
@@ -284,8 +264,7 @@ def balanced_subset(labels: torch.Tensor, n: int, generator: torch.Generator) ->
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images on the 0..1 scale, in float64 chunks (exact and memory-light)."""
-    total = torch.zeros(3, dtype=torch.float64)
-    squares = torch.zeros(3, dtype=torch.float64)
+    total, squares = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for chunk in images.split(4096):
         x = chunk.to(torch.float64) / 255
         total += x.sum((0, 2, 3))
@@ -315,88 +294,3 @@ def prepare(train: Split, test: Split, classes: list[str], *, train_limit: int =
         test = test.subset(balanced_subset(test.labels, test_limit, g_test))
     mean, std = channel_stats(train.images)
     return Dataset(train, test, val, classes, mean, std)
-
-
-# --- batches on the device ------------------------------------------------------------------------------------------
-def channel_tensors(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel statistics as 1 x 3 x 1 x 1 float32 tensors on `device`: made once, not per batch (a host-to-GPU
-    copy of a Python list would synchronise the stream at every step)."""
-    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (mean, std))
-
-
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 B x 3 x H x W -> float32, standardised per channel (mean, std: sequences or channel_tensors)."""
-    if not isinstance(mean, torch.Tensor):
-        mean, std = channel_tensors(mean, std, images.device)
-    return (images.float() / 255 - mean) / std
-
-
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """A different random HxW window of the zero-padded image for every image of the batch, in one gather."""
-    b, c, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4)
-    dy, dx = torch.randint(0, 2 * padding + 1, (2, b, 1), generator=generator, device=images.device)
-    rows = (dy + torch.arange(h, device=images.device))[:, None, :, None]  # b x 1 x h x 1
-    cols = (dx + torch.arange(w, device=images.device))[:, None, None, :]  # b x 1 x 1 x w
-    batch = torch.arange(b, device=images.device)[:, None, None, None]
-    channel = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[batch, channel, rows, cols]
-
-
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
-
-
-def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero a size x size square (clipped at the borders) centred at a random pixel of each image."""
-    b, _, h, w = x.shape
-    cy = torch.randint(0, h, (b, 1), generator=generator, device=x.device)
-    cx = torch.randint(0, w, (b, 1), generator=generator, device=x.device)
-    ys = torch.arange(h, device=x.device) - cy + size // 2  # b x h, in [0, size) inside the square
-    xs = torch.arange(w, device=x.device) - cx + size // 2
-    inside = ((ys >= 0) & (ys < size))[:, :, None] & ((xs >= 0) & (xs < size))[:, None, :]
-    return x * ~inside[:, None]
-
-
-def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
-    """The permutation of one epoch, on the generator's device."""
-    return torch.randperm(n, generator=generator, device=generator.device)
-
-
-def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug: Augmentation,
-                  mean, std, order: torch.Tensor | None = None,
-                  channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled, augmented, normalised batches (the last one may be smaller), in the channels_last
-    memory layout when asked (the model's, so its first convolution needs no conversion).
-
-    The generator must live on the same device as the split; it alone decides the order and the augmentation.
-    `order` is the epoch's permutation, drawn from the generator when None; a resumed epoch passes what was left
-    of it. Augmentation is drawn lazily, batch by batch, so the generator's state after an update is exactly what
-    the next batch needs.
-    """
-    if order is None:
-        order = epoch_order(len(split), generator)
-    mean, std = channel_tensors(mean, std, split.images.device)
-    for index in order.split(batch_size):
-        images = split.images[index]
-        if aug.padding:
-            images = random_crop(images, aug.padding, generator)
-        if aug.flip:
-            images = random_flip(images, generator)
-        x = normalize(images, mean, std)
-        if aug.cutout:
-            x = cutout(x, aug.cutout, generator)
-        yield x.contiguous(memory_format=layout(channels_last)), split.labels[index]
-
-
-def eval_batches(split: Split, batch_size: int, mean, std, device: torch.device | None = None,
-                 channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The split in order, normalised on `device` (default: where the split is), without augmentation, in the
-    channels_last layout when asked."""
-    device = device or split.images.device
-    mean, std = channel_tensors(mean, std, device)
-    for start in range(0, len(split), batch_size):
-        images = split.images[start:start + batch_size].to(device, non_blocking=True)
-        yield (normalize(images, mean, std).contiguous(memory_format=layout(channels_last)),
-               split.labels[start:start + batch_size])

@@ -2,8 +2,7 @@
 
 Every rank draws the same global batch from the same seeded generator (same permutation, same augmentation) and
 takes its own contiguous share of it, so the ranks need no sampler and stay in step by construction; DDP averages
-the gradients, so every rank makes the same update. Rank 0 alone writes files.
-"""
+the gradients, so every rank makes the same update. Rank 0 alone writes files."""
 
 import hashlib
 import os

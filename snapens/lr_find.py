@@ -4,9 +4,9 @@ Smith 2017 (Cyclical Learning Rates, arXiv 1506.01186, section 3.3): train a fre
 learning rate growing exponentially from tiny to huge; the loss first stays flat, then falls, then explodes, and
 the useful range lies where it falls. Each update is the one training makes (same model, data order, augmentation,
 optimizer, clipping and precision; no torch.compile, whose first step would dwarf a short sweep). Only the curve is
-kept: lr_find.json and lr_find.png in the run dir; the model's weights are thrown away.
-"""
+kept: lr_find.json and lr_find.png in the run dir; the model's weights are thrown away."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -21,13 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from snapens.build import (build_augmentation, build_data, build_model, build_optimizer, model_name, pick_device,
-                           pick_precision)
+from snapens.build import model_name, setup
 from snapens.config import check_config, register_configs
-from snapens.data import train_batches
+from snapens.batches import train_batches
 from snapens.errors import SnapensError, exit_with
-from snapens.precision import layout
-from snapens.snapshots import write_atomic
+from snapens.files import save_figure, write_atomic
 from snapens.step import set_hyperparameters, train_step
 
 matplotlib.use("Agg")  # files only: works on a headless machine
@@ -66,11 +64,9 @@ def endless_batches(split, batch_size: int, generator: torch.Generator, augmenta
 
 def sweep(step: Callable, optimizer: torch.optim.Optimizer, batches: Iterator, lrs: list[float], smoothing: float,
           diverge_factor: float) -> dict:
-    """One update per lr in `lrs` (step(x, y) -> loss tensor); stop once the smoothed loss diverges.
-
-    The smoothed loss is fastai's: an exponential moving average of the loss, divided by 1 - smoothing**(i+1) so
-    that an average started at 0 is not too low over the first steps.
-    """
+    """One update per lr in `lrs` (step(x, y) -> loss tensor); stop once the smoothed loss diverges. The smoothed
+    loss is fastai's: an exponential moving average of the loss, divided by 1 - smoothing**(i+1) so that an average
+    started at 0 is not too low over the first steps."""
     losses, smoothed, average, best = [], [], 0.0, math.inf
     for i, (lr, (x, y)) in enumerate(tqdm(zip(lrs, batches), total=len(lrs), unit="step", disable=None)):
         set_hyperparameters(optimizer, lr, None)  # momentum stays as the optimizer config says
@@ -90,11 +86,9 @@ def sweep(step: Callable, optimizer: torch.optim.Optimizer, batches: Iterator, l
 
 def suggest(lrs: list[float], smoothed: list[float], skip_start: int = 0) -> dict | None:
     """eta_max at the steepest descent of the smoothed loss before its minimum; None if it has no descent there.
-
     The slope is np.gradient against log10 lr (central differences, one-sided at the ends) over steps skip_start to
     the minimum: a drop after the loss has blown up is never chosen, nor one in the first steps, where the average
-    holds a few batches and its noise looks like a slope (fastai skips the first 10% for this reason).
-    """
+    holds a few batches and its noise looks like a slope (fastai skips the first 10% for this reason)."""
     loss = np.asarray(smoothed, dtype=float)
     loss = loss[:len(loss) if np.isfinite(loss).all() else int(np.argmin(np.isfinite(loss)))]
     low = int(np.argmin(loss)) if len(loss) else 0
@@ -129,47 +123,34 @@ def plot_curve(result: dict, path: Path) -> None:
         ax.set_ylim(np.nanmin(smoothed) * 0.95, np.nanmax(smoothed) * 1.05)  # raw spikes at the end stay off-scale
     ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="LR range test (arXiv 1506.01186)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def prepare(cfg: DictConfig) -> tuple[Callable, torch.optim.Optimizer, Iterator, str]:
-    """Model, optimizer and batches as snapens.train builds them; returns the update, the optimizer, the batches
-    and a one-line description of the setting."""
-    t = cfg.trainer
-    device = pick_device(t.device)
-    precision = pick_precision(t.precision, device)
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    torch.manual_seed(t.seed)
-    model = build_model(cfg.model).to(device, memory_format=layout(t.channels_last))
-    data = build_data(cfg.data)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr_find.start_lr)
-    generator = torch.Generator(device).manual_seed(t.seed)
-    update_size = t.batch_size * t.accumulate  # as in training: accumulate batches of batch_size per update
-    batches = endless_batches(data.train.to(device), update_size, generator, build_augmentation(cfg.data),
-                              data.mean, data.std, t.channels_last)
+    """The update, optimizer and batches as snapens.train builds them (snapens.build.setup), and a one-line setting."""
+    s = setup(cfg)
+    options = dataclasses.replace(s.step_options, skip_nonfinite=False)  # a diverging loss ends the sweep instead
+    batches = endless_batches(s.train_split, s.update_size, s.generator, s.augmentation, s.data.mean, s.data.std,
+                              cfg.trainer.channels_last)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return train_step(model, optimizer, x, y, t.grad_clip, t.clip_mode, precision, accumulate=t.accumulate,
-                          label_smoothing=t.label_smoothing)[0]
+        return train_step(s.model, s.optimizer, x, y, options).loss
 
-    return step, optimizer, batches, (f"{model_name(cfg.model)} on {cfg.data.name} ({len(data.train)} images), "
-                                      f"{cfg.optimizer.name}, batch {update_size}, on {device}")
+    return step, s.optimizer, batches, (f"{model_name(cfg.model)} on {cfg.data.name} ({len(s.data.train)} images), "
+                                        f"{cfg.optimizer.name}, batch {s.update_size}, on {s.device}")
 
 
 def find_lr(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run the range test as `cfg` (conf/lr_find.yaml) says; write lr_find.json and lr_find.png into run_dir."""
     check_config(cfg)
-    lf, run_dir = cfg.lr_find, Path(run_dir)
-    check_lr_find(lf)
+    sweep_cfg, run_dir = cfg.lr_find, Path(run_dir)
+    check_lr_find(sweep_cfg)
     if (run_dir / "lr_find.json").exists():
         raise SnapensError(f"{run_dir} already holds lr_find.json; pass a new hydra.run.dir=DIR (nothing was changed)")
     step, optimizer, batches, setting = prepare(cfg)
-    lrs = [lr_at(i, lf.start_lr, lf.end_lr, lf.num_steps) for i in range(lf.num_steps)]
-    result = sweep(step, optimizer, batches, lrs, lf.smoothing, lf.diverge_factor)
-    result["suggestion"] = suggest(result["lrs"], result["smoothed"], int(SKIP_START * lf.num_steps))
+    lrs = [lr_at(i, sweep_cfg.start_lr, sweep_cfg.end_lr, sweep_cfg.num_steps) for i in range(sweep_cfg.num_steps)]
+    result = sweep(step, optimizer, batches, lrs, sweep_cfg.smoothing, sweep_cfg.diverge_factor)
+    result["suggestion"] = suggest(result["lrs"], result["smoothed"], int(SKIP_START * sweep_cfg.num_steps))
     result.update(rule=RULE, setting=setting, config={
         k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "optimizer", "trainer", "lr_find")},
                   overrides=result["suggestion"] and overrides_line(result["suggestion"], cfg.scheduler))

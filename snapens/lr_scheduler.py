@@ -20,20 +20,16 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from snapens import schedules
 from snapens.schedules import Schedule
+from snapens.step import set_momentum
 
 
 class ScheduleLR(LRScheduler):
-    """Any `snapens.schedules.Schedule` as an LRScheduler stepped once per optimizer update.
+    """Any `snapens.schedules.Schedule` (e.g. `schedules.SGDR(eta_max=0.1, T_0=100, total_steps=700, T_mult=2)`) as
+    an LRScheduler stepped once per optimizer update; `last_epoch` is torch's: -1 starts at update 0.
 
     After k calls of `step()` (k updates done), the optimizer holds lr(k), the rate of update k. Once the budget is
     spent (k = total_steps) the last rate stays. The state_dict holds only counters, so a resumed scheduler is the
-    schedule at the saved step.
-
-    Args:
-        optimizer: Any torch optimizer.
-        schedule: The schedule, e.g. `schedules.SGDR(eta_max=0.1, T_0=100, total_steps=700, T_mult=2)`.
-        last_epoch: As in torch: -1 starts at update 0.
-    """
+    schedule at the saved step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule, last_epoch: int = -1):
         self.schedule = schedule
@@ -51,13 +47,7 @@ class ScheduleLR(LRScheduler):
         if epoch is not None:  # torch's step(epoch) jumps; a function of the update index needs no such thing
             raise TypeError("ScheduleLR.step() takes no epoch: call it once after every optimizer update")
         super().step()
-        momentum = self.schedule.momentum(self._t())
-        if momentum is not None:
-            for group in self.optimizer.param_groups:
-                if "betas" in group:
-                    group["betas"] = (momentum, group["betas"][1])
-                else:
-                    group["momentum"] = momentum
+        set_momentum(self.optimizer, self.schedule.momentum(self._t()))
 
     @property
     def updates_done(self) -> int:

@@ -4,8 +4,7 @@ Reads each run's results.json and .hydra/overrides.yaml. Runs whose overrides ar
 hydra.* override) is dropped form one config; each config gets one row: single-model and ensemble test accuracy as
 mean ± sample std over its runs, the paired gain mean(ensemble - single), the number of snapshots and the mean wall
 time of training. Printed as a table and written as report.md, report.csv (raw fractions) and report.png.
-Only reads files: no Hydra, no models.
-"""
+Only reads files: no Hydra, no models."""
 
 import argparse
 import csv
@@ -18,7 +17,7 @@ from pathlib import Path
 import yaml  # comes with omegaconf; overrides.yaml is a plain list of strings
 
 from snapens.errors import SnapensError, exit_with
-from snapens.snapshots import write_atomic
+from snapens.files import save_figure, write_atomic
 
 DEFAULTS = "(defaults)"
 COLUMNS = ["config", "n", "single_mean", "single_std", "ensemble_mean", "ensemble_std", "gain_mean", "gain_std",
@@ -48,10 +47,9 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 def config_of(overrides: list[str], seed_key: str) -> str:
     """The config a run belongs to: its sorted overrides without the seed and hydra's own; DEFAULTS when none."""
-    def key(override: str) -> str:
-        return override.split("=", 1)[0].lstrip("+~")
-    kept = [o for o in overrides
-            if key(o) != seed_key and key(o) != "hydra" and not key(o).startswith(("hydra.", "hydra/"))]
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    kept = [o for o, k in zip(overrides, keys)
+            if k not in (seed_key, "hydra") and not k.startswith(("hydra.", "hydra/"))]
     return " ".join(sorted(kept)) or DEFAULTS
 
 
@@ -60,8 +58,7 @@ def read_run(run: Path, seed_key: str) -> dict:
     path = run / "results.json"
     try:
         results = json.loads(path.read_text())
-        record = {"dir": run, "single": float(results["single"]["acc"]),
-                  "ensemble": float(results["ensemble"]["acc"]),
+        record = {"dir": run, "single": float(results["single"]["acc"]), "ensemble": float(results["ensemble"]["acc"]),
                   "snapshots": len(results["ensemble"]["members"]),
                   "seconds": results.get("training", {}).get("seconds")}  # older runs have no "training"
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -99,8 +96,7 @@ def summarise(records: list[dict]) -> list[dict]:
         seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
         rows.append({"config": config, "n": len(runs), "single": mean_std(single), "ensemble": mean_std(ensemble),
                      "gain": mean_std([e - s for s, e in zip(single, ensemble)]),  # paired: same run, same test set
-                     "snapshots": (min(counts), max(counts)),
-                     "seconds": statistics.fmean(seconds) if seconds else None,
+                     "snapshots": (min(counts), max(counts)), "seconds": statistics.fmean(seconds) if seconds else None,
                      "runs": [str(r["dir"]) for r in runs]})
     return rows
 
@@ -152,7 +148,7 @@ def csv_bytes(rows: list[dict]) -> bytes:
     return out.getvalue().encode()
 
 
-def plot_bytes(rows: list[dict], shared: list[str]) -> bytes:
+def plot_report(rows: list[dict], shared: list[str], path: Path) -> None:
     """report.png: single vs ensemble accuracy per config, bars at the mean with sample-std error bars."""
     import matplotlib  # here, not at import: the table and the CSV need no plotting library
     matplotlib.use("Agg")  # files only: works on a headless machine
@@ -161,30 +157,21 @@ def plot_bytes(rows: list[dict], shared: list[str]) -> bytes:
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(rows) + 3), 4.5))
     for offset, name in ((-0.2, "single"), (0.2, "ensemble")):
-        means = [100 * r[name][0] for r in rows]
-        errors = [100 * (r[name][1] or 0.0) for r in rows]
-        ax.bar([i + offset for i in x], means, width=0.4, yerr=errors, capsize=3, label=name)
+        ax.bar([i + offset for i in x], [100 * r[name][0] for r in rows], width=0.4,
+               yerr=[100 * (r[name][1] or 0.0) for r in rows], capsize=3, label=name)
     ax.set_xticks(list(x), [label(r, shared).replace(" ", "\n") for r in rows], fontsize=8)
     ax.set(ylabel="test accuracy (%), mean ± std", title="single (last snapshot) vs ensemble")
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the axes: never over a bar
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    save_figure(fig, path)
 
 
 def report(paths: list[Path], out: Path, seed_key: str = "trainer.seed") -> list[dict]:
-    """Read the runs under `paths`, print the table and write report.md, report.csv and report.png to `out`.
+    """Read the runs under `paths` (as `find_runs` takes them), print the table and write report.md, report.csv and
+    report.png to `out` (made when missing); `seed_key` is the override dropped so that a config's seeds share a row.
 
-    Args:
-        paths: run dirs, or folders (e.g. a multirun dir) whose immediate subdirectories are run dirs.
-        out: the folder for the three files (made when missing).
-        seed_key: the override left out of a run's config, so that its seeds form one row.
     Returns:
         One dict per config: config, n, single/ensemble/gain as (mean, std or None), snapshots (min, max),
-        seconds (mean, None when unknown), runs.
-    """
+        seconds (mean, None when unknown), runs."""
     runs = find_runs(paths)
     finished = [r for r in runs if (r / "results.json").exists()]
     unfinished = [str(r) for r in runs if r not in finished]
@@ -202,7 +189,7 @@ def report(paths: list[Path], out: Path, seed_key: str = "trainer.seed") -> list
     runs_line = f"Runs ({len(finished)}): {', '.join(str(r) for r in finished)}"
     write_atomic(out / "report.md", f"# snapens report\n\n{common}{table}\n\n{runs_line}\n".encode())
     write_atomic(out / "report.csv", csv_bytes(rows))
-    write_atomic(out / "report.png", plot_bytes(rows, shared))
+    plot_report(rows, shared, out / "report.png")
     print(f"{common}{table}\n\nwrote report.md, report.csv and report.png to {out}")
     return rows
 

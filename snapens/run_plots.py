@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on a headless machine
 import matplotlib.pyplot as plt  # noqa: E402
 
+from snapens.files import save_figure  # noqa: E402
 from snapens.schedules import Schedule  # noqa: E402
 
 MAX_POINTS = 4000  # the curve is drawn from this many steps at most, plus both sides of every restart
@@ -36,29 +37,21 @@ def plot_lr_schedule(schedule: Schedule, steps_per_epoch: int, snapshot_steps: l
         twin.legend(loc="upper center")
     _mark(ax, [s / steps_per_epoch for s in snapshot_steps])
     ax.legend(loc="upper right")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_training(records: list[dict], snapshot_epochs: list[float], path: Path) -> None:
     """Training loss and accuracy per epoch (metrics.jsonl records), snapshot points dashed."""
     epochs = [r["epoch"] for r in records]
     fig, (loss, acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    loss.plot(epochs, [r["train_loss"] for r in records], "o-", ms=3)
-    loss.set(xlabel="epoch", ylabel="training loss")
-    acc.plot(epochs, [r["train_acc"] for r in records], "o-", ms=3)
-    acc.set(xlabel="epoch", ylabel="training accuracy")
-    for ax in (loss, acc):
+    for ax, key, name in ((loss, "train_loss", "training loss"), (acc, "train_acc", "training accuracy")):
+        ax.plot(epochs, [r[key] for r in records], "o-", ms=3)
+        ax.set(xlabel="epoch", ylabel=name)
         _mark(ax, snapshot_epochs)
     fig.suptitle("training (dashed: snapshots)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _mark(ax, epochs: list[float]) -> None:
     for i, e in enumerate(epochs):
         ax.axvline(e, color="gray", ls="--", lw=0.8, label="snapshot" if i == 0 else None)
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

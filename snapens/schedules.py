@@ -14,7 +14,6 @@ No torch here on purpose: this is plain arithmetic, checked value for value agai
 """
 
 import bisect
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -23,27 +22,32 @@ ANNEAL_STRATEGIES = ("cos", "linear")
 
 
 def _require(ok: bool, message: str) -> None:
-    """Raise a one-line ValueError unless ``ok`` (written so that NaN fails every check)."""
+    """Raise a one-line ValueError unless ``ok`` (checks are written so that NaN fails them). Every message starts
+    with its argument's name, then what is allowed and what was given ("T_mult must be a finite number >= 1, got
+    0.5"): snapens.build reports it under the config key of that name."""
     if not ok:
         raise ValueError(message)
 
 
+def _is_steps(value: int, minimum: int = 1) -> bool:
+    """Steps are whole optimizer updates: an int >= ``minimum`` (0 or 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _check_steps(name: str, value: int, minimum: int = 1) -> None:
-    """Steps are whole optimizer updates: require an int >= ``minimum`` (0 or 1)."""
-    is_int = isinstance(value, int) and not isinstance(value, bool)
     kind = "a positive" if minimum == 1 else "a non-negative"
-    _require(is_int and value >= minimum, f"{name} must be {kind} number of steps, got {value!r}")
+    _require(_is_steps(value, minimum), f"{name} must be {kind} number of steps, got {value!r}")
 
 
 def _check_lr_range(eta_min: float, eta_max: float) -> None:
-    _require(eta_max > 0, f"eta_max must be a positive learning rate, got {eta_max!r}")
+    _require(0 < eta_max < math.inf, f"eta_max must be a finite learning rate > 0, got {eta_max!r}")
     _require(eta_min >= 0, f"eta_min must be a learning rate >= 0, got {eta_min!r}")
-    _require(eta_min <= eta_max, f"eta_min ({eta_min}) must not exceed eta_max ({eta_max})")
+    _require(eta_min <= eta_max, f"eta_min must not exceed eta_max ({eta_max!r}), got {eta_min!r}")
 
 
 def _check_momentum(base_momentum: float, max_momentum: float) -> None:
-    _require(0 <= base_momentum <= max_momentum, "momentum must satisfy 0 <= base_momentum <= max_momentum, "
-             f"got base_momentum={base_momentum!r}, max_momentum={max_momentum!r}")
+    _require(0 <= base_momentum <= max_momentum,
+             f"base_momentum must be in [0, max_momentum] = [0, {max_momentum!r}], got {base_momentum!r}")
 
 
 def _cosine(peak: float, floor: float, t_cur: int, length: int) -> float:
@@ -56,19 +60,12 @@ def _cosine(peak: float, floor: float, t_cur: int, length: int) -> float:
 
 
 class Schedule:
-    """Base class: a learning rate (and optionally a momentum) for each optimizer update.
-
-    Subclasses are frozen dataclasses with a ``total_steps`` field (or property).
-    """
+    """Base class: a learning rate (and optionally a momentum) per update; subclasses are frozen dataclasses."""
 
     total_steps: int
 
     def lr(self, t: int) -> float:
-        """Learning rate used by update ``t``.
-
-        Raises:
-            ValueError: ``t`` is not an int in ``[0, total_steps)``.
-        """
+        """Learning rate used by update ``t``; ValueError unless ``t`` is an int in ``[0, total_steps)``."""
         raise NotImplementedError
 
     def momentum(self, t: int) -> float | None:
@@ -104,15 +101,9 @@ class Constant(Schedule):
 
 @dataclass(frozen=True)
 class StepDecay(Schedule):
-    """``eta_max * gamma ** (number of milestones <= t)``: torch ``MultiStepLR``.
-
-    torch ``StepLR(step_size)`` is ``milestones=(step_size, 2 * step_size, ...)``. A milestone listed twice
-    decays twice, as in torch; milestones at or past ``total_steps`` simply never take effect.
-
-    Args:
-        milestones: Steps at which the rate is multiplied by ``gamma``, ascending, each >= 1.
-        gamma: Decay factor, > 0.
-    """
+    """``eta_max * gamma ** (number of milestones <= t)``: torch ``MultiStepLR``; ``gamma > 0``, ``milestones`` are
+    ascending steps >= 1. torch ``StepLR(step_size)`` is ``milestones=(step_size, 2 * step_size, ...)``. A milestone
+    listed twice decays twice, as in torch; milestones at or past ``total_steps`` never take effect."""
 
     eta_max: float
     total_steps: int
@@ -123,8 +114,8 @@ class StepDecay(Schedule):
         _check_steps("total_steps", self.total_steps)
         _check_lr_range(0.0, self.eta_max)
         object.__setattr__(self, "milestones", tuple(self.milestones))  # a list would make it unhashable
-        for m in self.milestones:
-            _check_steps("every milestone", m)
+        _require(all(_is_steps(m) for m in self.milestones),
+                 f"milestones must all be positive numbers of steps, got {self.milestones}")
         _require(list(self.milestones) == sorted(self.milestones),
                  f"milestones must be in ascending order, got {self.milestones}")
         _require(self.gamma > 0, f"gamma must be > 0, got {self.gamma!r}")
@@ -154,20 +145,12 @@ class Cosine(Schedule):
 
 @dataclass(frozen=True)
 class SGDR(Schedule):
-    """Cosine annealing with warm restarts (Loshchilov & Hutter, arXiv:1608.03983).
-
-    Cycle ``i`` lasts ``T_i = T_0 * T_mult**i`` steps (rounded when ``T_mult`` is not an integer) and anneals
-    from ``eta_max * decay**i`` towards ``eta_min``. ``decay < 1`` shrinks later peaks (timm's ``cycle_decay``);
-    keep ``eta_max * decay**i >= eta_min`` for the cycles you train, or a cycle would anneal upwards.
-
-    Args:
-        eta_max: Peak rate of cycle 0, used by its first update.
-        T_0: Length of cycle 0 in steps.
-        total_steps: Budget; it may end inside a cycle (see ``cycle_ends``).
-        T_mult: Cycle-length growth factor, >= 1; 2 and 2.0 both use exact integer lengths.
-        eta_min: Rate the cosine anneals towards (reached at the restart, never used).
-        decay: Peak multiplier per cycle, in (0, 1].
-    """
+    """Cosine annealing with warm restarts (Loshchilov & Hutter, arXiv:1608.03983): cycle ``i`` lasts
+    ``T_i = T_0 * T_mult**i`` steps (``T_mult >= 1``; rounded when not an integer, while 2 and 2.0 both give exact
+    integer lengths) and anneals from ``eta_max * decay**i`` (its first update's rate) towards ``eta_min`` (reached at
+    the restart, never used). ``decay`` in (0, 1] shrinks later peaks (timm's ``cycle_decay``); keep
+    ``eta_max * decay**i >= eta_min`` for the cycles you train, or a cycle would anneal upwards. ``total_steps`` may
+    end inside a cycle (see ``cycle_ends``)."""
 
     eta_max: float
     T_0: int
@@ -180,7 +163,7 @@ class SGDR(Schedule):
         _check_steps("T_0", self.T_0)
         _check_steps("total_steps", self.total_steps)
         _check_lr_range(self.eta_min, self.eta_max)
-        _require(self.T_mult >= 1 and math.isfinite(self.T_mult), f"T_mult must be >= 1, got {self.T_mult!r}")
+        _require(1 <= self.T_mult < math.inf, f"T_mult must be a finite number >= 1, got {self.T_mult!r}")
         _require(0 < self.decay <= 1, f"decay must be in (0, 1], got {self.decay!r}")
         # Every rounded T_i is >= 1 without a check: T_0 is an int >= 1 and T_mult >= 1.
 
@@ -205,25 +188,13 @@ class SGDR(Schedule):
         return i, start, length
 
     def cycle(self, t: int) -> int:
-        """0-based index of the cycle containing update ``t``.
-
-        Args:
-            t: Any step >= 0; cycles are those of the unbounded SGDR sequence, as in ``ends_until``.
-        """
+        """0-based index of the cycle containing update ``t``: any step >= 0, in the unbounded sequence."""
         _check_steps("t", t, minimum=0)
         return self._locate(t)[0]
 
     def ends_until(self, n: int) -> list[int]:
-        """Cycle ends of the unbounded sequence, ascending, up to and including the first end >= ``n``.
-
-        Lets the caller explain a budget: "100 epochs ends inside cycle 4; cycles end at 10, 30, 70, 150".
-
-        Args:
-            n: A number of steps, >= 1 (typically the budget).
-
-        Returns:
-            Ascending cycle ends; the last is the first end >= ``n``.
-        """
+        """Cycle ends of the unbounded sequence, ascending, up to and including the first end >= ``n`` (steps, >= 1),
+        to explain a budget: "100 epochs ends inside cycle 4; cycles end at 10, 30, 70, 150"."""
         _check_steps("n", n)
         ends = [self.T_0]
         while ends[-1] < n:
@@ -243,15 +214,10 @@ class SGDR(Schedule):
 
 @dataclass(frozen=True)
 class Snapshot(Schedule):
-    """Snapshot Ensembles schedule (Huang et al., arXiv:1704.00109, eq. 2).
-
-    ``cycles`` (M) cosine cycles share the budget T: cycle k spans steps ``[k*T//M, (k+1)*T//M)``. That is the
-    paper's formula when M divides T; otherwise lengths differ by at most one step (instead of the paper's
-    ceil(T/M) leaving a short last cycle).
-
-    Args:
-        cycles: Number of cycles M (= snapshots), 1 <= M <= total_steps.
-    """
+    """Snapshot Ensembles schedule (Huang et al., arXiv:1704.00109, eq. 2): ``cycles`` M (the number of snapshots,
+    1 <= M <= T) cosine cycles share the budget T, cycle k spanning steps ``[k*T//M, (k+1)*T//M)``: the paper's
+    formula when M divides T; otherwise lengths differ by at most one step (instead of the paper's ceil(T/M) leaving
+    a short last cycle)."""
 
     eta_max: float
     total_steps: int
@@ -261,8 +227,8 @@ class Snapshot(Schedule):
     def __post_init__(self) -> None:
         _check_steps("total_steps", self.total_steps)
         _check_steps("cycles", self.cycles)
-        _require(self.cycles <= self.total_steps, f"cycles ({self.cycles}) must not exceed total_steps "
-                 f"({self.total_steps}): every cycle needs at least one step")
+        _require(self.cycles <= self.total_steps, f"cycles must not exceed total_steps ({self.total_steps}), as "
+                 f"every cycle needs a step, got {self.cycles}")
         _check_lr_range(self.eta_min, self.eta_max)
 
     def _start(self, k: int) -> int:
@@ -284,10 +250,8 @@ class Snapshot(Schedule):
 
 @dataclass(frozen=True)
 class OneCycle(Schedule):
-    """1cycle policy (Smith & Topin, super-convergence, arXiv:1708.07120).
-
-    A port of torch ``OneCycleLR`` (same phases, same float arithmetic), so both give identical learning rates
-    and momenta for every update.
+    """1cycle policy (Smith & Topin, super-convergence, arXiv:1708.07120): a port of torch ``OneCycleLR`` (same
+    phases, same float arithmetic), so both give identical learning rates and momenta for every update.
 
     Args:
         eta_max: Peak rate; the start is ``eta_max / div_factor``, the end that divided by ``final_div_factor``.
@@ -360,17 +324,13 @@ class OneCycle(Schedule):
 
 @dataclass(frozen=True)
 class Cyclic(Schedule):
-    """Cyclical learning rates (Smith, arXiv:1506.01186): a port of torch ``CyclicLR``.
-
-    The rate climbs from ``eta_min`` to ``eta_max`` in ``step_size_up`` steps and falls back in
-    ``step_size_down`` (default: the same); momentum moves the opposite way. ``mode`` scales the amplitude:
-    ``triangular`` by 1, ``triangular2`` by half each cycle, ``exp_range`` by ``gamma**t``.
+    """Cyclical learning rates (Smith, arXiv:1506.01186): a port of torch ``CyclicLR``. The rate climbs from
+    ``eta_min`` to ``eta_max`` in ``step_size_up`` steps and falls back in ``step_size_down`` (default: the same);
+    momentum moves the opposite way. ``mode`` scales the amplitude: ``triangular`` by 1, ``triangular2`` by half
+    each cycle, ``exp_range`` by ``gamma**t``.
 
     Args:
-        eta_min: Lower bound (torch ``base_lr``), used at every cycle start.
-        eta_max: Upper bound (torch ``max_lr``).
-        step_size_up: Steps rising from ``eta_min`` to ``eta_max``, >= 1.
-        step_size_down: Steps falling back, >= 1; None means ``step_size_up``.
+        eta_min, eta_max: Lower and upper bound (torch ``base_lr`` and ``max_lr``); every cycle starts at ``eta_min``.
         mode: One of ``CYCLIC_MODES``; ``gamma`` (> 0) is used by ``exp_range`` only.
         cycle_momentum: As in ``OneCycle``, between ``base_momentum`` and ``max_momentum``.
     """
@@ -420,9 +380,8 @@ class Cyclic(Schedule):
 
     def momentum(self, t: int) -> float | None:
         height, scale = self._shape(t)
-        if not self.cycle_momentum:
-            return None
-        return float(self.max_momentum - (self.max_momentum - self.base_momentum) * height * scale)
+        momentum = self.max_momentum - (self.max_momentum - self.base_momentum) * height * scale
+        return float(momentum) if self.cycle_momentum else None
 
     def cycle_ends(self) -> list[int]:
         """Each cycle starts and ends at ``eta_min``; the budget may stop inside the last one."""
@@ -438,14 +397,8 @@ class Warmup(Schedule):
     the inner schedule has at step W, so nothing jumps; from W on it is ``inner.lr(t)``. With ``every_cycle`` the
     same ramp starts every cycle, at each cycle's first step s: ``inner.lr(s + W) * (t - s + 1) / (W + 1)`` for
     ``s <= t < s + W``; a restart then climbs to its peak instead of jumping there. ``total_steps``, ``momentum``
-    and ``cycle_ends`` are the inner schedule's.
-
-    Args:
-        inner: The schedule to warm up.
-        warmup_steps: W, with 0 <= W < ``inner.total_steps`` (every_cycle: shorter than every cycle); 0 leaves
-            ``inner`` unchanged.
-        every_cycle: Warm up at the start of every cycle, not only the first.
-    """
+    and ``cycle_ends`` are the inner schedule's. 0 <= W < ``inner.total_steps`` (every_cycle: shorter than every
+    cycle); W = 0 leaves ``inner`` unchanged."""
 
     inner: Schedule
     warmup_steps: int
@@ -453,13 +406,13 @@ class Warmup(Schedule):
 
     def __post_init__(self) -> None:
         _check_steps("warmup_steps", self.warmup_steps, minimum=0)
-        _require(self.warmup_steps < self.inner.total_steps, f"warmup_steps ({self.warmup_steps}) must be < "
-                 f"total_steps ({self.inner.total_steps}) of the wrapped schedule")
+        _require(self.warmup_steps < self.inner.total_steps, "warmup_steps must be shorter than the schedule "
+                 f"(total_steps={self.inner.total_steps}), got {self.warmup_steps}")
         if self.every_cycle:
             starts = [0, *self.inner.cycle_ends()]
             shortest = min(b - a for a, b in zip(starts, starts[1:]))
-            _require(self.warmup_steps < shortest, f"warmup_steps ({self.warmup_steps}) must be shorter than "
-                     f"every cycle (the shortest has {shortest} steps) to warm up each one")
+            _require(self.warmup_steps < shortest, "warmup_steps must be shorter than every cycle (the shortest "
+                     f"has {shortest} steps) to warm up each one, got {self.warmup_steps}")
 
     @property
     def total_steps(self) -> int:  # type: ignore[override]
@@ -483,16 +436,9 @@ class Warmup(Schedule):
 
 @dataclass(frozen=True)
 class CosineCycles(Schedule):
-    """SGDR's cosine cycles (eq. 5 of arXiv:1608.03983) with explicitly given lengths: what adaptive SGDR uses,
-    whose cycle lengths are decided during training and recorded, so that this schedule, and a resumed run, can
-    replay them exactly.
-
-    Args:
-        eta_max: Peak rate of cycle 0.
-        lengths: Steps of each cycle; their sum is the budget.
-        eta_min: Rate each cosine anneals towards.
-        decay: Peak multiplier per cycle, in (0, 1].
-    """
+    """SGDR's cosine cycles (eq. 5 of arXiv:1608.03983) with explicitly given lengths (in steps; their sum is the
+    budget): what adaptive SGDR uses, whose cycle lengths are decided during training and recorded, so that this
+    schedule, and a resumed run, can replay them exactly. Peaks and ``decay`` (in (0, 1]) are as in ``SGDR``."""
 
     eta_max: float
     lengths: tuple[int, ...]
@@ -501,8 +447,8 @@ class CosineCycles(Schedule):
 
     def __post_init__(self) -> None:
         _require(len(self.lengths) > 0, "lengths must name at least one cycle")
-        for n in self.lengths:
-            _check_steps("every cycle length", n)
+        _require(all(_is_steps(n) for n in self.lengths),
+                 f"lengths must all be positive numbers of steps, got {self.lengths}")
         _check_lr_range(self.eta_min, self.eta_max)
         _require(0 < self.decay <= 1, f"decay must be in (0, 1], got {self.decay!r}")
 
@@ -511,11 +457,7 @@ class CosineCycles(Schedule):
         return sum(self.lengths)
 
     def cycle_ends(self) -> list[int]:
-        ends, end = [], 0
-        for n in self.lengths:
-            end += n
-            ends.append(end)
-        return ends
+        return [sum(self.lengths[:i + 1]) for i in range(len(self.lengths))]
 
     def cycle(self, t: int) -> int:
         """0-based index of the cycle containing update ``t``."""
@@ -526,33 +468,3 @@ class CosineCycles(Schedule):
         i = self.cycle(t)
         start = sum(self.lengths[:i])
         return _cosine(self.eta_max * self.decay**i, self.eta_min, t - start, self.lengths[i])
-
-
-def extend_cycle(lengths: tuple[int, ...], i: int, factor: float) -> tuple[int, ...]:
-    """Cycle lengths after cycle ``i`` is made ``factor`` times longer, within the same budget (their sum).
-
-    Later cycles keep their lengths and move back; the first one that would cross the budget is cut to end at it,
-    and those after it are dropped. A cut cycle shorter than half its planned length is merged into the one before,
-    so no cycle is a stub whose snapshot has barely moved from the previous one. Cycle ``i`` itself never ends past
-    the budget.
-    """
-    total, start = sum(lengths), sum(lengths[:i])
-    out = list(lengths[:i]) + [min(round(lengths[i] * factor), total - start)]
-    end = start + out[-1]
-    for n in lengths[i + 1:]:
-        if end >= total:
-            break
-        cut = min(n, total - end)
-        if cut < n / 2:
-            out[-1] += cut  # merged into the cycle before (cycle i itself, if it comes right before)
-        else:
-            out.append(cut)
-        end += cut
-    return tuple(out)
-
-
-def with_cycle_lengths(schedule: Schedule, lengths: tuple[int, ...]) -> Schedule:
-    """The same schedule (SGDR or CosineCycles, possibly warmed up) as CosineCycles with the given lengths."""
-    if isinstance(schedule, Warmup):
-        return dataclasses.replace(schedule, inner=with_cycle_lengths(schedule.inner, lengths))
-    return CosineCycles(schedule.eta_max, tuple(lengths), schedule.eta_min, schedule.decay)

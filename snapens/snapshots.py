@@ -3,13 +3,11 @@
 A snapshot holds the model's complete state_dict (BatchNorm buffers included) and string metadata: cycle, step,
 epoch, lr, model name, number of classes, class names, the input normalisation and a hash of the resolved config,
 so inference needs nothing else. safetensors never runs code on load (unlike pickle), and every write goes to a
-temporary file in the same folder that is then renamed, so a reader never sees half a file.
+temporary file in the same folder that is then renamed, so a reader never sees half a file (snapens.files).
 """
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from snapens.errors import SnapensError
+from snapens.files import write_atomic
 
 FORMAT = "snapens-1"
 METADATA_KEY = "snapens"
@@ -26,40 +25,6 @@ METADATA_KEY = "snapens"
 def snapshot_path(run_dir: str | Path, cycle: int, swa: bool = False) -> Path:
     """Cycles count from 1 in file names: cycle_01 is the first snapshot, cycle_01_swa its cycle's SWA average."""
     return Path(run_dir) / "snapshots" / f"cycle_{cycle:02d}{'_swa' if swa else ''}.safetensors"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it: all or nothing, even on a crash."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise SnapensError(f"cannot write {path}: {e.strerror or e}; make the folder writable") from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; a snapshot is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk, a read-only or vanished folder: the file under `path` is untouched
-        Path(tmp).unlink(missing_ok=True)
-        raise SnapensError(f"cannot write {path}: {e.strerror or e}; the earlier file under that name is intact "
-                           "(free some space, or fix the folder's permissions, and run the command again)") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_snapshot(path: Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
@@ -101,11 +66,9 @@ def load_snapshot(path: Path, device: str | torch.device = "cpu") -> tuple[dict[
 
 
 def load_into(model: torch.nn.Module, path: Path) -> dict[str, Any]:
-    """Load a snapshot's weights into `model` and return its metadata.
-
-    Every tensor must fit: names and shapes are compared first, so a mismatched snapshot leaves the model untouched
-    (torch's load_state_dict would copy the tensors that fit before raising).
-    """
+    """Load a snapshot's weights into `model` and return its metadata. Every tensor must fit: names and shapes are
+    compared first, so a mismatched snapshot leaves the model untouched (torch's load_state_dict would copy the
+    tensors that fit before raising)."""
     state, metadata = load_snapshot(path)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}

@@ -6,6 +6,7 @@ device works, and the loop reads its sums once per log interval.
 
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,76 +14,102 @@ import torch.nn.functional as F
 from snapens.precision import autocast
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How every update is made."""
+
+    grad_clip: float = 0.0  # the total gradient norm (clip_mode norm) or entry (clip_mode value) to clip at; 0: off
+    clip_mode: str = "norm"  # norm | value
+    precision: torch.dtype | None = None  # autocast dtype of the forward pass; None: fp32
+    skip_nonfinite: bool = False  # drop an update whose loss or gradient norm is not finite (a read-back per step)
+    accumulate: int = 1  # pieces the batch goes forward and backward in (gradient accumulation)
+    label_smoothing: float = 0.0  # of the cross-entropy (Szegedy et al. 2016, arXiv 1512.00567), in [0, 1)
+
+
+@dataclass
+class StepResult:
+    """What one update leaves: tensors on the device (nothing read back), and whether it was applied."""
+
+    loss: torch.Tensor  # the batch's detached mean loss
+    logits: torch.Tensor  # detached, B x C
+    grad_norm: torch.Tensor  # the total gradient norm before clipping
+    finite: torch.Tensor  # loss and gradient norm both finite (bool)
+    applied: bool = True  # False only when skip_nonfinite dropped the update
+
+
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) -> None:
-    """Write the schedule's values for this update into every parameter group (beta1 stands for momentum in Adam)."""
+    """Write the schedule's values for this update into every parameter group."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-        if momentum is not None:
-            if "betas" in group:
-                group["betas"] = (momentum, group["betas"][1])
-            else:
-                group["momentum"] = momentum
+    set_momentum(optimizer, momentum)
 
 
-def clip_gradients(model: torch.nn.Module, max_value: float, mode: str) -> None:
-    """Clip the total gradient norm (mode norm) or each gradient entry (mode value) at max_value; 0 disables."""
-    if max_value > 0 and mode == "norm":
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_value)
-    elif max_value > 0:
-        torch.nn.utils.clip_grad_value_(model.parameters(), max_value)
+def set_momentum(optimizer: torch.optim.Optimizer, momentum: float | None) -> None:
+    """The momentum of every parameter group (beta1 stands for it in Adam); None leaves it as it is."""
+    for group in optimizer.param_groups if momentum is not None else ():
+        if "betas" in group:
+            group["betas"] = (momentum, group["betas"][1])
+        else:
+            group["momentum"] = momentum
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               grad_clip: float, clip_mode: str, precision: torch.dtype | None = None,
-               skip_nonfinite: bool = False, accumulate: int = 1,
-               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | bool]:
-    """One update on one batch, with the forward pass under autocast to `precision` (None: fp32).
+               options: StepOptions = StepOptions()) -> StepResult:
+    """One update on one batch, made as `options` say.
 
-    With accumulate = K > 1 the batch goes forward and backward in K pieces (gradient accumulation: the memory of a
-    small batch, the update of the whole one); each piece's mean loss is weighted by its share of the batch, so the
-    gradient is that of the batch's mean loss. Always K pieces, so that under DDP every rank makes as many backward
-    passes; gradients are all-reduced only after the last (no_sync).
-
-    Returns the detached mean loss, the logits, the gradient norm before clipping and whether both were finite, all
-    as tensors on the device: nothing is read back, so the host can queue the next steps while the device works.
-    The update is made even when they are not finite, unless skip_nonfinite: then the flag is read back (one wait
-    for the device per step; it is returned as a bool) and such an update is dropped, with BatchNorm's running
+    The update is made even when loss or gradient norm are not finite, unless options.skip_nonfinite: then the flag
+    is read back (one wait for the device per step) and such an update is dropped, with BatchNorm's running
     statistics, which the forward pass has already moved, put back. Gradients are those of the fp32 weights, so
     clipping is the same under bf16.
     """
-    buffers = [b.clone() for b in model.buffers()] if skip_nonfinite else None
+    buffers = [b.clone() for b in model.buffers()] if options.skip_nonfinite else None
     optimizer.zero_grad(set_to_none=True)
+    loss, logits = forward_backward(model, x, y, options)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    finite = torch.isfinite(loss) & torch.isfinite(norm)
+    if options.skip_nonfinite and not finite:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
+        return StepResult(loss, logits, norm, finite, applied=False)
+    clip_gradients(params, norm, options)
+    optimizer.step()
+    return StepResult(loss, logits, norm, finite)
+
+
+def forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     options: StepOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's gradients, and its detached mean loss and logits.
+
+    With accumulate = K > 1 the batch goes forward and backward in K pieces (the memory of a small batch, the update
+    of the whole one); each piece's mean loss is weighted by its share of the batch, so the gradient is that of the
+    batch's mean loss. Always K pieces (fewer only when the batch has fewer images), so that under DDP every rank
+    makes as many backward passes; gradients are all-reduced only after the last (no_sync).
+    """
     losses, outputs = [], []
-    pieces = [(xs, ys) for xs, ys in zip(x.tensor_split(accumulate), y.tensor_split(accumulate)) if len(ys)]
+    pieces = [(xs, ys) for xs, ys in zip(x.tensor_split(options.accumulate), y.tensor_split(options.accumulate))
+              if len(ys)]
     for k, (xs, ys) in enumerate(pieces):
-        last = k == len(pieces) - 1
-        with nullcontext() if last else no_sync(model):
-            with autocast(x.device, precision):  # the loss itself is computed in fp32 under autocast
+        with nullcontext() if k == len(pieces) - 1 else no_sync(model):
+            with autocast(x.device, options.precision):  # the loss itself is computed in fp32 under autocast
                 out = model(xs)
-                piece = F.cross_entropy(out, ys, label_smoothing=label_smoothing) * (len(ys) / len(y))
+                piece = F.cross_entropy(out, ys, label_smoothing=options.label_smoothing) * (len(ys) / len(y))
             piece.backward()
         losses.append(piece.detach())
         outputs.append(out.detach())
     if len(pieces) == 1:  # no copies in the common case
-        loss, logits = losses[0], outputs[0]
-    else:
-        loss, logits = torch.stack(losses).sum(), torch.cat(outputs)
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    finite = torch.isfinite(loss) & torch.isfinite(norm)
-    if skip_nonfinite:
-        finite = bool(finite)
-    if finite is False:
-        with torch.no_grad():
-            for buffer, saved in zip(model.buffers(), buffers):
-                buffer.copy_(saved)
-        return loss, logits, norm, finite
-    if grad_clip > 0 and clip_mode == "norm":
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)  # takes parameters; reuses the norm above
-    else:
-        clip_gradients(model, grad_clip, clip_mode)
-    optimizer.step()
-    return loss, logits, norm, finite
+        return losses[0], outputs[0]
+    return torch.stack(losses).sum(), torch.cat(outputs)
+
+
+def clip_gradients(params: list[torch.nn.Parameter], norm: torch.Tensor, options: StepOptions) -> None:
+    """The one clipping path: the total norm at options.grad_clip, reusing the norm already computed (mode norm),
+    or each gradient entry into [-grad_clip, grad_clip] (mode value); nothing when grad_clip is 0."""
+    if options.grad_clip > 0 and options.clip_mode == "norm":
+        torch.nn.utils.clip_grads_with_norm_(params, options.grad_clip, norm)  # takes the parameters, not grads
+    elif options.grad_clip > 0:
+        torch.nn.utils.clip_grad_value_(params, options.grad_clip)
 
 
 def no_sync(model: torch.nn.Module):
@@ -90,12 +117,11 @@ def no_sync(model: torch.nn.Module):
     return model.no_sync() if hasattr(model, "no_sync") else nullcontext()
 
 
-def note_first_nonfinite(first: torch.Tensor, step: int, loss: torch.Tensor, norm: torch.Tensor,
-                         finite: torch.Tensor) -> None:
+def note_first_nonfinite(first: torch.Tensor, step: int, result: StepResult) -> None:
     """Keep step, loss and gradient norm of the run's first non-finite update in `first` (float64 [3], step -1
     while there is none), on the device: it is read at the next log interval or checkpoint, not at every step."""
-    found = ~finite & (first[0] < 0)
-    now = torch.cat([first.new_full((1,), step), torch.stack([loss, norm]).to(first.dtype)])
+    found = ~result.finite & (first[0] < 0)
+    now = torch.cat([first.new_full((1,), step), torch.stack([result.loss, result.grad_norm]).to(first.dtype)])
     first.copy_(torch.where(found, now, first))
 
 

@@ -4,42 +4,43 @@ SGDR (Loshchilov & Hutter 2017, arXiv 1608.03983) restarts the learning rate; ea
 minimum, where the model is a good and diverse ensemble member (Huang et al. 2017, arXiv 1704.00109). At the end,
 each snapshot is read back from its file and evaluated once, and the snapshots' averaged logits are compared with
 the last snapshot alone.
+
+Reading order: `train` (setup, resume, the loop, the report), then `loop`, then the helpers each step calls.
 """
 
 import bisect
+import dataclasses
 import json
 import logging
-import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import torch
+import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from snapens import distributed
-from snapens.build import (build_augmentation, build_data, build_model, build_optimizer, build_schedule,
-                           model_name, pick_device, pick_precision)
-from snapens.checkpoint import checkpoint_path, rng_state, save_checkpoint, set_rng_state, stop_requests
+from snapens import adaptive, distributed, swa
+from snapens.batches import epoch_order, train_batches
+from snapens.build import Setup, pick_device, setup, snapshot_metadata
+from snapens.checkpoint import (checkpoint_path, keep_metrics_until, resume_state, rng_state, save_checkpoint,
+                                save_config, set_rng_state, stop_requests)
 from snapens.config import check_config, register_configs
-from snapens.data import epoch_order, train_batches
-from snapens.ensemble import format_report
+from snapens.ensemble import ensemble_report, format_report, predict_logits
+from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError, exit_with
-from snapens.precision import describe, layout
-from snapens.restarts import new_adaptive_state, should_extend, swa_first_update, validation_loss
+from snapens.files import write_atomic
+from snapens.precision import describe
 from snapens.run_plots import plot_lr_schedule, plot_training
-from snapens.run_dir import (config_hash, end_cycle, evaluate_snapshots, keep_metrics_until, read_metrics,
-                             resume_state, save_config, write_metrics)
-from snapens.schedules import extend_cycle, with_cycle_lengths
-from snapens.snapshots import list_snapshots
-from snapens.step import note_first_nonfinite, seconds_since, set_hyperparameters, train_step
+from snapens.snapshots import list_snapshots, prune_snapshots, read_metadata, save_snapshot, snapshot_path
+from snapens.step import StepResult, note_first_nonfinite, seconds_since, set_hyperparameters, train_step
 from snapens.tensorboard_log import IntervalStats, log_interval, log_report, open_writer
 
 register_configs()
@@ -53,11 +54,36 @@ class Interrupted(Exception):
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL (sysexits.h): try again later, e.g. requeue the job
 
 
-def new_progress() -> dict:
-    """Where the loop stands; saved in every checkpoint. `order` is the current epoch's permutation, `position`
-    the number of its batches done, the sums the epoch's running training loss and accuracy."""
-    return {"step": 0, "epoch": 0, "position": 0, "order": None, "loss_sum": 0.0, "correct": 0, "seen": 0,
-            "skipped": 0, "skipped_in_row": 0, "seconds": 0.0, "compile_seconds": 0.0}
+@dataclass
+class Progress:
+    """Where the loop stands; saved in every checkpoint (as a dict)."""
+
+    step: int = 0  # updates done: the next update's index t
+    epoch: int = 0  # epochs done
+    position: int = 0  # batches of the current epoch done
+    order: torch.Tensor | None = None  # the current epoch's permutation; None between epochs
+    loss_sum: float = 0.0  # the current epoch's summed training loss, correct predictions and images
+    correct: int = 0
+    seen: int = 0
+    skipped: int = 0  # updates dropped by trainer.on_nonfinite=skip, in all and in a row
+    skipped_in_row: int = 0
+    seconds: float = 0.0  # training time so far
+    compile_seconds: float = 0.0  # the first step's time under torch.compile
+
+
+@dataclass
+class Run:
+    """One training run: its config, dir and processes, what setup() built, and what changes as it goes."""
+
+    cfg: DictConfig
+    dir: Path
+    ranks: distributed.Ranks
+    setup: Setup
+    progress: Progress
+    adaptive: adaptive.AdaptiveState | None
+    snapshot_steps: list[int]  # the updates after which a snapshot is taken (adaptive SGDR moves them)
+    metadata: dict  # what every snapshot carries besides its cycle, step, epoch and lr
+    resumed: bool = False
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> float | None:
@@ -67,205 +93,63 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float | None:
     A run dir that holds a checkpoint is continued from it (bit-identical on CPU to a run never stopped).
     """
     check_config(cfg)
+    run_dir = Path(run_dir)
     ranks = distributed.start(pick_device(cfg.trainer.device).type)
     try:
-        return run(cfg, Path(run_dir), ranks)
+        saved = resume_state(cfg, run_dir)
+        distributed.barrier(ranks)  # every rank has read the run dir before rank 0 writes into it
+        if saved is not None and (run_dir / "results.json").exists():
+            log.info(f"run dir {run_dir} holds a finished run; nothing to do (results.json has its numbers)")
+            return json.loads((run_dir / "results.json").read_text())["ensemble"]["acc"]
+        run = begin(cfg, run_dir, ranks, saved)
+        loop(run)
+        return report(run)
     finally:
         distributed.stop(ranks)
 
 
-def run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float | None:
-    state = resume_state(cfg, run_dir)
-    distributed.barrier(ranks)  # every rank has read the run dir before rank 0 writes into it
-    if state is not None and (run_dir / "results.json").exists():
-        log.info(f"run dir {run_dir} holds a finished run; nothing to do (results.json has its numbers)")
-        return json.loads((run_dir / "results.json").read_text())["ensemble"]["acc"]
-    t, main = cfg.trainer, ranks.main
-    device = distributed.device_for(pick_device(t.device), ranks)
-    precision = pick_precision(t.precision, device)
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # per job in a multirun sweep
-
-    torch.manual_seed(t.seed)
-    model = build_model(cfg.model).to(device, memory_format=layout(t.channels_last))  # before the data: a bad
-    # model config fails in a second. DDP and the compiled module share the model's parameters; snapshots save it.
-    # The SWA copy is taken first, so it keeps plain BatchNorm: rank 0 alone recomputes its statistics.
-    swa = AveragedModel(model) if t.swa.start is not None else None
-    forward = distributed.wrap(model, ranks, device, t.sync_bn)
-    forward = torch.compile(forward) if t.compile else forward
-    data = build_data(cfg.data)
-    update_size = t.batch_size * t.accumulate  # images per update, all ranks together
-    steps_per_epoch = math.ceil(len(data.train) / update_size)
-    schedule = build_schedule(cfg.scheduler, t.epochs, steps_per_epoch)
-    adaptive = new_adaptive_state(getattr(schedule, "inner", schedule).lengths) \
-        if cfg.scheduler.name == "adaptive_sgdr" else None
-    optimizer = build_optimizer(model, cfg.optimizer, schedule.lr(0))
-    augmentation = build_augmentation(cfg.data)
-    train_split = data.train.to(device)
-    generator = torch.Generator(device).manual_seed(t.seed)
-    progress = new_progress()
-
-    def save_progress() -> None:
-        if main:
-            save_checkpoint(checkpoint_path(run_dir), {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
-                "progress": dict(progress), "config": OmegaConf.to_container(cfg, resolve=True),
-                "device": device.type, "snapshots": [p.name for p in list_snapshots(run_dir)],
-                "swa": swa.state_dict() if swa else None, "adaptive": adaptive})
-
-    if state is None:
-        if main:
+def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict | None) -> Run:
+    """Build the run and start it afresh (config and a step-0 checkpoint written) or continue the saved one."""
+    s = setup(cfg, ranks)
+    state = None
+    if cfg.scheduler.name == "adaptive_sgdr":
+        state = adaptive.AdaptiveState(list(adaptive.cycle_lengths(s.schedule)))
+    run = Run(cfg, run_dir, ranks, s, Progress(), state, [], snapshot_metadata(cfg, s.data))
+    if saved is None:
+        if ranks.main:
             save_config(cfg, run_dir)
-        save_progress()  # step 0: a run killed before its first epoch ends resumes like any other
-    elif state["device"] != device.type:
-        raise SnapensError(f"the checkpoint of {run_dir} was written on {state['device']}; resume it there "
-                           f"(trainer.device={state['device']}): the random streams of one cannot continue on another")
+        save_progress(run)  # step 0: a run killed before its first epoch ends resumes like any other
     else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], generator)
-        progress, adaptive = state["progress"], state["adaptive"]
-        if swa:
-            swa.load_state_dict(state["swa"])
-        if adaptive:  # the cycle lengths this run has actually used so far
-            schedule = with_cycle_lengths(schedule, tuple(adaptive["lengths"]))
-        if main:
-            keep_metrics_until(run_dir / "metrics.jsonl", progress["epoch"])
-        log.info(f"resuming {run_dir} at step {progress['step']} of {schedule.total_steps}")
-    metadata = {"model": model_name(cfg.model), "model_config": OmegaConf.to_container(cfg.model, resolve=True),
-                "num_classes": len(data.classes), "classes": data.classes,
-                "image_size": list(data.train.images.shape[2:]), "mean": list(data.mean), "std": list(data.std),
-                "config_hash": config_hash(cfg)}
-    every = round(t.snapshot_every * steps_per_epoch)
-    cycle_ends = snapshot_steps(schedule, every)
-    if main:
-        plot_lr_schedule(schedule, steps_per_epoch, cycle_ends, run_dir / "lr_schedule.png")
-    log.info(f"{metadata['model']} on {cfg.data.name} ({len(data.train)} train / {len(data.test)} test images), "
-             f"{cfg.scheduler.name}: {schedule.total_steps} steps, snapshots after steps {cycle_ends}, on {device} "
-             f"({describe(precision, t.channels_last)}{', compiled' if t.compile else ''}"
-             f"{f', {ranks.world} processes' if ranks.parallel else ''})")
+        resume(run, saved)
+    every = round(cfg.trainer.snapshot_every * s.steps_per_epoch)
+    run.snapshot_steps = snapshot_steps(s.schedule, every)
+    if ranks.main:
+        plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run_dir / "lr_schedule.png")
+    log.info(f"{run.metadata['model']} on {cfg.data.name} ({len(s.data.train)} train / {len(s.data.test)} test "
+             f"images), {cfg.scheduler.name}: {s.schedule.total_steps} steps, snapshots after steps "
+             f"{run.snapshot_steps}, on {s.device} ({describe(s.precision, cfg.trainer.channels_last)}"
+             f"{', compiled' if cfg.trainer.compile else ''}{f', {ranks.world} processes' if ranks.parallel else ''})")
+    return run
 
-    # ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----
-    p, start, first_step = progress, time.perf_counter() - progress["seconds"], progress["step"]
-    began = time.perf_counter()
-    skip = t.on_nonfinite == "skip"
-    first_bad = torch.full((3,), -1.0, dtype=torch.float64, device=device)  # see note_first_nonfinite
-    tensorboard = main and cfg.logger.name == "tensorboard"
-    writer = open_writer(run_dir, purge_step=p["step"] if state else None) if tensorboard else None
-    interval = IntervalStats(device) if writer else None
 
-    def stop_if_nonfinite() -> None:  # before anything is written: the last checkpoint stays intact
-        step, loss, norm = first_bad.tolist()
-        if step >= 0:
-            raise SnapensError(f"{nonfinite(int(step), schedule.lr(int(step)), loss, norm)}; stopped, the last "
-                               "checkpoint is intact: start a new hydra.run.dir with a lower scheduler.eta_max, or "
-                               "resume this one with trainer.on_nonfinite=skip")
-
-    bar = tqdm(total=schedule.total_steps, initial=p["step"], unit="step", dynamic_ncols=True,
-               disable=None if main else True)
-    with (open(run_dir / "metrics.jsonl", "a") if main else nullcontext()) as metrics, logging_redirect_tqdm(), \
-            stop_requests() as stops, writer or nullcontext():  # the writer is closed (flushed) however it ends
-        while p["step"] < schedule.total_steps:
-            if p["order"] is None:
-                p.update(order=epoch_order(len(train_split), generator).cpu(), position=0, loss_sum=0.0, correct=0,
-                         seen=0)
-            loss_sum = torch.tensor(p["loss_sum"], device=device)  # summed on the device, read at checkpoints
-            correct = torch.tensor(p["correct"], device=device)
-            rest = p["order"][p["position"] * update_size:].to(device)
-            for x, y in train_batches(train_split, update_size, generator, augmentation, data.mean, data.std, rest,
-                                      t.channels_last):
-                step, lr = p["step"], schedule.lr(p["step"])
-                set_hyperparameters(optimizer, lr, schedule.momentum(step))
-                x, y = distributed.share(x, y, ranks)
-                loss, logits, norm, finite = train_step(forward, optimizer, x, y, t.grad_clip, t.clip_mode,
-                                                        precision, skip, t.accumulate, t.label_smoothing)
-                if skip and not finite:
-                    skip_nonfinite(t, p, step, lr, loss, norm)
-                else:  # under torchrun: this rank's share (a random part of every batch) stands for the whole
-                    hits = (logits.argmax(1) == y).sum()
-                    loss_sum += loss * len(y)
-                    correct += hits
-                    p["seen"] += len(y)
-                    p["skipped_in_row"] = 0
-                    if not skip:
-                        note_first_nonfinite(first_bad, step, loss, norm, finite)
-                    if interval:
-                        interval.add(loss, hits, len(y), norm, t.grad_clip)
-                p["step"], p["position"] = step + 1, p["position"] + 1
-                bar.update()
-                cycle = bisect.bisect_right(cycle_ends, step)  # 0-based, of the update just made
-                if swa and step >= swa_first_update(([0] + cycle_ends)[cycle], cycle_ends[cycle], t.swa.start):
-                    swa.update_parameters(model)
-                if t.compile and step == first_step:
-                    p["compile_seconds"] = seconds_since(began, device)
-                    log.info(f"first step, with torch.compile, took {p['compile_seconds']:.1f}s")
-                log_now = p["step"] % t.log_every == 0
-                epoch_done = p["position"] * update_size >= len(train_split) or p["step"] == schedule.total_steps
-                if log_now and p["seen"]:
-                    stop_if_nonfinite()
-                    bar.set_postfix(loss=f"{loss_sum.item() / p['seen']:.3f}", lr=f"{lr:.4g}",
-                                    acc=f"{correct.item() / p['seen']:.3f}")
-                    if writer:
-                        log_interval(writer, interval.read(), p["step"], optimizer)
-                # A signal may reach torchrun's ranks at different steps: they agree at log intervals and epoch ends.
-                stopping = distributed.any_rank(bool(stops), ranks, device) \
-                    if not ranks.parallel or log_now or epoch_done else False
-                cycle_end = p["step"] in cycle_ends
-                checkpoint = epoch_done or cycle_end or stopping or (
-                    t.checkpoint_every and p["step"] % t.checkpoint_every == 0)
-                if checkpoint:
-                    stop_if_nonfinite()
-                if cycle_end and main:  # cycle `cycle` (0-based) is over: files count from 1
-                    end_cycle(cfg, run_dir, model, swa, train_split, data, {
-                        **metadata, "cycle": cycle + 1, "step": p["step"], "epoch": p["step"] / steps_per_epoch,
-                        "lr": lr})
-                if cycle_end:
-                    if swa:
-                        swa.n_averaged.zero_()  # the next cycle's average starts afresh
-                    if t.reset_optimizer_on_restart and p["step"] < schedule.total_steps:
-                        optimizer.state.clear()  # no momentum or Adam moments carried over the restart
-                if checkpoint:  # the sums come back from the device only here
-                    p.update(loss_sum=loss_sum.item(), correct=int(correct.item()),
-                             seconds=time.perf_counter() - start)
-                if epoch_done:
-                    p["epoch"] += 1
-                    if adaptive and p["step"] < schedule.total_steps:
-                        schedule, extended = adapt_cycles(cfg, adaptive, schedule, model, data, device, precision,
-                                                          p["step"], ranks)
-                        cycle_ends = schedule.cycle_ends()
-                        if extended and swa:
-                            swa.n_averaged.zero_()  # the extended cycle's window starts later: average afresh
-                    if main:
-                        write_metrics(metrics, p, lr, cycle_ends)
-                    p["order"] = None
-                if checkpoint:
-                    save_progress()
-                if stopping:
-                    raise Interrupted(f"stopped by {stops[0] if stops else 'a signal to another rank'} after step "
-                                      f"{p['step']} with a checkpoint; run the same command again "
-                                      f"(hydra.run.dir={run_dir}) to resume")
-                if epoch_done:
-                    break
-    bar.close()
-
-    training = {"steps": p["step"], "seconds": p["seconds"], "compile_seconds": p["compile_seconds"],
-                "device": str(device), "precision": describe(precision, t.channels_last), "compiled": t.compile,
-                "processes": ranks.world, "rank_weights_sha256": distributed.gather_digests(model, ranks)}
-    if device.type == "cuda":
-        training["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    if not main:
-        return None
-    with stop_requests():  # a few seconds more: a signal now waits for results.json rather than losing it
-        report = evaluate_snapshots(cfg, run_dir, model, data, device, precision, training)
-        plot_lr_schedule(schedule, steps_per_epoch, cycle_ends, run_dir / "lr_schedule.png")  # final cycle lengths
-        plot_training(read_metrics(run_dir), [e / steps_per_epoch for e in cycle_ends], run_dir / "training.png")
-        if tensorboard:
-            with open_writer(run_dir) as end_writer:
-                log_report(end_writer, report)
-    log.info("\n" + format_report(report))
-    return report["ensemble"]["acc"]
+def resume(run: Run, saved: dict) -> None:
+    """Put the checkpoint's weights, optimizer state, random streams and progress back."""
+    s = run.setup
+    if saved["device"] != s.device.type:
+        raise SnapensError(f"the checkpoint of {run.dir} was written on {saved['device']}; resume it there "
+                           f"(trainer.device={saved['device']}): the random streams of one cannot continue on another")
+    s.model.load_state_dict(saved["model"])
+    s.optimizer.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"], s.generator)
+    run.progress, run.resumed = Progress(**saved["progress"]), True
+    if s.swa:
+        s.swa.load_state_dict(saved["swa"])
+    if saved["adaptive"]:  # the cycle lengths this run has actually used so far
+        run.adaptive = adaptive.AdaptiveState(**saved["adaptive"])
+        s.schedule = adaptive.with_cycle_lengths(s.schedule, tuple(run.adaptive.lengths))
+    if run.ranks.main:
+        keep_metrics_until(run.dir / "metrics.jsonl", run.progress.epoch)
+    log.info(f"resuming {run.dir} at step {run.progress.step} of {s.schedule.total_steps}")
 
 
 def snapshot_steps(schedule, every: int) -> list[int]:
@@ -276,40 +160,273 @@ def snapshot_steps(schedule, every: int) -> list[int]:
     return sorted(set(range(every, schedule.total_steps, every)) | {schedule.total_steps})
 
 
-def adapt_cycles(cfg: DictConfig, adaptive: dict, schedule, model, data, device, precision, step: int,
-                 ranks: distributed.Ranks):
-    """Adaptive SGDR at an epoch end (`step` updates done): evaluate the validation loss and, when it has stalled
-    within the current cycle, lengthen that cycle, if it is still in progress. Returns the schedule and whether it
-    changed. Under torchrun every rank evaluates rank 0's model and takes rank 0's loss, so all decide alike."""
-    distributed.sync_buffers(model, ranks)
-    loss = validation_loss(model, data.val, data.mean, data.std, cfg.ensemble.batch_size, device, precision,
-                           cfg.trainer.channels_last)
-    loss = distributed.from_rank0(loss, ranks, device)
-    ends = schedule.cycle_ends()
-    cycle = bisect.bisect_right(ends, step - 1)  # the cycle of the last update
-    if not should_extend(adaptive, loss, cycle, cfg.scheduler.patience, in_progress=step not in ends):
-        return schedule, False
-    lengths = extend_cycle(tuple(adaptive["lengths"]), cycle, cfg.scheduler.extension_factor)
-    adaptive["lengths"] = list(lengths)
-    schedule = with_cycle_lengths(schedule, lengths)
-    log.info(f"validation loss {loss:.4f} has not improved for {cfg.scheduler.patience} evaluations in cycle "
-             f"{cycle + 1}: extended; cycles now end after steps {schedule.cycle_ends()}")
-    return schedule, True
+# ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----------------------
+def loop(run: Run) -> None:
+    s, progress = run.setup, run.progress
+    with Monitor(run) as monitor, stop_requests() as stops:
+        while progress.step < s.schedule.total_steps:
+            for x, y in epoch_batches(run, monitor):
+                t = progress.step
+                lr = s.schedule.lr(t)
+                set_hyperparameters(s.optimizer, lr, s.schedule.momentum(t))
+                x, y = distributed.share(x, y, run.ranks)
+                result = train_step(s.forward, s.optimizer, x, y, s.step_options)
+                monitor.record(t, lr, result, y)
+                progress.step, progress.position = t + 1, progress.position + 1
+                after_update(run, monitor, t)
+                now = Moments.after(run, stops)
+                if now.log:
+                    monitor.log_interval()
+                if now.checkpoint:
+                    monitor.stop_if_nonfinite()  # before anything is written: the last checkpoint stays intact
+                if now.cycle_end:
+                    end_cycle(run, lr)
+                if now.checkpoint:
+                    monitor.read_sums()  # the sums come back from the device only here
+                if now.epoch_end:
+                    end_epoch(run, monitor, lr)
+                if now.checkpoint:
+                    save_progress(run)
+                if now.stop:
+                    raise Interrupted(f"stopped by {stops[0] if stops else 'a signal to another rank'} after step "
+                                      f"{progress.step} with a checkpoint; run the same command again "
+                                      f"(hydra.run.dir={run.dir}) to resume")
+                if now.epoch_end:
+                    break
+
+
+def epoch_batches(run: Run, monitor: "Monitor"):
+    """The rest of the current epoch's batches (all of a new epoch's, whose permutation is drawn first)."""
+    s, progress = run.setup, run.progress
+    if progress.order is None:
+        progress.order = epoch_order(len(s.train_split), s.generator).cpu()
+        progress.position, progress.loss_sum, progress.correct, progress.seen = 0, 0.0, 0, 0
+    monitor.start_sums()
+    rest = progress.order[progress.position * s.update_size:].to(s.device)
+    return train_batches(s.train_split, s.update_size, s.generator, s.augmentation, s.data.mean, s.data.std, rest,
+                         run.cfg.trainer.channels_last)
+
+
+def after_update(run: Run, monitor: "Monitor", t: int) -> None:
+    """Fold update t's weights into the cycle's SWA average when in its window; time the compile step."""
+    s, trainer = run.setup, run.cfg.trainer
+    if s.swa and swa.in_window(t, run.snapshot_steps, trainer.swa.start):
+        s.swa.update_parameters(s.model)
+    if trainer.compile and t == monitor.first_step:
+        run.progress.compile_seconds = seconds_since(monitor.began, s.device)
+        log.info(f"first step, with torch.compile, took {run.progress.compile_seconds:.1f}s")
+
+
+@dataclass(frozen=True)
+class Moments:
+    """What the moment after an update is: a log interval, an epoch's end, a stop, a cycle end, a checkpoint."""
+
+    log: bool
+    epoch_end: bool
+    stop: bool
+    cycle_end: bool
+    checkpoint: bool
+
+    @classmethod
+    def after(cls, run: Run, stops: list[str]) -> "Moments":
+        s, progress, trainer, ranks = run.setup, run.progress, run.cfg.trainer, run.ranks
+        log_now = progress.step % trainer.log_every == 0
+        epoch_end = (progress.position * s.update_size >= len(s.train_split)
+                     or progress.step == s.schedule.total_steps)
+        # A signal may reach torchrun's ranks at different steps: they agree at log intervals and epoch ends.
+        stop = distributed.any_rank(bool(stops), ranks, s.device) \
+            if not ranks.parallel or log_now or epoch_end else False
+        cycle_end = progress.step in run.snapshot_steps
+        every = trainer.checkpoint_every
+        checkpoint = epoch_end or cycle_end or stop or bool(every and progress.step % every == 0)
+        return cls(log_now and progress.seen > 0, epoch_end, stop, cycle_end, checkpoint)
+
+
+def end_cycle(run: Run, lr: float) -> None:
+    """The cycle whose last update was just made is over: its snapshot (rank 0), and the restart's resets."""
+    s, progress, trainer = run.setup, run.progress, run.cfg.trainer
+    if run.ranks.main:  # the snapshot, the cycle's SWA average beside it, the pruning of old ones
+        cycle = bisect.bisect_left(run.snapshot_steps, progress.step) + 1  # files count cycles from 1
+        meta = {**run.metadata, "cycle": cycle, "step": progress.step, "epoch": progress.step / s.steps_per_epoch,
+                "lr": lr}
+        save_snapshot(snapshot_path(run.dir, cycle), s.model, meta)
+        if s.swa:
+            averaged = swa.finish(s.swa, s.train_split, run.cfg.ensemble.batch_size, s.data.mean, s.data.std)
+            save_snapshot(snapshot_path(run.dir, cycle, swa=True), averaged,
+                          {**meta, "swa_start": trainer.swa.start, "swa_updates": int(s.swa.n_averaged)})
+        if trainer.keep_snapshots:
+            prune_snapshots(run.dir, trainer.keep_snapshots)
+    if s.swa:
+        s.swa.n_averaged.zero_()  # the next cycle's average starts afresh
+    if trainer.reset_optimizer_on_restart and progress.step < s.schedule.total_steps:
+        s.optimizer.state.clear()  # no momentum or Adam moments carried over the restart
+
+
+def end_epoch(run: Run, monitor: "Monitor", lr: float) -> None:
+    """Adaptive SGDR's decision, the epoch's metrics line, and a new permutation next time."""
+    s, progress = run.setup, run.progress
+    progress.epoch += 1
+    if run.adaptive and progress.step < s.schedule.total_steps:
+        extended = adaptive.adapt_cycles(run.adaptive, s.schedule, validation_loss(run), progress.step,
+                                         run.cfg.scheduler.patience, run.cfg.scheduler.extension_factor)
+        if extended:
+            s.schedule = extended
+            run.snapshot_steps = s.schedule.cycle_ends()
+            if s.swa:
+                s.swa.n_averaged.zero_()  # the extended cycle's window starts later: average afresh
+    if run.ranks.main:
+        monitor.write_metrics(lr)
+    progress.order = None
+
+
+def validation_loss(run: Run) -> float:
+    """The mean validation cross-entropy adaptive SGDR decides on (the model is left in training mode). Under
+    torchrun every rank evaluates rank 0's model and takes rank 0's loss, so all decide alike."""
+    s = run.setup
+    distributed.sync_buffers(s.model, run.ranks)
+    logits = predict_logits(s.model, s.data.val, s.data.mean, s.data.std, run.cfg.ensemble.batch_size, s.device,
+                            s.precision, run.cfg.trainer.channels_last)
+    s.model.train()
+    return distributed.from_rank0(F.cross_entropy(logits, s.data.val.labels).item(), run.ranks, s.device)
+
+
+def save_progress(run: Run) -> None:
+    """checkpoints/last.ckpt (rank 0): everything a resumed run needs to continue bit-identically."""
+    if not run.ranks.main:
+        return
+    s = run.setup
+    save_checkpoint(checkpoint_path(run.dir), {
+        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "rng": rng_state(s.generator),
+        "progress": dataclasses.asdict(run.progress), "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "device": s.device.type, "snapshots": [p.name for p in list_snapshots(run.dir)],
+        "swa": s.swa.state_dict() if s.swa else None,
+        "adaptive": dataclasses.asdict(run.adaptive) if run.adaptive else None})
+
+
+class Monitor(ExitStack):
+    """What the loop reports as it goes: the progress bar, metrics.jsonl, TensorBoard, the epoch's running sums
+    (kept on the device and read back at checkpoints and log intervals only) and the first non-finite update. As a
+    context, it closes (flushes) its files however the loop ends."""
+
+    def __init__(self, run: Run):
+        super().__init__()
+        self.run, s, main = run, run.setup, run.ranks.main
+        self.first_step, self.began = run.progress.step, time.perf_counter()
+        self.start = self.began - run.progress.seconds
+        self.first_bad = torch.full((3,), -1.0, dtype=torch.float64, device=s.device)  # see note_first_nonfinite
+        self.skip = run.cfg.trainer.on_nonfinite == "skip"
+        self.metrics = self.enter_context(open(run.dir / "metrics.jsonl", "a") if main else nullcontext())
+        self.enter_context(logging_redirect_tqdm())
+        purge = run.progress.step if run.resumed else None  # events of steps the resumed run trains again
+        self.writer = open_writer(run.dir, purge_step=purge) if main and run.cfg.logger.name == "tensorboard" else None
+        self.enter_context(self.writer or nullcontext())
+        self.interval = IntervalStats(s.device) if self.writer else None
+        self.bar = self.enter_context(tqdm(total=s.schedule.total_steps, initial=run.progress.step, unit="step",
+                                           dynamic_ncols=True, disable=None if main else True))
+
+    def start_sums(self) -> None:
+        """The epoch's running sums on the device, from where the progress has them."""
+        device = self.run.setup.device
+        self.loss_sum = torch.tensor(self.run.progress.loss_sum, device=device)
+        self.correct = torch.tensor(self.run.progress.correct, device=device)
+
+    def read_sums(self) -> None:
+        progress = self.run.progress
+        progress.loss_sum, progress.correct = self.loss_sum.item(), int(self.correct.item())
+        progress.seconds = time.perf_counter() - self.start
+
+    def record(self, t: int, lr: float, result: StepResult, y: torch.Tensor) -> None:
+        """Count update t: its loss and hits (under torchrun, this rank's share stands for the whole batch), or
+        with on_nonfinite=skip a dropped update."""
+        progress = self.run.progress
+        if not result.applied:
+            self.skip_nonfinite(t, lr, result)
+        else:
+            hits = (result.logits.argmax(1) == y).sum()
+            self.loss_sum += result.loss * len(y)
+            self.correct += hits
+            progress.seen += len(y)
+            progress.skipped_in_row = 0
+            if not self.skip:
+                note_first_nonfinite(self.first_bad, t, result)
+            if self.interval:
+                self.interval.add(result.loss, hits, len(y), result.grad_norm, self.run.cfg.trainer.grad_clip)
+        self.bar.update()
+
+    def skip_nonfinite(self, t: int, lr: float, result: StepResult) -> None:
+        """on_nonfinite=skip: count the dropped update; stop after max_skipped in a row."""
+        progress, limit = self.run.progress, self.run.cfg.trainer.max_skipped
+        progress.skipped += 1
+        progress.skipped_in_row += 1
+        what = nonfinite(t, lr, result.loss.item(), result.grad_norm.item())
+        if progress.skipped_in_row > limit:
+            raise SnapensError(f"{what}: {progress.skipped_in_row} non-finite updates in a row (trainer.max_skipped="
+                               f"{limit}); stopped, the last checkpoint is intact")
+        log.warning(f"{what}: update skipped")
+
+    def stop_if_nonfinite(self) -> None:
+        step, loss, norm = self.first_bad.tolist()
+        if step >= 0:
+            raise SnapensError(f"{nonfinite(int(step), self.run.setup.schedule.lr(int(step)), loss, norm)}; "
+                               "stopped, the last checkpoint is intact: start a new hydra.run.dir with a lower "
+                               "scheduler.eta_max, or resume this one with trainer.on_nonfinite=skip")
+
+    def log_interval(self) -> None:
+        self.stop_if_nonfinite()
+        progress = self.run.progress
+        self.bar.set_postfix(loss=f"{self.loss_sum.item() / progress.seen:.3f}",
+                             lr=f"{self.run.setup.optimizer.param_groups[0]['lr']:.4g}",
+                             acc=f"{self.correct.item() / progress.seen:.3f}")
+        if self.writer:
+            log_interval(self.writer, self.interval.read(), progress.step, self.run.setup.optimizer)
+
+    def write_metrics(self, lr: float) -> None:
+        """One metrics.jsonl line for the epoch just finished (and the log line that says the same); the snapshot
+        steps are those in use (adaptive SGDR moves them)."""
+        progress = self.run.progress
+        seen = max(progress.seen, 1)
+        record = {"epoch": progress.epoch, "step": progress.step, "lr": lr, "train_loss": progress.loss_sum / seen,
+                  "train_acc": progress.correct / seen, "seconds": progress.seconds, "skipped": progress.skipped,
+                  "cycle_ends": self.run.snapshot_steps}
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        log.info("epoch {epoch} step {step} lr {lr:.4g} loss {train_loss:.4f} acc {train_acc:.4f} "
+                 "{seconds:.1f}s".format(**record))
 
 
 def nonfinite(step: int, lr: float, loss: float, norm: float) -> str:
     return f"non-finite loss or gradient at step {step} (lr {lr:.4g}, loss {loss:.4g}, gradient norm {norm:.4g})"
 
 
-def skip_nonfinite(t: DictConfig, p: dict, step: int, lr: float, loss: torch.Tensor, norm: torch.Tensor) -> None:
-    """on_nonfinite=skip: count the dropped update; stop after max_skipped in a row."""
-    p["skipped"] += 1
-    p["skipped_in_row"] += 1
-    what = nonfinite(step, lr, loss.item(), norm.item())
-    if p["skipped_in_row"] > t.max_skipped:
-        raise SnapensError(f"{what}: {p['skipped_in_row']} non-finite updates in a row (trainer.max_skipped="
-                           f"{t.max_skipped}); stopped, the last checkpoint is intact")
-    log.warning(f"{what}: update skipped")
+# ---- the report -----------------------------------------------------------------------------------------------------
+def report(run: Run) -> float | None:
+    """Evaluate every snapshot from its file, write results.json (with `training`: its steps, seconds and
+    precision) and the plots; return the ensemble's accuracy."""
+    s, progress, trainer = run.setup, run.progress, run.cfg.trainer
+    training = {"steps": progress.step, "seconds": progress.seconds, "compile_seconds": progress.compile_seconds,
+                "device": str(s.device), "precision": describe(s.precision, trainer.channels_last),
+                "compiled": trainer.compile, "processes": run.ranks.world,
+                "rank_weights_sha256": distributed.gather_digests(s.model, run.ranks)}
+    if s.device.type == "cuda":
+        training["peak_memory_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
+    if not run.ranks.main:
+        return None
+    with stop_requests():  # a few seconds more: a signal now waits for results.json rather than losing it
+        paths = list_snapshots(run.dir)  # each read back from its file; its test logits kept in logits/test/
+        metas = [read_metadata(p) for p in paths]
+        logits = cached_logits(paths, metas, s.data.test, "test", run.cfg.ensemble.batch_size, s.device,
+                               lambda *_: s.model, s.precision, trainer.channels_last)
+        result = {**ensemble_report(logits, s.data.test.labels, paths, metas, run.cfg.ensemble.rule),
+                  "training": training}
+        write_atomic(run.dir / "results.json", (json.dumps(result, indent=2) + "\n").encode())
+        plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run.dir / "lr_schedule.png")  # final
+        metrics = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+        plot_training(metrics, [e / s.steps_per_epoch for e in run.snapshot_steps], run.dir / "training.png")
+        if run.cfg.logger.name == "tensorboard":
+            with open_writer(run.dir) as writer:
+                log_report(writer, result)
+    log.info("\n" + format_report(result))
+    return result["ensemble"]["acc"]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real config tree composed with Hydra, and the CIFAR-10 copy when it is there."""
+"""Shared fixtures: the real config tree composed with Hydra, the named override sets tests train with, and the
+CIFAR-10 copy when it is there."""
 
 import os
 from pathlib import Path
@@ -10,8 +11,30 @@ from hydra import compose, initialize_config_dir
 from snapens.config import register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+
+# Named override sets, each meaning one thing everywhere. FAST: 256 synthetic 32x32 images, ResNet-8, batch 64, one
+# CPU thread: 4 updates per epoch.
 FAST = ["data=synthetic", "model=resnet20", "trainer.batch_size=64", "trainer.device=cpu", "trainer.num_threads=1",
         "model.depth=8"]
+
+
+def sgdr(t_mult: int, epochs: int) -> list[str]:
+    """FAST with SGDR cycles starting at one epoch (4 updates), each T_mult times the last, over `epochs`."""
+    return [*FAST, "scheduler=sgdr", "scheduler.T_0=1", f"scheduler.T_mult={t_mult}", f"trainer.epochs={epochs}"]
+
+
+EQUAL_CYCLES_2 = sgdr(1, 2)  # 2 one-epoch cycles: snapshots after updates 4, 8
+EQUAL_CYCLES_3 = sgdr(1, 3)  # 3 one-epoch cycles: snapshots after updates 4, 8, 12
+DOUBLING_CYCLES_3 = sgdr(2, 3)  # cycles of 1 and 2 epochs: snapshots after updates 4, 12
+DOUBLING_CYCLES_7 = sgdr(2, 7)  # cycles of 1, 2 and 4 epochs: snapshots after updates 4, 12, 28
+
+
+def compose_config(*overrides: str, name: str = "config", return_hydra_config: bool = False):
+    """The config `python -m snapens.<entry point> overrides...` would run with (name: config, lr_find or ensemble,
+    the file under conf/)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 @pytest.fixture(autouse=True)
@@ -26,14 +49,8 @@ def one_thread():
 
 @pytest.fixture
 def make_cfg():
-    """compose(overrides) -> the config `python -m snapens.train overrides...` would run with."""
-    register_configs()
-
-    def make(*overrides: str):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("config", overrides=list(overrides))
-
-    return make
+    """compose(overrides) -> the training config `python -m snapens.train overrides...` would run with."""
+    return compose_config
 
 
 @pytest.fixture(scope="session")

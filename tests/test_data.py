@@ -12,22 +12,10 @@ import torchvision
 from torchvision.io import encode_png, write_jpeg, write_png
 
 import snapens.data
-from snapens.data import (
-    Augmentation,
-    Split,
-    balanced_subset,
-    channel_stats,
-    cutout,
-    eval_batches,
-    load_cifar,
-    load_image_folder,
-    make_synthetic,
-    normalize,
-    prepare,
-    random_crop,
-    random_flip,
-    train_batches,
-)
+from snapens.batches import (Augmentation, cutout, eval_batches, normalize, random_crop, random_flip,
+                             train_batches)
+from snapens.data import (Split, balanced_subset, channel_stats, load_cifar, load_image_folder, make_synthetic,
+                          prepare)
 from snapens.errors import SnapensError
 
 # The tests write their image files with torchvision.io, which warns that it is deprecated (torchcodec replaces it).

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from snapens.data import Split
-from snapens.ensemble import RULES, accuracy, combine, ensemble_report, format_report
+from snapens.ensemble import RULES, accuracy, combine, ensemble_report, format_report, metrics, votes
 from snapens.ensemble.cache import cached_logits
 from snapens.models import CifarResNet
 from snapens.snapshots import save_snapshot, snapshot_path
@@ -125,31 +125,64 @@ def majority_accuracy() -> float:
     return sum(m == y for m, y in zip(majority, LABELS)) / len(LABELS)
 
 
+# Every snapshot's logits are 5 x one-hot of 3 classes: confidence e^5 / (e^5 + 2) on its prediction, 1 / (e^5 + 2)
+# on each other class. So k correct of 4 gives NLL (k log(1 + 2 e^-5) + (4 - k) log(e^5 + 2)) / 4 and, with every
+# confidence in one bin, ECE |k / 4 - e^5 / (e^5 + 2)|.
+CONFIDENCE = math.exp(5) / (math.exp(5) + 2)
+
+
+def one_hot_scores(correct: int) -> dict:
+    return {"acc": correct / 4, "nll": (correct * math.log(1 + 2 * math.exp(-5)) + (4 - correct) * math.log(
+        math.exp(5) + 2)) / 4, "ece": abs(correct / 4 - CONFIDENCE)}
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_ensemble_report_contents(rule):
-    """Per-snapshot accuracies, single = last snapshot, ensemble accuracy of all members under the rule."""
+    """Each snapshot's file, name, cycle, step and hand-computed scores; single = the last entry; the ensemble
+    of all members under the rule with the scores of snapens.ensemble.metrics."""
     logits, labels = report_inputs()
     report = ensemble_report(logits, labels, PATHS, METADATA, rule)
-    per_snapshot = [sum(p == y for p, y in zip(preds, LABELS)) / 4 for preds in PREDICTIONS]
-    assert report["snapshots"] == [{"file": p.name, "cycle": m["cycle"], "step": m["step"], "acc": a}
-                                   for p, m, a in zip(PATHS, METADATA, per_snapshot)]
-    assert report["single"] == {"acc": per_snapshot[-1], "file": "cycle_03.safetensors"}
-    assert report["ensemble"] == {"acc": majority_accuracy(), "rule": rule,
+    correct = [sum(p == y for p, y in zip(preds, LABELS)) for preds in PREDICTIONS]
+    assert [{k: s[k] for k in ("file", "name", "cycle", "step")} for s in report["snapshots"]] == [
+        {"file": p.name, "name": p.stem, "cycle": m["cycle"], "step": m["step"]} for p, m in zip(PATHS, METADATA)]
+    for entry, k in zip(report["snapshots"], correct):
+        assert entry["acc"] == k / 4
+        assert entry["nll"] == pytest.approx(one_hot_scores(k)["nll"], rel=1e-12)
+        assert entry["ece"] == pytest.approx(one_hot_scores(k)["ece"], abs=1e-12)
+    assert report["single"] == report["snapshots"][-1]
+    assert report["ensemble"] == {**metrics.scores(logits, labels, rule), "rule": rule,
                                   "members": ["cycle_01.safetensors", "cycle_02.safetensors", "cycle_03.safetensors"]}
-    assert report["num_images"] == 4
+    assert report["ensemble"]["acc"] == majority_accuracy()
+    assert (report["split"], report["num_images"], report["rule"]) == ("test", 4, rule)
+    assert ensemble_report(logits, labels, PATHS, METADATA, rule, bins=1, split="val")["split"] == "val"
 
 
-def test_format_report_lists_files_and_accuracies():
-    """The table names every snapshot with its accuracy, the single model, the ensemble and the image count."""
+def test_format_report_is_the_one_table():
+    """Each snapshot by name with cycle, step, acc, NLL and ECE; the last alone; the ensemble; the images."""
     logits, labels = report_inputs()
-    text = format_report(ensemble_report(logits, labels, PATHS, METADATA, "probs"))
-    lines = text.splitlines()
-    for path, acc in zip(PATHS, (0.25, 0.5, 0.75)):
-        line = next(line for line in lines if path.name in line)
-        assert f"{acc:.4f}" in line
-    assert any("single" in line and "0.7500" in line for line in lines)
-    assert any("ensemble of 3 (probs)" in line and f"{majority_accuracy():.4f}" in line for line in lines)
-    assert "4 test images" in text
+    report = ensemble_report(logits, labels, PATHS, METADATA, "vote")
+    lines = format_report(report).splitlines()
+    assert lines[0].split() == ["snapshot", "cycle", "step", "acc", "nll", "ece"]
+    for line, path, meta, k in zip(lines[1:4], PATHS, METADATA, (1, 2, 3)):
+        s = one_hot_scores(k)
+        assert line.split() == [path.stem, str(meta["cycle"]), str(meta["step"]), f"{s['acc']:.4f}",
+                                f"{s['nll']:.4f}", f"{s['ece']:.4f}"]
+    assert lines[4].split() == ["single", "(last", "snapshot)", "0.7500", f"{one_hot_scores(3)['nll']:.4f}",
+                                f"{one_hot_scores(3)['ece']:.4f}"]
+    ensemble = report["ensemble"]
+    assert lines[5].split() == ["ensemble", "of", "3", "(vote)", f"{majority_accuracy():.4f}", "-",  # no NLL
+                                f"{ensemble['ece']:.4f}"]
+    assert lines[6:] == ["on 4 test images"]
+    unknown = {**report, "split": None, "snapshots": [{**report["snapshots"][0], "step": None}]}
+    assert format_report(unknown).splitlines()[1].split()[:3] == ["cycle_01", "1", "-"]
+    assert format_report(unknown).splitlines()[-1] == "on 4 images"
+
+
+def test_votes_count_the_members_argmaxes():
+    """votes: per image and class, how many members predict it; the counts combine and metrics use."""
+    logits, _ = report_inputs()
+    assert votes(logits).tolist() == [[3, 0, 0], [1, 2, 0], [2, 0, 1], [3, 0, 0]]
+    torch.testing.assert_close(metrics.probabilities(logits, "vote"), votes(logits).double() / 3)
 
 
 # ---------------------------------------------------------------- logits from snapshot files

@@ -6,31 +6,25 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
+import snapens
 import snapens.ensemble.__main__ as cli
 import snapens.ensemble.cache as cache
 from snapens.build import build_data
-from snapens.config import register_configs
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, load_into, read_metadata, save_snapshot
 from snapens.train import train
 
-from conftest import CONF, FAST
+from conftest import EQUAL_CYCLES_3, compose_config
 
-RUN = [*FAST, "scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=3", "data.val_size=32"]
-
-
-def compose_cfg(name: str, *overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
+HELD_OUT = [*EQUAL_CYCLES_3, "data.val_size=32"]  # 3 one-epoch cycles, 32 validation images held out
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def trained(tmp_path_factory):
     """A finished 3-cycle run on synthetic data with a validation split; tests copy it before changing anything."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     torch.set_num_threads(1)
-    train(compose_cfg("config", *RUN), run_dir)
+    train(compose_config(*HELD_OUT), run_dir)
     return run_dir
 
 
@@ -49,12 +43,12 @@ def run(trained, tmp_path):
 
 
 def evaluate(*overrides: str) -> float:
-    return cli.evaluate(compose_cfg("ensemble", *overrides))
+    return cli.evaluate(compose_config(*overrides, name="ensemble"))
 
 
 def direct_logits(run_dir, split="test"):
     """Each snapshot's logits computed here, from the files and the run's data, without the tool's code."""
-    cfg = compose_cfg("config", *RUN)
+    cfg = compose_config(*HELD_OUT)
     data = build_data(cfg.data)
     images = data.test.images if split == "test" else data.val.images
     labels = data.test.labels if split == "test" else data.val.labels
@@ -81,7 +75,10 @@ def test_report_matches_an_independent_recomputation(run):
     assert result["curves"]["last"]["probs"][-1]["nll"] == pytest.approx(nll, rel=1e-5)
     disagree = (logits[0].argmax(1) != logits[2].argmax(1)).double().mean().item()
     assert result["disagreement"][0][2] == pytest.approx(disagree, abs=1e-12)
-    assert "nothing was chosen by looking at test results" in result["members"]["why"]
+    assert [(s["cycle"], s["step"]) for s in result["snapshots"]] == [
+        (read_metadata(p)["cycle"], read_metadata(p)["step"]) for p in list_snapshots(run)]
+    assert result["single"] == result["snapshots"][-1]
+    assert "nothing was chosen by looking at test results" in result["why"]
     for png in ("accuracy_vs_members.png", "disagreement.png", "reliability.png"):
         assert (run / "ensemble/test" / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -98,6 +95,43 @@ def test_identical_snapshots_give_exactly_the_single_model(run):
     assert result["curves"]["last"]["logits"][-1]["nll"] == pytest.approx(single["nll"], abs=1e-12)
     assert result["curves"]["last"]["probs"][-1]["ece"] == pytest.approx(single["ece"], abs=1e-12)
     assert result["disagreement"] == [[0.0] * 3] * 3
+
+
+SHAPE = {"split", "num_images", "rule", "snapshots", "single", "ensemble"}
+
+
+def test_results_json_ensemble_json_and_evaluate_share_one_shape(run):
+    """results.json (plus "training"), ensemble.json (plus its extras) and SnapshotEnsemble.evaluate: the same keys
+    at every level; results.json and ensemble.json, both from the cached logits, the same numbers."""
+    evaluate(f"run={run}")
+    report = json.loads((run / "ensemble/test/ensemble.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    cfg = compose_config(*HELD_OUT)
+    data = build_data(cfg.data)
+    x = (data.test.images.float() / 255 - torch.tensor(data.mean).view(1, 3, 1, 1)) / torch.tensor(data.std).view(
+        1, 3, 1, 1)
+    ensemble, model = snapens.SnapshotEnsemble(), instantiate(cfg.model)
+    for path in list_snapshots(run):
+        load_into(model, path)
+        ensemble.add(model)
+    evaluated = ensemble.evaluate([(x[i:i + 64], data.test.labels[i:i + 64]) for i in range(0, len(x), 64)])
+
+    assert set(results) == SHAPE | {"training"}
+    assert set(report) == SHAPE | {"why", "curves", "disagreement", "logits_seconds"}
+    assert set(evaluated) == SHAPE
+    entry = {"file", "name", "cycle", "step", "acc", "nll", "ece"}
+    for r in (results, report, evaluated):
+        assert all(set(s) == entry for s in r["snapshots"]) and set(r["single"]) == entry
+        assert set(r["ensemble"]) == {"acc", "nll", "ece", "rule", "members"}
+
+    def by_file_name(r):  # results.json names files as in snapshots/, ensemble.json by their paths
+        return {"snapshots": [{**s, "file": Path(s["file"]).name} for s in r["snapshots"]],
+                "ensemble": {**r["ensemble"], "members": [Path(f).name for f in r["ensemble"]["members"]]},
+                **{k: r[k] for k in ("split", "num_images", "rule")}}
+    assert by_file_name(results) == by_file_name(report)
+    assert [s["acc"] for s in evaluated["snapshots"]] == pytest.approx([s["acc"] for s in report["snapshots"]],
+                                                                       abs=1e-12)
+    assert evaluated["ensemble"]["acc"] == pytest.approx(report["ensemble"]["acc"], abs=1e-12)
 
 
 def test_logits_are_cached_and_recomputed_only_when_their_inputs_change(run, monkeypatch):
@@ -132,7 +166,8 @@ def test_validation_split(run):
 def test_members(run, members, cycles):
     evaluate(f"run={run}", f"members={members}")
     result = json.loads((run / "ensemble/test/ensemble.json").read_text())
-    assert [int(f.split("cycle_")[1][:2]) for f in result["members"]["files"]] == cycles
+    assert [int(f.split("cycle_")[1][:2]) for f in result["ensemble"]["members"]] == cycles
+    assert [s["cycle"] for s in result["snapshots"]] == cycles
 
 
 def test_cross_run_ensemble(run, tmp_path):
@@ -148,7 +183,7 @@ def test_explicit_snapshot_files(run, tmp_path):
     evaluate(f"snapshots=[{','.join(files)}]", f"config={run / '.hydra/config.yaml'}", f"out={tmp_path / 'r'}")
     result = json.loads((tmp_path / "r/ensemble.json").read_text())
     logits, labels = direct_logits(run)
-    assert result["members"]["files"] == files
+    assert result["ensemble"]["members"] == [s["file"] for s in result["snapshots"]] == files
     assert result["ensemble"]["acc"] == pytest.approx(
         (logits[1:].mean(0).argmax(1) == labels).double().mean().item(), abs=1e-12)
     with pytest.raises(SnapensError, match=r"snapshots=\[...\] needs config=PATH"):
@@ -157,7 +192,7 @@ def test_explicit_snapshot_files(run, tmp_path):
 
 def test_predict_on_a_folder_gives_the_reports_classes(run, tmp_path):
     """Test images written as PNG files get the same classes as the ensemble's predictions in the report."""
-    data = build_data(compose_cfg("config", *RUN).data)
+    data = build_data(compose_config(*HELD_OUT).data)
     folder = tmp_path / "new"
     folder.mkdir()
     for i, image in enumerate(data.test.images[:20]):
@@ -202,7 +237,7 @@ def code_in_metadata(run):
 
 
 def other_data_config(run):
-    cfg = compose_cfg("config", *RUN, "data.val_size=16")
+    cfg = compose_config(*HELD_OUT, "data.val_size=16")
     (run / "other.yaml").write_text(OmegaConf.to_yaml(cfg))
 
 
@@ -216,6 +251,7 @@ def other_data_config(run):
     (None, ["members=[7]"], "no snapshot for cycle 7"),
     (None, ["split=train"], "split=train is not allowed; choose one of: test, val"),
     (None, ["precision=fp16"], "precision=fp16 is not allowed; choose one of: auto, bf16, fp32"),
+    (None, ["rule=median"], "rule='median' is not allowed; choose one of: logits, probs, vote"),
     (code_in_metadata, [], "names a model snapens cannot build safely"),
     (other_data_config, ["split=val", "config=RUN/other.yaml"], "trained on other data than"),
     (None, ["members=[1,1]"], "names a cycle twice"),

@@ -14,12 +14,11 @@ from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError
 from snapens.models import CifarResNet
 from snapens.snapshots import list_snapshots, read_metadata
-from snapens.step import train_step
+from snapens.step import StepOptions, train_step
 from snapens.train import train
 
-from conftest import FAST
+from conftest import EQUAL_CYCLES_2, sgdr
 
-TWO_EPOCHS = [*FAST, "scheduler=sgdr", "scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=2"]
 CPU = torch.device("cpu")
 
 
@@ -31,7 +30,7 @@ def test_precision_choices():
 
 def test_precision_typo_is_one_clear_error(make_cfg, tmp_path):
     with pytest.raises(SnapensError, match="trainer.precision=fp16 is not allowed; choose one of: auto, bf16, fp32"):
-        train(make_cfg(*TWO_EPOCHS, "trainer.precision=fp16"), tmp_path)
+        train(make_cfg(*EQUAL_CYCLES_2, "trainer.precision=fp16"), tmp_path)
     assert not any(tmp_path.iterdir())
 
 
@@ -43,9 +42,9 @@ def test_train_step_clips_the_fp32_gradients_exactly(channels_last, precision):
     model = CifarResNet(depth=8, num_classes=4).to(memory_format=layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(16, 3, 32, 32).contiguous(memory_format=layout), torch.randint(0, 4, (16,))
-    loss, logits, norm, finite = train_step(model, optimizer, x, y, grad_clip=0.01, clip_mode="norm",
-                                            precision=precision)
-    assert logits.dtype == (precision or torch.float32) and loss.dtype == torch.float32 and bool(finite)
+    result = train_step(model, optimizer, x, y, StepOptions(grad_clip=0.01, clip_mode="norm", precision=precision))
+    loss, logits, norm = result.loss, result.logits, result.grad_norm
+    assert logits.dtype == (precision or torch.float32) and loss.dtype == torch.float32 and bool(result.finite)
     grads = [p.grad for p in model.parameters()]
     assert all(g.dtype == torch.float32 for g in grads) and all(p.dtype == torch.float32 for p in model.parameters())
     assert norm.item() > 0.01  # clipping was active
@@ -53,8 +52,8 @@ def test_train_step_clips_the_fp32_gradients_exactly(channels_last, precision):
 
 
 def test_channels_last_trains_the_same_model_as_nchw(make_cfg, tmp_path):
-    train(make_cfg(*TWO_EPOCHS, "trainer.channels_last=false"), tmp_path / "nchw")
-    train(make_cfg(*TWO_EPOCHS, "trainer.channels_last=true"), tmp_path / "nhwc")
+    train(make_cfg(*EQUAL_CYCLES_2, "trainer.channels_last=false"), tmp_path / "nchw")
+    train(make_cfg(*EQUAL_CYCLES_2, "trainer.channels_last=true"), tmp_path / "nhwc")
     for a, b in zip(list_snapshots(tmp_path / "nchw"), list_snapshots(tmp_path / "nhwc")):
         wa, wb = load_file(a), load_file(b)
         assert wa.keys() == wb.keys()
@@ -63,7 +62,7 @@ def test_channels_last_trains_the_same_model_as_nchw(make_cfg, tmp_path):
 
 
 def test_bf16_run_on_cpu_writes_fp32_snapshots_and_says_how_it_ran(make_cfg, tmp_path):
-    train(make_cfg(*TWO_EPOCHS, "trainer.precision=bf16"), tmp_path)
+    train(make_cfg(*EQUAL_CYCLES_2, "trainer.precision=bf16"), tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["training"]["precision"] == "bf16, channels_last"
     assert results["training"]["steps"] == 2 * math.ceil(256 / 64)
@@ -106,7 +105,7 @@ def test_no_read_back_from_the_device_per_step(make_cfg, tmp_path, monkeypatch):
     counts = {}
     for train_size in (256, 512):  # 4 and 8 steps per epoch
         reads = ReadBacks(monkeypatch)
-        train(make_cfg(*TWO_EPOCHS, f"data.train_size={train_size}", "trainer.log_every=1000"),
+        train(make_cfg(*EQUAL_CYCLES_2, f"data.train_size={train_size}", "trainer.log_every=1000"),
               tmp_path / str(train_size))
         counts[train_size] = reads.count
         monkeypatch.undo()
@@ -118,7 +117,7 @@ def test_skip_mode_reads_the_flag_every_step(make_cfg, tmp_path, monkeypatch):
     counts = {}
     for train_size in (256, 512):
         reads = ReadBacks(monkeypatch)
-        train(make_cfg(*TWO_EPOCHS, f"data.train_size={train_size}", "trainer.log_every=1000",
+        train(make_cfg(*EQUAL_CYCLES_2, f"data.train_size={train_size}", "trainer.log_every=1000",
                        "trainer.on_nonfinite=skip"), tmp_path / str(train_size))
         counts[train_size] = reads.count
         monkeypatch.undo()
@@ -137,7 +136,7 @@ def test_nonfinite_found_later_still_stops_before_anything_is_written(make_cfg, 
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_at_5)
     with pytest.raises(SnapensError, match=r"non-finite loss or gradient at step 5 \(lr .*, loss nan"):
-        train(make_cfg(*TWO_EPOCHS, "trainer.log_every=1000"), tmp_path)
+        train(make_cfg(*EQUAL_CYCLES_2, "trainer.log_every=1000"), tmp_path)
     assert len(calls) == 8  # trained on to the end of the epoch, then stopped
     assert [p.name for p in list_snapshots(tmp_path)] == ["cycle_01.safetensors"]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
@@ -145,8 +144,7 @@ def test_nonfinite_found_later_still_stops_before_anything_is_written(make_cfg, 
 
 def test_compiled_training_matches_eager(make_cfg, tmp_path):
     """torch.compile (inductor, on CPU here) trains the same model; its first step is timed apart."""
-    one_epoch = [*FAST, "scheduler=sgdr", "scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=1",
-                 "data.train_size=128", "data.test_size=64"]
+    one_epoch = [*sgdr(1, 1), "data.train_size=128", "data.test_size=64"]
     train(make_cfg(*one_epoch, "trainer.compile=false"), tmp_path / "eager")
     train(make_cfg(*one_epoch, "trainer.compile=true"), tmp_path / "compiled")
     eager, compiled = (load_file(list_snapshots(tmp_path / d)[0]) for d in ("eager", "compiled"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from snapens.models import CifarResNet
-from snapens.step import train_step
+from snapens.step import StepOptions, train_step
 from snapens.train import train
 
 from conftest import FAST
@@ -24,11 +24,12 @@ def test_train_step_never_waits_for_the_gpu():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(64, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 4, (64,), device="cuda")
-    train_step(model, optimizer, x, y, 1.0, "norm", torch.bfloat16)  # first step: lazy initialisation may sync
+    options = StepOptions(grad_clip=1.0, precision=torch.bfloat16)
+    train_step(model, optimizer, x, y, options)  # first step: lazy initialisation may sync
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            train_step(model, optimizer, x, y, 1.0, "norm", torch.bfloat16)
+            train_step(model, optimizer, x, y, options)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

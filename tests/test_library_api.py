@@ -122,9 +122,20 @@ def test_plain_pytorch_loop_with_sgdr_and_snapshot_ensemble(tmp_path):
     logits = torch.stack(logits)
     result = ensemble.evaluate(loader(x, y))
     accs = [(lg.argmax(1) == y).double().mean().item() for lg in logits]
-    assert result["snapshots"] == pytest.approx(accs, abs=1e-12)
-    assert result["single"] == pytest.approx(accs[-1], abs=1e-12)
-    assert result["ensemble"] == pytest.approx((logits.mean(0).argmax(1) == y).double().mean().item(), abs=1e-12)
+    nlls = [F.cross_entropy(lg.double(), y).item() for lg in logits]
+    assert [s["acc"] for s in result["snapshots"]] == pytest.approx(accs, abs=1e-12)
+    assert [s["nll"] for s in result["snapshots"]] == pytest.approx(nlls, rel=1e-5)
+    # Members are numbered by add (cycle_01 was dropped by max_snapshots=2), named as their files.
+    files = [str(tmp_path / "snaps" / f"cycle_{c:02d}.safetensors") for c in (2, 3)]
+    assert [(s["file"], s["name"], s["cycle"], s["step"]) for s in result["snapshots"]] == [
+        (files[0], "cycle_02", 2, None), (files[1], "cycle_03", 3, None)]
+    assert result["single"] == result["snapshots"][-1]
+    assert result["ensemble"]["acc"] == pytest.approx((logits.mean(0).argmax(1) == y).double().mean().item(),
+                                                      abs=1e-12)
+    assert result["ensemble"]["nll"] == pytest.approx(F.cross_entropy(logits.mean(0).double(), y).item(), rel=1e-5)
+    assert (result["ensemble"]["rule"], result["ensemble"]["members"]) == ("logits", files)
+    assert (result["split"], result["num_images"], result["rule"]) == (None, len(y), "logits")
+    assert ensemble.evaluate(loader(x, y), rule="vote")["ensemble"]["nll"] is None
     for rule in ("logits", "probs", "vote"):
         torch.testing.assert_close(ensemble.predict(loader(x, y), rule=rule), combine(logits, rule))
 
@@ -147,7 +158,9 @@ def test_identical_members_give_the_single_model_numbers():
     for _ in range(3):
         ensemble.add(model)
     result = ensemble.evaluate(loader(x, y))
-    assert result["ensemble"] == result["single"] == result["snapshots"][0]
+    scores = {k: result["snapshots"][0][k] for k in ("acc", "nll", "ece")}
+    assert {k: result["ensemble"][k] for k in scores} == {k: result["single"][k] for k in scores} == scores
+    assert result["ensemble"]["members"] == ["cycle_01", "cycle_02", "cycle_03"]  # in memory: no files
 
 
 def test_misuse_gets_one_clear_error(tmp_path):
@@ -155,6 +168,8 @@ def test_misuse_gets_one_clear_error(tmp_path):
     empty = snapens.SnapshotEnsemble()
     with pytest.raises(SnapshotEnsembleError, match="the ensemble is empty"):
         empty.predict(loader(x, y))
+    with pytest.raises(ValueError, match="rule='median' is not allowed"):
+        empty.evaluate(loader(x, y), rule="median")  # checked before any pass over the loader
     mixed = snapens.SnapshotEnsemble()
     mixed.add(torch.nn.Linear(8, 4))
     with pytest.raises(SnapshotEnsembleError, match="one architecture"):

@@ -9,22 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
 import snapens.lr_find as lr_find
-from snapens.config import register_configs
 from snapens.errors import SnapensError
 
-from conftest import CONF, FAST
+from conftest import FAST, compose_config
 
 OVERRIDES = re.compile(r"^scheduler\.eta_max=(\S+) scheduler\.eta_min=(\S+)$", re.MULTILINE)
 
 
 def lr_find_cfg(*overrides: str):
     """The config `python -m snapens.lr_find overrides...` would run with."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("lr_find", overrides=list(overrides))
+    return compose_config(*overrides, name="lr_find")
 
 
 def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -5,13 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from snapens.build import build_schedule
-from snapens.config import register_configs
 from snapens.train import snapshot_steps
 
-from conftest import CONF
+from conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 782  # CIFAR-10: ceil(50,000 / 64) updates per epoch at batch 64
@@ -39,9 +37,7 @@ def test_snapshot_ensembles_table_1(make_cfg):
 
 
 def test_sgdr_wrn28_10():
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=sgdr_wrn28_10_c10"])
+    cfg = compose_config("experiment=sgdr_wrn28_10_c10")
     assert (cfg.model.depth, cfg.model.widen_factor, cfg.scheduler.eta_max) == (28, 10, 0.05)
     assert epochs_of_snapshots(cfg, 391) == [10, 30, 70, 150]
 
@@ -64,9 +60,7 @@ def test_preset_driver_runs_sweeps_then_the_report(tmp_path):
 
 
 def test_slurm_launcher_config():
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm_gpu"], return_hydra_config=True)
+    cfg = compose_config("hydra/launcher=slurm_gpu", return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.signal_delay_s) == (1, 1, 120)

@@ -20,7 +20,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from snapens.data import load_image_folder, normalize, prepare
+from snapens.batches import normalize
+from snapens.data import load_image_folder, prepare
 from snapens.snapshots import list_snapshots, load_into, read_metadata
 
 FLOOR = 0.30

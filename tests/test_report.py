@@ -13,7 +13,7 @@ import pytest
 
 from snapens.report import main, report
 
-from conftest import FAST
+from conftest import EQUAL_CYCLES_2
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -29,10 +29,11 @@ def make_run(path: Path, single: float | None, ensemble: float = 0.0, overrides:
     (path / ".hydra").mkdir(parents=True)
     (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     if single is not None:
-        results = {"snapshots": [], "single": {"acc": single, "file": "cycle_03.safetensors"},
-                   "ensemble": {"acc": ensemble, "rule": "logits",
-                                "members": [f"cycle_{i + 1:02d}.safetensors" for i in range(members)]},
-                   "num_images": 100}
+        last = {"file": f"cycle_{members:02d}.safetensors", "name": f"cycle_{members:02d}", "cycle": members,
+                "step": 10, "acc": single, "nll": 1.0, "ece": 0.1}
+        results = {"split": "test", "num_images": 100, "rule": "logits", "snapshots": [last], "single": last,
+                   "ensemble": {"acc": ensemble, "nll": 0.9, "ece": 0.1, "rule": "logits",
+                                "members": [f"cycle_{i + 1:02d}.safetensors" for i in range(members)]}}
         if seconds is not None:
             results["training"] = {"steps": 10, "seconds": seconds, "compile_seconds": 0.0, "device": "cpu",
                                    "precision": "fp32", "compiled": False}
@@ -53,8 +54,7 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
 # ---- a real sweep ------------------------------------------------------------------------------------------------
 def test_multirun_round_trip(tmp_path):
     """Train a 2 x 2 sweep (eta_max x seed), report on it, and check every number against the jobs' files."""
-    overrides = [*FAST, "scheduler=sgdr", "scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=2",
-                 "scheduler.eta_max=0.1,0.05", "trainer.seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    overrides = [*EQUAL_CYCLES_2, "scheduler.eta_max=0.1,0.05", "trainer.seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     subprocess.run([sys.executable, "-m", "snapens.train", "-m", *overrides], cwd=tmp_path, check=True,
                    capture_output=True, timeout=300)
     done = subprocess.run([sys.executable, "-m", "snapens.report", "sweep"], cwd=tmp_path, capture_output=True,

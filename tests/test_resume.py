@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import snapens.files
 import snapens.snapshots
 import snapens.train
 from snapens.checkpoint import checkpoint_path, load_checkpoint
@@ -19,10 +20,10 @@ from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots
 from snapens.train import EXIT_INTERRUPTED, train
 
-from conftest import FAST
+from conftest import DOUBLING_CYCLES_7
 
 # 4 steps per epoch, cycles end after epochs 1, 3 and 7 (steps 4, 12, 28); a checkpoint after every update
-RUN = [*FAST, "scheduler.T_0=1", "scheduler.T_mult=2", "trainer.epochs=7", "trainer.checkpoint_every=1"]
+RUN = [*DOUBLING_CYCLES_7, "trainer.checkpoint_every=1"]
 
 
 def start(run_dir, *extra):
@@ -142,7 +143,7 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(make_cfg, tmp_path, monke
 
     def recording(model, *args, **kwargs):
         out = step(model, *args, **kwargs)
-        weights.append((out[3], [p.detach().clone() for p in model.parameters()],
+        weights.append((out.applied, [p.detach().clone() for p in model.parameters()],
                         [b.clone() for b in model.buffers()]))
         return out
 
@@ -168,7 +169,7 @@ def test_nonfinite_skip_stops_after_max_skipped_in_a_row(make_cfg, tmp_path, mon
 def test_failed_snapshot_write_leaves_earlier_files_intact(make_cfg, tmp_path, monkeypatch):
     """The second snapshot's write fails halfway (a full disk): one clear error; snapshot 1 and the checkpoint
     before it are as they were, and no partial file is visible."""
-    real = snapens.snapshots.os.replace
+    real = snapens.files.os.replace
     state = {}
 
     def replace(src, dst):
@@ -178,7 +179,7 @@ def test_failed_snapshot_write_leaves_earlier_files_intact(make_cfg, tmp_path, m
             raise OSError(28, "No space left on device")
         return real(src, dst)
 
-    monkeypatch.setattr(snapens.snapshots.os, "replace", replace)
+    monkeypatch.setattr(snapens.files.os, "replace", replace)
     with pytest.raises(SnapensError, match="cannot write .*cycle_02.safetensors: No space left on device"):
         train(make_cfg(*RUN, "trainer.checkpoint_every=0"), tmp_path)
     assert checkpoint_path(tmp_path).read_bytes() == state["checkpoint"]

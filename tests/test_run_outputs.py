@@ -15,13 +15,12 @@ from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, read_metadata
 from snapens.train import train
 
-from conftest import FAST
+from conftest import DOUBLING_CYCLES_3, FAST
 
-CYCLES = [*FAST, "scheduler=sgdr", "scheduler.T_0=1", "scheduler.T_mult=2", "trainer.epochs=3"]  # ends: 4, 12
 
 
 def test_plots_are_written(make_cfg, tmp_path):
-    train(make_cfg(*CYCLES), tmp_path)
+    train(make_cfg(*DOUBLING_CYCLES_3), tmp_path)
     for name in ("lr_schedule.png", "training.png"):
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.width > 300 and image.height > 200
@@ -32,7 +31,7 @@ def test_lr_schedule_plot_comes_before_training(make_cfg, tmp_path, monkeypatch)
     real = snapens_train_step()
     monkeypatch.setattr("snapens.train.train_step",
                         lambda *a, **k: seen.append((tmp_path / "lr_schedule.png").exists()) or real(*a, **k))
-    train(make_cfg(*CYCLES), tmp_path)
+    train(make_cfg(*DOUBLING_CYCLES_3), tmp_path)
     assert seen and all(seen)
 
 
@@ -42,7 +41,7 @@ def snapens_train_step():
 
 
 def test_tensorboard_events(make_cfg, tmp_path):
-    cfg = make_cfg(*CYCLES, "logger=tensorboard", "trainer.log_every=2", "trainer.grad_clip=0.5")
+    cfg = make_cfg(*DOUBLING_CYCLES_3, "logger=tensorboard", "trainer.log_every=2", "trainer.grad_clip=0.5")
     train(cfg, tmp_path)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
@@ -63,7 +62,7 @@ def test_tensorboard_events(make_cfg, tmp_path):
 
 
 def test_no_tensorboard_folder_without_the_logger(make_cfg, tmp_path):
-    train(make_cfg(*CYCLES), tmp_path)
+    train(make_cfg(*DOUBLING_CYCLES_3), tmp_path)
     assert not (tmp_path / "tensorboard").exists()
 
 
@@ -88,7 +87,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path, extra):
     both end bit-identical, and only rank 0 writes files."""
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "snapens.train", *CYCLES, *extra, f"hydra.run.dir={run_dir}"]
+               "-m", "snapens.train", *DOUBLING_CYCLES_3, *extra, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -104,7 +103,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path, extra):
 def test_a_sweep_submitted_again_leaves_finished_jobs_alone(tmp_path):
     """The SLURM recipe's resume path, locally: the same multirun into the same sweep dir finds every job done."""
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "snapens.train", "-m", *CYCLES, "trainer.seed=0,1", f"hydra.sweep.dir={sweep}"]
+    command = [sys.executable, "-m", "snapens.train", "-m", *DOUBLING_CYCLES_3, "trainer.seed=0,1", f"hydra.sweep.dir={sweep}"]
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     before = {p: p.stat().st_mtime_ns for p in sweep.rglob("*.safetensors")}

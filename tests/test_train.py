@@ -12,24 +12,15 @@ from hydra.utils import instantiate
 from snapens.build import build_data, build_schedule
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, load_into, read_metadata
-from snapens.step import clip_gradients, set_hyperparameters
+from snapens.step import StepOptions, set_hyperparameters, train_step
 from snapens.train import train
 
-from conftest import FAST
-
-TWO_CYCLES = [*FAST, "scheduler=sgdr", "scheduler.T_0=1", "scheduler.T_mult=2", "trainer.epochs=3"]
-
+from conftest import DOUBLING_CYCLES_3, EQUAL_CYCLES_2, EQUAL_CYCLES_3, FAST, compose_config
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """One 2-cycle SGDR run (cycles end at epochs 1 and 3), shared by the tests that only read it."""
-    from hydra import compose, initialize_config_dir
-    from conftest import CONF
-    from snapens.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=TWO_CYCLES)
+    cfg = compose_config(*DOUBLING_CYCLES_3)
     run_dir = tmp_path_factory.mktemp("run")
     return cfg, run_dir, train(cfg, run_dir)
 
@@ -74,7 +65,10 @@ def test_results_match_an_independent_recomputation(finished_run):
     assert [s["acc"] for s in results["snapshots"]] == pytest.approx(accs, abs=1e-9)
     assert [s["file"] for s in results["snapshots"]] == ["cycle_01.safetensors", "cycle_02.safetensors"]
     assert results["single"]["acc"] == pytest.approx(accs[-1], abs=1e-9)
+    probs = torch.stack(logits).double().mean(0).softmax(-1)
+    ensemble_nll = -probs[torch.arange(len(probs)), data.test.labels].log().mean().item()
     assert results["ensemble"] == {"acc": pytest.approx(ensemble_acc, abs=1e-9), "rule": "logits",
+                                   "nll": pytest.approx(ensemble_nll, abs=1e-5), "ece": results["ensemble"]["ece"],
                                    "members": ["cycle_01.safetensors", "cycle_02.safetensors"]}
     assert returned == results["ensemble"]["acc"]
 
@@ -109,7 +103,7 @@ def test_a_finished_run_says_so_and_changes_nothing(finished_run):
 
 def test_same_seed_gives_identical_snapshots(make_cfg, tmp_path):
     """Seeded and repeatable on CPU: the same config twice writes byte-identical snapshot files."""
-    overrides = [*FAST, "scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=2", "data.cutout=8"]
+    overrides = [*EQUAL_CYCLES_2, "data.cutout=8"]
     for name in ("a", "b"):
         train(make_cfg(*overrides), tmp_path / name)
     for a, b in zip(list_snapshots(tmp_path / "a"), list_snapshots(tmp_path / "b"), strict=True):
@@ -162,15 +156,20 @@ def test_set_hyperparameters_writes_every_group():
     assert adam.param_groups[0]["betas"] == (0.85, 0.99)
 
 
-@pytest.mark.parametrize("mode, limit", [("norm", 0.5), ("value", 0.01), ("norm", 0.0)])
-def test_gradient_clipping(mode, limit):
+@pytest.mark.parametrize("mode, limit", [("norm", 0.5), ("value", 0.01), ("norm", 0.0), ("value", 0.0)])
+def test_train_step_clips_gradients(mode, limit):
+    """Clipping as training does it, through train_step: the gradients left for the optimizer (lr 0, so the weights
+    stay) are the unclipped ones scaled to the norm limit, or clamped entry by entry, or untouched when 0."""
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 4)
-    model(torch.randn(8, 16)).pow(2).sum().backward()
+    x, y = 10 * torch.randn(8, 16), torch.randint(0, 4, (8,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
     before = [p.grad.clone() for p in model.parameters()]
-    clip_gradients(model, limit, mode)
+    result = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y,
+                        StepOptions(grad_clip=limit, clip_mode=mode))
     after = [p.grad for p in model.parameters()]
     norm_before = torch.linalg.vector_norm(torch.cat([g.flatten() for g in before]))
+    assert result.grad_norm.item() == pytest.approx(norm_before.item(), rel=1e-6)
     if limit == 0:
         assert all(torch.equal(a, b) for a, b in zip(after, before))
     elif mode == "norm":
@@ -178,6 +177,7 @@ def test_gradient_clipping(mode, limit):
         assert torch.linalg.vector_norm(torch.cat([g.flatten() for g in after])) == pytest.approx(limit, rel=1e-5)
         assert all(torch.allclose(a, b * limit / norm_before, rtol=1e-5) for a, b in zip(after, before))
     else:
+        assert any((b.abs() > limit).any() for b in before)
         assert all(torch.equal(a, b.clamp(-limit, limit)) for a, b in zip(after, before))
 
 
@@ -196,7 +196,7 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_vote_rule_is_used_when_configured(make_cfg, tmp_path):
-    cfg = make_cfg(*FAST, "scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=3", "ensemble.rule=vote")
+    cfg = make_cfg(*EQUAL_CYCLES_3, "ensemble.rule=vote")
     train(cfg, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["ensemble"]["rule"] == "vote" and len(results["ensemble"]["members"]) == 3

@@ -13,18 +13,15 @@ from safetensors.torch import load_file
 import snapens.train
 from snapens import schedules
 from snapens.build import build_data, build_schedule
-from snapens.data import normalize
+from snapens.batches import normalize
 from snapens.errors import SnapensError
-from snapens.restarts import should_extend, new_adaptive_state
-from snapens.schedules import extend_cycle
+from snapens.adaptive import AdaptiveState, extend_cycle
 from snapens.snapshots import list_snapshots, read_metadata
-from snapens.step import train_step
+from snapens.step import StepOptions, train_step
 from snapens.train import train
 
-from conftest import FAST
+from conftest import EQUAL_CYCLES_3, FAST
 
-# 256 synthetic images, batch 64: 4 updates per epoch; one-epoch cycles end after updates 4, 8, 12.
-CYCLES = [*FAST, "scheduler=sgdr", "scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=3"]
 
 
 def record_steps(monkeypatch, before=None, after=None):
@@ -46,7 +43,7 @@ def record_steps(monkeypatch, before=None, after=None):
 def test_optimizer_state_is_cleared_at_restarts_and_only_there(make_cfg, tmp_path, monkeypatch, reset):
     sizes = []
     record_steps(monkeypatch, before=lambda model, optimizer: sizes.append(len(optimizer.state)))
-    train(make_cfg(*CYCLES, f"trainer.reset_optimizer_on_restart={reset}"), tmp_path)
+    train(make_cfg(*EQUAL_CYCLES_3, f"trainer.reset_optimizer_on_restart={reset}"), tmp_path)
     empty = [t for t, n in enumerate(sizes) if n == 0]
     assert len(sizes) == 12
     assert empty == ([0, 4, 8] if reset else [0])  # update 12 does not exist: the last cycle end is no restart
@@ -56,7 +53,7 @@ def test_adam_moments_are_cleared_too(make_cfg, tmp_path, monkeypatch):
     steps = []
     record_steps(monkeypatch, before=lambda model, optimizer: steps.append(
         max((int(s["step"]) for s in optimizer.state.values()), default=0)))
-    train(make_cfg(*CYCLES, "optimizer=adamw", "trainer.reset_optimizer_on_restart=true"), tmp_path)
+    train(make_cfg(*EQUAL_CYCLES_3, "optimizer=adamw", "trainer.reset_optimizer_on_restart=true"), tmp_path)
     assert steps == [0, 1, 2, 3] * 3  # Adam's step count (its bias correction) restarts with every cycle
 
 
@@ -64,7 +61,7 @@ def test_swa_snapshot_is_the_mean_of_the_weights_of_each_cycles_second_half(make
     weights = []
     record_steps(monkeypatch, after=lambda model, optimizer: weights.append(
         {k: v.detach().clone() for k, v in model.named_parameters()}))
-    cfg = make_cfg(*CYCLES, "trainer.swa.start=0.5")
+    cfg = make_cfg(*EQUAL_CYCLES_3, "trainer.swa.start=0.5")
     train(cfg, tmp_path)
     plain, swa = list_snapshots(tmp_path), list_snapshots(tmp_path, swa=True)
     assert [p.name for p in swa] == ["cycle_01_swa.safetensors", "cycle_02_swa.safetensors",
@@ -88,14 +85,14 @@ def test_swa_snapshot_is_the_mean_of_the_weights_of_each_cycles_second_half(make
 
 
 def test_ensemble_tool_evaluates_the_swa_set(make_cfg, tmp_path):
-    train(make_cfg(*CYCLES, "trainer.swa.start=0.5"), tmp_path / "run")
+    train(make_cfg(*EQUAL_CYCLES_3, "trainer.swa.start=0.5"), tmp_path / "run")
     result = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={tmp_path / 'run'}", "swa=true",
                              "device=cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "run" / "ensemble" / "test_swa" / "ensemble.json").read_text())
-    assert [p.rsplit("/", 1)[-1] for p in report["members"]["files"]] == [
+    assert [p.rsplit("/", 1)[-1] for p in report["ensemble"]["members"]] == [
         "cycle_01_swa.safetensors", "cycle_02_swa.safetensors", "cycle_03_swa.safetensors"]
-    train(make_cfg(*CYCLES), tmp_path / "plain")
+    train(make_cfg(*EQUAL_CYCLES_3), tmp_path / "plain")
     result = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={tmp_path / 'plain'}", "swa=true",
                              "device=cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "has no SWA snapshots" in result.stderr
@@ -155,12 +152,12 @@ def test_adaptive_sgdr_needs_a_validation_split(make_cfg, tmp_path):
 
 
 def test_extension_rule():
-    state = new_adaptive_state((8, 8, 8))
-    assert [should_extend(state, loss, 0, 2) for loss in (3.0, 3.1, 3.2, 3.3, 3.4)] == [False, False, True,
-                                                                                       False, False]
-    assert [should_extend(state, loss, 1, 2) for loss in (5.0, 4.0, 4.5)] == [False, False, False]  # own best
-    assert not should_extend(state, 4.6, 1, 2, in_progress=False)  # stalled, but the cycle is over
-    assert should_extend(state, 4.7, 1, 2)
+    state = AdaptiveState([8, 8, 8])
+    assert [state.should_extend(loss, 0, 2) for loss in (3.0, 3.1, 3.2, 3.3, 3.4)] == [False, False, True,
+                                                                                      False, False]
+    assert [state.should_extend(loss, 1, 2) for loss in (5.0, 4.0, 4.5)] == [False, False, False]  # own best
+    assert not state.should_extend(4.6, 1, 2, in_progress=False)  # stalled, but the cycle is over
+    assert state.should_extend(4.7, 1, 2)
     assert extend_cycle((10, 20, 40, 80), 1, 1.5) == (10, 30, 40, 70)  # later cycles move back; the last is cut
     assert extend_cycle((10, 10, 10, 10), 0, 1.5) == (15, 10, 10, 5)  # a cut of half its length stays a cycle
     assert extend_cycle((10, 10, 10, 10), 1, 1.8) == (10, 18, 12)  # a stub of 2 is merged into the cycle before
@@ -201,10 +198,10 @@ def test_accumulation_with_half_the_batch_equals_one_full_batch():
     models[1].load_state_dict(models[0].state_dict())
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
     for _ in range(3):
-        whole = train_step(models[0], optimizers[0], x, y, grad_clip=0.5, clip_mode="norm")
-        halves = train_step(models[1], optimizers[1], x, y, grad_clip=0.5, clip_mode="norm", accumulate=2)
-        torch.testing.assert_close(halves[0], whole[0])  # the batch's mean loss
-        torch.testing.assert_close(halves[2], whole[2])  # the gradient norm before clipping
+        whole = train_step(models[0], optimizers[0], x, y, StepOptions(grad_clip=0.5))
+        halves = train_step(models[1], optimizers[1], x, y, StepOptions(grad_clip=0.5, accumulate=2))
+        torch.testing.assert_close(halves.loss, whole.loss)  # the batch's mean loss
+        torch.testing.assert_close(halves.grad_norm, whole.grad_norm)  # the gradient norm before clipping
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -215,17 +212,21 @@ def test_accumulation_with_fewer_images_than_pieces():
     model = torch.nn.Linear(4, 2)
     x, y = torch.randn(1, 4), torch.tensor([1])
     expected = F.cross_entropy(model(x), y).detach()
-    loss, logits, _, finite = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 0.0, "norm",
-                                         accumulate=3)
-    assert logits.shape == (1, 2) and bool(finite)
-    torch.testing.assert_close(loss, expected)
+    result = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, StepOptions(accumulate=3))
+    assert result.logits.shape == (1, 2) and bool(result.finite)
+    torch.testing.assert_close(result.loss, expected)
 
 
 def test_accumulation_counts_updates_not_batches(make_cfg, tmp_path, monkeypatch):
     sizes = []
     real = snapens.train.train_step
-    monkeypatch.setattr(snapens.train, "train_step", lambda *a, **k: sizes.append((len(a[2]), a[8])) or real(*a, **k))
-    train(make_cfg(*CYCLES, "trainer.batch_size=32", "trainer.accumulate=2"), tmp_path)
+
+    def spy(model, optimizer, x, y, options):
+        sizes.append((len(x), options.accumulate))
+        return real(model, optimizer, x, y, options)
+
+    monkeypatch.setattr(snapens.train, "train_step", spy)
+    train(make_cfg(*EQUAL_CYCLES_3, "trainer.batch_size=32", "trainer.accumulate=2"), tmp_path)
     assert sizes == [(64, 2)] * 12  # 4 updates of 64 images per epoch, each in 2 forward passes of 32
     assert [read_metadata(p)["step"] for p in list_snapshots(tmp_path)] == [4, 8, 12]
 
@@ -237,20 +238,19 @@ def test_label_smoothing_is_the_smoothed_cross_entropy():
     with torch.no_grad():
         logp = model(x).log_softmax(1)
     expected = (0.9 * -logp[torch.arange(10), y] + 0.1 * -logp.mean(1)).mean()
-    loss, *_ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 0.0, "norm",
-                          label_smoothing=0.1)
-    torch.testing.assert_close(loss, expected)
+    result = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, StepOptions(label_smoothing=0.1))
+    torch.testing.assert_close(result.loss, expected)
 
 
 def test_label_smoothing_reaches_the_loss(make_cfg, tmp_path, monkeypatch):
     seen, real = [], F.cross_entropy
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: seen.append(k) or real(*a, **k))
-    train(make_cfg(*CYCLES, "trainer.label_smoothing=0.1", "trainer.epochs=1"), tmp_path)
+    train(make_cfg(*EQUAL_CYCLES_3, "trainer.label_smoothing=0.1", "trainer.epochs=1"), tmp_path)
     assert seen == [{"label_smoothing": 0.1}] * 4
 
 
 def test_keep_only_the_newest_snapshots(make_cfg, tmp_path):
-    train(make_cfg(*CYCLES, "trainer.epochs=4", "trainer.keep_snapshots=2", "trainer.swa.start=0.5"), tmp_path)
+    train(make_cfg(*EQUAL_CYCLES_3, "trainer.epochs=4", "trainer.keep_snapshots=2", "trainer.swa.start=0.5"), tmp_path)
     assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == [
         "cycle_03.safetensors", "cycle_03_swa.safetensors", "cycle_04.safetensors", "cycle_04_swa.safetensors"]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -270,4 +270,4 @@ def test_keep_only_the_newest_snapshots(make_cfg, tmp_path):
 ])
 def test_bad_option_values(make_cfg, tmp_path, override, message):
     with pytest.raises(SnapensError, match=message):
-        train(make_cfg(*CYCLES, *override.split()), tmp_path)
+        train(make_cfg(*EQUAL_CYCLES_3, *override.split()), tmp_path)

@@ -3,8 +3,7 @@
 One forward pass per snapshot, one model in memory at a time: each snapshot's logits on the split are cached in its
 run dir (logits/<split>/), and every ensemble in the report (last m, first m, every rule) is arithmetic on them.
 Members are chosen by the user (members=...), never by looking at test accuracy. Nothing here unpickles a file or
-writes into snapshots/.
-"""
+writes into snapshots/."""
 
 import csv
 import json
@@ -21,12 +20,12 @@ from omegaconf.errors import OmegaConfBaseException
 from snapens.build import build_data, model_from_metadata, pick_device, pick_precision
 from snapens.config import CHOICES, register_configs
 from snapens.data import IMAGE_EXTENSIONS, Split, read_image
-from snapens.ensemble import predict_logits
-from snapens.ensemble import metrics
+from snapens.ensemble import build_report, check_rule, format_report, metrics, predict_logits
 from snapens.ensemble.cache import cached_logits
 from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, plot_reliability
 from snapens.errors import SnapensError, exit_with
-from snapens.snapshots import list_snapshots, load_into, read_metadata, write_atomic
+from snapens.files import write_atomic
+from snapens.snapshots import list_snapshots, load_into, read_metadata
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -35,8 +34,7 @@ log = logging.getLogger(__name__)
 # ---- what to evaluate ------------------------------------------------------------------------------------------
 def find_members(cfg: DictConfig) -> list[list[Path]]:
     """The snapshot files to ensemble, one list per run (explicit files form one group), after `members`."""
-    given = [bool(cfg.run), bool(cfg.runs), bool(cfg.snapshots)]
-    if sum(given) != 1:
+    if sum([bool(cfg.run), bool(cfg.runs), bool(cfg.snapshots)]) != 1:
         raise SnapensError("give exactly one of run=DIR, runs=[DIR,...] or snapshots=[FILE,...]")
     if cfg.snapshots:
         groups = [[Path(p) for p in cfg.snapshots]]
@@ -66,20 +64,28 @@ def select(paths: list[Path], spec) -> list[Path]:
     if isinstance(spec, str) and spec == "all":
         return paths
     if isinstance(spec, str) and spec.split(":")[0] in ("last", "first") and spec.split(":")[-1].isdigit():
-        end, k = spec.split(":")[0], int(spec.split(":")[1])
-        if not 1 <= k <= len(paths):
-            raise SnapensError(f"members={spec} needs 1 <= K <= {len(paths)} (the number of snapshots)")
-        return paths[-k:] if end == "last" else paths[:k]
+        return _select_end(paths, spec)
     if isinstance(spec, ListConfig | list) and spec and all(type(c) is int for c in spec):
-        by_cycle = {int(p.stem.split("_")[1]): p for p in paths}
-        missing = [c for c in spec if c not in by_cycle]
-        if missing:
-            raise SnapensError(f"members={list(spec)}: no snapshot for cycle {missing[0]}; "
-                               f"the run has cycles {sorted(by_cycle)}")
-        if len(set(spec)) != len(spec):
-            raise SnapensError(f"members={list(spec)} names a cycle twice")
-        return [by_cycle[c] for c in sorted(spec)]  # cycle order: "last" and "first" keep their meaning
+        return _select_cycles(paths, list(spec))
     raise SnapensError(f"members={spec} is not allowed; use all, last:K, first:K or a list of cycle numbers")
+
+
+def _select_end(paths: list[Path], spec: str) -> list[Path]:
+    end, k = spec.split(":")[0], int(spec.split(":")[1])
+    if not 1 <= k <= len(paths):
+        raise SnapensError(f"members={spec} needs 1 <= K <= {len(paths)} (the number of snapshots)")
+    return paths[-k:] if end == "last" else paths[:k]
+
+
+def _select_cycles(paths: list[Path], cycles: list[int]) -> list[Path]:
+    by_cycle = {int(p.stem.split("_")[1]): p for p in paths}
+    missing = [c for c in cycles if c not in by_cycle]
+    if missing:
+        raise SnapensError(f"members={cycles}: no snapshot for cycle {missing[0]}; "
+                           f"the run has cycles {sorted(by_cycle)}")
+    if len(set(cycles)) != len(cycles):
+        raise SnapensError(f"members={cycles} names a cycle twice")
+    return [by_cycle[c] for c in sorted(cycles)]  # cycle order: "last" and "first" keep their meaning
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -143,47 +149,39 @@ def model_maker(device: torch.device):
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
-def report(cfg, paths, logits, labels, out_dir: Path, logits_seconds: float) -> dict:
+def report(cfg, paths, metas, logits, labels, out_dir: Path, logits_seconds: float) -> dict:
+    """ensemble.json (`build_report`'s report, why these members, curves, disagreement, logits time) and the figures."""
     names = [f"{p.parent.parent.name}/{p.stem}" if len({q.parent for q in paths}) > 1 else p.stem for p in paths]
-    per_snapshot = [{"file": str(p), "name": n, **metrics.scores(logits[i:i + 1], labels, "logits", cfg.bins)}
-                    for i, (p, n) in enumerate(zip(paths, names))]
-    curves = metrics.curves(logits, labels, bins=cfg.bins)
-    ensemble = metrics.scores(logits, labels, cfg.rule, cfg.bins)
-    result = {
-        "split": cfg.split, "num_images": len(labels), "rule": cfg.rule,
-        "members": {"files": [str(p) for p in paths],
-                    "why": f"members={cfg.members} as given; nothing was chosen by looking at {cfg.split} results"},
-        "snapshots": per_snapshot, "single": per_snapshot[-1], "ensemble": ensemble, "curves": curves,
-        "disagreement": metrics.disagreement(logits).tolist(),
-        "logits_seconds": logits_seconds,  # wall time of reading or computing every member's logits
-    }
+    members = [{"file": str(p), "name": n, "cycle": m["cycle"], "step": m["step"]}
+               for p, n, m in zip(paths, names, metas)]
+    result = {**build_report(logits, labels, members, cfg.rule, cfg.bins, cfg.split),
+              "why": f"members={cfg.members} as given; nothing was chosen by looking at {cfg.split} results",
+              "curves": metrics.curves(logits, labels, bins=cfg.bins),
+              "disagreement": metrics.disagreement(logits).tolist(),
+              "logits_seconds": logits_seconds}  # wall time of reading or computing every member's logits
     write_atomic(out_dir / "ensemble.json", (json.dumps(result, indent=2) + "\n").encode())
-    plot_accuracy_vs_members(curves, per_snapshot[-1]["acc"], cfg.rule, out_dir / "accuracy_vs_members.png")
-    plot_disagreement(result["disagreement"], names, out_dir / "disagreement.png")
-    last = metrics.reliability(logits[-1].softmax(-1), labels, cfg.bins)
-    full = metrics.reliability(metrics.probabilities(logits, cfg.rule), labels, cfg.bins,
-                               metrics.predictions(logits, cfg.rule))
-    plot_reliability({"last snapshot": last, f"ensemble of {len(paths)}": full}, out_dir / "reliability.png")
+    plot_report(result, logits, labels, cfg.bins, out_dir)
     return result
 
 
-def format_table(result: dict) -> str:
-    """Each snapshot, the ensembles of the last m and first m for every rule, and the chosen ensemble."""
-    def scores(s):
-        nll = "-" if s["nll"] is None else f"{s['nll']:.4f}"
-        return f"{s['acc']:>8.4f}{nll:>8}{s['ece']:>8.4f}"
+def plot_report(result: dict, logits: torch.Tensor, labels: torch.Tensor, bins: int, out_dir: Path) -> None:
+    """accuracy_vs_members.png, disagreement.png and reliability.png (last snapshot and the whole ensemble)."""
+    rule = result["rule"]
+    plot_accuracy_vs_members(result["curves"], result["single"]["acc"], rule, out_dir / "accuracy_vs_members.png")
+    plot_disagreement(result["disagreement"], [s["name"] for s in result["snapshots"]], out_dir / "disagreement.png")
+    last = metrics.reliability(logits[-1].softmax(-1), labels, bins)
+    full = metrics.reliability(metrics.probabilities(logits, rule), labels, bins, metrics.predictions(logits, rule))
+    plot_reliability({"last snapshot": last, f"ensemble of {len(logits)}": full}, out_dir / "reliability.png")
 
-    rules = list(result["curves"]["last"])
-    lines = [f"{result['split']} split, {result['num_images']} images", f"{'snapshot':<24}{'acc':>8}{'nll':>8}{'ece':>8}"]
-    lines += [f"{s['name']:<24}{scores(s)}" for s in result["snapshots"]]
-    lines += ["", "accuracy of the last m / first m snapshots",
-              f"{'m':<4}" + "".join(f"{'last ' + r:>13}" for r in rules) + "".join(f"{'first ' + r:>13}" for r in rules)]
+
+def format_curves(result: dict) -> str:
+    """Accuracy of the ensembles of the last m and of the first m snapshots, m = 1..M, for every rule."""
+    curves = result["curves"]
+    columns = [(end, rule) for end in ("last", "first") for rule in curves[end]]
+    lines = ["accuracy of the last m / first m snapshots",
+             f"{'m':<4}" + "".join(f"{end + ' ' + rule:>13}" for end, rule in columns)]
     for i in range(len(result["snapshots"])):
-        accs = [result["curves"][end][r][i]["acc"] for end in ("last", "first") for r in rules]
-        lines.append(f"{i + 1:<4}" + "".join(f"{a:>13.4f}" for a in accs))
-    lines += ["", f"{'single (last snapshot)':<24}{scores(result['single'])}",
-              f"{'ensemble of ' + str(len(result['snapshots'])) + ' (' + result['rule'] + ')':<24}"
-              f"{scores(result['ensemble'])}"]
+        lines.append(f"{i + 1:<4}" + "".join(f"{curves[end][rule][i]['acc']:>13.4f}" for end, rule in columns))
     return "\n".join(lines)
 
 
@@ -200,11 +198,9 @@ def image_files(target: Path) -> list[Path]:
 
 
 def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
-    """predictions.csv: path, predicted class, its probability, and every class's probability.
-
-    Images are read as the training data was (RGB, resized to the snapshots' image size when they differ) and
-    normalised with each snapshot's own training statistics, then combined with the configured rule.
-    """
+    """predictions.csv: path, predicted class, its probability, and every class's probability. Images are read as
+    the training data was (RGB, resized to the snapshots' image size when they differ) and normalised with each
+    snapshot's own training statistics, then combined with the configured rule."""
     files = image_files(Path(cfg.predict))
     height, width = metas[0]["image_size"]
     images = []
@@ -239,41 +235,68 @@ def main(cfg: DictConfig) -> float:
         exit_with(e)
 
 
-def evaluate(cfg: DictConfig) -> float:
-    for key in ("split", "rule", "device", "precision"):
-        allowed = {"split": ("test", "val"), "rule": CHOICES["ensemble.rule"], "device": CHOICES["trainer.device"],
-                   "precision": CHOICES["trainer.precision"]}
-        if cfg[key] not in allowed[key]:
-            raise SnapensError(f"{key}={cfg[key]} is not allowed; choose one of: {', '.join(allowed[key])}")
+def check_options(cfg: DictConfig) -> None:
+    """The command line's own values; the rule through snapens.ensemble's one check."""
+    allowed = {"split": ("test", "val"), "device": CHOICES["trainer.device"], "precision": CHOICES["trainer.precision"]}
+    for key, choices in allowed.items():
+        if cfg[key] not in choices:
+            raise SnapensError(f"{key}={cfg[key]} is not allowed; choose one of: {', '.join(choices)}")
+    try:
+        check_rule(cfg.rule)
+    except ValueError as e:
+        raise SnapensError(str(e)) from None
     for key in ("bins", "batch_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise SnapensError(f"{key}={cfg[key]} must be a positive whole number")
     if cfg.predict and not Path(cfg.predict).exists():
         raise SnapensError(f"predict={cfg.predict} does not exist")
-    groups = find_members(cfg)
-    paths = [p for group in groups for p in group]
+
+
+def read_members(cfg: DictConfig) -> tuple[list[Path], list[dict]]:
+    """The member files, in order, and their metadata, which must be that of snapens.train."""
+    paths = [p for group in find_members(cfg) for p in group]
     metas = [read_metadata(p) for p in paths]
     for path, meta in zip(paths, metas):
         missing = [k for k in ("classes", "mean", "std", "model_config", "image_size") if k not in meta]
         if missing:
             raise SnapensError(f"snapshot {path} lacks {', '.join(missing)} in its metadata: it was not written by "
                                "snapens.train")
-    device = pick_device(cfg.device, key="device")
-    precision = pick_precision(cfg.precision, device, key="precision")
-    train_cfg = training_config(cfg)
-    data = build_data(train_cfg.data)
+    return paths, metas
+
+
+def load_split(cfg: DictConfig, paths: list[Path], metas: list[dict]) -> Split:
+    """The split to evaluate on, from the training config's data, with the members' classes."""
+    data = build_data(training_config(cfg).data)
     check_same_classes(paths, metas, data.classes)
     split = data.test if cfg.split == "test" else data.val
     if split is None:
         raise SnapensError("split=val but the run held out no validation images (train with data.val_size=N)")
-    report_name = f"{cfg.split}_swa" if cfg.swa else cfg.split  # the SWA report never replaces the plain one
-    out_dir = Path(cfg.out) if cfg.out else (Path(cfg.run) / "ensemble" / report_name if cfg.run
-                                             else Path(HydraConfig.get().runtime.output_dir))
+    return split
+
+
+def report_dir(cfg: DictConfig) -> Path:
+    """out=, else <run>/ensemble/<split> (<split>_swa for SWA snapshots, so it never replaces the plain report),
+    else the Hydra run dir (several runs or explicit files)."""
+    if cfg.out:
+        return Path(cfg.out)
+    if cfg.run:
+        return Path(cfg.run) / "ensemble" / (f"{cfg.split}_swa" if cfg.swa else cfg.split)
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def evaluate(cfg: DictConfig) -> float:
+    """Check the options, compute (or read) each member's logits once, write the report; the ensemble accuracy."""
+    check_options(cfg)
+    paths, metas = read_members(cfg)
+    device = pick_device(cfg.device, key="device")
+    precision = pick_precision(cfg.precision, device, key="precision")
+    split = load_split(cfg, paths, metas)
+    out_dir = report_dir(cfg)
     start = time.perf_counter()
     logits = cached_logits(paths, metas, split, cfg.split, cfg.batch_size, device, model_maker(device), precision,
                            cfg.channels_last)
-    result = report(cfg, paths, logits, split.labels, out_dir, time.perf_counter() - start)
-    log.info("\n" + format_table(result) + f"\nreport: {out_dir}")
+    result = report(cfg, paths, metas, logits, split.labels, out_dir, time.perf_counter() - start)
+    log.info(f"\n{format_report(result)}\n\n{format_curves(result)}\nreport: {out_dir}")
     if cfg.predict:
         log.info(f"predictions: {predict(cfg, paths, metas, device, precision, out_dir)}")
     return result["ensemble"]["acc"]

@@ -19,8 +19,9 @@ from safetensors.torch import save
 from snapens.data import Split
 from snapens.ensemble import predict_logits
 from snapens.errors import SnapensError
+from snapens.files import write_atomic
 from snapens.precision import describe
-from snapens.snapshots import load_into, write_atomic
+from snapens.snapshots import load_into
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,9 @@ def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name
                   device: torch.device, model_for: Callable[[Path, dict], torch.nn.Module],
                   precision: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
     """M x N x C logits of the snapshots on the split: read from the cache, or computed once and cached.
-
-    `model_for(path, metadata)` gives a model of the snapshot's architecture (its weights are then loaded), so
-    one model is in memory at a time. Each snapshot is normalised with its own training statistics. precision and
-    channels_last are as in `predict_logits`.
-    """
+    `model_for(path, metadata)` gives a model of the snapshot's architecture (its weights are then loaded), so one
+    model is in memory at a time. Each snapshot is normalised with its own training statistics. precision and
+    channels_last are as in `predict_logits`."""
     split_sha, out = split_digest(split), []
     for path, meta in zip(paths, metas):
         key = {"snapshot_sha256": file_digest(path), "split_sha256": split_sha,

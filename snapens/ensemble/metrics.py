@@ -19,14 +19,9 @@ import math
 
 import torch
 
-# The package, not its names: attributes are looked up at call time, so `snapens/ensemble/__init__.py` may import
-# this module at any line without a circular-import error.
+# The package, not its names: attributes (RULES, check_rule, votes, combine) are looked up at call time, so
+# `snapens/ensemble/__init__.py` may import this module at any line without a circular-import error.
 from snapens import ensemble
-
-
-def _check_rule(rule: str) -> None:
-    if rule not in ensemble.RULES:
-        raise ValueError(f"rule={rule!r} is not one of {', '.join(ensemble.RULES)}")
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -43,23 +38,13 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def probabilities(logits: torch.Tensor, rule: str = "logits") -> torch.Tensor:
-    """The ensemble's predictive distribution.
-
-    Args:
-        logits: M x N x C member logits (any floating dtype).
-        rule: "logits" (softmax of the mean logits), "probs" (mean of the members' softmax) or "vote" (fraction of
-            the M members whose argmax is each class).
-    Returns:
-        float64 N x C probabilities; every row sums to 1.
-    Raises:
-        ValueError: for an unknown rule or a tensor that is not M x N x C.
-    """
-    _check_rule(rule)
+    """The ensemble's predictive distribution: float64 N x C, rows summing to 1, from M x N x C logits (any float);
+    rule "logits" is the softmax of the mean logits, "probs" the mean of the members' softmax, "vote" the fraction of
+    the M members whose argmax is each class. ValueError for another rule or a tensor that is not M x N x C."""
+    ensemble.check_rule(rule)
     _check_logits(logits)
     if rule == "vote":
-        # Members' argmax on the logits as given, exactly as `combine` counts votes.
-        votes = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1])
-        return votes.double().mean(0)
+        return ensemble.votes(logits).double() / len(logits)  # the votes `combine` counts
     logits = logits.double()
     if rule == "logits":
         return logits.mean(0).softmax(-1)
@@ -67,31 +52,15 @@ def probabilities(logits: torch.Tensor, rule: str = "logits") -> torch.Tensor:
 
 
 def predictions(logits: torch.Tensor, rule: str = "logits") -> torch.Tensor:
-    """The ensemble's predicted classes: `combine(logits, rule).argmax(-1)`, ties broken the same way.
-
-    A vote tie goes to the tied class with the larger mean probability (see `combine`).
-
-    Args:
-        logits: M x N x C member logits.
-        rule: one of `RULES`.
-    Returns:
-        int64 N class indices.
-    """
-    _check_rule(rule)
+    """The ensemble's int64 N predicted classes from M x N x C logits: `combine(logits, rule).argmax(-1)`, ties
+    broken the same way (a vote tie goes to the tied class with the larger mean probability)."""
     _check_logits(logits)
     return ensemble.combine(logits, rule).argmax(-1)
 
 
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean negative log-likelihood of the labels, in nats (Lakshminarayanan et al. 2017, arXiv 1612.01474).
-
-    Args:
-        probs: N x C predictive probabilities.
-        labels: int64 N true classes.
-    Returns:
-        mean over the N points of -log p[label]; float('inf') if any p[label] is exactly 0 (no clamping, which
-        would hide a prediction that is certain and wrong).
-    """
+    """Mean -log p[label] over N x C probabilities and int64 N labels, in nats (Lakshminarayanan et al. 2017, arXiv
+    1612.01474); float('inf') if any p[label] is exactly 0 (no clamping, which would hide a certain, wrong answer)."""
     _check_probs(probs, labels)
     p = probs.double().gather(1, labels[:, None]).squeeze(1)
     if (p == 0).any():
@@ -105,8 +74,7 @@ def _bin_sums(probs: torch.Tensor, labels: torch.Tensor, bins: int,
 
     Bin b holds confidences in (b/B, (b+1)/B]; a confidence of 0 goes in bin 0 (Guo et al. 2017, arXiv 1706.04599,
     section 2). The edges are computed in the dtype of `probs`, so a confidence that equals an edge in its own
-    precision (0.6 = 9/15 in float32 or float64) is in the bin that the edge closes.
-    """
+    precision (0.6 = 9/15 in float32 or float64) is in the bin that the edge closes."""
     _check_probs(probs, labels)
     if not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive int, got {bins!r}")
@@ -125,19 +93,15 @@ def _bin_sums(probs: torch.Tensor, labels: torch.Tensor, bins: int,
 
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15, predicted: torch.Tensor | None = None) -> float:
-    """Expected calibration error (Guo et al. 2017, arXiv 1706.04599, eq. 3).
+    """Expected calibration error as a fraction in [0, 1] (Guo et al. 2017, arXiv 1706.04599, eq. 3).
 
     ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)| over `bins` equal-width bins of confidence in [0, 1] (see
     `reliability` for the bins). Confidence is the probability of the predicted class.
 
     Args:
-        probs: N x C predictive probabilities.
-        labels: int64 N true classes.
-        bins: number of equal-width bins B.
+        probs: N x C predictive probabilities; labels: int64 N true classes.
         predicted: int64 N predicted classes; defaults to probs.argmax(-1). Pass `predictions(logits, "vote")` for
             a vote, so its tie-break is the one used.
-    Returns:
-        ECE as a fraction in [0, 1].
     """
     count, correct, confidence = _bin_sums(probs, labels, bins, predicted)
     # |B_b|/N * |correct_b/|B_b| - confidence_b/|B_b|| = |correct_b - confidence_b| / N; empty bins add 0.
@@ -146,18 +110,15 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15, predicted: to
 
 def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15,
                 predicted: torch.Tensor | None = None) -> dict:
-    """The data of a reliability diagram (Guo et al. 2017, arXiv 1706.04599, figure 1).
+    """The data of a reliability diagram (Guo et al. 2017, arXiv 1706.04599, figure 1); arguments as for `ece`.
 
-    Args:
-        probs, labels, bins, predicted: as for `ece`.
     Returns:
         {"lower", "upper", "count", "accuracy", "confidence"}, each a list of length `bins`: bin b holds
         confidences in (lower[b], upper[b]] = (b/B, (b+1)/B] (a confidence of 0 goes in bin 0), count[b] points
         (int), their accuracy and mean confidence (fractions; None for an empty bin).
         ECE = sum_b count[b] / N * |accuracy[b] - confidence[b]| over the non-empty bins.
     """
-    count, correct, confidence = _bin_sums(probs, labels, bins, predicted)
-    count, correct, confidence = count.tolist(), correct.tolist(), confidence.tolist()
+    count, correct, confidence = (sums.tolist() for sums in _bin_sums(probs, labels, bins, predicted))
     return {
         "lower": [b / bins for b in range(bins)],
         "upper": [(b + 1) / bins for b in range(bins)],
@@ -168,27 +129,17 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15,
 
 
 def disagreement(logits: torch.Tensor) -> torch.Tensor:
-    """Pairwise prediction disagreement of the members, a measure of ensemble diversity (arXiv 1704.00109, fig. 5).
-
-    Args:
-        logits: M x N x C member logits.
-    Returns:
-        float64 M x M: entry (i, j) is the fraction of the N points where members i and j predict different
-        classes (argmax); symmetric with a zero diagonal.
-    """
+    """Pairwise prediction disagreement of the members, a measure of ensemble diversity (arXiv 1704.00109, fig. 5):
+    float64 M x M from M x N x C logits, entry (i, j) the fraction of the N points where members i and j predict
+    different classes (argmax); symmetric with a zero diagonal."""
     _check_logits(logits)
     predicted = logits.argmax(-1)  # M x N
     return (predicted[:, None, :] != predicted[None, :, :]).double().mean(-1)
 
 
 def scores(logits: torch.Tensor, labels: torch.Tensor, rule: str = "logits", bins: int = 15) -> dict:
-    """Accuracy, NLL and ECE of the ensemble of all M members under `rule`.
+    """Accuracy, NLL and ECE of the ensemble of all M members (M x N x C logits, int64 N labels) under `rule`.
 
-    Args:
-        logits: M x N x C member logits.
-        labels: int64 N true classes.
-        rule: one of `RULES`.
-        bins: ECE bins.
     Returns:
         {"acc": fraction correct, "nll": nats per point, or None for "vote" (a vote gives zero probability to the
         classes nobody voted for, so its NLL is infinite as soon as one label gets no vote, and not meaningful),
@@ -203,19 +154,18 @@ def scores(logits: torch.Tensor, labels: torch.Tensor, rule: str = "logits", bin
     }
 
 
-def curves(logits: torch.Tensor, labels: torch.Tensor, rules=("logits", "probs", "vote"), bins: int = 15) -> dict:
+def curves(logits: torch.Tensor, labels: torch.Tensor, rules: tuple[str, ...] | None = None, bins: int = 15) -> dict:
     """Scores of growing ensembles, as in Huang et al. 2017 (arXiv 1704.00109, figure 3).
 
     Args:
         logits: M x N x C member logits in cycle order (index 0 is the first snapshot).
-        labels: int64 N true classes.
-        rules: the rules to score.
-        bins: ECE bins.
+        rules: the rules to score; None: all of `RULES`.
     Returns:
         {"last": {rule: [...]}, "first": {rule: [...]}}: entry m-1 of a list is `scores` of the last (or first) m
         members with "m" added, for m = 1 .. M.
     """
     _check_logits(logits)
+    rules = ensemble.RULES if rules is None else rules
     members = len(logits)
     ends = {"last": lambda m: logits[members - m:], "first": lambda m: logits[:m]}
     return {end: {rule: [{"m": m, **scores(take(m), labels, rule, bins)} for m in range(1, members + 1)]

@@ -7,12 +7,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on a headless machine
 import matplotlib.pyplot as plt  # noqa: E402
 
+from snapens.files import save_figure  # noqa: E402
+
 
 def plot_accuracy_vs_members(curves: dict, single_acc: float, rule: str, path: Path) -> None:
-    """Accuracy of the ensemble of the last m and of the first m snapshots against m, with the last snapshot's line.
-
-    Huang et al. 2017 (arXiv 1704.00109, figure 3): later snapshots are better alone, earlier ones add diversity.
-    """
+    """Accuracy of the ensemble of the last m and of the first m snapshots against m, with the last snapshot's line
+    (Huang et al. 2017, arXiv 1704.00109, figure 3: later snapshots are better alone, earlier ones add diversity)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for end, style in (("last", "o-"), ("first", "s--")):
         points = curves[end][rule]
@@ -21,7 +21,7 @@ def plot_accuracy_vs_members(curves: dict, single_acc: float, rule: str, path: P
     ax.set(xlabel="ensemble size m", ylabel="accuracy", title=f"ensemble accuracy ({rule})")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_disagreement(matrix, names: list[str], path: Path) -> None:
@@ -32,7 +32,7 @@ def plot_disagreement(matrix, names: list[str], path: Path) -> None:
     ax.set_yticks(range(len(names)), names)
     fig.colorbar(image, ax=ax, label="disagreement")
     ax.set_title("pairwise disagreement")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_reliability(diagrams: dict[str, dict], path: Path) -> None:
@@ -44,10 +44,4 @@ def plot_reliability(diagrams: dict[str, dict], path: Path) -> None:
         ax.plot([d["confidence"][i] for i in filled], [d["accuracy"][i] for i in filled], "o-", label=label)
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="reliability")
     ax.legend()
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

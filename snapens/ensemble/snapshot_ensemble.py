@@ -4,7 +4,7 @@
     ...
         if scheduler.is_cycle_end:
             ensemble.add(model)
-    print(ensemble.evaluate(test_loader))   # {'snapshots': [...], 'single': 0.93, 'ensemble': 0.945, ...}
+    print(ensemble.evaluate(test_loader)["ensemble"])   # {'acc': 0.945, 'nll': 0.21, 'ece': 0.02, ...}
 
 Weights are copied at `add` (to the CPU, or to a safetensors file in `folder`), so training on does not change
 them. One copy of the model serves as the container into which each member's weights are loaded in turn: only one
@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from snapens.ensemble import RULES, accuracy, combine
+from snapens.ensemble import build_report, check_rule, combine
 from snapens.errors import SnapensError
 from snapens.precision import autocast
 from snapens.snapshots import load_into, save_snapshot
@@ -29,8 +29,7 @@ class SnapshotEnsemble:
     Args:
         folder: Where `add` writes `cycle_XX.safetensors` (numbered by the add count, from 1; an existing file is
             never overwritten); None keeps the weights in CPU memory.
-        max_snapshots: Keep only the newest this many (older ones are dropped, and their files deleted); None keeps
-            all.
+        max_snapshots: Keep only the newest this many (older ones are dropped, their files deleted); None: all.
     """
 
     def __init__(self, folder: str | Path | None = None, max_snapshots: int | None = None):
@@ -106,20 +105,23 @@ class SnapshotEnsemble:
                 precision: torch.dtype | None = None) -> torch.Tensor:
         """N x C ensemble scores (mean logits, mean probabilities, or votes; see snapens.ensemble.combine);
         their argmax is the prediction."""
-        if rule not in RULES:
-            raise ValueError(f"rule={rule!r} is not one of {', '.join(RULES)}")
+        check_rule(rule)  # before the passes over the loader
         return combine(self.logits(loader, device, precision)[0], rule)
 
     def evaluate(self, loader: Iterable, rule: str = "logits", device: str | torch.device = "cpu",
-                 precision: torch.dtype | None = None) -> dict:
-        """Accuracy of each member, of the newest alone ("single") and of the ensemble under `rule`, from one pass
-        per member over a loader of (inputs, labels)."""
+                 precision: torch.dtype | None = None, bins: int = 15) -> dict:
+        """Accuracy, NLL and ECE of each member, of the newest alone ("single") and of the ensemble under `rule`,
+        from one pass per member over a loader of (inputs, labels): `snapens.ensemble.build_report`'s shape, the
+        one of results.json, with "split" None. A member's cycle is its add number (that of its file name), its
+        file the path in `folder` (None in memory), its step None."""
+        check_rule(rule)
         logits, labels = self.logits(loader, device, precision)
         if labels is None:
             raise SnapshotEnsembleError("evaluate needs a loader of (inputs, labels) pairs")
-        snapshots = [accuracy(lg, labels) for lg in logits]
-        return {"snapshots": snapshots, "single": snapshots[-1], "ensemble": accuracy(combine(logits, rule), labels),
-                "rule": rule, "members": len(logits), "num_images": len(labels)}
+        first = self.added - len(self.members) + 1  # older members were dropped by max_snapshots
+        members = [{"file": str(m) if isinstance(m, Path) else None, "name": f"cycle_{first + i:02d}",
+                    "cycle": first + i, "step": None} for i, m in enumerate(self.members)]
+        return build_report(logits, labels, members, rule, bins, split=None)
 
 
 class SnapshotEnsembleError(SnapensError, ValueError):

@@ -29,18 +29,12 @@ class BasicBlock(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         return F.relu(out + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs (other sizes work: the head pools globally).
-
-    Args:
-        depth: 6n+2 (20, 32, 44, 56, 110, ...).
-        num_classes: size of the output layer.
-    """
+    """ResNet-(6n+2) for 32x32 inputs (other sizes work: the head pools globally); depth: 6n+2 (20, 32, 44, 56, 110)."""
 
     def __init__(self, depth: int = 20, num_classes: int = 10):
         super().__init__()

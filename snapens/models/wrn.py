@@ -23,21 +23,14 @@ class WideBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = F.relu(self.bn1(x))
-        y = self.conv1(o)
-        y = self.conv2(self.dropout(F.relu(self.bn2(y))))
+        y = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(o)))))
         # The projection sees the pre-activated input, as in the authors' code.
         return y + (x if self.shortcut is None else self.shortcut(o))
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-widen_factor for 32x32 inputs.
-
-    Args:
-        depth: 6n+4 (16, 22, 28, 40, ...).
-        widen_factor: k, the width multiplier.
-        dropout: dropout probability inside each block.
-        num_classes: size of the output layer.
-    """
+    """WRN-depth-widen_factor for 32x32 inputs: depth 6n+4 (16, 22, 28, 40, ...), widen_factor k (the width
+    multiplier), dropout the probability inside each block."""
 
     def __init__(self, depth: int = 28, widen_factor: int = 10, dropout: float = 0.0, num_classes: int = 10):
         super().__init__()

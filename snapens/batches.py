@@ -1,0 +1,106 @@
+"""Batches on the training device: a "loader" is the uint8 tensors plus a permutation from an explicit
+torch.Generator; crops, flips, cutout and normalisation run on whole batches where the data lives (the way airbench
+does it, github.com/KellerJordan/cifar10-airbench).
+"""
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from snapens.data import Split
+from snapens.precision import layout
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation of He et al. 2016 (arXiv 1512.03385): pad-and-crop, horizontal flip; cutout optional."""
+
+    padding: int = 4  # pixels of zero padding before the random crop; 0: no crop
+    flip: bool = True
+    cutout: int = 0  # side of the zeroed square (DeVries & Taylor 2017, arXiv 1708.04552); 0: none
+
+
+def channel_tensors(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel statistics as 1 x 3 x 1 x 1 float32 tensors on `device`: made once, not per batch (a host-to-GPU
+    copy of a Python list would synchronise the stream at every step)."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (mean, std))
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 B x 3 x H x W -> float32, standardised per channel (mean, std: sequences or channel_tensors)."""
+    if not isinstance(mean, torch.Tensor):
+        mean, std = channel_tensors(mean, std, images.device)
+    return (images.float() / 255 - mean) / std
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """A different random HxW window of the zero-padded image for every image of the batch, in one gather."""
+    b, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, b, 1), generator=generator, device=images.device)
+    rows = (dy + torch.arange(h, device=images.device))[:, None, :, None]  # b x 1 x h x 1
+    cols = (dx + torch.arange(w, device=images.device))[:, None, None, :]  # b x 1 x 1 x w
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero a size x size square (clipped at the borders) centred at a random pixel of each image."""
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b, 1), generator=generator, device=x.device)
+    cx = torch.randint(0, w, (b, 1), generator=generator, device=x.device)
+    ys = torch.arange(h, device=x.device) - cy + size // 2  # b x h, in [0, size) inside the square
+    xs = torch.arange(w, device=x.device) - cx + size // 2
+    inside = ((ys >= 0) & (ys < size))[:, :, None] & ((xs >= 0) & (xs < size))[:, None, :]
+    return x * ~inside[:, None]
+
+
+def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
+    """The permutation of one epoch, on the generator's device."""
+    return torch.randperm(n, generator=generator, device=generator.device)
+
+
+def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug: Augmentation,
+                  mean, std, order: torch.Tensor | None = None,
+                  channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled, augmented, normalised batches (the last one may be smaller), in the channels_last
+    memory layout when asked (the model's, so its first convolution needs no conversion).
+
+    The generator must live on the same device as the split; it alone decides the order and the augmentation.
+    `order` is the epoch's permutation, drawn from the generator when None; a resumed epoch passes what was left
+    of it. Augmentation is drawn lazily, batch by batch, so the generator's state after an update is exactly what
+    the next batch needs.
+    """
+    if order is None:
+        order = epoch_order(len(split), generator)
+    mean, std = channel_tensors(mean, std, split.images.device)
+    for index in order.split(batch_size):
+        images = split.images[index]
+        if aug.padding:
+            images = random_crop(images, aug.padding, generator)
+        if aug.flip:
+            images = random_flip(images, generator)
+        x = normalize(images, mean, std)
+        if aug.cutout:
+            x = cutout(x, aug.cutout, generator)
+        yield x.contiguous(memory_format=layout(channels_last)), split.labels[index]
+
+
+def eval_batches(split: Split, batch_size: int, mean, std, device: torch.device | None = None,
+                 channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The split in order, normalised on `device` (default: where the split is), without augmentation, in the
+    channels_last layout when asked."""
+    device = device or split.images.device
+    mean, std = channel_tensors(mean, std, device)
+    for start in range(0, len(split), batch_size):
+        images = split.images[start:start + batch_size].to(device, non_blocking=True)
+        yield (normalize(images, mean, std).contiguous(memory_format=layout(channels_last)),
+               split.labels[start:start + batch_size])

@@ -1,0 +1,59 @@
+"""Atomic writes: every file snapens writes (snapshots, checkpoints, caches, reports, plots) goes through here.
+
+The bytes go to a temporary file beside the target, are fsynced, and the temporary file is renamed over the target
+(the way timm's checkpoint saver does it), so a reader, or a run killed at any moment, sees either the old file or
+the new one, never half of one.
+"""
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+from snapens.errors import SnapensError
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` all or nothing, even on a crash; a failure leaves the earlier file intact."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise SnapensError(f"cannot write {path}: {e.strerror or e}; make the folder writable") from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; these are ordinary files
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only or vanished folder: the file under `path` is untouched
+        Path(tmp).unlink(missing_ok=True)
+        raise SnapensError(f"cannot write {path}: {e.strerror or e}; the earlier file under that name is intact "
+                           "(free some space, or fix the folder's permissions, and run the command again)") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_figure(figure, path: Path, dpi: int = 120) -> None:
+    """A matplotlib figure laid out tightly, written atomically as a PNG (a full disk never leaves a 0-byte plot
+    behind), then closed."""
+    import matplotlib.pyplot as plt  # only the callers that plot need matplotlib
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    write_atomic(path, buffer.getvalue())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -74,8 +74,10 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
     try:
         return instantiate(cfg)
     except InstantiationException as e:
-        cause = e.__cause__ or e
-        raise SnapensError(str(cause).splitlines()[0]) from None
+        message = " ".join(str(e.__cause__ or e).split("full_key:")[0].split())  # one line, however it was wrapped
+        if not message.startswith("model."):
+            message = f"model={cfg.get('_target_')}: {message}"
+        raise SnapensError(message) from None
 
 
 MODEL_CLASSES = {"snapens.models.CifarResNet": CifarResNet, "snapens.models.WideResNet": WideResNet}

@@ -8,8 +8,10 @@ step (snapens.schedules), so the step alone restores the learning rate: torch's 
 record of wrong rates after a resume (pytorch issues 88791, 52236, 65342).
 """
 
+import fcntl
 import io
 import logging
+import os
 import random
 import signal
 from contextlib import contextmanager
@@ -41,8 +43,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file (RuntimeError, UnpicklingError, EOFError)
-        raise SnapensError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                           "move it away to start the run again from scratch") from None
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        raise SnapensError(f"checkpoint {path} cannot be read ({why}); start the run again in a new "
+                           "hydra.run.dir=DIR (this dir's snapshots stay as they are)") from None
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -106,14 +109,26 @@ def stop_requests():
             signal.signal(s, handler)
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """Never write over an earlier run's results."""
+def check_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """Never write over an earlier run's results. A dir that holds only the config of a run killed before its first
+    checkpoint (no checkpoint, snapshots or metrics) is a run that never started: the same config starts it there."""
     earlier = [str(p.relative_to(run_dir)) for p in (run_dir / "snapshots", run_dir / "metrics.jsonl",
-                                                         run_dir / "results.json", run_dir / ".hydra" / "config.yaml")
-               if p.exists()]
+                                                         run_dir / "results.json") if p.exists()]
     if earlier:
         raise SnapensError(f"run dir {run_dir} already holds {', '.join(earlier)} from an earlier run; "
                            "pass a new hydra.run.dir=DIR (nothing was overwritten)")
+    saved = run_dir / ".hydra" / "config.yaml"
+    if saved.exists():
+        try:
+            changed = differing_keys(OmegaConf.to_container(OmegaConf.load(saved), resolve=True),
+                                     OmegaConf.to_container(cfg, resolve=True))
+        except Exception as e:  # yaml's and OmegaConf's errors share no useful base class
+            raise SnapensError(f"{saved} cannot be read ({type(e).__name__}); pass a new hydra.run.dir=DIR") from None
+        if changed:
+            raise SnapensError(f"run dir {run_dir} holds the config of a run that never started (no checkpoint, no "
+                               f"snapshots), with other values of {', '.join(changed)}: run with those values to "
+                               "start it there, or pass a new hydra.run.dir=DIR")
+        log.info(f"run dir {run_dir} holds a run that was stopped before its first checkpoint: starting it there")
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -129,7 +144,7 @@ def resume_state(cfg: DictConfig, run_dir: Path) -> dict | None:
     """The checkpoint to continue from (None for a new run), after checking that resuming is allowed and sound."""
     path = checkpoint_path(run_dir)
     if not path.exists():
-        check_run_dir(run_dir)
+        check_run_dir(run_dir, cfg)
         return None
     if cfg.trainer.resume == "never":
         raise SnapensError(f"run dir {run_dir} holds a checkpoint and trainer.resume=never: pass a new "
@@ -137,6 +152,10 @@ def resume_state(cfg: DictConfig, run_dir: Path) -> dict | None:
     for partial in run_dir.rglob(".*.tmp"):  # half-written files of a killed run, never visible as results
         partial.unlink(missing_ok=True)  # under torchrun every rank looks
     state = load_checkpoint(path)
+    missing = [k for k in ("model", "optimizer", "rng", "progress", "config", "device") if k not in state]
+    if missing:
+        raise SnapensError(f"checkpoint {path} lacks {', '.join(missing)}: it was not written by snapens.train; "
+                           "start the run again in a new hydra.run.dir=DIR")
     changed = differing_keys(state["config"], OmegaConf.to_container(cfg, resolve=True))
     if changed:
         raise SnapensError(f"cannot resume {run_dir}: the config differs in {', '.join(changed)}; run with the "
@@ -150,3 +169,31 @@ def keep_metrics_until(path: Path, epoch: int) -> None:
         lines = path.read_text().splitlines()[:epoch]  # one line per finished epoch; a torn last line goes too
         write_atomic(path, "".join(line + "\n" for line in lines).encode())
 
+
+@contextmanager
+def run_dir_lock(run_dir: Path):
+    """An exclusive lock on the run dir while inside (flock on run_dir/.lock, which the system releases when the
+    process ends, however it ends): a second training into the same dir stops at once, before it reads or writes
+    anything, instead of mixing its snapshots with the first one's."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "a+")
+    except OSError as e:
+        raise SnapensError(f"cannot write into run dir {run_dir}: {e.strerror or e}; make it writable or pass "
+                           "another hydra.run.dir=DIR") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise SnapensError(f"run dir {run_dir} is in use by process {holder}, which is training into it; wait "
+                               "for it to end, or pass another hydra.run.dir=DIR (nothing was changed)") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.truncate(0)  # an empty lock file: nobody is training here (a killed holder leaves its PID behind)

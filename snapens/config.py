@@ -9,7 +9,8 @@ Each rule is checked once. A library class checks its own arguments (schedules.S
 snapens.build turns its ValueError into one line naming the key; `check_config` checks the rest: the choices and
 ranges of keys that only the config has, and rules that involve several keys."""
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -273,11 +274,17 @@ CHOICES = {
     "ensemble.rule": RULES,
 }
 
-POSITIVE = ("data.num_classes", "trainer.epochs", "trainer.batch_size", "trainer.log_every", "trainer.accumulate",
-            "ensemble.batch_size", "scheduler.patience")
+POSITIVE = ("data.num_classes", "data.train_size", "data.test_size", "data.size", "trainer.epochs",
+            "trainer.batch_size", "trainer.log_every", "trainer.accumulate", "ensemble.batch_size",
+            "scheduler.patience", "optimizer.eps")
 NON_NEGATIVE = ("data.image_size", "data.train_limit", "data.test_limit", "data.val_size", "data.crop_padding",
                 "data.cutout", "trainer.grad_clip", "trainer.num_threads", "trainer.checkpoint_every",
-                "trainer.max_skipped", "trainer.keep_snapshots", "trainer.snapshot_every", "trainer.label_smoothing")
+                "trainer.max_skipped", "trainer.keep_snapshots", "trainer.snapshot_every", "trainer.label_smoothing",
+                "optimizer.weight_decay")
+# Upper bounds, inclusive: momentum and Adam's betas are fractions; a seed must fit torch's 64-bit generator; the
+# image sizes keep a typo from allocating gigabytes (4096 pixels a side is far beyond the CIFAR models' inputs).
+AT_MOST = {"optimizer.momentum": 1, "optimizer.beta1": 1, "optimizer.beta2": 1, "trainer.seed": 2**63 - 1,
+           "data.image_size": 4096, "data.size": 4096, "data.crop_padding": 64, "data.cutout": 4096}
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -293,10 +300,43 @@ def check_config(cfg: DictConfig) -> None:
     """Raise SnapensError naming the first key whose value is out of range. The scheduler's values are checked by the
     schedule classes when snapens.build makes the schedule, where the steps are known (so is a budget that ends
     inside a cycle)."""
+    _check_known_keys(cfg)
     _check_choices(cfg)
     _check_ranges(cfg)
     if cfg.scheduler.name == "adaptive_sgdr":
         _check_adaptive_sgdr(cfg)
+
+
+def schema_of(cfg: DictConfig, group: str):
+    """The schema a group's option was composed from (None for a model class snapens does not know)."""
+    node = cfg[group]
+    if group == "data":
+        return {"synthetic": SyntheticDataConfig, "digits": DigitsDataConfig}.get(node.name, DataConfig)
+    if group == "model":
+        return {ResNetConfig._target_: ResNetConfig, WRNConfig._target_: WRNConfig}.get(node.get("_target_"))
+    if group in ("trainer", "ensemble"):
+        return {"trainer": TrainerConfig, "ensemble": EnsembleConfig}[group]
+    return SCHEMAS[group].get(node.get("name"))
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    """Refuse keys no schema declares, added with `+` (Hydra accepts `+trainer.epoch=3` and ignores its meaning):
+    a misspelt key would otherwise be silently unused. Names the key most likely meant."""
+    for group in ("data", "model", "optimizer", "scheduler", "trainer", "ensemble"):
+        schema = schema_of(cfg, group) if group in cfg else None
+        if schema is None:
+            continue
+        known = {f.name for f in fields(schema)}
+        for key in cfg[group]:
+            if key not in known:
+                near = difflib.get_close_matches(str(key), known, n=1)
+                option = f"{group}={cfg[group].name}" if "name" in cfg[group] else group
+                raise SnapensError(f"{group}.{key} is not a key of {option}"
+                                   + (f"; did you mean {group}.{near[0]}?" if near else f"; its keys: "
+                                      f"{', '.join(sorted(known))}"))
+    for key in cfg.trainer.swa:
+        if key != "start":
+            raise SnapensError(f"trainer.swa.{key} is not a key of trainer.swa; did you mean trainer.swa.start?")
 
 
 def _check_choices(cfg: DictConfig) -> None:
@@ -311,12 +351,15 @@ def _check_ranges(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if value is not None and not 0 < value < float("inf"):
             raise SnapensError(f"{key}={value} must be a finite number > 0")
-    for key in NON_NEGATIVE:
-        value = _get(cfg, key)
-        if value is not None and value < 0:
-            raise SnapensError(f"{key}={value} must be >= 0")
-    if cfg.trainer.label_smoothing >= 1:
+    for key in (*NON_NEGATIVE, *AT_MOST):
+        value, most = _get(cfg, key), AT_MOST.get(key, float("inf"))
+        if value is not None and not (0 <= value <= most and value < float("inf")):  # NaN fails too
+            raise SnapensError(f"{key}={value} must be a finite number >= 0" + (f" and <= {most}" if key in AT_MOST
+                                                                                 else ""))
+    if not cfg.trainer.label_smoothing < 1:
         raise SnapensError(f"trainer.label_smoothing={cfg.trainer.label_smoothing} must be in [0, 1)")
+    if _get(cfg, "optimizer.nesterov") and not cfg.optimizer.momentum:
+        raise SnapensError("optimizer.nesterov=true needs momentum: set optimizer.momentum > 0 (e.g. 0.9)")
     swa = cfg.trainer.swa.start
     if swa is not None and not 0 <= swa < 1:
         raise SnapensError(f"trainer.swa.start={swa} must be a fraction of the cycle in [0, 1), or null to disable")
@@ -330,7 +373,7 @@ def _check_adaptive_sgdr(cfg: DictConfig) -> None:
     if cfg.scheduler.warmup_every_cycle:
         raise SnapensError("scheduler.warmup_every_cycle does not go with scheduler=adaptive_sgdr: an extension "
                            "may cut a later cycle shorter than the warmup; leave warmup_every_cycle=false")
-    if cfg.scheduler.extension_factor <= 1:
+    if not 1 < cfg.scheduler.extension_factor < float("inf"):
         raise SnapensError(f"scheduler.extension_factor={cfg.scheduler.extension_factor} must be > 1")
     if not _get(cfg, "data.val_size"):
         raise SnapensError("scheduler=adaptive_sgdr watches the validation loss: hold out images with data.val_size=N")

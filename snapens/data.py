@@ -1,12 +1,13 @@
 """Datasets as uint8 tensors: loading, the decode cache, the validation split, subsets and statistics.
 
 Every dataset becomes `Split`s: images uint8 N x 3 x H x W and labels int64 N. Image files are decoded once: the
-tensors are cached next to the data (safetensors, keyed by a fingerprint of the source files), so a second run
+tensors are cached next to the data (safetensors, keyed by the source files' names, sizes and times), so a second run
 starts in seconds (CIFAR's python format is already arrays and loads in about a second). Batches and their
 augmentation are made from these tensors on the training device by snapens.batches."""
 
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
@@ -19,14 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from snapens.errors import SnapensError
 from snapens.files import write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")  # read with Pillow
-CACHE_VERSION = "1"
+log = logging.getLogger(__name__)
+CACHE_VERSION = "2"  # 2: keyed by ctime and inode too, arrays verified on load
 
 
 @dataclass
@@ -94,21 +96,37 @@ def _scan_split(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]
         if not files:
             raise SnapensError(f"class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
                                "add images or remove the folder")
+        broken = [p for p in files if not p.exists()]
+        if broken:
+            raise SnapensError(f"{broken[0]} is a link to a file that does not exist: restore its target or remove it")
         paths += files
         labels += [label] * len(files)
     return paths, labels
 
 
-def read_image(path: Path, size: int) -> torch.Tensor:
-    """One image file -> uint8 3 x H x W (RGB; resized to size x size when size > 0)."""
+def read_image(path: Path, size: int | tuple[int, int]) -> torch.Tensor:
+    """One image file -> uint8 3 x H x W (RGB; resized to size x size when size > 0, or to (H, W) when a pair)."""
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = to_8_bits(image, path).convert("RGB")
             if size:
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
+                height, width = (size, size) if isinstance(size, int) else size
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
             return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SnapensError(f"cannot read image {path}: {e}; replace or remove the file") from None
+
+
+def to_8_bits(image: Image.Image, path: Path) -> Image.Image:
+    """A 16-bit grey image (PNG, TIFF) scaled to 8 bits: Pillow's convert("RGB") would clip every value above 255,
+    turning almost the whole image white. 0..65535 maps to 0..255, rounded; 32-bit integer images are refused."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return image
+    pixels = np.asarray(image).astype(np.int64)
+    if pixels.min() < 0 or pixels.max() > 65535:
+        raise SnapensError(f"cannot read image {path}: {image.mode} pixels beyond 16 bits (0..65535); convert it to "
+                           "8-bit RGB")
+    return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8))
 
 
 def _stack(images: list[torch.Tensor], paths: list[Path]) -> torch.Tensor:
@@ -120,42 +138,72 @@ def _stack(images: list[torch.Tensor], paths: list[Path]) -> torch.Tensor:
     return torch.stack(images)
 
 
+def split_digest(split: Split) -> str:
+    """SHA-256 of a split's images and labels (and their shapes), so any change of data shows."""
+    h = hashlib.sha256(str((tuple(split.images.shape), tuple(split.labels.shape))).encode())
+    h.update(split.images.contiguous().cpu().numpy().tobytes())
+    h.update(split.labels.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _fingerprint(paths: list[Path], root: Path, size: int) -> str:
-    h = hashlib.sha1(f"{CACHE_VERSION} {size}".encode())
+    """SHA-256 of the files' names, sizes, inodes and modification and status-change times. A file rewritten with
+    other pixels may keep its size, and its modification time can be set back (os.utime), but its status-change time
+    (ctime) moves with every write and cannot be set: the decoded cache is found only for these very files. Reading
+    every file's bytes instead would cost seconds per run on CIFAR's 60,000 files."""
+    h = hashlib.sha256(f"{CACHE_VERSION} {size}".encode())
     for p in paths:
         st = p.stat()
-        h.update(f"{p.relative_to(root)} {st.st_size} {st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+        h.update(f"{p.relative_to(root)} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}\n".encode())
+    return h.hexdigest()
 
 
-def _cache_dir(root: Path) -> Path:
-    """Next to the data; in ~/.cache/snapens when the data folder is read-only."""
-    here = root / ".snapens_cache"
-    try:
-        here.mkdir(exist_ok=True)
-        if os.access(here, os.W_OK):
-            return here
-    except OSError:
-        pass
+def _cache_dir(root: Path) -> Path | None:
+    """Next to the data; in ~/.cache/snapens when the data folder is read-only; None when neither can be written
+    (the images are then decoded at every run)."""
     elsewhere = Path.home() / ".cache" / "snapens" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    elsewhere.mkdir(parents=True, exist_ok=True)
-    return elsewhere
+    for folder in (root / ".snapens_cache", elsewhere):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            pass
+    log.warning(f"neither {root} nor {elsewhere.parent} can be written: the decoded images are not cached")
+    return None
 
 
 def _load_or_decode(split: str, root: Path, classes: list[str], size: int) -> Split:
     paths, labels = _scan_split(root / split, classes)
-    cache = _cache_dir(root) / f"{split}-{_fingerprint(paths, root, size)}.safetensors"
-    try:
-        tensors = load_file(cache)
-        return Split(tensors["images"], tensors["labels"])
-    except (FileNotFoundError, SafetensorError, KeyError):
-        pass  # first run, or a damaged cache: decode again
+    source, folder = _fingerprint(paths, root, size), _cache_dir(root)
+    cache = folder / f"{split}-{source[:16]}.safetensors" if folder else None
+    cached = _read_cache(cache, source) if cache else None
+    if cached is not None:
+        return cached
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # Pillow releases the GIL while decoding
         images = _stack(list(pool.map(lambda p: read_image(p, size), paths)), paths)
     result = Split(images, torch.tensor(labels, dtype=torch.int64))
-    write_atomic(cache, save({"images": result.images, "labels": result.labels},
-                             metadata={"classes": json.dumps(classes)}))
+    metadata = {"classes": json.dumps(classes), "source": source, "arrays": split_digest(result)}
+    try:
+        if cache:
+            write_atomic(cache, save({"images": result.images, "labels": result.labels}, metadata=metadata))
+    except SnapensError as e:  # a full disk: the run goes on, decoding again next time
+        log.warning(f"decoded images not cached: {e}")
     return result
+
+
+def _read_cache(path: Path, source: str) -> Split | None:
+    """The decoded split if the cache file was made from exactly these files and its arrays are the ones written
+    (a cache file copied over another one's name, or edited, is decoded again); else None."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            split = Split(f.get_tensor("images"), f.get_tensor("labels"))
+    except (FileNotFoundError, SafetensorError, OSError):
+        return None  # first run, or a damaged cache
+    if metadata.get("source") != source or metadata.get("arrays") != split_digest(split):
+        return None
+    return split
 
 
 def load_image_folder(root: str, image_size: int = 0) -> tuple[Split, Split, list[str]]:

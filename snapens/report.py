@@ -61,6 +61,8 @@ def read_run(run: Path, seed_key: str) -> dict:
         record = {"dir": run, "single": float(results["single"]["acc"]), "ensemble": float(results["ensemble"]["acc"]),
                   "snapshots": len(results["ensemble"]["members"]),
                   "seconds": results.get("training", {}).get("seconds")}  # older runs have no "training"
+        if not all(0 <= record[k] <= 1 for k in ("single", "ensemble")):  # NaN fails too
+            raise ValueError(f"accuracies {record['single']} and {record['ensemble']} are not fractions")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise SnapensError(f"cannot read {path}: {type(e).__name__}: {e}; is it a results.json written by "
                            "snapens.train? (move the run away to report the others)") from None

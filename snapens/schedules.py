@@ -46,6 +46,7 @@ def _check_lr_range(eta_min: float, eta_max: float) -> None:
 
 
 def _check_momentum(base_momentum: float, max_momentum: float) -> None:
+    _require(0 <= max_momentum <= 1, f"max_momentum must be a fraction in [0, 1], got {max_momentum!r}")
     _require(0 <= base_momentum <= max_momentum,
              f"base_momentum must be in [0, max_momentum] = [0, {max_momentum!r}], got {base_momentum!r}")
 

@@ -33,7 +33,7 @@ class StepResult:
     loss: torch.Tensor  # the batch's detached mean loss
     logits: torch.Tensor  # detached, B x C
     grad_norm: torch.Tensor  # the total gradient norm before clipping
-    finite: torch.Tensor  # loss and gradient norm both finite (bool)
+    finite: torch.Tensor  # loss and gradient norm both finite (bool); with skip_nonfinite, BatchNorm statistics too
     applied: bool = True  # False only when skip_nonfinite dropped the update
 
 
@@ -59,7 +59,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
 
     The update is made even when loss or gradient norm are not finite, unless options.skip_nonfinite: then the flag
     is read back (one wait for the device per step) and such an update is dropped, with BatchNorm's running
-    statistics, which the forward pass has already moved, put back. Gradients are those of the fp32 weights, so
+    statistics, which the forward pass has already moved, put back (so are those of an update whose forward pass
+    left a non-finite statistic). Gradients are those of the fp32 weights, so
     clipping is the same under bf16.
     """
     buffers = [b.clone() for b in model.buffers()] if options.skip_nonfinite else None
@@ -68,6 +69,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     finite = torch.isfinite(loss) & torch.isfinite(norm)
+    if options.skip_nonfinite:  # the forward pass may also have driven BatchNorm's statistics to inf
+        finite = finite & all_finite(model.buffers())
     if options.skip_nonfinite and not finite:
         with torch.no_grad():
             for buffer, saved in zip(model.buffers(), buffers):
@@ -110,6 +113,19 @@ def clip_gradients(params: list[torch.nn.Parameter], norm: torch.Tensor, options
         torch.nn.utils.clip_grads_with_norm_(params, options.grad_clip, norm)  # takes the parameters, not grads
     elif options.grad_clip > 0:
         torch.nn.utils.clip_grad_value_(params, options.grad_clip)
+
+
+def all_finite(tensors) -> torch.Tensor:
+    """Whether every floating-point tensor holds only finite values, as one bool tensor (nothing read back)."""
+    flags = [t.isfinite().all() for t in tensors if t.is_floating_point()]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the model's floating-point parameters and buffers that hold a NaN or an inf (one read-back)."""
+    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    finite = torch.stack([v.isfinite().all() for v in state.values()]).tolist()
+    return [k for k, ok in zip(state, finite) if not ok]
 
 
 def no_sync(model: torch.nn.Module):

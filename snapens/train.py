@@ -27,20 +27,22 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from snapens import adaptive, distributed, swa
+from snapens import adaptive, cli, distributed, swa
 from snapens.batches import epoch_order, train_batches
 from snapens.build import Setup, pick_device, setup, snapshot_metadata
-from snapens.checkpoint import (checkpoint_path, keep_metrics_until, resume_state, rng_state, save_checkpoint,
-                                save_config, set_rng_state, stop_requests)
+from snapens.checkpoint import (checkpoint_path, keep_metrics_until, resume_state, rng_state, run_dir_lock,
+                                save_checkpoint, save_config, set_rng_state, stop_requests)
 from snapens.config import check_config, register_configs
 from snapens.ensemble import ensemble_report, format_report, predict_logits
+from snapens.data import split_digest
 from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError, exit_with
 from snapens.files import write_atomic
 from snapens.precision import describe
 from snapens.run_plots import plot_lr_schedule, plot_training
 from snapens.snapshots import list_snapshots, prune_snapshots, read_metadata, save_snapshot, snapshot_path
-from snapens.step import StepResult, note_first_nonfinite, seconds_since, set_hyperparameters, train_step
+from snapens.step import (StepResult, nonfinite_tensors, note_first_nonfinite, seconds_since, set_hyperparameters,
+                          train_step)
 from snapens.tensorboard_log import IntervalStats, log_interval, log_report, open_writer
 
 register_configs()
@@ -51,7 +53,7 @@ class Interrupted(Exception):
     """A stop signal arrived; the checkpoint is written and the same command resumes."""
 
 
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL (sysexits.h): try again later, e.g. requeue the job
+EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Run:
     adaptive: adaptive.AdaptiveState | None
     snapshot_steps: list[int]  # the updates after which a snapshot is taken (adaptive SGDR moves them)
     metadata: dict  # what every snapshot carries besides its cycle, step, epoch and lr
+    data_digests: dict[str, str]  # SHA-256 of each split's images and labels: a resumed run must see the same
     resumed: bool = False
 
 
@@ -95,15 +98,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float | None:
     check_config(cfg)
     run_dir = Path(run_dir)
     ranks = distributed.start(pick_device(cfg.trainer.device).type)
-    try:
-        saved = resume_state(cfg, run_dir)
-        distributed.barrier(ranks)  # every rank has read the run dir before rank 0 writes into it
-        if saved is not None and (run_dir / "results.json").exists():
-            log.info(f"run dir {run_dir} holds a finished run; nothing to do (results.json has its numbers)")
-            return json.loads((run_dir / "results.json").read_text())["ensemble"]["acc"]
-        run = begin(cfg, run_dir, ranks, saved)
-        loop(run)
-        return report(run)
+    try:  # a stop signal from here on, even during setup, ends the run with a checkpoint (Interrupted)
+        with stop_requests() as stops, run_dir_lock(run_dir) if ranks.main else nullcontext():
+            saved = resume_state(cfg, run_dir)
+            distributed.barrier(ranks)  # every rank has read the run dir before rank 0 writes into it
+            if saved is not None and (run_dir / "results.json").exists():
+                log.info(f"run dir {run_dir} holds a finished run; nothing to do (results.json has its numbers)")
+                if ranks.main and any(not (run_dir / name).exists() or not (run_dir / name).stat().st_size
+                                      for name in ("lr_schedule.png", "training.png")):
+                    plot_training_of(begin(cfg, run_dir, ranks, saved))  # a plot lost (a full disk): drawn again
+                return json.loads((run_dir / "results.json").read_text())["ensemble"]["acc"]
+            run = begin(cfg, run_dir, ranks, saved)
+            loop(run, stops)
+            return report(run)  # a signal now waits for results.json rather than losing it
     finally:
         distributed.stop(ranks)
 
@@ -111,17 +118,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float | None:
 def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict | None) -> Run:
     """Build the run and start it afresh (config and a step-0 checkpoint written) or continue the saved one."""
     s = setup(cfg, ranks)
+    every = round(cfg.trainer.snapshot_every * s.steps_per_epoch)
+    if cfg.trainer.snapshot_every and not every:
+        raise SnapensError(f"trainer.snapshot_every={cfg.trainer.snapshot_every} epochs is shorter than one step "
+                           f"({s.steps_per_epoch} steps per epoch); give at least {1 / s.steps_per_epoch:.3g}")
     state = None
     if cfg.scheduler.name == "adaptive_sgdr":
         state = adaptive.AdaptiveState(list(adaptive.cycle_lengths(s.schedule)))
-    run = Run(cfg, run_dir, ranks, s, Progress(), state, [], snapshot_metadata(cfg, s.data))
+    splits = {"train": s.data.train, "val": s.data.val, "test": s.data.test}
+    digests = {name: split_digest(split) for name, split in splits.items() if split is not None}
+    run = Run(cfg, run_dir, ranks, s, Progress(), state, [], snapshot_metadata(cfg, s.data), digests)
     if saved is None:
         if ranks.main:
             save_config(cfg, run_dir)
         save_progress(run)  # step 0: a run killed before its first epoch ends resumes like any other
     else:
         resume(run, saved)
-    every = round(cfg.trainer.snapshot_every * s.steps_per_epoch)
     run.snapshot_steps = snapshot_steps(s.schedule, every)
     if ranks.main:
         plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run_dir / "lr_schedule.png")
@@ -138,6 +150,12 @@ def resume(run: Run, saved: dict) -> None:
     if saved["device"] != s.device.type:
         raise SnapensError(f"the checkpoint of {run.dir} was written on {saved['device']}; resume it there "
                            f"(trainer.device={saved['device']}): the random streams of one cannot continue on another")
+    changed = [name for name in ("train", "val", "test") if saved.get("data", run.data_digests).get(name)
+               != run.data_digests.get(name)]  # checkpoints written before the digests were kept: not checked
+    if changed:
+        raise SnapensError(f"cannot resume {run.dir}: the {' and '.join(changed)} images differ from those it started "
+                           "with (files under data.root were replaced, added or removed); put them back, or pass a "
+                           "new hydra.run.dir=DIR to train on the data as it is now")
     s.model.load_state_dict(saved["model"])
     s.optimizer.load_state_dict(saved["optimizer"])
     set_rng_state(saved["rng"], s.generator)
@@ -161,9 +179,9 @@ def snapshot_steps(schedule, every: int) -> list[int]:
 
 
 # ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----------------------
-def loop(run: Run) -> None:
+def loop(run: Run, stops: list[str]) -> None:
     s, progress = run.setup, run.progress
-    with Monitor(run) as monitor, stop_requests() as stops:
+    with Monitor(run) as monitor:
         while progress.step < s.schedule.total_steps:
             for x, y in epoch_batches(run, monitor):
                 t = progress.step
@@ -178,7 +196,8 @@ def loop(run: Run) -> None:
                 if now.log:
                     monitor.log_interval()
                 if now.checkpoint:
-                    monitor.stop_if_nonfinite()  # before anything is written: the last checkpoint stays intact
+                    monitor.stop_if_nonfinite(whole_state=True)  # before anything is written: the last checkpoint
+                    # stays intact, and no file ever holds a NaN or inf
                 if now.cycle_end:
                     end_cycle(run, lr)
                 if now.checkpoint:
@@ -300,7 +319,7 @@ def save_progress(run: Run) -> None:
         "progress": dataclasses.asdict(run.progress), "config": OmegaConf.to_container(run.cfg, resolve=True),
         "device": s.device.type, "snapshots": [p.name for p in list_snapshots(run.dir)],
         "swa": s.swa.state_dict() if s.swa else None,
-        "adaptive": dataclasses.asdict(run.adaptive) if run.adaptive else None})
+        "adaptive": dataclasses.asdict(run.adaptive) if run.adaptive else None, "data": run.data_digests})
 
 
 class Monitor(ExitStack):
@@ -364,12 +383,19 @@ class Monitor(ExitStack):
                                f"{limit}); stopped, the last checkpoint is intact")
         log.warning(f"{what}: update skipped")
 
-    def stop_if_nonfinite(self) -> None:
+    def stop_if_nonfinite(self, whole_state: bool = False) -> None:
+        """Stop at the first non-finite update; with whole_state also when any parameter or buffer is not finite
+        (an update with a finite loss and gradient can still drive BatchNorm's running variance to inf)."""
         step, loss, norm = self.first_bad.tolist()
+        fix = "start a new hydra.run.dir with a lower scheduler.eta_max"
         if step >= 0:
             raise SnapensError(f"{nonfinite(int(step), self.run.setup.schedule.lr(int(step)), loss, norm)}; "
-                               "stopped, the last checkpoint is intact: start a new hydra.run.dir with a lower "
-                               "scheduler.eta_max, or resume this one with trainer.on_nonfinite=skip")
+                               f"stopped, the last checkpoint is intact: {fix}, or resume this one with "
+                               "trainer.on_nonfinite=skip")
+        bad = nonfinite_tensors(self.run.setup.model) if whole_state else []
+        if bad:
+            raise SnapensError(f"non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''} after "
+                               f"step {self.run.progress.step}; stopped, the last checkpoint is intact: {fix}")
 
     def log_interval(self) -> None:
         self.stop_if_nonfinite()
@@ -411,22 +437,26 @@ def report(run: Run) -> float | None:
         training["peak_memory_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
     if not run.ranks.main:
         return None
-    with stop_requests():  # a few seconds more: a signal now waits for results.json rather than losing it
-        paths = list_snapshots(run.dir)  # each read back from its file; its test logits kept in logits/test/
-        metas = [read_metadata(p) for p in paths]
-        logits = cached_logits(paths, metas, s.data.test, "test", run.cfg.ensemble.batch_size, s.device,
-                               lambda *_: s.model, s.precision, trainer.channels_last)
-        result = {**ensemble_report(logits, s.data.test.labels, paths, metas, run.cfg.ensemble.rule),
-                  "training": training}
-        write_atomic(run.dir / "results.json", (json.dumps(result, indent=2) + "\n").encode())
-        plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run.dir / "lr_schedule.png")  # final
-        metrics = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
-        plot_training(metrics, [e / s.steps_per_epoch for e in run.snapshot_steps], run.dir / "training.png")
-        if run.cfg.logger.name == "tensorboard":
-            with open_writer(run.dir) as writer:
-                log_report(writer, result)
+    paths = list_snapshots(run.dir)  # each read back from its file; its test logits kept in logits/test/
+    metas = [read_metadata(p) for p in paths]
+    logits = cached_logits(paths, metas, s.data.test, "test", run.cfg.ensemble.batch_size, s.device,
+                           lambda *_: s.model, s.precision, trainer.channels_last)
+    result = {**ensemble_report(logits, s.data.test.labels, paths, metas, run.cfg.ensemble.rule),
+              "training": training}
+    write_atomic(run.dir / "results.json", (json.dumps(result, indent=2) + "\n").encode())
+    plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run.dir / "lr_schedule.png")  # final
+    plot_training_of(run)
+    if run.cfg.logger.name == "tensorboard":
+        with open_writer(run.dir) as writer:
+            log_report(writer, result)
     log.info("\n" + format_report(result))
     return result["ensemble"]["acc"]
+
+
+def plot_training_of(run: Run) -> None:
+    """training.png from metrics.jsonl, snapshot points marked."""
+    metrics = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    plot_training(metrics, [e / run.setup.steps_per_epoch for e in run.snapshot_steps], run.dir / "training.png")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -442,4 +472,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,6 +1,7 @@
 """Tests for snapens.data: augmentation invariants, loaders, subsets, statistics and the image-folder cache."""
 
 import os
+import shutil
 import pickle
 from pathlib import Path
 
@@ -452,9 +453,10 @@ def same_length_png(old: torch.Tensor) -> torch.Tensor:
     raise AssertionError("no same-length PNG found")
 
 
-@pytest.mark.parametrize("change", ["size", "mtime"])
+@pytest.mark.parametrize("change", ["size", "mtime", "pixels"])
 def test_load_image_folder_changed_file_invalidates_the_cache(tmp_path, change):
-    """Editing an image is seen: a new byte size (same mtime) or a new mtime (same byte size) both re-decode."""
+    """Editing an image is seen: a new byte size (same mtime), a new mtime (same byte size), or only other pixels
+    (same byte size and mtime set back: the status-change time still moved) all re-decode."""
     path = tmp_path / "train" / "cat" / "a.png"
     write_tree(tmp_path, {"train": {"cat": {"a.png": solid((10, 20, 30)), "b.png": solid((1, 2, 3))}},
                           "test": {"cat": {"c.png": solid((4, 5, 6))}}})
@@ -465,13 +467,23 @@ def test_load_image_folder_changed_file_invalidates_the_cache(tmp_path, change):
         write_image(path, new)
         assert path.stat().st_size != before.st_size
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    else:
+    else:  # mtime, pixels
         new = same_length_png(solid((10, 20, 30)))
         write_image(path, new)
         assert path.stat().st_size == before.st_size
-        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9 * (change == "mtime")))
     train, _, _ = load_image_folder(str(tmp_path))
     assert torch.equal(train.images[0], new)
+
+
+def test_a_cache_file_copied_over_another_is_not_trusted(tmp_path):
+    """The test split's cache copied over the train split's file name: train is decoded again, not taken from it."""
+    write_tree(tmp_path, small_tree())
+    train, test, _ = load_image_folder(str(tmp_path))
+    caches = {p.name.split("-")[0]: p for p in (tmp_path / ".snapens_cache").glob("*.safetensors")}
+    shutil.copyfile(caches["test"], caches["train"])
+    again, _, _ = load_image_folder(str(tmp_path))
+    assert_splits_equal(again, train)
 
 
 def test_load_image_folder_image_size_resizes(tmp_path):

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 from snapens.data import Split
 from snapens.ensemble import RULES, accuracy, combine, ensemble_report, format_report, metrics, votes
@@ -226,3 +227,12 @@ def test_cached_logits_equal_running_each_snapshot_directly(tmp_path):
     assert calls == [id(model)] * (2 * 3)  # 2 snapshots x 3 batches (2 + 2 + 1 images), all on the given model
     assert not model.training
     assert torch.equal(cached_logits(paths, metas, split, "test", 2, torch.device("cpu"), None), logits)  # cached
+
+    # A cache file edited in place (negated logits, NaN, another shape; its key left as it was) is recomputed.
+    cached = tmp_path / "logits" / "test" / paths[0].name
+    with safe_open(cached, framework="pt") as f:
+        key = f.metadata()
+    for edited in (-logits[0], torch.full_like(logits[0], float("nan")), logits[0][:3]):
+        cached.write_bytes(save({"logits": edited.contiguous()}, metadata=key))
+        again = cached_logits(paths, metas, split, "test", 2, torch.device("cpu"), lambda *_: model)
+        assert torch.equal(again, logits)

@@ -17,6 +17,7 @@ from PIL import Image
 import snapens
 import snapens.ensemble.__main__ as cli
 import snapens.ensemble.cache as cache
+from snapens.ensemble import metrics
 from snapens.build import build_data
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, load_into, read_metadata, save_snapshot
@@ -83,18 +84,23 @@ def test_report_matches_an_independent_recomputation(run):
         assert (run / "ensemble/test" / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_identical_snapshots_give_exactly_the_single_model(run):
+def test_identical_snapshots_are_refused_and_would_be_exactly_the_single_model(run):
+    """A copy of a snapshot would count twice: the tool refuses it. The arithmetic it would do on identical members
+    gives exactly the single model for every rule and every m."""
     for path in list_snapshots(run)[:-1]:
         shutil.copyfile(list_snapshots(run)[-1], path)
-    evaluate(f"run={run}")
-    result = json.loads((run / "ensemble/test/ensemble.json").read_text())
-    single = result["single"]
+    with pytest.raises(SnapensError, match="hold the same snapshot .*; remove the copy"):
+        evaluate(f"run={run}")
+    torch.manual_seed(0)
+    one, labels = torch.randn(1, 200, 5), torch.randint(0, 5, (200,))
+    curves = metrics.curves(one.expand(3, -1, -1), labels)
+    single = metrics.scores(one, labels)
     for rule in ("logits", "probs", "vote"):
         for end in ("last", "first"):
-            assert all(p["acc"] == single["acc"] for p in result["curves"][end][rule])
-    assert result["curves"]["last"]["logits"][-1]["nll"] == pytest.approx(single["nll"], abs=1e-12)
-    assert result["curves"]["last"]["probs"][-1]["ece"] == pytest.approx(single["ece"], abs=1e-12)
-    assert result["disagreement"] == [[0.0] * 3] * 3
+            assert all(p["acc"] == single["acc"] for p in curves[end][rule])
+    assert curves["last"]["logits"][-1]["nll"] == pytest.approx(single["nll"], abs=1e-12)
+    assert curves["last"]["probs"][-1]["ece"] == pytest.approx(single["ece"], abs=1e-12)
+    assert metrics.disagreement(one.expand(3, -1, -1)).tolist() == [[0.0] * 3] * 3
 
 
 SHAPE = {"split", "num_images", "rule", "snapshots", "single", "ensemble"}
@@ -171,10 +177,13 @@ def test_members(run, members, cycles):
 
 
 def test_cross_run_ensemble(run, tmp_path):
-    shutil.copytree(run, tmp_path / "run_b")
+    train(compose_config(*HELD_OUT, "trainer.seed=1"), tmp_path / "run_b")  # the same data, other weights
     evaluate(f"runs=[{run},{tmp_path / 'run_b'}]", f"out={tmp_path / 'report'}")
     result = json.loads((tmp_path / "report/ensemble.json").read_text())
     assert len(result["snapshots"]) == 6 and result["snapshots"][3]["name"] == "run_b/cycle_01"
+    shutil.copytree(run, tmp_path / "copy")  # a copied run would count every snapshot twice
+    with pytest.raises(SnapensError, match="hold the same snapshot"):
+        evaluate(f"runs=[{run},{tmp_path / 'copy'}]", f"out={tmp_path / 'report2'}")
 
 
 def test_explicit_snapshot_files(run, tmp_path):

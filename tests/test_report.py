@@ -54,7 +54,8 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
 # ---- a real sweep ------------------------------------------------------------------------------------------------
 def test_multirun_round_trip(tmp_path):
     """Train a 2 x 2 sweep (eta_max x seed), report on it, and check every number against the jobs' files."""
-    overrides = [*EQUAL_CYCLES_2, "scheduler.eta_max=0.1,0.05", "trainer.seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    overrides = [*EQUAL_CYCLES_2, "scheduler.eta_max=0.1,0.05", "trainer.seed=0,1",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     subprocess.run([sys.executable, "-m", "snapens.train", "-m", *overrides], cwd=tmp_path, check=True,
                    capture_output=True, timeout=300)
     done = subprocess.run([sys.executable, "-m", "snapens.report", "sweep"], cwd=tmp_path, capture_output=True,

@@ -201,3 +201,32 @@ def test_checkpoint_holds_only_tensors_and_plain_values(make_cfg, tmp_path):
     state = torch.load(checkpoint_path(tmp_path), weights_only=True)  # would raise on anything else
     assert state["progress"]["step"] == 4 and state["snapshots"] == ["cycle_01.safetensors"]
     assert set(state["rng"]) == {"torch", "cuda", "data", "python", "numpy"}
+
+
+@pytest.mark.slow
+def test_campaign_kills_from_process_start_and_a_second_training_into_the_same_dir(uninterrupted, tmp_path):
+    """kill -9 at random moments counted from process start (imports, setup, between the config and the first
+    checkpoint, during updates and snapshot writes), then the same command finishes with the uninterrupted run's
+    bytes; and two trainings started together into one dir: one trains, the other stops at once, nothing mixed."""
+    run_dir = tmp_path / "run"
+    rng = random.Random(1234)
+    for _ in range(4):
+        process = start(run_dir)
+        time.sleep(rng.uniform(0, 8))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+        for path in list_snapshots(run_dir):  # whatever is visible under a final name is whole
+            snapens.snapshots.read_metadata(path)
+    final = subprocess.run([sys.executable, "-m", "snapens.train", *RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert snapshot_bytes(run_dir) == snapshot_bytes(uninterrupted)
+    both = tmp_path / "both"  # two trainings started together into one new dir: one trains, the other stops at once
+    jobs = [start(both) for _ in range(2)]
+    outcomes = sorted((job.wait(timeout=300), job.pid, job.communicate()[1]) for job in jobs)
+    (ok, winner, _), (refused, _, message) = outcomes
+    assert (ok, refused) == (0, 2) and f"is in use by process {winner}" in message
+    assert snapshot_bytes(both) == snapshot_bytes(uninterrupted)
+    assert json.loads((both / "results.json").read_text())["ensemble"] == \
+        json.loads((uninterrupted / "results.json").read_text())["ensemble"]

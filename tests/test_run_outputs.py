@@ -103,7 +103,8 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path, extra):
 def test_a_sweep_submitted_again_leaves_finished_jobs_alone(tmp_path):
     """The SLURM recipe's resume path, locally: the same multirun into the same sweep dir finds every job done."""
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "snapens.train", "-m", *DOUBLING_CYCLES_3, "trainer.seed=0,1", f"hydra.sweep.dir={sweep}"]
+    command = [sys.executable, "-m", "snapens.train", "-m", *DOUBLING_CYCLES_3, "trainer.seed=0,1",
+               f"hydra.sweep.dir={sweep}"]
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     before = {p: p.stat().st_mtime_ns for p in sweep.rglob("*.safetensors")}

@@ -261,7 +261,7 @@ def test_keep_only_the_newest_snapshots(make_cfg, tmp_path):
     ("trainer.swa.start=1.0", "trainer.swa.start=1.0 must be a fraction"),
     ("trainer.label_smoothing=1.0", "trainer.label_smoothing=1.0 must be in"),
     ("trainer.accumulate=0", "trainer.accumulate=0 must be a finite number > 0"),
-    ("trainer.keep_snapshots=-1", "trainer.keep_snapshots=-1 must be >= 0"),
+    ("trainer.keep_snapshots=-1", "trainer.keep_snapshots=-1 must be a finite number >= 0"),
     ("scheduler=adaptive_sgdr data.val_size=32 scheduler.warmup_every_cycle=true",
      "scheduler.warmup_every_cycle does not go with scheduler=adaptive_sgdr"),
     ("scheduler=adaptive_sgdr data.val_size=32 scheduler.extension_factor=1.0",

@@ -17,11 +17,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from snapens import cli
 from snapens.build import build_data, model_from_metadata, pick_device, pick_precision
-from snapens.config import CHOICES, register_configs
+from snapens.config import CHOICES, register_configs, schema_of
 from snapens.data import IMAGE_EXTENSIONS, Split, read_image
 from snapens.ensemble import build_report, check_rule, format_report, metrics, predict_logits
-from snapens.ensemble.cache import cached_logits
+from snapens.ensemble.cache import cached_logits, file_digest
 from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, plot_reliability
 from snapens.errors import SnapensError, exit_with
 from snapens.files import write_atomic
@@ -56,7 +57,18 @@ def _run_snapshots(run_dir: Path, swa: bool) -> list[Path]:
     if not paths:
         raise SnapensError(f"run dir {run_dir} has no snapshots (snapshots/cycle_XX.safetensors): "
                            "its training has not finished a cycle")
-    return paths
+    order = {p: (read_metadata(p).get("cycle", 0), read_metadata(p).get("step", 0)) for p in paths}
+    return sorted(paths, key=order.get)  # by the cycle and step the files say: a renamed file keeps its place
+
+
+def refuse_copies(paths: list[Path]) -> None:
+    """The same snapshot under two names (a copy) would count twice in the ensemble: one line naming both."""
+    seen = {}
+    for path in paths:
+        digest = file_digest(path)
+        if digest in seen:
+            raise SnapensError(f"{seen[digest]} and {path} hold the same snapshot (identical bytes); remove the copy")
+        seen[digest] = path
 
 
 def select(paths: list[Path], spec) -> list[Path]:
@@ -78,7 +90,7 @@ def _select_end(paths: list[Path], spec: str) -> list[Path]:
 
 
 def _select_cycles(paths: list[Path], cycles: list[int]) -> list[Path]:
-    by_cycle = {int(p.stem.split("_")[1]): p for p in paths}
+    by_cycle = {read_metadata(p)["cycle"]: p for p in paths}  # the cycle the file says, whatever its name
     missing = [c for c in cycles if c not in by_cycle]
     if missing:
         raise SnapensError(f"members={cycles}: no snapshot for cycle {missing[0]}; "
@@ -116,6 +128,13 @@ def training_config(cfg: DictConfig) -> DictConfig:
                                "limits, validation split or seed differ): an ensemble is scored on one data set")
     if cfg.data_root:
         train_cfg.data.root = cfg.data_root
+    source = cfg.config or runs[0] / ".hydra" / "config.yaml"
+    if "data" not in train_cfg or "name" not in train_cfg.data:
+        raise SnapensError(f"{source} has no data section naming the data set; pass config=PATH of a training run")
+    try:  # typed by the schema training used: a hand-edited "abc" for a number is one line, not a traceback
+        train_cfg.data = OmegaConf.merge(OmegaConf.structured(schema_of(train_cfg, "data")), train_cfg.data)
+    except OmegaConfBaseException as e:
+        raise SnapensError(f"{source}: data.{e.key}: {str(e).splitlines()[0]}") from None
     return train_cfg
 
 
@@ -206,7 +225,7 @@ def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
     images = []
     for f in files:
         image = read_image(f, 0)
-        images.append(image if tuple(image.shape[1:]) == (height, width) else read_image(f, height))
+        images.append(image if tuple(image.shape[1:]) == (height, width) else read_image(f, (height, width)))
     split = Split(torch.stack(images), torch.zeros(len(files), dtype=torch.long))
     logits = []
     for path, meta in zip(paths, metas):
@@ -255,6 +274,7 @@ def check_options(cfg: DictConfig) -> None:
 def read_members(cfg: DictConfig) -> tuple[list[Path], list[dict]]:
     """The member files, in order, and their metadata, which must be that of snapens.train."""
     paths = [p for group in find_members(cfg) for p in group]
+    refuse_copies(paths)
     metas = [read_metadata(p) for p in paths]
     for path, meta in zip(paths, metas):
         missing = [k for k in ("classes", "mean", "std", "model_config", "image_size") if k not in meta]
@@ -274,10 +294,14 @@ def load_split(cfg: DictConfig, paths: list[Path], metas: list[dict]) -> Split:
     return split
 
 
-def report_dir(cfg: DictConfig) -> Path:
+def report_dir(cfg: DictConfig, paths: list[Path]) -> Path:
     """out=, else <run>/ensemble/<split> (<split>_swa for SWA snapshots, so it never replaces the plain report),
     else the Hydra run dir (several runs or explicit files)."""
     if cfg.out:
+        out, folders = Path(cfg.out).resolve(), {p.parent.resolve() for p in paths}
+        if folders & {out, *out.parents}:
+            raise SnapensError(f"out={cfg.out} lies inside the snapshots' folder, which only training writes; give "
+                               "another out=DIR")
         return Path(cfg.out)
     if cfg.run:
         return Path(cfg.run) / "ensemble" / (f"{cfg.split}_swa" if cfg.swa else cfg.split)
@@ -291,7 +315,7 @@ def evaluate(cfg: DictConfig) -> float:
     device = pick_device(cfg.device, key="device")
     precision = pick_precision(cfg.precision, device, key="precision")
     split = load_split(cfg, paths, metas)
-    out_dir = report_dir(cfg)
+    out_dir = report_dir(cfg, paths)
     start = time.perf_counter()
     logits = cached_logits(paths, metas, split, cfg.split, cfg.batch_size, device, model_maker(device), precision,
                            cfg.channels_last)
@@ -303,4 +327,4 @@ def evaluate(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from snapens.data import Split
+from snapens.data import Split, split_digest
 from snapens.ensemble import predict_logits
 from snapens.errors import SnapensError
 from snapens.files import write_atomic
@@ -35,14 +35,6 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def split_digest(split: Split) -> str:
-    """SHA-256 of a split's images and labels (and their shapes), so any change of data shows."""
-    h = hashlib.sha256(str((tuple(split.images.shape), tuple(split.labels.shape))).encode())
-    h.update(split.images.contiguous().cpu().numpy().tobytes())
-    h.update(split.labels.contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def cache_path(snapshot: Path, split_name: str) -> Path | None:
     """<run>/snapshots/cycle_XX.safetensors -> <run>/logits/<split>/cycle_XX.safetensors; None for a snapshot that
     is not in a run's snapshots/ folder (nothing is written beside files we do not own)."""
@@ -51,19 +43,30 @@ def cache_path(snapshot: Path, split_name: str) -> Path | None:
     return snapshot.parent.parent / "logits" / split_name / snapshot.name
 
 
-def read_cached(path: Path, key: dict) -> torch.Tensor | None:
-    """The cached logits if the file exists, is readable and was made from exactly `key`; else None."""
+def read_cached(path: Path, key: dict, rows: int) -> torch.Tensor | None:
+    """The cached logits if the file exists, is readable, was made from exactly `key`, is N x C with N = `rows` and
+    still holds the bytes whose SHA-256 was stored with them (an edited file, negated or NaN logits say, is
+    recomputed, never trusted); else None."""
     try:
         with safe_open(path, framework="pt") as f:
-            if json.loads((f.metadata() or {}).get("key", "null")) != key:
+            metadata = f.metadata() or {}
+            if json.loads(metadata.get("key", "null")) != key:
                 return None
-            return f.get_tensor("logits")
+            logits = f.get_tensor("logits")
     except (FileNotFoundError, SafetensorError, OSError, ValueError):
         return None  # missing or damaged: recompute
+    if logits.dim() != 2 or len(logits) != rows or metadata.get("logits_sha256") != tensor_digest(logits):
+        return None
+    return logits
 
 
 def write_cached(path: Path, key: dict, logits: torch.Tensor) -> None:
-    write_atomic(path, save({"logits": logits.contiguous()}, metadata={"key": json.dumps(key, sort_keys=True)}))
+    metadata = {"key": json.dumps(key, sort_keys=True), "logits_sha256": tensor_digest(logits)}
+    write_atomic(path, save({"logits": logits.contiguous()}, metadata=metadata))
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
 def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name: str, batch_size: int,
@@ -78,7 +81,7 @@ def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name
         key = {"snapshot_sha256": file_digest(path), "split_sha256": split_sha,
                "computed_in": describe(precision, channels_last)}
         cached = cache_path(path, split_name)
-        logits = read_cached(cached, key) if cached else None
+        logits = read_cached(cached, key, len(split)) if cached else None
         if logits is None:
             model = model_for(path, meta)
             load_into(model, path)

@@ -9,6 +9,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+MAX_CLASSES = 100_000  # a bound for numbers read from files: ImageNet-21k has about 21,800 classes
+
+
+def check_num_classes(num_classes: int) -> None:
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"model.num_classes must be between 1 and {MAX_CLASSES:,}, got {num_classes}")
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with an identity (option A) shortcut."""
@@ -38,8 +45,11 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int = 20, num_classes: int = 10):
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"model.depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        # Bounded, since a snapshot's metadata may come from anyone: ResNet-1202 is the deepest of He et al. 2016
+        # (arXiv 1512.03385, section 4.2); a depth of 600002 would build for minutes and fill the memory.
+        if not 8 <= depth <= 1202 or (depth - 2) % 6:
+            raise ValueError(f"model.depth must be 6n+2 between 8 and 1202 (20, 32, 44, 56, 110), got {depth}")
+        check_num_classes(num_classes)
         n = (depth - 2) // 6
         self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn = nn.BatchNorm2d(16)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from snapens.models.resnet import check_num_classes
+
 
 class WideBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int, dropout: float):
@@ -34,8 +36,13 @@ class WideResNet(nn.Module):
 
     def __init__(self, depth: int = 28, widen_factor: int = 10, dropout: float = 0.0, num_classes: int = 10):
         super().__init__()
-        if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"model.depth must be 6n+4 (16, 22, 28, 40), got {depth}")
+        if not 10 <= depth <= 1000 or (depth - 4) % 6:  # bounded: see CifarResNet
+            raise ValueError(f"model.depth must be 6n+4 between 10 and 1000 (16, 22, 28, 40), got {depth}")
+        if not 1 <= widen_factor <= 32:
+            raise ValueError(f"model.widen_factor must be between 1 and 32 (4, 8, 10), got {widen_factor}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"model.dropout must be a probability in [0, 1), got {dropout}")
+        check_num_classes(num_classes)
         n, k = (depth - 4) // 6, widen_factor
         self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         blocks, in_planes = [], 16

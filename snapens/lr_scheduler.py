@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from snapens import schedules
 from snapens.schedules import Schedule
-from snapens.step import set_momentum
+from snapens.step import set_group_momentum
 
 
 class ScheduleLR(LRScheduler):
@@ -28,26 +28,32 @@ class ScheduleLR(LRScheduler):
     an LRScheduler stepped once per optimizer update; `last_epoch` is torch's: -1 starts at update 0.
 
     After k calls of `step()` (k updates done), the optimizer holds lr(k), the rate of update k. Once the budget is
-    spent (k = total_steps) the last rate stays. The state_dict holds only counters, so a resumed scheduler is the
-    schedule at the saved step."""
+    spent (k = total_steps) the last rate stays. `schedule` may be one schedule for every parameter group or a list
+    of one per group (the adapters below give each group its own, from its own learning rate, as torch does). The
+    state_dict holds only counters, so a resumed scheduler is the schedule at the saved step."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule, last_epoch: int = -1):
-        self.schedule = schedule
-        self.ends = schedule.cycle_ends()
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule | list[Schedule], last_epoch: int = -1):
+        groups = len(optimizer.param_groups)
+        self.schedules = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule] * groups
+        if len(self.schedules) != groups:
+            raise ValueError(f"{len(self.schedules)} schedules for {groups} parameter groups: give one per group")
+        self.schedule = self.schedules[0]  # cycles and budget: the same in every group
+        self.ends = self.schedule.cycle_ends()
         super().__init__(optimizer, last_epoch)
 
     def _t(self) -> int:
         return min(self.last_epoch, self.schedule.total_steps - 1)
 
     def get_lr(self) -> list[float]:
-        return [self.schedule.lr(self._t())] * len(self.optimizer.param_groups)
+        return [float(schedule.lr(self._t())) for schedule in self.schedules]
 
     def step(self, epoch: None = None) -> None:
         """Move to the next update: its learning rate (and momentum, where the schedule sets one)."""
         if epoch is not None:  # torch's step(epoch) jumps; a function of the update index needs no such thing
             raise TypeError("ScheduleLR.step() takes no epoch: call it once after every optimizer update")
         super().step()
-        set_momentum(self.optimizer, self.schedule.momentum(self._t()))
+        for group, schedule in zip(self.optimizer.param_groups, self.schedules):
+            set_group_momentum(group, schedule.momentum(self._t()))
 
     @property
     def updates_done(self) -> int:
@@ -73,16 +79,24 @@ class ScheduleLR(LRScheduler):
 
     def state_dict(self) -> dict:
         """Counters only (no schedule object), so it loads with torch.load(weights_only=True)."""
-        return {k: v for k, v in super().state_dict().items() if k not in ("schedule", "ends")}
+        return {k: v for k, v in super().state_dict().items() if k not in ("schedule", "schedules", "ends")}
 
 
 def _adapter(schedule_class: type) -> type:
-    """An LRScheduler class taking the optimizer plus the schedule's keyword arguments; eta_max defaults to the
-    optimizer's learning rate (of its first group), as torch's schedulers take theirs from it."""
+    """An LRScheduler class taking the optimizer plus the schedule's keyword arguments. Each parameter group gets its
+    own schedule: eta_max defaults to that group's initial learning rate, as torch's schedulers anneal each group
+    from its own; eta_max and eta_min may also be lists, one value per group (torch's max_lr and base_lr lists)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, last_epoch: int = -1, **kwargs) -> None:
-        kwargs.setdefault("eta_max", optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]))
-        ScheduleLR.__init__(self, optimizer, schedule_class(**kwargs), last_epoch)
+        groups = optimizer.param_groups
+        own = [float(g.get("initial_lr", g["lr"])) for g in groups]  # a float copy: a tensor lr changes in place
+        values = {"eta_max": kwargs.pop("eta_max", own), "eta_min": kwargs.pop("eta_min", None)}
+        for name, value in values.items():
+            if isinstance(value, (list, tuple)) and len(value) != len(groups):
+                raise ValueError(f"{name} has {len(value)} values for {len(groups)} parameter groups")
+        per_group = [{name: float(v[i] if isinstance(v, (list, tuple)) else v) for name, v in values.items()
+                      if v is not None} for i in range(len(groups))]
+        ScheduleLR.__init__(self, optimizer, [schedule_class(**kwargs, **p) for p in per_group], last_epoch)
 
     doc = (f"`snapens.schedules.{schedule_class.__name__}` as an LRScheduler: "
            f"{schedule_class.__name__}(optimizer, **schedule_kwargs); see ScheduleLR.\n\n{schedule_class.__doc__}")

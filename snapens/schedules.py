@@ -39,6 +39,20 @@ def _check_steps(name: str, value: int, minimum: int = 1) -> None:
     _require(_is_steps(value, minimum), f"{name} must be {kind} number of steps, got {value!r}")
 
 
+def _as_floats(schedule) -> None:
+    """eta_max and eta_min as Python floats: a tensor (an optimizer's tensor lr, say) would make lr() return tensors,
+    and one that is updated in place would change the schedule under it."""
+    for name in ("eta_max", "eta_min"):
+        value = getattr(schedule, name, None)
+        if isinstance(value, (str, bytes, bool)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        if value is not None and not isinstance(value, float):
+            try:
+                object.__setattr__(schedule, name, float(value))  # a frozen dataclass
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
 def _check_lr_range(eta_min: float, eta_max: float) -> None:
     _require(0 < eta_max < math.inf, f"eta_max must be a finite learning rate > 0, got {eta_max!r}")
     _require(eta_min >= 0, f"eta_min must be a learning rate >= 0, got {eta_min!r}")
@@ -93,6 +107,7 @@ class Constant(Schedule):
 
     def __post_init__(self) -> None:
         _check_steps("total_steps", self.total_steps)
+        _as_floats(self)
         _check_lr_range(0.0, self.eta_max)
 
     def lr(self, t: int) -> float:
@@ -113,6 +128,7 @@ class StepDecay(Schedule):
 
     def __post_init__(self) -> None:
         _check_steps("total_steps", self.total_steps)
+        _as_floats(self)
         _check_lr_range(0.0, self.eta_max)
         object.__setattr__(self, "milestones", tuple(self.milestones))  # a list would make it unhashable
         _require(all(_is_steps(m) for m in self.milestones),
@@ -137,6 +153,7 @@ class Cosine(Schedule):
 
     def __post_init__(self) -> None:
         _check_steps("total_steps", self.total_steps)
+        _as_floats(self)
         _check_lr_range(self.eta_min, self.eta_max)
 
     def lr(self, t: int) -> float:
@@ -163,6 +180,7 @@ class SGDR(Schedule):
     def __post_init__(self) -> None:
         _check_steps("T_0", self.T_0)
         _check_steps("total_steps", self.total_steps)
+        _as_floats(self)
         _check_lr_range(self.eta_min, self.eta_max)
         _require(1 <= self.T_mult < math.inf, f"T_mult must be a finite number >= 1, got {self.T_mult!r}")
         _require(0 < self.decay <= 1, f"decay must be in (0, 1], got {self.decay!r}")
@@ -230,6 +248,7 @@ class Snapshot(Schedule):
         _check_steps("cycles", self.cycles)
         _require(self.cycles <= self.total_steps, f"cycles must not exceed total_steps ({self.total_steps}), as "
                  f"every cycle needs a step, got {self.cycles}")
+        _as_floats(self)
         _check_lr_range(self.eta_min, self.eta_max)
 
     def _start(self, k: int) -> int:
@@ -276,6 +295,7 @@ class OneCycle(Schedule):
 
     def __post_init__(self) -> None:
         _check_steps("total_steps", self.total_steps)
+        _as_floats(self)
         _check_lr_range(0.0, self.eta_max)
         _require(0 < self.pct_start < 1, f"pct_start must be in (0, 1), got {self.pct_start!r}")
         # Otherwise the warm-up phase has zero length and torch divides by zero at step 0.
@@ -352,6 +372,7 @@ class Cyclic(Schedule):
         if self.step_size_down is not None:
             _check_steps("step_size_down", self.step_size_down)
         _check_steps("total_steps", self.total_steps)
+        _as_floats(self)
         _check_lr_range(self.eta_min, self.eta_max)
         _require(self.mode in CYCLIC_MODES, f"mode must be one of {CYCLIC_MODES}, got {self.mode!r}")
         _require(self.gamma > 0, f"gamma must be > 0, got {self.gamma!r}")
@@ -372,7 +393,9 @@ class Cyclic(Schedule):
         if self.mode == "triangular":
             return height, 1.0
         if self.mode == "triangular2":
-            return height, 1 / (2.0 ** (cycle - 1))
+            # 2**-(cycle-1), exactly torch's 1 / 2**(cycle-1) while that is finite; past 1024 cycles torch overflows
+            # (OverflowError) where this underflows to 0, the limit the amplitude was halving towards.
+            return height, math.ldexp(1.0, -(cycle - 1))
         return height, self.gamma**t
 
     def lr(self, t: int) -> float:
@@ -450,6 +473,7 @@ class CosineCycles(Schedule):
         _require(len(self.lengths) > 0, "lengths must name at least one cycle")
         _require(all(_is_steps(n) for n in self.lengths),
                  f"lengths must all be positive numbers of steps, got {self.lengths}")
+        _as_floats(self)
         _check_lr_range(self.eta_min, self.eta_max)
         _require(0 < self.decay <= 1, f"decay must be in (0, 1], got {self.decay!r}")
 

@@ -46,11 +46,17 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, momentum: f
 
 def set_momentum(optimizer: torch.optim.Optimizer, momentum: float | None) -> None:
     """The momentum of every parameter group (beta1 stands for it in Adam); None leaves it as it is."""
-    for group in optimizer.param_groups if momentum is not None else ():
-        if "betas" in group:
-            group["betas"] = (momentum, group["betas"][1])
-        else:
-            group["momentum"] = momentum
+    for group in optimizer.param_groups:
+        set_group_momentum(group, momentum)
+
+
+def set_group_momentum(group: dict, momentum: float | None) -> None:
+    if momentum is None:
+        return
+    if "betas" in group:
+        group["betas"] = (momentum, group["betas"][1])
+    else:
+        group["momentum"] = momentum
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,

@@ -190,3 +190,58 @@ def test_misuse_gets_one_clear_error(tmp_path):
     assert (tmp_path / "cycle_01.safetensors").read_bytes() == b"keep me"
     with pytest.raises(ValueError, match="max_snapshots"):
         snapens.SnapshotEnsemble(max_snapshots=0)
+
+
+# ---- per-group rates, tensor lrs, floats (issue 11) -----------------------------------------------------------------
+TORCH_TWINS = [  # (snapens adapter, kwargs, torch scheduler factory, updates)
+    (snapens.SGDR, dict(T_0=5, T_mult=2, total_steps=35, eta_min=0.001),
+     lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=5, T_mult=2, eta_min=0.001), 35),
+    (snapens.Cosine, dict(total_steps=20, eta_min=0.0005),
+     lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20, eta_min=0.0005), 20),
+    (snapens.StepDecay, dict(total_steps=20, milestones=(5, 15), gamma=0.5),
+     lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[5, 15], gamma=0.5), 20),
+    (snapens.OneCycle, dict(total_steps=25, eta_max=[0.3, 0.03, 0.003]),
+     lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[0.3, 0.03, 0.003], total_steps=25), 25),
+    (snapens.Cyclic, dict(eta_min=[0.01, 0.001, 0.0001], eta_max=[0.1, 0.01, 0.001], step_size_up=4, total_steps=24),
+     lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=[0.01, 0.001, 0.0001], max_lr=[0.1, 0.01, 0.001],
+                                                 step_size_up=4), 24),
+]
+
+
+def three_groups(lr=None):
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    lrs = lr or [0.1, 0.01, 0.001]
+    return torch.optim.SGD([{"params": [p], "lr": r} for p, r in zip(params, lrs)], lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("adapter, kwargs, twin, updates", TORCH_TWINS, ids=[t[0].__name__ for t in TORCH_TWINS])
+def test_each_group_follows_its_own_rate_as_torch_does(adapter, kwargs, twin, updates):
+    mine, theirs = three_groups(), three_groups()
+    ours, reference = adapter(mine, **kwargs), twin(theirs)
+    for t in range(updates):
+        for a, b in zip(mine.param_groups, theirs.param_groups):
+            assert a["lr"] == pytest.approx(b["lr"], rel=1e-12, abs=0)
+            assert a["momentum"] == pytest.approx(b["momentum"], rel=1e-12)
+            assert type(a["lr"]) is float
+        mine.step(), theirs.step()
+        ours.step(), reference.step()
+
+
+@pytest.mark.parametrize("adapter, pure, kwargs", ADAPTERS, ids=[a[1].__name__ for a in ADAPTERS])
+def test_a_tensor_lr_does_not_move_the_schedule(adapter, pure, kwargs):
+    """torch updates a tensor lr in place: the schedule must not feed on its own output."""
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = torch.optim.SGD(params, lr=torch.tensor(0.1), momentum=0.9)
+    scheduler = adapter(optimizer, **kwargs)
+    reference = pure(eta_max=0.1, **kwargs)
+    for t in range(reference.total_steps):
+        assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(reference.lr(t), rel=1e-6)
+        optimizer.step()
+        scheduler.step()
+    assert isinstance(reference.lr(0), float) and isinstance(pure(eta_max=torch.tensor(0.1), **kwargs).lr(0), float)
+
+
+def test_triangular2_past_1024_cycles_underflows_to_the_floor():
+    cyclic = schedules.Cyclic(0.01, 0.1, step_size_up=1, total_steps=5000, mode="triangular2")
+    assert cyclic.lr(2 * 1100 + 1) == 0.01  # torch's CyclicLR raises OverflowError here
+    assert cyclic.lr(2 * 10 + 1) == 0.01 + 0.09 / 2**10  # exactly torch's value while it is finite

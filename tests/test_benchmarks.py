@@ -1,6 +1,7 @@
 """The benchmark scripts' CI-sized runs (--quick, CPU, synthetic data): they finish and report consistent numbers."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,11 @@ def test_bench_ensemble_quick(tmp_path):
     assert report["ratios"]["time"] == pytest.approx(report["median"]["naive"]["wall_s"]
                                                      / report["median"]["snapens"]["wall_s"])
     assert "naive / snapens peak RSS" in out
+
+
+def test_bench_schedule_prints_both_costs_and_their_ratio(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_schedule.py")], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    slow, usual, ratio = (float(x) for x in re.findall(r"([\d.]+)(?:x| us/call)", result.stdout))
+    assert ratio == pytest.approx(slow / usual, rel=0.01)

@@ -14,6 +14,7 @@ momentum, for the schedules that cycle it), as in snapens.train.
 """
 
 import bisect
+import dataclasses
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -78,8 +79,24 @@ class ScheduleLR(LRScheduler):
         return min(max(self.last_epoch - start, 0) / (self.ends[k] - start), 1.0)
 
     def state_dict(self) -> dict:
-        """Counters only (no schedule object), so it loads with torch.load(weights_only=True)."""
-        return {k: v for k, v in super().state_dict().items() if k not in ("schedule", "schedules", "ends")}
+        """Counters and every group's schedule settings, as plain values (it loads with torch.load(weights_only=True));
+        `load_state_dict` refuses a state saved with other settings, where torch would go on with the new ones."""
+        state = {k: v for k, v in super().state_dict().items() if k not in ("schedule", "schedules", "ends")}
+        return {**state, "settings": [_settings(s) for s in self.schedules]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved, mine = state_dict.get("settings"), [_settings(s) for s in self.schedules]
+        if saved is not None and saved != mine:  # a state without settings (older snapens): counters only
+            group, key = next(((g, k) for g, (a, b) in enumerate(zip(saved, mine)) for k in {**a, **b}
+                               if a.get(k) != b.get(k)), (0, "the number of parameter groups"))
+            raise ValueError(f"this state was saved by a scheduler with {key}={saved[group].get(key)!r} (group "
+                             f"{group}), this one has {mine[group].get(key)!r}: build it with the saved settings")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "settings"})
+
+
+def _settings(schedule: Schedule) -> dict:
+    """A schedule's class and arguments as plain values (a Warmup's inner schedule nested)."""
+    return {"class": type(schedule).__name__, **dataclasses.asdict(schedule)}
 
 
 def _adapter(schedule_class: type) -> type:

@@ -245,3 +245,25 @@ def test_triangular2_past_1024_cycles_underflows_to_the_floor():
     cyclic = schedules.Cyclic(0.01, 0.1, step_size_up=1, total_steps=5000, mode="triangular2")
     assert cyclic.lr(2 * 1100 + 1) == 0.01  # torch's CyclicLR raises OverflowError here
     assert cyclic.lr(2 * 10 + 1) == 0.01 + 0.09 / 2**10  # exactly torch's value while it is finite
+
+
+def test_state_dict_round_trip_keeps_and_checks_the_settings():
+    optimizer = three_groups()
+    scheduler = snapens.SGDR(optimizer, T_0=5, T_mult=2, total_steps=35, eta_min=0.001)
+    for _ in range(9):
+        optimizer.step()
+        scheduler.step()
+    buffer = io.BytesIO()
+    torch.save(scheduler.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    again = three_groups()
+    resumed = snapens.SGDR(again, T_0=5, T_mult=2, total_steps=35, eta_min=0.001)
+    resumed.load_state_dict(state)
+    resumed.step()
+    optimizer.step()
+    scheduler.step()
+    assert [g["lr"] for g in again.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    other = snapens.SGDR(three_groups(), T_0=7, T_mult=2, total_steps=49, eta_min=0.001)
+    with pytest.raises(ValueError, match=r"saved by a scheduler with T_0=5 \(group 0\), this one has 7"):
+        other.load_state_dict(state)

@@ -303,6 +303,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_known_keys(cfg)
     _check_choices(cfg)
     _check_ranges(cfg)
+    _check_related_keys(cfg)
     if cfg.scheduler.name == "adaptive_sgdr":
         _check_adaptive_sgdr(cfg)
 
@@ -358,6 +359,17 @@ def _check_ranges(cfg: DictConfig) -> None:
                                                                                  else ""))
     if not cfg.trainer.label_smoothing < 1:
         raise SnapensError(f"trainer.label_smoothing={cfg.trainer.label_smoothing} must be in [0, 1)")
+
+
+def _check_related_keys(cfg: DictConfig) -> None:
+    """Rules between keys, and ones snapens.train is stricter about than the library classes."""
+    eta_min, eta_max = _get(cfg, "scheduler.eta_min"), cfg.scheduler.eta_max
+    if eta_min is not None and eta_min > eta_max:  # the library allows it (torch too): a cycle would end at its peak
+        raise SnapensError(f"scheduler.eta_min={eta_min} must not exceed scheduler.eta_max={eta_max}: each cycle "
+                           "must end at its smallest learning rate, where its snapshot is taken")
+    milestones = _get(cfg, "scheduler.milestones")
+    if milestones is not None and list(milestones) != sorted(milestones):
+        raise SnapensError(f"scheduler.milestones={list(milestones)} must be in ascending order")
     if _get(cfg, "optimizer.nesterov") and not cfg.optimizer.momentum:
         raise SnapensError("optimizer.nesterov=true needs momentum: set optimizer.momentum > 0 (e.g. 0.9)")
     swa = cfg.trainer.swa.start

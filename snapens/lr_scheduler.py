@@ -113,7 +113,11 @@ def _adapter(schedule_class: type) -> type:
                 raise ValueError(f"{name} has {len(value)} values for {len(groups)} parameter groups")
         per_group = [{name: float(v[i] if isinstance(v, (list, tuple)) else v) for name, v in values.items()
                       if v is not None} for i in range(len(groups))]
-        ScheduleLR.__init__(self, optimizer, [schedule_class(**kwargs, **p) for p in per_group], last_epoch)
+        schedules = [schedule_class(**kwargs, **p) for p in per_group]
+        if schedules[0].momentum(0) is not None and not {"momentum", "betas"} & set(optimizer.defaults):
+            raise ValueError(f"cycle_momentum=True needs an optimizer with momentum or betas, not "
+                             f"{type(optimizer).__name__}; pass cycle_momentum=False")  # as torch refuses it
+        ScheduleLR.__init__(self, optimizer, schedules, last_epoch)
 
     doc = (f"`snapens.schedules.{schedule_class.__name__}` as an LRScheduler: "
            f"{schedule_class.__name__}(optimizer, **schedule_kwargs); see ScheduleLR.\n\n{schedule_class.__doc__}")

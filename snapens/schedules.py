@@ -55,8 +55,8 @@ def _as_floats(schedule) -> None:
 
 def _check_lr_range(eta_min: float, eta_max: float) -> None:
     _require(0 < eta_max < math.inf, f"eta_max must be a finite learning rate > 0, got {eta_max!r}")
-    _require(eta_min >= 0, f"eta_min must be a learning rate >= 0, got {eta_min!r}")
-    _require(eta_min <= eta_max, f"eta_min must not exceed eta_max ({eta_max!r}), got {eta_min!r}")
+    # eta_min > eta_max is allowed, as torch allows it: the cosine then anneals upwards (snapens.train refuses it).
+    _require(0 <= eta_min < math.inf, f"eta_min must be a learning rate >= 0, got {eta_min!r}")
 
 
 def _check_momentum(base_momentum: float, max_momentum: float) -> None:
@@ -118,8 +118,9 @@ class Constant(Schedule):
 @dataclass(frozen=True)
 class StepDecay(Schedule):
     """``eta_max * gamma ** (number of milestones <= t)``: torch ``MultiStepLR``; ``gamma > 0``, ``milestones`` are
-    ascending steps >= 1. torch ``StepLR(step_size)`` is ``milestones=(step_size, 2 * step_size, ...)``. A milestone
-    listed twice decays twice, as in torch; milestones at or past ``total_steps`` never take effect."""
+    steps >= 0, in any order (kept sorted; one at 0 decays from the start, as in torch). torch ``StepLR(step_size)``
+    is ``milestones=(step_size, 2 * step_size, ...)``. A milestone listed twice decays twice, as in torch; milestones
+    at or past ``total_steps`` never take effect."""
 
     eta_max: float
     total_steps: int
@@ -130,11 +131,9 @@ class StepDecay(Schedule):
         _check_steps("total_steps", self.total_steps)
         _as_floats(self)
         _check_lr_range(0.0, self.eta_max)
-        object.__setattr__(self, "milestones", tuple(self.milestones))  # a list would make it unhashable
-        _require(all(_is_steps(m) for m in self.milestones),
-                 f"milestones must all be positive numbers of steps, got {self.milestones}")
-        _require(list(self.milestones) == sorted(self.milestones),
-                 f"milestones must be in ascending order, got {self.milestones}")
+        _require(all(_is_steps(m, minimum=0) for m in self.milestones),
+                 f"milestones must all be non-negative numbers of steps, got {tuple(self.milestones)}")
+        object.__setattr__(self, "milestones", tuple(sorted(self.milestones)))  # a list would make it unhashable
         _require(self.gamma > 0, f"gamma must be > 0, got {self.gamma!r}")
 
     def lr(self, t: int) -> float:

@@ -267,3 +267,26 @@ def test_state_dict_round_trip_keeps_and_checks_the_settings():
     other = snapens.SGDR(three_groups(), T_0=7, T_mult=2, total_steps=49, eta_min=0.001)
     with pytest.raises(ValueError, match=r"saved by a scheduler with T_0=5 \(group 0\), this one has 7"):
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("adapter, kwargs, twin", [
+    (snapens.SGDR, dict(T_0=5, T_mult=2, total_steps=35, eta_min=0.2),  # eta_min > lr: upward annealing
+     lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=5, T_mult=2, eta_min=0.2)),
+    (snapens.StepDecay, dict(total_steps=20, milestones=[15, 0, 5]),  # unsorted, one at 0
+     lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[15, 0, 5])),
+], ids=["upward", "milestones"])
+def test_what_torch_accepts_is_accepted_with_torchs_values(adapter, kwargs, twin):
+    mine, theirs = three_groups(), three_groups()
+    ours, reference = adapter(mine, **kwargs), twin(theirs)
+    for _ in range(20):
+        assert [g["lr"] for g in mine.param_groups] == pytest.approx([g["lr"] for g in theirs.param_groups],
+                                                                     rel=1e-12, abs=0)
+        mine.step(), theirs.step()
+        ours.step(), reference.step()
+
+
+def test_cycling_momentum_on_an_optimizer_without_it_is_refused():
+    rprop = torch.optim.Rprop([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(ValueError, match="cycle_momentum=True needs an optimizer with momentum or betas, not Rprop"):
+        snapens.OneCycle(rprop, total_steps=10)
+    snapens.OneCycle(rprop, total_steps=10, cycle_momentum=False)

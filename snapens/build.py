@@ -154,7 +154,7 @@ def build_schedule(cfg: DictConfig, epochs: float, steps_per_epoch: int) -> sche
     try:
         schedule = _cycle_end_near(_make(cfg, total, steps), epochs * steps_per_epoch)
         _check_budget(schedule, epochs, steps_per_epoch)
-        _check_cycles(cfg, schedule, warmup, steps)
+        _check_cycles(cfg, schedule, steps)
         return schedules.Warmup(schedule, warmup, cfg.warmup_every_cycle) if warmup else schedule
     except ValueError as e:  # a schedule class refused an argument
         raise _key_error(cfg, e) from None
@@ -182,13 +182,9 @@ def _cycle_end_near(schedule: schedules.Schedule, exact: float) -> schedules.Sch
     return replace(schedule, total_steps=next((e for e in schedule.ends_until(total) if abs(e - exact) < 1), total))
 
 
-def _check_cycles(cfg: DictConfig, schedule: schedules.Schedule, warmup: int, steps) -> None:
-    """Each cycle must end at its smallest learning rate, where its snapshot is taken (arXiv 1704.00109); `schedule`
-    is not warmed up yet, `warmup` is the warmup's length in steps."""
-    ends = schedule.cycle_ends()
-    if len(ends) > 1 and warmup >= ends[0]:
-        raise SnapensError(f"scheduler.warmup={cfg.warmup} reaches past the end of the first cycle "
-                           f"(step {ends[0]}); make it shorter than the first cycle")
+def _check_cycles(cfg: DictConfig, schedule: schedules.Schedule, steps) -> None:
+    """Each cycle must end at its smallest learning rate, where its snapshot is taken (arXiv 1704.00109)."""
+    ends = schedule.cycle_ends()  # a warmup past the first cycle is refused by schedules.Warmup
     if cfg.name == "sgdr" and cfg.eta_max * cfg.decay ** (len(ends) - 1) < cfg.eta_min:
         raise SnapensError(f"scheduler.decay={cfg.decay} brings the peak of cycle {len(ends)} below "
                            f"scheduler.eta_min={cfg.eta_min}: that cycle would anneal upwards")

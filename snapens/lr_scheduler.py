@@ -13,7 +13,6 @@ schedulers with epochs (see the SGDR convention in DESIGN.md). Every parameter g
 momentum, for the schedules that cycle it), as in snapens.train.
 """
 
-import bisect
 import dataclasses
 
 import torch
@@ -39,11 +38,11 @@ class ScheduleLR(LRScheduler):
         if len(self.schedules) != groups:
             raise ValueError(f"{len(self.schedules)} schedules for {groups} parameter groups: give one per group")
         self.schedule = self.schedules[0]  # cycles and budget: the same in every group
-        self.ends = self.schedule.cycle_ends()
         super().__init__(optimizer, last_epoch)
 
     def _t(self) -> int:
-        return min(self.last_epoch, self.schedule.total_steps - 1)
+        total = self.schedule.total_steps
+        return self.last_epoch if total is None else min(self.last_epoch, total - 1)
 
     def get_lr(self) -> list[float]:
         return [float(schedule.lr(self._t())) for schedule in self.schedules]
@@ -60,28 +59,40 @@ class ScheduleLR(LRScheduler):
     def updates_done(self) -> int:
         return self.last_epoch
 
+    def _last(self) -> int:
+        """The index of the last update made (0 before any), within the budget."""
+        total = self.schedule.total_steps
+        return max(self.last_epoch - 1, 0) if total is None else min(max(self.last_epoch - 1, 0), total - 1)
+
     @property
     def is_cycle_end(self) -> bool:
-        """True right after the update that closes a cycle: the moment to take a snapshot."""
-        return self.last_epoch in self.ends
+        """True right after the update that closes a cycle, where the learning rate has just been at its minimum:
+        the moment to take a snapshot. A budget that stops inside a cycle is no cycle end (the rate is not at its
+        minimum there); an open-ended schedule's cycles end one after another for as long as it is stepped."""
+        k, total = self.last_epoch, self.schedule.total_steps
+        bounds = self.schedule.cycle_bounds(k - 1) if 0 < k <= (total or k) else None
+        return bounds is not None and bounds[1] == k
 
     @property
     def cycle(self) -> int:
         """1-based number of the cycle the last update belonged to (1 before any update); at a cycle end, the
         cycle that has just closed."""
-        return min(bisect.bisect_left(self.ends, max(self.last_epoch, 1)) + 1, len(self.ends))
+        return self.schedule.cycle(self._last()) + 1
 
     @property
     def cycle_position(self) -> float:
         """Fraction of the current cycle's updates done, in [0, 1]: 0 before its first update, 1 at its end."""
-        k = self.cycle - 1
-        start = self.ends[k - 1] if k else 0
-        return min(max(self.last_epoch - start, 0) / (self.ends[k] - start), 1.0)
+        bounds = self.schedule.cycle_bounds(self._last())
+        if bounds is None:
+            return 0.0
+        start, end = bounds
+        done = self.last_epoch if self.schedule.total_steps is None else min(self.last_epoch, self.schedule.total_steps)
+        return min(max(done - start, 0) / (end - start), 1.0)
 
     def state_dict(self) -> dict:
         """Counters and every group's schedule settings, as plain values (it loads with torch.load(weights_only=True));
         `load_state_dict` refuses a state saved with other settings, where torch would go on with the new ones."""
-        state = {k: v for k, v in super().state_dict().items() if k not in ("schedule", "schedules", "ends")}
+        state = {k: v for k, v in super().state_dict().items() if k not in ("schedule", "schedules")}
         return {**state, "settings": [_settings(s) for s in self.schedules]}
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -53,6 +53,12 @@ def _as_floats(schedule) -> None:
                 raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
+def _check_budget(schedule) -> None:
+    """total_steps: a positive number of steps, or None for a schedule that runs open-ended."""
+    if schedule.total_steps is not None:
+        _check_steps("total_steps", schedule.total_steps)
+
+
 def _check_lr_range(eta_min: float, eta_max: float) -> None:
     _require(0 < eta_max < math.inf, f"eta_max must be a finite learning rate > 0, got {eta_max!r}")
     # eta_min > eta_max is allowed, as torch allows it: the cosine then anneals upwards (snapens.train refuses it).
@@ -75,9 +81,11 @@ def _cosine(peak: float, floor: float, t_cur: int, length: int) -> float:
 
 
 class Schedule:
-    """Base class: a learning rate (and optionally a momentum) per update; subclasses are frozen dataclasses."""
+    """Base class: a learning rate (and optionally a momentum) per update; subclasses are frozen dataclasses.
+    Restart, cyclic, step and constant schedules run open-ended with ``total_steps=None``; those whose shape
+    depends on the budget (cosine, OneCycle, snapshot) need it."""
 
-    total_steps: int
+    total_steps: int | None
 
     def lr(self, t: int) -> float:
         """Learning rate used by update ``t``; ValueError unless ``t`` is an int in ``[0, total_steps)``."""
@@ -89,12 +97,30 @@ class Schedule:
         return None
 
     def cycle_ends(self) -> list[int]:
-        """Steps at which a cycle ends, ascending; the last one is always ``total_steps``."""
+        """Steps at which a cycle ends, ascending; the last one is always ``total_steps`` (a ValueError for an
+        open-ended schedule, whose cycle ends `cycle_bounds` gives one at a time)."""
+        _require(self.total_steps is not None, "an open-ended schedule (total_steps=None) has no list of cycle ends")
         return [self.total_steps]
+
+    def cycle_bounds(self, t: int) -> tuple[int, int] | None:
+        """(first step, end) of the cycle of update ``t``; None for an open-ended schedule without cycles. The end is
+        the cycle's own, past the budget when that stops inside the cycle (SGDR, Cyclic)."""
+        self._check_t(t)
+        if self.total_steps is None:
+            return None
+        ends = self.cycle_ends()
+        i = bisect.bisect_right(ends, t)
+        return ([0] + ends)[i], ends[i]
+
+    def cycle(self, t: int) -> int:
+        """0-based index of the cycle containing update ``t`` (0 throughout for an open-ended one without cycles)."""
+        self._check_t(t)
+        return 0 if self.total_steps is None else bisect.bisect_right(self.cycle_ends(), t)
 
     def _check_t(self, t: int) -> None:
         # A step outside the budget is almost always an off-by-one in the caller: fail loudly.
-        ok = isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.total_steps
+        end = math.inf if self.total_steps is None else self.total_steps
+        ok = isinstance(t, int) and not isinstance(t, bool) and 0 <= t < end
         _require(ok, f"t must be an int in [0, total_steps={self.total_steps}), got {t!r}")
 
 
@@ -103,10 +129,10 @@ class Constant(Schedule):
     """The same learning rate for every update."""
 
     eta_max: float
-    total_steps: int
+    total_steps: int | None = None
 
     def __post_init__(self) -> None:
-        _check_steps("total_steps", self.total_steps)
+        _check_budget(self)
         _as_floats(self)
         _check_lr_range(0.0, self.eta_max)
 
@@ -123,12 +149,12 @@ class StepDecay(Schedule):
     at or past ``total_steps`` never take effect."""
 
     eta_max: float
-    total_steps: int
-    milestones: tuple[int, ...]
+    total_steps: int | None = None
+    milestones: tuple[int, ...] = ()
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_steps("total_steps", self.total_steps)
+        _check_budget(self)
         _as_floats(self)
         _check_lr_range(0.0, self.eta_max)
         _require(all(_is_steps(m, minimum=0) for m in self.milestones),
@@ -167,18 +193,18 @@ class SGDR(Schedule):
     integer lengths) and anneals from ``eta_max * decay**i`` (its first update's rate) towards ``eta_min`` (reached at
     the restart, never used). ``decay`` in (0, 1] shrinks later peaks (timm's ``cycle_decay``); keep
     ``eta_max * decay**i >= eta_min`` for the cycles you train, or a cycle would anneal upwards. ``total_steps`` may
-    end inside a cycle (see ``cycle_ends``)."""
+    end inside a cycle (see ``cycle_ends``); None runs open-ended, as torch's CosineAnnealingWarmRestarts."""
 
     eta_max: float
     T_0: int
-    total_steps: int
+    total_steps: int | None = None
     T_mult: float = 1.0
     eta_min: float = 0.0
     decay: float = 1.0
 
     def __post_init__(self) -> None:
         _check_steps("T_0", self.T_0)
-        _check_steps("total_steps", self.total_steps)
+        _check_budget(self)
         _as_floats(self)
         _check_lr_range(self.eta_min, self.eta_max)
         _require(1 <= self.T_mult < math.inf, f"T_mult must be a finite number >= 1, got {self.T_mult!r}")
@@ -206,6 +232,11 @@ class SGDR(Schedule):
         i = bisect.bisect_right(starts, t) - 1
         return i, starts[i], starts[i + 1] - starts[i]
 
+    def cycle_bounds(self, t: int) -> tuple[int, int]:
+        self._check_t(t)
+        _, start, length = self._locate(t)
+        return start, start + length
+
     def cycle(self, t: int) -> int:
         """0-based index of the cycle containing update ``t``: any step >= 0, in the unbounded sequence."""
         _check_steps("t", t, minimum=0)
@@ -221,6 +252,7 @@ class SGDR(Schedule):
         return ends
 
     def cycle_ends(self) -> list[int]:
+        super().cycle_ends()  # refuses an open-ended schedule
         ends = self.ends_until(self.total_steps)
         ends[-1] = self.total_steps  # the budget may stop inside the last cycle
         return ends
@@ -359,7 +391,7 @@ class Cyclic(Schedule):
     eta_min: float
     eta_max: float
     step_size_up: int
-    total_steps: int
+    total_steps: int | None = None
     step_size_down: int | None = None
     mode: str = "triangular"
     gamma: float = 1.0
@@ -371,7 +403,7 @@ class Cyclic(Schedule):
         _check_steps("step_size_up", self.step_size_up)
         if self.step_size_down is not None:
             _check_steps("step_size_down", self.step_size_down)
-        _check_steps("total_steps", self.total_steps)
+        _check_budget(self)
         _as_floats(self)
         _check_lr_range(self.eta_min, self.eta_max)
         _require(self.mode in CYCLIC_MODES, f"mode must be one of {CYCLIC_MODES}, got {self.mode!r}")
@@ -409,8 +441,18 @@ class Cyclic(Schedule):
 
     def cycle_ends(self) -> list[int]:
         """Each cycle starts and ends at ``eta_min``; the budget may stop inside the last one."""
+        super().cycle_ends()  # refuses an open-ended schedule
         period = self._period()
         return list(range(period, self.total_steps, period)) + [self.total_steps]
+
+    def cycle_bounds(self, t: int) -> tuple[int, int]:
+        self._check_t(t)
+        start = t // self._period() * self._period()
+        return start, start + self._period()
+
+    def cycle(self, t: int) -> int:
+        self._check_t(t)
+        return t // self._period()
 
 
 @dataclass(frozen=True)
@@ -421,8 +463,9 @@ class Warmup(Schedule):
     the inner schedule has at step W, so nothing jumps; from W on it is ``inner.lr(t)``. With ``every_cycle`` the
     same ramp starts every cycle, at each cycle's first step s: ``inner.lr(s + W) * (t - s + 1) / (W + 1)`` for
     ``s <= t < s + W``; a restart then climbs to its peak instead of jumping there. ``total_steps``, ``momentum``
-    and ``cycle_ends`` are the inner schedule's. 0 <= W < ``inner.total_steps`` (every_cycle: shorter than every
-    cycle); W = 0 leaves ``inner`` unchanged."""
+    and ``cycle_ends`` are the inner schedule's. 0 <= W < ``inner.total_steps``, and shorter than the first cycle
+    when there are several (every_cycle: than every cycle), so each cycle still ends at its smallest rate, where a
+    snapshot is taken; W = 0 leaves ``inner`` unchanged."""
 
     inner: Schedule
     warmup_steps: int
@@ -430,13 +473,17 @@ class Warmup(Schedule):
 
     def __post_init__(self) -> None:
         _check_steps("warmup_steps", self.warmup_steps, minimum=0)
-        _require(self.warmup_steps < self.inner.total_steps, "warmup_steps must be shorter than the schedule "
-                 f"(total_steps={self.inner.total_steps}), got {self.warmup_steps}")
-        if self.every_cycle:
-            starts = [0, *self.inner.cycle_ends()]
-            shortest = min(b - a for a, b in zip(starts, starts[1:]))
-            _require(self.warmup_steps < shortest, "warmup_steps must be shorter than every cycle (the shortest "
-                     f"has {shortest} steps) to warm up each one, got {self.warmup_steps}")
+        budget, w = self.inner.total_steps, self.warmup_steps
+        _require(budget is None or w < budget, f"warmup_steps must be shorter than the schedule (total_steps={budget}),"
+                 f" got {w}")
+        # Open-ended schedules' cycles never shrink (SGDR's T_mult >= 1, Cyclic's period): the first is the shortest.
+        starts = [0, *self.inner.cycle_ends()] if budget is not None else [0, (self.inner.cycle_bounds(0) or [0, 0])[1]]
+        cycles = [b - a for a, b in zip(starts, starts[1:]) if b > a]
+        if self.every_cycle and cycles:
+            _require(w < min(cycles), "warmup_steps must be shorter than every cycle (the shortest has "
+                     f"{min(cycles)} steps) to warm up each one, got {w}")
+        if len(cycles) > 1 or budget is None and cycles:
+            _require(w < cycles[0], f"warmup_steps must be shorter than the first cycle ({cycles[0]} steps), got {w}")
 
     @property
     def total_steps(self) -> int:  # type: ignore[override]
@@ -446,7 +493,9 @@ class Warmup(Schedule):
         self._check_t(t)
         w = self.warmup_steps
         start = 0
-        if self.every_cycle:
+        if self.every_cycle and self.inner.total_steps is None:
+            start = self.inner.cycle_bounds(t)[0]
+        elif self.every_cycle:
             ends = self.inner.cycle_ends()
             start = ([0] + ends)[bisect.bisect_right(ends, t)]  # the first step of t's cycle
         return self.inner.lr(t) if t >= start + w else float(self.inner.lr(start + w) * (t - start + 1) / (w + 1))
@@ -456,6 +505,12 @@ class Warmup(Schedule):
 
     def cycle_ends(self) -> list[int]:
         return self.inner.cycle_ends()
+
+    def cycle_bounds(self, t: int) -> tuple[int, int] | None:
+        return self.inner.cycle_bounds(t)
+
+    def cycle(self, t: int) -> int:
+        return self.inner.cycle(t)
 
 
 @dataclass(frozen=True)

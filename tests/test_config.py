@@ -145,7 +145,7 @@ def test_model_config_instantiates_into_a_module(make_cfg):
     (["data.crop_padding=100000"], "data.crop_padding=100000 must be a finite number >= 0 and <= 64"),
     (["data.test_size=0"], "data.test_size=0 must be a finite number > 0"),
     (["scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=3", "scheduler.warmup=1.5"],
-     "scheduler.warmup=1.5 reaches past the end of the first cycle (step 4)"),
+     "scheduler.warmup=1.5: warmup_steps must be shorter than the first cycle (4 steps), got 6"),
     (["scheduler.T_0=1", "scheduler.eta_min=0.02", "scheduler.decay=0.5", "trainer.epochs=15"],
      "scheduler.decay=0.5 brings the peak of cycle 4 below scheduler.eta_min=0.02"),
     (["scheduler=step", "trainer.epochs=2"], "scheduler.milestones=[75.0, 112.5] epochs: some lie at or beyond"),

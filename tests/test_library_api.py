@@ -290,3 +290,65 @@ def test_cycling_momentum_on_an_optimizer_without_it_is_refused():
     with pytest.raises(ValueError, match="cycle_momentum=True needs an optimizer with momentum or betas, not Rprop"):
         snapens.OneCycle(rprop, total_steps=10)
     snapens.OneCycle(rprop, total_steps=10, cycle_momentum=False)
+
+
+# ---- open-ended schedules (no total_steps), as torch's --------------------------------------------------------------
+NO_UPDATES = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no training here
+
+
+@pytest.mark.slow
+@NO_UPDATES
+def test_open_ended_sgdr_stepped_a_million_times_is_torchs_warm_restarts():
+    mine, theirs = three_groups(), three_groups()
+    ours = snapens.SGDR(mine, T_0=7, T_mult=2, eta_min=0.001)  # no total_steps: it runs as long as you step it
+    reference = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(theirs, T_0=7, T_mult=2, eta_min=0.001)
+    restarts = {7 * (2**i - 1) for i in range(1, 18)}  # cycle ends: 7, 21, 49, ...
+    for k in range(1, 10**6 + 1):
+        ours.step()
+        reference.step()
+        if k % 997 == 0 or k in restarts or k - 1 in restarts:
+            assert [g["lr"] for g in mine.param_groups] == pytest.approx(
+                [g["lr"] for g in theirs.param_groups], rel=1e-12, abs=1e-15), k
+            assert ours.is_cycle_end == (k in restarts)
+
+
+@NO_UPDATES
+def test_open_ended_schedules_and_their_cycle_ends():
+    optimizer = three_groups()
+    cyclic = snapens.Cyclic(optimizer, eta_min=0.01, eta_max=0.1, step_size_up=3)  # period 6, no budget
+    reference = torch.optim.lr_scheduler.CyclicLR(three_groups(), base_lr=0.01, max_lr=0.1, step_size_up=3)
+    for k in range(1, 40):
+        cyclic.step()
+        reference.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0], rel=1e-12)
+        assert cyclic.is_cycle_end == (k % 6 == 0) and cyclic.cycle == (k - 1) // 6 + 1
+        assert cyclic.cycle_position == pytest.approx((k - 6 * ((k - 1) // 6)) / 6)
+    step = snapens.StepDecay(three_groups(), milestones=(3,), gamma=0.5)
+    for _ in range(10):
+        step.step()
+    assert step.get_last_lr() == pytest.approx([0.05, 0.005, 0.0005]) and not step.is_cycle_end and step.cycle == 1
+    with pytest.raises(TypeError):  # whose shape needs the budget: cosine, OneCycle, snapshot
+        snapens.Cosine(three_groups())
+
+
+def test_a_warmup_past_the_first_cycle_is_refused():
+    with pytest.raises(ValueError, match=r"warmup_steps must be shorter than the first cycle \(7 steps\), got 7"):
+        schedules.Warmup(schedules.SGDR(0.1, 7), 7)
+    with pytest.raises(ValueError, match=r"shorter than the first cycle \(5 steps\), got 6"):
+        schedules.Warmup(schedules.SGDR(0.1, 5, 35, T_mult=2), 6)
+    assert schedules.Warmup(schedules.Cosine(0.1, 20), 10).lr(9) == schedules.Cosine(0.1, 20).lr(10) * 10 / 11
+
+
+@NO_UPDATES
+def test_a_budget_that_stops_inside_a_cycle_is_no_cycle_end():
+    """SGDR cycles of 5, 10, 20 updates end after 5, 15, 35: a budget of 20 stops inside the third, where the rate
+    is not at its minimum, so no snapshot is due there; the rate of update 19 stays after the budget."""
+    scheduler = snapens.SGDR(three_groups(), T_0=5, T_mult=2, total_steps=20)
+    ends = []
+    for k in range(1, 26):
+        scheduler.step()
+        if scheduler.is_cycle_end:
+            ends.append(k)
+    assert ends == [5, 15] and scheduler.cycle == 3
+    assert scheduler.cycle_position == pytest.approx(5 / 20)  # updates 15..19 of the 20-update third cycle
+    assert scheduler.get_last_lr()[0] == schedules.SGDR(0.1, 5, 20, T_mult=2).lr(19)

@@ -55,16 +55,21 @@ def test_cycle_and_position_around_sgdr_restarts():
                     (5, 2, 0.75, False), (6, 2, 1.0, True)]
 
 
+def saved_and_loaded(state: dict) -> dict:
+    """Through torch.save and torch.load(weights_only=True): no pickled objects allowed."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
 def test_adapter_state_dict_resumes_and_loads_without_pickle():
     optimizer = sgd()
     scheduler = snapens.SGDR(optimizer, T_0=3, total_steps=9)
     for _ in range(4):
         optimizer.step()
         scheduler.step()
-    buffer = io.BytesIO()
-    torch.save(scheduler.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
+    state = saved_and_loaded(scheduler.state_dict())
     optimizer2 = sgd()
     resumed = snapens.SGDR(optimizer2, T_0=3, total_steps=9)
     resumed.load_state_dict(state)
@@ -253,10 +258,7 @@ def test_state_dict_round_trip_keeps_and_checks_the_settings():
     for _ in range(9):
         optimizer.step()
         scheduler.step()
-    buffer = io.BytesIO()
-    torch.save(scheduler.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
+    state = saved_and_loaded(scheduler.state_dict())
     again = three_groups()
     resumed = snapens.SGDR(again, T_0=5, T_mult=2, total_steps=35, eta_min=0.001)
     resumed.load_state_dict(state)

@@ -36,9 +36,9 @@ def pick_device(name: str, key: str = "trainer.device") -> torch.device:
 def pick_precision(name: str, device: torch.device, key: str = "trainer.precision") -> torch.dtype | None:
     """auto | bf16 | fp32 -> the autocast dtype (None: plain fp32). auto is bf16 on CUDA, where it roughly doubles
     the convolutions' speed, and fp32 on CPU, where bf16 is emulated on most processors and slower."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if name == "auto":  # a GPU that only emulates bf16 (before Ampere) runs it slower than fp32: fp32 there
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise SnapensError(f"{key}=bf16 but {torch.cuda.get_device_name()} has no bf16 support; use {key}=fp32")
     return torch.bfloat16 if name == "bf16" else None
 

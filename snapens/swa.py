@@ -28,8 +28,10 @@ def in_window(step: int, cycle_ends: list[int], fraction: float) -> bool:
 
 
 @torch.no_grad()
-def finish(swa: AveragedModel, train: Split, batch_size: int, mean, std) -> torch.nn.Module:
-    """Recompute the averaged model's BatchNorm statistics over the (unaugmented) training split and return the
-    model to snapshot. Draws nothing from any random stream, so a resumed run stays bit-identical."""
-    update_bn(eval_batches(train, batch_size, mean, std), swa.module)
+def finish(swa: AveragedModel, train: Split, batch_size: int, mean, std, channels_last: bool = False
+           ) -> torch.nn.Module:
+    """Recompute the averaged model's BatchNorm statistics over the (unaugmented) training split, in the model's
+    memory layout, and return the model to snapshot. Draws nothing from any random stream, so a resumed run stays
+    bit-identical."""
+    update_bn(eval_batches(train, batch_size, mean, std, channels_last=channels_last), swa.module)
     return swa.module

@@ -139,7 +139,8 @@ def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict 
         plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run_dir / "lr_schedule.png")
     log.info(f"{run.metadata['model']} on {cfg.data.name} ({len(s.data.train)} train / {len(s.data.test)} test "
              f"images), {cfg.scheduler.name}: {s.schedule.total_steps} steps, snapshots after steps "
-             f"{run.snapshot_steps}, on {s.device} ({describe(s.precision, cfg.trainer.channels_last)}"
+             f"{run.snapshot_steps}, on {s.device} ({describe(s.precision, cfg.trainer.channels_last)}, "
+             f"{torch.get_num_threads()} torch threads"
              f"{', compiled' if cfg.trainer.compile else ''}{f', {ranks.world} processes' if ranks.parallel else ''})")
     return run
 
@@ -270,7 +271,8 @@ def end_cycle(run: Run, lr: float) -> None:
                 "lr": lr}
         save_snapshot(snapshot_path(run.dir, cycle), s.model, meta)
         if s.swa:
-            averaged = swa.finish(s.swa, s.train_split, run.cfg.ensemble.batch_size, s.data.mean, s.data.std)
+            averaged = swa.finish(s.swa, s.train_split, run.cfg.ensemble.batch_size, s.data.mean, s.data.std,
+                                  trainer.channels_last)
             save_snapshot(snapshot_path(run.dir, cycle, swa=True), averaged,
                           {**meta, "swa_start": trainer.swa.start, "swa_updates": int(s.swa.n_averaged)})
         if trainer.keep_snapshots:
@@ -431,7 +433,7 @@ def report(run: Run) -> float | None:
     s, progress, trainer = run.setup, run.progress, run.cfg.trainer
     training = {"steps": progress.step, "seconds": progress.seconds, "compile_seconds": progress.compile_seconds,
                 "device": str(s.device), "precision": describe(s.precision, trainer.channels_last),
-                "compiled": trainer.compile, "processes": run.ranks.world,
+                "compiled": trainer.compile, "processes": run.ranks.world, "threads": torch.get_num_threads(),
                 "rank_weights_sha256": distributed.gather_digests(s.model, run.ranks)}
     if s.device.type == "cuda":
         training["peak_memory_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30

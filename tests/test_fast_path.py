@@ -44,7 +44,7 @@ def test_train_step_clips_the_fp32_gradients_exactly(channels_last, precision):
     x, y = torch.randn(16, 3, 32, 32).contiguous(memory_format=layout), torch.randint(0, 4, (16,))
     result = train_step(model, optimizer, x, y, StepOptions(grad_clip=0.01, clip_mode="norm", precision=precision))
     loss, logits, norm = result.loss, result.logits, result.grad_norm
-    assert logits.dtype == (precision or torch.float32) and loss.dtype == torch.float32 and bool(result.finite)
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32 and bool(result.finite)  # fp32 head
     grads = [p.grad for p in model.parameters()]
     assert all(g.dtype == torch.float32 for g in grads) and all(p.dtype == torch.float32 for p in model.parameters())
     assert norm.item() > 0.01  # clipping was active
@@ -66,6 +66,7 @@ def test_bf16_run_on_cpu_writes_fp32_snapshots_and_says_how_it_ran(make_cfg, tmp
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["training"]["precision"] == "bf16, channels_last"
     assert results["training"]["steps"] == 2 * math.ceil(256 / 64)
+    assert results["training"]["threads"] == 1  # trainer.num_threads=1 in the override set
     for path in list_snapshots(tmp_path):
         assert {t.dtype for t in load_file(path).values()} <= {torch.float32, torch.int64}
     # The test logits were computed in bf16, and the cache says so: fp32 logits are not served from it.
@@ -155,3 +156,29 @@ def test_compiled_training_matches_eager(make_cfg, tmp_path):
     assert results["training"]["compiled"] is True
     assert 0 < results["training"]["compile_seconds"] <= results["training"]["seconds"]
     assert json.loads((tmp_path / "eager" / "results.json").read_text())["training"]["compile_seconds"] == 0
+
+
+def test_the_classifier_head_runs_in_fp32_under_bf16_autocast():
+    """Logits under bf16 autocast come from an fp32 head: not quantised to bf16's ~8 significant bits."""
+    torch.manual_seed(0)
+    model = CifarResNet(depth=8, num_classes=10).eval()
+    features = []
+    model.fc.register_forward_hook(lambda module, args, out: features.append(args[0]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(16, 3, 32, 32))
+    assert logits.dtype == torch.float32 and features[0].dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(logits, torch.nn.functional.linear(features[0], model.fc.weight, model.fc.bias))
+    assert not torch.equal(logits, logits.bfloat16().float())
+
+
+def test_auto_precision_is_fp32_on_a_gpu_that_only_emulates_bf16(monkeypatch):
+    from snapens.build import pick_precision
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    cuda = torch.device("cuda")
+    assert pick_precision("auto", cuda) is None and asked == [False]
+    with pytest.raises(SnapensError, match="trainer.precision=bf16 but Tesla V100 has no bf16 support"):
+        pick_precision("bf16", cuda)

@@ -271,3 +271,17 @@ def test_keep_only_the_newest_snapshots(make_cfg, tmp_path):
 def test_bad_option_values(make_cfg, tmp_path, override, message):
     with pytest.raises(SnapensError, match=message):
         train(make_cfg(*EQUAL_CYCLES_3, *override.split()), tmp_path)
+
+
+def test_swa_batchnorm_statistics_are_recomputed_in_the_models_layout(make_cfg, tmp_path, monkeypatch):
+    import snapens.swa
+    layouts, real = [], snapens.swa.update_bn
+
+    def recording(batches, model):
+        model.conv.register_forward_hook(lambda m, args, out: layouts.append(
+            args[0].is_contiguous(memory_format=torch.channels_last)))
+        return real(batches, model)
+
+    monkeypatch.setattr(snapens.swa, "update_bn", recording)
+    train(make_cfg(*EQUAL_CYCLES_3, "trainer.swa.start=0.5", "trainer.channels_last=true"), tmp_path)
+    assert layouts and all(layouts)

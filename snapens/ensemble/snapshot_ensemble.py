@@ -36,6 +36,10 @@ class SnapshotEnsemble:
         if max_snapshots is not None and max_snapshots < 1:
             raise ValueError(f"max_snapshots must be >= 1 or None, got {max_snapshots}")
         self.folder = Path(folder) if folder is not None else None
+        taken = sorted(self.folder.glob("cycle_*.safetensors")) if self.folder is not None else []
+        if taken:  # said now, not after the first cycle of training
+            raise SnapshotEnsembleError(f"{self.folder} already holds snapshots ({taken[0].name}, ...); give the "
+                                        "ensemble an empty folder (nothing was overwritten)")
         self.max_snapshots = max_snapshots
         self.members: list[dict[str, torch.Tensor] | Path] = []
         self.added = 0

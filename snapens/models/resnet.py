@@ -12,6 +12,13 @@ import torch.nn.functional as F
 MAX_CLASSES = 100_000  # a bound for numbers read from files: ImageNet-21k has about 21,800 classes
 
 
+def classify(fc: nn.Linear, features: torch.Tensor) -> torch.Tensor:
+    """The classifier head in fp32 even under bf16 autocast: bf16 logits carry about 8 significant bits, too few for
+    the accuracy ties, NLL and ECE computed from them (the head is a sliver of the network's work)."""
+    with torch.autocast(features.device.type, enabled=False):
+        return fc(features.float())
+
+
 def check_num_classes(num_classes: int) -> None:
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"model.num_classes must be between 1 and {MAX_CLASSES:,}, got {num_classes}")
@@ -66,4 +73,4 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.blocks(F.relu(self.bn(self.conv(x))))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return classify(self.fc, F.adaptive_avg_pool2d(out, 1).flatten(1))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from snapens.models.resnet import check_num_classes
+from snapens.models.resnet import check_num_classes, classify
 
 
 class WideBlock(nn.Module):
@@ -61,4 +61,4 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn(self.blocks(self.conv(x))))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return classify(self.fc, F.adaptive_avg_pool2d(out, 1).flatten(1))

@@ -8,6 +8,7 @@ step (snapens.schedules), so the step alone restores the learning rate: torch's 
 record of wrong rates after a resume (pytorch issues 88791, 52236, 65342).
 """
 
+import errno
 import fcntl
 import io
 import logging
@@ -100,6 +101,8 @@ def stop_requests():
 
     def note(signum, frame):
         received.append(signal.Signals(signum).name)
+        if signum == signal.SIGINT:  # a second Ctrl-C is not held back: it interrupts (a hung setup, say)
+            signal.signal(signum, previous[signum])
 
     previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
@@ -140,7 +143,7 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
         write_atomic(run_dir / ".hydra" / "overrides.yaml", overrides.encode())
 
 
-def resume_state(cfg: DictConfig, run_dir: Path) -> dict | None:
+def resume_state(cfg: DictConfig, run_dir: Path, main: bool = True) -> dict | None:
     """The checkpoint to continue from (None for a new run), after checking that resuming is allowed and sound."""
     path = checkpoint_path(run_dir)
     if not path.exists():
@@ -149,8 +152,8 @@ def resume_state(cfg: DictConfig, run_dir: Path) -> dict | None:
     if cfg.trainer.resume == "never":
         raise SnapensError(f"run dir {run_dir} holds a checkpoint and trainer.resume=never: pass a new "
                            "hydra.run.dir=DIR, or trainer.resume=auto to continue that run")
-    for partial in run_dir.rglob(".*.tmp"):  # half-written files of a killed run, never visible as results
-        partial.unlink(missing_ok=True)  # under torchrun every rank looks
+    for partial in run_dir.rglob(".*.tmp") if main else ():  # a killed run's half-written files; rank 0 alone, who
+        partial.unlink(missing_ok=True)  # holds the lock (another job's ranks must not touch a running job's files)
     state = load_checkpoint(path)
     missing = [k for k in ("model", "optimizer", "rng", "progress", "config", "device") if k not in state]
     if missing:
@@ -184,7 +187,11 @@ def run_dir_lock(run_dir: Path):
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # a filesystem without flock (Lustre, some NFS)
+                log.warning(f"cannot lock run dir {run_dir} ({e.strerror}): make sure no other training uses it")
+                yield
+                return
             lock.seek(0)
             holder = lock.read().strip() or "another process"
             raise SnapensError(f"run dir {run_dir} is in use by process {holder}, which is training into it; wait "

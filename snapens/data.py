@@ -28,7 +28,7 @@ from snapens.files import write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")  # read with Pillow
 log = logging.getLogger(__name__)
-CACHE_VERSION = "2"  # 2: keyed by ctime and inode too, arrays verified on load
+CACHE_VERSION = "2"  # 2: keyed by ctime too, arrays verified on load
 
 
 @dataclass
@@ -147,36 +147,39 @@ def split_digest(split: Split) -> str:
 
 
 def _fingerprint(paths: list[Path], root: Path, size: int) -> str:
-    """SHA-256 of the files' names, sizes, inodes and modification and status-change times. A file rewritten with
+    """SHA-256 of the files' names, sizes and modification and status-change times. A file rewritten with
     other pixels may keep its size, and its modification time can be set back (os.utime), but its status-change time
     (ctime) moves with every write and cannot be set: the decoded cache is found only for these very files. Reading
     every file's bytes instead would cost seconds per run on CIFAR's 60,000 files."""
     h = hashlib.sha256(f"{CACHE_VERSION} {size}".encode())
     for p in paths:
         st = p.stat()
-        h.update(f"{p.relative_to(root)} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}\n".encode())
+        h.update(f"{p.relative_to(root)} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n".encode())
     return h.hexdigest()
 
 
 def _cache_dir(root: Path) -> Path | None:
     """Next to the data; in ~/.cache/snapens when the data folder is read-only; None when neither can be written
     (the images are then decoded at every run)."""
-    elsewhere = Path.home() / ".cache" / "snapens" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    for folder in (root / ".snapens_cache", elsewhere):
+    def elsewhere() -> Path:  # only looked up when needed: HOME may be unset where the data folder is writable
+        return Path.home() / ".cache" / "snapens" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+
+    for place in (lambda: root / ".snapens_cache", elsewhere):
         try:
+            folder = place()
             folder.mkdir(parents=True, exist_ok=True)
             if os.access(folder, os.W_OK):
                 return folder
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: no home folder to be found
             pass
-    log.warning(f"neither {root} nor {elsewhere.parent} can be written: the decoded images are not cached")
+    log.warning(f"neither {root} nor the home folder can be written: the decoded images are not cached")
     return None
 
 
 def _load_or_decode(split: str, root: Path, classes: list[str], size: int) -> Split:
     paths, labels = _scan_split(root / split, classes)
     source, folder = _fingerprint(paths, root, size), _cache_dir(root)
-    cache = folder / f"{split}-{source[:16]}.safetensors" if folder else None
+    cache = folder / f"{split}-{size}-{source[:16]}.safetensors" if folder else None
     cached = _read_cache(cache, source) if cache else None
     if cached is not None:
         return cached
@@ -187,6 +190,9 @@ def _load_or_decode(split: str, root: Path, classes: list[str], size: int) -> Sp
     try:
         if cache:
             write_atomic(cache, save({"images": result.images, "labels": result.labels}, metadata=metadata))
+            for stale in cache.parent.glob(f"{split}-{size}-*.safetensors"):  # of files since changed or copied
+                if stale != cache:
+                    stale.unlink(missing_ok=True)
     except SnapensError as e:  # a full disk: the run goes on, decoding again next time
         log.warning(f"decoded images not cached: {e}")
     return result

@@ -37,6 +37,8 @@ class ScheduleLR(LRScheduler):
         self.schedules = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule] * groups
         if len(self.schedules) != groups:
             raise ValueError(f"{len(self.schedules)} schedules for {groups} parameter groups: give one per group")
+        if len({(s.total_steps, s.cycle_bounds(0)) for s in self.schedules}) > 1:
+            raise ValueError("the groups' schedules must share the budget and the cycles; only their rates may differ")
         self.schedule = self.schedules[0]  # cycles and budget: the same in every group
         super().__init__(optimizer, last_epoch)
 
@@ -97,6 +99,8 @@ class ScheduleLR(LRScheduler):
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved, mine = state_dict.get("settings"), [_settings(s) for s in self.schedules]
+        if saved is not None and len(saved) != len(mine):
+            raise ValueError(f"this state was saved for {len(saved)} parameter groups, this optimizer has {len(mine)}")
         if saved is not None and saved != mine:  # a state without settings (older snapens): counters only
             group, key = next(((g, k) for g, (a, b) in enumerate(zip(saved, mine)) for k in {**a, **b}
                                if a.get(k) != b.get(k)), (0, "the number of parameter groups"))

@@ -494,7 +494,7 @@ class Warmup(Schedule):
         w = self.warmup_steps
         start = 0
         if self.every_cycle and self.inner.total_steps is None:
-            start = self.inner.cycle_bounds(t)[0]
+            start = (self.inner.cycle_bounds(t) or (0,))[0]  # an open-ended schedule without cycles: one warmup
         elif self.every_cycle:
             ends = self.inner.cycle_ends()
             start = ([0] + ends)[bisect.bisect_right(ends, t)]  # the first step of t's cycle

@@ -77,6 +77,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     finite = torch.isfinite(loss) & torch.isfinite(norm)
     if options.skip_nonfinite:  # the forward pass may also have driven BatchNorm's statistics to inf
         finite = finite & all_finite(model.buffers())
+        if torch.distributed.is_initialized():  # every rank drops the update if any must: the weights stay equal
+            flag = finite.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
     if options.skip_nonfinite and not finite:
         with torch.no_grad():
             for buffer, saved in zip(model.buffers(), buffers):

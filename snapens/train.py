@@ -100,13 +100,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float | None:
     ranks = distributed.start(pick_device(cfg.trainer.device).type)
     try:  # a stop signal from here on, even during setup, ends the run with a checkpoint (Interrupted)
         with stop_requests() as stops, run_dir_lock(run_dir) if ranks.main else nullcontext():
-            saved = resume_state(cfg, run_dir)
+            saved = resume_state(cfg, run_dir, ranks.main)
             distributed.barrier(ranks)  # every rank has read the run dir before rank 0 writes into it
             if saved is not None and (run_dir / "results.json").exists():
                 log.info(f"run dir {run_dir} holds a finished run; nothing to do (results.json has its numbers)")
                 if ranks.main and any(not (run_dir / name).exists() or not (run_dir / name).stat().st_size
                                       for name in ("lr_schedule.png", "training.png")):
-                    plot_training_of(begin(cfg, run_dir, ranks, saved))  # a plot lost (a full disk): drawn again
+                    plot_training_of(begin(cfg, run_dir, distributed.Ranks(), saved))  # a plot lost: drawn again
                 return json.loads((run_dir / "results.json").read_text())["ensemble"]["acc"]
             run = begin(cfg, run_dir, ranks, saved)
             loop(run, stops)

@@ -344,3 +344,25 @@ def test_a_plot_on_a_full_disk_is_one_line_and_never_an_empty_file(tmp_path, mon
     with pytest.raises(SnapensError, match="cannot write .*training.png: No space left on device; the earlier file"):
         plot_training(records[:2], [1.0], tmp_path / "training.png")
     assert (tmp_path / "training.png").read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_filesystem_without_flock_trains_without_the_lock(make_cfg, tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def unsupported(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)  # Lustre without -o flock, some NFS mounts
+    train(make_cfg(*EQUAL_CYCLES_2), tmp_path)
+    assert len(list_snapshots(tmp_path)) == 2 and "cannot lock run dir" in caplog.text
+
+
+def test_a_changed_image_leaves_one_cache_file_per_split(tmp_path):
+    from snapens.data import load_image_folder
+    write_image_folder(tmp_path)
+    load_image_folder(str(tmp_path))
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(sorted((tmp_path / "train").rglob("*.png"))[0])
+    load_image_folder(str(tmp_path))
+    names = sorted(p.name.split("-")[0] for p in (tmp_path / ".snapens_cache").glob("*.safetensors"))
+    assert names == ["test", "train"]  # the stale train cache is gone, not piled up

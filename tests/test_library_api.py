@@ -353,3 +353,10 @@ def test_a_budget_that_stops_inside_a_cycle_is_no_cycle_end():
     assert ends == [5, 15] and scheduler.cycle == 3
     assert scheduler.cycle_position == pytest.approx(5 / 20)  # updates 15..19 of the 20-update third cycle
     assert scheduler.get_last_lr()[0] == schedules.SGDR(0.1, 5, 20, T_mult=2).lr(19)
+
+
+def test_groups_must_share_budget_and_cycles_and_warmup_of_an_open_ended_constant():
+    with pytest.raises(ValueError, match="must share the budget and the cycles"):
+        snapens.ScheduleLR(sgd(groups=2), [schedules.SGDR(0.1, 10, 100), schedules.SGDR(0.1, 10, 50)])
+    warm = schedules.Warmup(schedules.Constant(0.1), 5, every_cycle=True)  # no cycles: one warmup at the start
+    assert [warm.lr(t) for t in (0, 4, 5, 10**6)] == [0.1 / 6, 0.1 * 5 / 6, 0.1, 0.1]

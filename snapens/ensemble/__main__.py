@@ -171,7 +171,7 @@ def model_maker(device: torch.device):
 def report(cfg, paths, metas, logits, labels, out_dir: Path, logits_seconds: float) -> dict:
     """ensemble.json (`build_report`'s report, why these members, curves, disagreement, logits time) and the figures."""
     names = [f"{p.parent.parent.name}/{p.stem}" if len({q.parent for q in paths}) > 1 else p.stem for p in paths]
-    members = [{"file": str(p), "name": n, "cycle": m["cycle"], "step": m["step"]}
+    members = [{"file": str(p), "name": n, "cycle": m.get("cycle"), "step": m.get("step")}
                for p, n, m in zip(paths, names, metas)]
     result = {**build_report(logits, labels, members, cfg.rule, cfg.bins, cfg.split),
               "why": f"members={cfg.members} as given; nothing was chosen by looking at {cfg.split} results",

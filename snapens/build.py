@@ -5,6 +5,7 @@ Library modules never see a config; entry points call these builders and hand th
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass, replace
 
@@ -22,6 +23,8 @@ from snapens.errors import SnapensError
 from snapens.models import CifarResNet, WideResNet
 from snapens.precision import layout
 from snapens.step import StepOptions
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str, key: str = "trainer.device") -> torch.device:
@@ -123,6 +126,9 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, lr: float) -> torch
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
+UNITS = {"epoch": "epochs", "step": "steps", "budget": "fractions of the budget"}  # scheduler.unit, as said
+
+
 def build_schedule(cfg: DictConfig, epochs: float, steps_per_epoch: int) -> schedules.Schedule:
     """The schedule named by `cfg` (the scheduler group) over a budget of `epochs`, in optimizer steps.
 
@@ -138,10 +144,10 @@ def build_schedule(cfg: DictConfig, epochs: float, steps_per_epoch: int) -> sche
         """A length of the scheduler group in optimizer steps; one <= 0 is left for the schedule class to refuse."""
         value = cfg[key] if value is None else value
         if not math.isfinite(value):
-            raise SnapensError(f"scheduler.{key}={value} must be a finite number of {cfg.unit}s")
-        n = round(value * steps_per_epoch) if cfg.unit == "epoch" else round(value)
+            raise SnapensError(f"scheduler.{key}={value} must be a finite number ({UNITS[cfg.unit]})")
+        n = round(value * {"epoch": steps_per_epoch, "step": 1, "budget": total}[cfg.unit])
         if value > 0 and n < 1:
-            raise SnapensError(f"scheduler.{key}={value} {cfg.unit}s is shorter than one step "
+            raise SnapensError(f"scheduler.{key}={value} ({UNITS[cfg.unit]}) is shorter than one step "
                                f"({steps_per_epoch} steps per epoch)")
         return n
 
@@ -151,6 +157,9 @@ def build_schedule(cfg: DictConfig, epochs: float, steps_per_epoch: int) -> sche
     if cfg.name == "onecycle" and cfg.warmup:
         raise SnapensError("scheduler.warmup is not for onecycle: its rise over pct_start is the warmup")
     warmup = steps("warmup") if cfg.warmup else 0
+    if cfg.cycles is not None and cfg.cycles > total:
+        raise SnapensError(f"scheduler.cycles={cfg.cycles} exceeds the budget's {total} steps: every cycle needs one; "
+                           f"give at most {total} (or a larger trainer.epochs)")
     try:
         schedule = _cycle_end_near(_make(cfg, total, steps), epochs * steps_per_epoch)
         _check_budget(schedule, epochs, steps_per_epoch)
@@ -189,7 +198,7 @@ def _check_cycles(cfg: DictConfig, schedule: schedules.Schedule, steps) -> None:
         raise SnapensError(f"scheduler.decay={cfg.decay} brings the peak of cycle {len(ends)} below "
                            f"scheduler.eta_min={cfg.eta_min}: that cycle would anneal upwards")
     if cfg.name == "step" and any(steps("milestones", m) >= schedule.total_steps for m in cfg.milestones):
-        raise SnapensError(f"scheduler.milestones={list(cfg.milestones)} {cfg.unit}s: some lie at or beyond the "
+        raise SnapensError(f"scheduler.milestones={list(cfg.milestones)} ({UNITS[cfg.unit]}): some lie at or beyond the "
                            f"budget (trainer.epochs); the learning rate would never drop there")
 
 
@@ -202,6 +211,11 @@ def _make(cfg: DictConfig, total: int, steps) -> schedules.Schedule:
         return schedules.StepDecay(cfg.eta_max, total, milestones, cfg.gamma)
     if name == "cosine":
         return schedules.Cosine(cfg.eta_max, total, cfg.eta_min)
+    if name == "sgdr" and cfg.cycles:
+        lengths = geometric_lengths(total, cfg.cycles, cfg.T_mult)
+        log.info(f"scheduler.cycles={cfg.cycles}: SGDR cycles of {', '.join(f'{n / total:.3g}' for n in lengths)} "
+                 f"of the budget (T_mult={cfg.T_mult:g}; scheduler.T_0 is not used)")
+        return schedules.CosineCycles(cfg.eta_max, lengths, cfg.eta_min, cfg.decay)
     if name == "sgdr":
         return schedules.SGDR(cfg.eta_max, steps("T_0"), total, cfg.T_mult, cfg.eta_min, cfg.decay)
     if name == "snapshot":
@@ -211,10 +225,37 @@ def _make(cfg: DictConfig, total: int, steps) -> schedules.Schedule:
                                   cfg.anneal, cfg.three_phase, cfg.cycle_momentum, cfg.base_momentum,
                                   cfg.max_momentum)
     if name == "cyclic":
-        down = steps("step_size_down") if cfg.step_size_down else None
-        return schedules.Cyclic(cfg.eta_min, cfg.eta_max, steps("step_size_up"), total, down, cfg.mode, cfg.gamma,
+        up, down = _cyclic_steps(cfg, total, steps)
+        return schedules.Cyclic(cfg.eta_min, cfg.eta_max, up, total, down, cfg.mode, cfg.gamma,
                                 cfg.cycle_momentum, cfg.base_momentum, cfg.max_momentum)
     raise SnapensError(f"scheduler.name={name} is not a known schedule")
+
+
+def geometric_lengths(total: int, cycles: int, t_mult: float) -> tuple[int, ...]:
+    """`cycles` SGDR cycle lengths, each `t_mult` times the one before, filling `total` steps: the cycle ends are
+    the exact ends rounded to whole steps, so the last ends at the budget (arXiv 1608.03983, eq. 5's T_i)."""
+    weights = [t_mult**i for i in range(cycles)]
+    ends = [round(total * sum(weights[:i + 1]) / sum(weights)) for i in range(cycles)]
+    lengths = tuple(b - a for a, b in zip([0, *ends], ends))
+    if min(lengths) < 1:
+        raise SnapensError(f"scheduler.cycles={cycles} with T_mult={t_mult:g} leaves a first cycle shorter than one "
+                           f"step of the {total}-step budget; fewer cycles, a smaller T_mult or a larger budget")
+    return lengths
+
+
+def _cyclic_steps(cfg: DictConfig, total: int, steps) -> tuple[int, int | None]:
+    """Cyclic's rising and falling half-cycles in steps: from scheduler.cycles (equal cycles filling the budget,
+    the falling half the longer by a step when odd) or from step_size_up / step_size_down."""
+    if not cfg.cycles:
+        return steps("step_size_up"), steps("step_size_down") if cfg.step_size_down else None
+    length = total // cfg.cycles
+    if total % cfg.cycles or length < 2:
+        raise SnapensError(f"scheduler.cycles={cfg.cycles} does not split the budget of {total} steps into equal "
+                           "cycles of at least 2 steps, as scheduler=cyclic needs; choose a divisor of "
+                           f"{total}, or scheduler=snapshot, whose cycles may differ by a step")
+    log.info(f"scheduler.cycles={cfg.cycles}: cyclic half-cycles of {length // 2} and {length - length // 2} steps "
+             "(scheduler.step_size_up and step_size_down are not used)")
+    return length // 2, length - length // 2
 
 
 def _check_budget(schedule: schedules.Schedule, epochs: float, steps_per_epoch: int) -> None:

@@ -2,12 +2,15 @@
 the wrong type, an unknown option) and a stop signal during start-up, each said in one line with the fix."""
 
 import difflib
+import logging
 import os
 import signal
 import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL (sysexits.h): try again later, e.g. requeue the job
@@ -59,3 +62,35 @@ def hydra_error(error: HydraException) -> str:
     if isinstance(error, OverrideParseException):  # the grammar's complaint and where the grammar is explained
         return "cannot parse an override: " + " ".join(line.strip() for line in str(error).splitlines())
     return str(error).splitlines()[0]
+
+
+class ShowSweepDir(Callback):
+    """hydra.callbacks of every training entry point: a multirun says where its jobs go, at its start and end."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        print(f"snapens: sweep dir {Path(config.hydra.sweep.dir).absolute()} (one run dir per job)", flush=True)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        folder = Path(config.hydra.sweep.dir).absolute()
+        print(f"snapens: sweep dir {folder}; compare its jobs: python -m snapens.report {folder}", flush=True)
+
+
+def discard_unused_run_dir() -> None:
+    """After an error: a run dir that holds nothing but this job's Hydra log (the config was refused before anything
+    was written) is removed with the log, and its parent when that is left empty, so a rejected command leaves no
+    run dir behind. Only that log file is deleted and only empty folders are removed: nothing else is touched."""
+    hydra = HydraConfig.get()
+    folder = Path(hydra.runtime.output_dir)
+    log_file = folder / f"{hydra.job.name}.log"
+    if not folder.is_dir() or any(p != log_file for p in folder.iterdir()):
+        return
+    for handler in logging.getLogger().handlers[:]:  # Hydra's file handler holds the log open
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == log_file.absolute():
+            handler.close()
+            logging.getLogger().removeHandler(handler)
+    log_file.unlink(missing_ok=True)
+    for empty in (folder, folder.parent):
+        try:
+            empty.rmdir()
+        except OSError:  # not empty (or not ours to remove): left as it is
+            break

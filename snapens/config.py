@@ -94,6 +94,7 @@ class ScheduleConfig:
     eta_max: float
     warmup: float
     warmup_every_cycle: bool
+    cycles: Optional[int]
 
 
 @dataclass
@@ -124,7 +125,6 @@ class AdaptiveSGDRConfig(SGDRConfig):
 @dataclass
 class SnapshotConfig(ScheduleConfig):
     eta_min: float
-    cycles: int
 
 
 @dataclass
@@ -264,7 +264,7 @@ def register_configs() -> None:
 CHOICES = {
     "data.name": ("cifar10", "cifar100", "digits", "imagefolder", "synthetic"),
     "optimizer.name": ("sgd", "adamw"),
-    "scheduler.unit": ("epoch", "step"),
+    "scheduler.unit": ("epoch", "step", "budget"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.clip_mode": ("norm", "value"),
     "trainer.resume": ("auto", "never"),
@@ -276,7 +276,7 @@ CHOICES = {
 
 POSITIVE = ("data.num_classes", "data.train_size", "data.test_size", "data.size", "trainer.epochs",
             "trainer.batch_size", "trainer.log_every", "trainer.accumulate", "ensemble.batch_size",
-            "scheduler.patience", "optimizer.eps")
+            "scheduler.patience", "scheduler.cycles", "optimizer.eps")
 NON_NEGATIVE = ("data.image_size", "data.train_limit", "data.test_limit", "data.val_size", "data.crop_padding",
                 "data.cutout", "trainer.grad_clip", "trainer.num_threads", "trainer.checkpoint_every",
                 "trainer.max_skipped", "trainer.keep_snapshots", "trainer.snapshot_every", "trainer.label_smoothing",
@@ -372,6 +372,9 @@ def _check_related_keys(cfg: DictConfig) -> None:
         raise SnapensError(f"scheduler.milestones={list(milestones)} must be in ascending order")
     if _get(cfg, "optimizer.nesterov") and not cfg.optimizer.momentum:
         raise SnapensError("optimizer.nesterov=true needs momentum: set optimizer.momentum > 0 (e.g. 0.9)")
+    if cfg.scheduler.get("cycles") and cfg.trainer.snapshot_every and cfg.scheduler.name != "snapshot":
+        raise SnapensError(f"scheduler.cycles={cfg.scheduler.cycles} and trainer.snapshot_every="
+                           f"{cfg.trainer.snapshot_every} both say where snapshots go; set only one")
     swa = cfg.trainer.swa.start
     if swa is not None and not 0 <= swa < 1:
         raise SnapensError(f"trainer.swa.start={swa} must be a fraction of the cycle in [0, 1), or null to disable")

@@ -6,6 +6,7 @@ the new one, never half of one.
 """
 
 import io
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -46,6 +47,7 @@ def save_figure(figure, path: Path, dpi: int = 120) -> None:
     behind), then closed."""
     import matplotlib.pyplot as plt  # only the callers that plot need matplotlib
 
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)  # a missing display font is no news
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)

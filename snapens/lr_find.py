@@ -8,6 +8,7 @@ kept: lr_find.json and lr_find.png in the run dir; the model's weights are throw
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,6 +34,7 @@ matplotlib.use("Agg")  # files only: works on a headless machine
 import matplotlib.pyplot as plt  # noqa: E402
 
 register_configs()
+log = logging.getLogger(__name__)
 SKIP_START = 0.1  # fraction of the planned steps the suggestion ignores, as fastai's lr_find does
 RULE = ("eta_max: the lr where the smoothed loss falls fastest (most negative slope against log10 lr) between the "
         "first 10% of the steps and its minimum; alternative: the lr at the minimum / 10; eta_min: eta_max / 100")
@@ -114,14 +116,17 @@ def plot_curve(result: dict, path: Path) -> None:
     lrs, s = result["lrs"], result["suggestion"]
     smoothed = np.where(np.isfinite(result["smoothed"]), result["smoothed"], np.nan)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lrs, np.where(np.isfinite(result["losses"]), result["losses"], np.nan), color="0.8", lw=1, label="loss")
+    ax.plot(lrs, np.where(np.isfinite(result["losses"]), result["losses"], np.nan), color="0.6", lw=1,
+            label="loss (each update)")
     ax.plot(lrs, smoothed, color="C0", label="smoothed loss")
     if s:
         ax.plot(s["eta_max"], smoothed[s["steepest_step"]], "o", color="C3",
                 label=f"eta_max {s['eta_max']:.2g} (steepest descent)")
         ax.axvline(s["lr_at_min_over_10"], color="C2", ls=":", label=f"minimum / 10: {s['lr_at_min_over_10']:.2g}")
-    if np.isfinite(smoothed).any():
-        ax.set_ylim(np.nanmin(smoothed) * 0.95, np.nanmax(smoothed) * 1.05)  # raw spikes at the end stay off-scale
+    raw = np.where(np.isfinite(result["losses"]), result["losses"], np.nan)
+    if np.isfinite(smoothed).any():  # both curves in view, but for the raw loss's top 5% (its blow-up at the end)
+        top = max(np.nanmax(smoothed), np.nanpercentile(raw, 95))
+        ax.set_ylim(min(np.nanmin(smoothed), np.nanmin(raw)) * 0.95, top * 1.05)
     ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="LR range test (arXiv 1506.01186)")
     ax.legend()
     save_figure(fig, path)
@@ -181,6 +186,10 @@ def summary(result: dict, run_dir: str | Path) -> str:
         f"steepest descent of the smoothed loss at lr {s['eta_max']:.3g} (step {s['steepest_step']}); "
         f"minimum at lr {s['lr_at_min']:.3g} (step {s['min_step']}), / 10 = {s['lr_at_min_over_10']:.3g}",
         f"rule: {RULE}",
+        *([] if result["stopped_early"] else [
+            f"warning: the loss never diverged up to lr_find.end_lr={result['lrs'][-1]:g}, so its minimum is only "
+            f"where the sweep ended; run again with lr_find.end_lr={10 * result['lrs'][-1]:g} to see where it "
+            "blows up"]),
         f"wrote {Path(run_dir) / 'lr_find.json'} and lr_find.png; overrides to paste:",
         result["overrides"]])
 
@@ -189,8 +198,10 @@ def summary(result: dict, run_dir: str | Path) -> str:
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
-        print(summary(find_lr(cfg, run_dir), run_dir))
+        log.info(f"run dir {run_dir}")
+        log.info("\n" + summary(find_lr(cfg, run_dir), run_dir))  # in lr_find.log too
     except (SnapensError, OmegaConfBaseException) as e:
+        cli.discard_unused_run_dir()
         exit_with(e)
 
 

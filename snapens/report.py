@@ -1,4 +1,4 @@
-"""Compare finished runs, seeds grouped: `python -m snapens.report <multirun dir or run dirs...>`.
+"""Compare finished runs, seeds grouped: `python -m snapens.report <multirun dirs, run dirs or a date dir...>`.
 
 Reads each run's results.json and .hydra/overrides.yaml. Runs whose overrides are equal once the seed (and any
 hydra.* override) is dropped form one config; each config gets one row: single-model and ensemble test accuracy as
@@ -39,10 +39,17 @@ def find_runs(paths: list[Path]) -> list[Path]:
         if is_run(path):
             runs.append(path)
             continue
-        subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and is_run(d)]
-        # Job numbers sort as numbers (2 before 10), anything else by name after them.
-        runs += sorted(subdirs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+        subdirs = run_subdirs(path)
+        if not subdirs:  # a folder of multirun dirs (outputs/multirun/<date>): each one's runs, in time order
+            subdirs = [run for folder in sorted(d for d in path.iterdir() if d.is_dir()) for run in run_subdirs(folder)]
+        runs += subdirs
     return runs
+
+
+def run_subdirs(path: Path) -> list[Path]:
+    """The run dirs right under `path`; job numbers sort as numbers (2 before 10), anything else by name after."""
+    subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and is_run(d)]
+    return sorted(subdirs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
 
 
 def config_of(overrides: list[str], seed_key: str) -> str:
@@ -59,6 +66,7 @@ def read_run(run: Path, seed_key: str) -> dict:
     try:
         results = json.loads(path.read_text())
         record = {"dir": run, "single": float(results["single"]["acc"]), "ensemble": float(results["ensemble"]["acc"]),
+                  "val": results.get("val", {}).get("ensemble", {}).get("acc"),
                   "snapshots": len(results["ensemble"]["members"]),
                   "seconds": results.get("training", {}).get("seconds")}  # older runs have no "training"
         if not all(0 <= record[k] <= 1 for k in ("single", "ensemble")):  # NaN fails too
@@ -76,8 +84,32 @@ def read_run(run: Path, seed_key: str) -> dict:
             raise ValueError("not a list of overrides")
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
         raise SnapensError(f"cannot read {overrides_path}: {str(e).splitlines()[0]}") from None
-    record["config"] = config_of([str(o) for o in overrides], seed_key)
+    record["overrides"] = [str(o) for o in overrides]
+    record["config"] = config_of(record["overrides"], seed_key)
     return record
+
+
+def chosen_trial(folder: Path, records: list[dict]) -> str | None:
+    """For a sweep whose sweeper chose a best trial (hydra-optuna-sweeper's optimization_results.yaml, chosen on
+    what the jobs returned: the validation accuracy), one line with that trial's test numbers, read once."""
+    path = folder / "optimization_results.yaml"
+    if not path.is_file():
+        return None
+    best = yaml.safe_load(path.read_text()) or {}
+    wanted = {str(k): v for k, v in (best.get("best_params") or {}).items()}
+
+    def matches(record: dict) -> bool:
+        given = dict(o.split("=", 1) for o in record.get("overrides", []) if "=" in o)
+        return all(k in given and yaml.safe_load(given[k]) == v for k, v in wanted.items())
+
+    found = [r for r in records if r["dir"].parent == folder and matches(r)]
+    params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in wanted.items())
+    if not found or found[0]["val"] is None:
+        return f"{path}: the chosen trial ({params}) is not among the finished runs with a validation split"
+    r = found[0]
+    return (f"chosen on validation by {best.get('name', 'the sweeper')}: {params} (validation ensemble "
+            f"{100 * r['val']:.2f}%, {r['dir']}); its test accuracy, read once: single {100 * r['single']:.2f}%, "
+            f"ensemble {100 * r['ensemble']:.2f}%")
 
 
 # ---- summary -----------------------------------------------------------------------------------------------------
@@ -184,11 +216,15 @@ def report(paths: list[Path], out: Path, seed_key: str = "trainer.seed") -> list
     if unfinished:
         print(f"snapens: warning: skipping {len(unfinished)} unfinished runs (no results.json): "
               f"{', '.join(unfinished)}", file=sys.stderr)
-    rows = summarise([read_run(r, seed_key) for r in finished])
+    records = [read_run(r, seed_key) for r in finished]
+    rows = summarise(records)
     shared = shared_overrides(rows)
     table = format_table(rows, shared)
+    chosen = [line for p in paths if (line := chosen_trial(p, records))]
+    table += "".join(f"\n\n{line}" for line in chosen)
     common = f"Overrides shared by all configs: `{' '.join(shared)}`\n\n" if shared else ""
     runs_line = f"Runs ({len(finished)}): {', '.join(str(r) for r in finished)}"
+    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "report.md", f"# snapens report\n\n{common}{table}\n\n{runs_line}\n".encode())
     write_atomic(out / "report.csv", csv_bytes(rows))
     plot_report(rows, shared, out / "report.png")
@@ -199,11 +235,12 @@ def report(paths: list[Path], out: Path, seed_key: str = "trainer.seed") -> list
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m snapens.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run dirs, or dirs whose subdirectories are run dirs")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="where to write report.md/.csv/.png (default: the "
-                        "one multirun dir given, else the current directory)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="(or out=DIR) where to write report.md/.csv/.png "
+                        "(default: the one multirun dir given, else the current directory)")
     parser.add_argument("--group-by-seed-key", default="trainer.seed", dest="seed_key", metavar="KEY",
                         help="the override dropped when grouping runs into configs (default: trainer.seed)")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv  # out=DIR as the other entry points take it, or --out DIR
+    args = parser.parse_args([f"--out={a[4:]}" if a.startswith("out=") else a for a in argv])
     one_folder = len(args.paths) == 1 and args.paths[0].is_dir() and not is_run(args.paths[0])
     out = args.out or (args.paths[0] if one_folder else Path("."))
     try:

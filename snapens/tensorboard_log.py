@@ -1,9 +1,12 @@
 """TensorBoard logging (logger=tensorboard): per log interval lr, momentum, loss, accuracy, gradient norm and clip
 rate; each snapshot's test accuracy at the end. The sums stay on the device and are read once per interval."""
 
+import importlib.util
 from pathlib import Path
 
 import torch
+
+from snapens.errors import SnapensError
 
 
 class IntervalStats:
@@ -29,6 +32,13 @@ class IntervalStats:
         self.sums.zero_()
         self.updates = self.images = 0
         return {"loss": loss / images, "accuracy": correct / images, "grad_norm": norm / n, "clip_rate": clipped / n}
+
+
+def require_tensorboard() -> None:
+    """logger=tensorboard needs the tensorboard package, an extra: said before training starts, not at its end."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise SnapensError("logger=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' "
+                           "(or pip install tensorboard), or use logger=none")
 
 
 def open_writer(run_dir: Path, purge_step: int | None = None):

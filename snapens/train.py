@@ -22,6 +22,7 @@ import hydra
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
@@ -43,7 +44,7 @@ from snapens.run_plots import plot_lr_schedule, plot_training
 from snapens.snapshots import list_snapshots, prune_snapshots, read_metadata, save_snapshot, snapshot_path
 from snapens.step import (StepResult, nonfinite_tensors, note_first_nonfinite, seconds_since, set_hyperparameters,
                           train_step)
-from snapens.tensorboard_log import IntervalStats, log_interval, log_report, open_writer
+from snapens.tensorboard_log import IntervalStats, log_interval, log_report, open_writer, require_tensorboard
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class Progress:
     loss_sum: float = 0.0  # the current epoch's summed training loss, correct predictions and images
     correct: int = 0
     seen: int = 0
+    updates: int = 0  # the current epoch's applied updates, the sum of their gradient norms and how many were clipped
+    grad_norm_sum: float = 0.0
+    clipped: int = 0
     skipped: int = 0  # updates dropped by trainer.on_nonfinite=skip, in all and in a row
     skipped_in_row: int = 0
     seconds: float = 0.0  # training time so far
@@ -96,6 +100,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float | None:
     A run dir that holds a checkpoint is continued from it (bit-identical on CPU to a run never stopped).
     """
     check_config(cfg)
+    if cfg.logger.name == "tensorboard":
+        require_tensorboard()
     run_dir = Path(run_dir)
     ranks = distributed.start(pick_device(cfg.trainer.device).type)
     try:  # a stop signal from here on, even during setup, ends the run with a checkpoint (Interrupted)
@@ -107,7 +113,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float | None:
                 if ranks.main and any(not (run_dir / name).exists() or not (run_dir / name).stat().st_size
                                       for name in ("lr_schedule.png", "training.png")):
                     plot_training_of(begin(cfg, run_dir, distributed.Ranks(), saved))  # a plot lost: drawn again
-                return json.loads((run_dir / "results.json").read_text())["ensemble"]["acc"]
+                return returned_accuracy(json.loads((run_dir / "results.json").read_text()))
             run = begin(cfg, run_dir, ranks, saved)
             loop(run, stops)
             return report(run)  # a signal now waits for results.json rather than losing it
@@ -134,7 +140,7 @@ def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict 
         save_progress(run)  # step 0: a run killed before its first epoch ends resumes like any other
     else:
         resume(run, saved)
-    run.snapshot_steps = snapshot_steps(s.schedule, every)
+    run.snapshot_steps = snapshot_steps(s.schedule, every, cfg.scheduler.get("cycles"))
     if ranks.main:
         plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run_dir / "lr_schedule.png")
     log.info(f"{run.metadata['model']} on {cfg.data.name} ({len(s.data.train)} train / {len(s.data.test)} test "
@@ -171,12 +177,16 @@ def resume(run: Run, saved: dict) -> None:
     log.info(f"resuming {run.dir} at step {run.progress.step} of {s.schedule.total_steps}")
 
 
-def snapshot_steps(schedule, every: int) -> list[int]:
-    """Where snapshots are taken: at the cycle ends, or every `every` updates and at the end (the NoCycle
-    baseline of Huang et al. 2017, arXiv 1704.00109, section 4). SWA windows and optimizer resets follow them."""
-    if not every:
-        return schedule.cycle_ends()
-    return sorted(set(range(every, schedule.total_steps, every)) | {schedule.total_steps})
+def snapshot_steps(schedule, every: int = 0, count: int | None = None) -> list[int]:
+    """Where snapshots are taken: at the cycle ends; or every `every` updates and at the end, or at `count` evenly
+    spaced points of a schedule without restarts (scheduler.cycles): the NoCycle baseline of Huang et al. 2017,
+    arXiv 1704.00109, section 4. SWA windows and optimizer resets follow them."""
+    total, ends = schedule.total_steps, schedule.cycle_ends()
+    if every:
+        return sorted(set(range(every, total, every)) | {total})
+    if count and len(ends) == 1:
+        return [k * total // count for k in range(1, count + 1)]
+    return ends
 
 
 # ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----------------------
@@ -221,6 +231,7 @@ def epoch_batches(run: Run, monitor: "Monitor"):
     if progress.order is None:
         progress.order = epoch_order(len(s.train_split), s.generator).cpu()
         progress.position, progress.loss_sum, progress.correct, progress.seen = 0, 0.0, 0, 0
+        progress.updates, progress.grad_norm_sum, progress.clipped = 0, 0.0, 0
     monitor.start_sums()
     rest = progress.order[progress.position * s.update_size:].to(s.device)
     return train_batches(s.train_split, s.update_size, s.generator, s.augmentation, s.data.mean, s.data.std, rest,
@@ -350,16 +361,21 @@ class Monitor(ExitStack):
         device = self.run.setup.device
         self.loss_sum = torch.tensor(self.run.progress.loss_sum, device=device)
         self.correct = torch.tensor(self.run.progress.correct, device=device)
+        self.norms = torch.tensor([self.run.progress.grad_norm_sum, self.run.progress.clipped], dtype=torch.float64,
+                                  device=device)  # gradient norms summed, updates clipped
 
     def read_sums(self) -> None:
         progress = self.run.progress
         progress.loss_sum, progress.correct = self.loss_sum.item(), int(self.correct.item())
+        norm_sum, clipped = self.norms.tolist()
+        progress.grad_norm_sum, progress.clipped = norm_sum, int(clipped)
         progress.seconds = time.perf_counter() - self.start
 
     def record(self, t: int, lr: float, result: StepResult, y: torch.Tensor) -> None:
         """Count update t: its loss and hits (under torchrun, this rank's share stands for the whole batch), or
         with on_nonfinite=skip a dropped update."""
-        progress = self.run.progress
+        progress, trainer = self.run.progress, self.run.cfg.trainer
+        clip = trainer.grad_clip if trainer.clip_mode == "norm" else 0  # clip_mode=value: the norm does not tell
         if not result.applied:
             self.skip_nonfinite(t, lr, result)
         else:
@@ -367,11 +383,14 @@ class Monitor(ExitStack):
             self.loss_sum += result.loss * len(y)
             self.correct += hits
             progress.seen += len(y)
+            progress.updates += 1
+            self.norms += torch.stack([result.grad_norm, result.grad_norm > clip if clip else
+                                       torch.zeros_like(result.grad_norm)]).to(torch.float64)
             progress.skipped_in_row = 0
             if not self.skip:
                 note_first_nonfinite(self.first_bad, t, result)
             if self.interval:
-                self.interval.add(result.loss, hits, len(y), result.grad_norm, self.run.cfg.trainer.grad_clip)
+                self.interval.add(result.loss, hits, len(y), result.grad_norm, clip)
         self.bar.update()
 
     def skip_nonfinite(self, t: int, lr: float, result: StepResult) -> None:
@@ -413,13 +432,22 @@ class Monitor(ExitStack):
         steps are those in use (adaptive SGDR moves them)."""
         progress = self.run.progress
         seen = max(progress.seen, 1)
+        updates = max(progress.updates, 1)
         record = {"epoch": progress.epoch, "step": progress.step, "lr": lr, "train_loss": progress.loss_sum / seen,
-                  "train_acc": progress.correct / seen, "seconds": progress.seconds, "skipped": progress.skipped,
+                  "train_acc": progress.correct / seen, "grad_norm": progress.grad_norm_sum / updates,
+                  "clip_rate": progress.clipped / updates if self.run.cfg.trainer.clip_mode == "norm" else None,
+                  "seconds": progress.seconds, "skipped": progress.skipped,
                   "cycle_ends": self.run.snapshot_steps}
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
-        log.info("epoch {epoch} step {step} lr {lr:.4g} loss {train_loss:.4f} acc {train_acc:.4f} "
-                 "{seconds:.1f}s".format(**record))
+        clipped = "" if record["clip_rate"] is None else f" ({record['clip_rate']:.0%} clipped)"
+        log.info("epoch {epoch} step {step} lr {lr:.4g} loss {train_loss:.4f} acc {train_acc:.4f} grad norm "
+                 "{grad_norm:.3g}{clipped} {seconds:.1f}s".format(**record, clipped=clipped))
+        if (record["clip_rate"] or 0) > 0.5:  # clipping meant as a safety net has become the optimizer (normalised SGD)
+            log.warning(f"{record['clip_rate']:.0%} of epoch {progress.epoch}'s updates were clipped at "
+                        f"trainer.grad_clip={self.run.cfg.trainer.grad_clip} (mean gradient norm "
+                        f"{record['grad_norm']:.3g}): most updates were rescaled, not just outliers; raise "
+                        "trainer.grad_clip above the typical norm, or 0 to disable")
 
 
 def nonfinite(step: int, lr: float, loss: float, norm: float) -> str:
@@ -439,12 +467,18 @@ def report(run: Run) -> float | None:
         training["peak_memory_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
     if not run.ranks.main:
         return None
-    paths = list_snapshots(run.dir)  # each read back from its file; its test logits kept in logits/test/
+    paths = list_snapshots(run.dir)  # each read back from its file; its logits kept in logits/<split>/
     metas = [read_metadata(p) for p in paths]
-    logits = cached_logits(paths, metas, s.data.test, "test", run.cfg.ensemble.batch_size, s.device,
-                           lambda *_: s.model, s.precision, trainer.channels_last)
-    result = {**ensemble_report(logits, s.data.test.labels, paths, metas, run.cfg.ensemble.rule),
-              "training": training}
+
+    def evaluate(split_name: str) -> dict:
+        split = getattr(s.data, split_name)
+        logits = cached_logits(paths, metas, split, split_name, run.cfg.ensemble.batch_size, s.device,
+                               lambda *_: s.model, s.precision, trainer.channels_last)
+        return ensemble_report(logits, split.labels, paths, metas, run.cfg.ensemble.rule, split=split_name)
+
+    result = {**evaluate("test"), "training": training}
+    if s.data.val is not None:  # what a sweeper may tune on (returned below); the test numbers stay for reading
+        result["val"] = evaluate("val")
     write_atomic(run.dir / "results.json", (json.dumps(result, indent=2) + "\n").encode())
     plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run.dir / "lr_schedule.png")  # final
     plot_training_of(run)
@@ -452,7 +486,16 @@ def report(run: Run) -> float | None:
         with open_writer(run.dir) as writer:
             log_report(writer, result)
     log.info("\n" + format_report(result))
-    return result["ensemble"]["acc"]
+    return returned_accuracy(result)
+
+
+def returned_accuracy(result: dict) -> float:
+    """What a job returns to Hydra's sweeper: the ensemble's validation accuracy when there is a validation split,
+    else its test accuracy (which `main` refuses to hand to a sweeper that optimises it)."""
+    split = "val" if "val" in result else "test"
+    accuracy = (result["val"] if split == "val" else result)["ensemble"]["acc"]
+    log.info(f"returned to Hydra: the ensemble's {split} accuracy, {accuracy:.4f}")
+    return accuracy
 
 
 def plot_training_of(run: Run) -> None:
@@ -461,11 +504,27 @@ def plot_training_of(run: Run) -> None:
     plot_training(metrics, [e / run.setup.steps_per_epoch for e in run.snapshot_steps], run.dir / "training.png")
 
 
+def refuse_tuning_on_test(cfg: DictConfig) -> None:
+    """A sweeper that optimises what the jobs return (Optuna, Ax, Nevergrad: any but Hydra's basic one) must get a
+    validation number: a result tuned on the test set is no test result."""
+    sweeper = HydraConfig.get().sweeper.get("_target_", "")
+    if HydraConfig.get().mode == RunMode.MULTIRUN and not sweeper.endswith("BasicSweeper") and not cfg.data.val_size:
+        raise SnapensError(f"{sweeper.rsplit('.', 1)[-1]} optimises what each job returns, which without a validation "
+                           "split is the test accuracy: tuning on the test set; hold out images with data.val_size=N "
+                           "(the jobs then return the validation ensemble accuracy)")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    run_dir = HydraConfig.get().runtime.output_dir
     try:
-        return train(cfg, HydraConfig.get().runtime.output_dir)
+        refuse_tuning_on_test(cfg)
+        log.info(f"run dir {run_dir}")
+        accuracy = train(cfg, run_dir)
+        log.info(f"run dir {run_dir}: results.json, snapshots/, metrics.jsonl, training.png, lr_schedule.png")
+        return accuracy
     except (SnapensError, OmegaConfBaseException) as e:
+        cli.discard_unused_run_dir()
         exit_with(e)
     except Interrupted as e:
         log.warning(str(e))

@@ -122,7 +122,8 @@ def test_results_json_ensemble_json_and_evaluate_share_one_shape(run):
         ensemble.add(model)
     evaluated = ensemble.evaluate([(x[i:i + 64], data.test.labels[i:i + 64]) for i in range(0, len(x), 64)])
 
-    assert set(results) == SHAPE | {"training"}
+    assert set(results) == SHAPE | {"training", "val"}  # the run held out a validation split: its report too
+    assert set(results["val"]) == SHAPE and results["val"]["split"] == "val"
     assert set(report) == SHAPE | {"why", "curves", "disagreement", "logits_seconds"}
     assert set(evaluated) == SHAPE
     entry = {"file", "name", "cycle", "step", "acc", "nll", "ece"}
@@ -141,9 +142,10 @@ def test_results_json_ensemble_json_and_evaluate_share_one_shape(run):
 
 
 def test_logits_are_cached_and_recomputed_only_when_their_inputs_change(run, monkeypatch):
-    """Training already cached the test logits; a changed snapshot or another split is computed again."""
-    cached = sorted((run / "logits/test").glob("*.safetensors"))
-    assert [p.name for p in cached] == ["cycle_01.safetensors", "cycle_02.safetensors", "cycle_03.safetensors"]
+    """Training already cached the test and validation logits; a changed snapshot is computed again."""
+    for split in ("test", "val"):
+        cached = sorted((run / "logits" / split).glob("*.safetensors"))
+        assert [p.name for p in cached] == ["cycle_01.safetensors", "cycle_02.safetensors", "cycle_03.safetensors"]
     calls = []
     real = cache.predict_logits
     monkeypatch.setattr(cache, "predict_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -154,8 +156,8 @@ def test_logits_are_cached_and_recomputed_only_when_their_inputs_change(run, mon
     save_snapshot(path, model, read_metadata(path))
     evaluate(f"run={run}")
     assert calls == [1]
-    evaluate(f"run={run}", "split=val")  # another split: its own cache
-    assert len(calls) == 4 and len(list((run / "logits/val").glob("*.safetensors"))) == 3
+    evaluate(f"run={run}", "split=val")  # another split: its own cache, where only the retrained one is stale
+    assert len(calls) == 2
 
 
 def test_validation_split(run):
@@ -199,15 +201,20 @@ def test_explicit_snapshot_files(run, tmp_path):
         evaluate(f"snapshots=[{files[0]}]")
 
 
-def test_predict_on_a_folder_gives_the_reports_classes(run, tmp_path):
-    """Test images written as PNG files get the same classes as the ensemble's predictions in the report."""
+def test_predict_on_a_folder_gives_the_reports_classes(run, tmp_path, caplog):
+    """Test images written as PNG files get the same classes as the ensemble's predictions in the report; the
+    predictions go to <run>/predictions/, no report is made, and the files that are not images are named."""
     data = build_data(compose_config(*HELD_OUT).data)
     folder = tmp_path / "new"
     folder.mkdir()
     for i, image in enumerate(data.test.images[:20]):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
-    evaluate(f"run={run}", f"predict={folder}")
-    with open(run / "ensemble/test/predictions.csv") as f:
+    (folder / "labels.txt").write_text("not an image")
+    shutil.rmtree(run / "ensemble", ignore_errors=True)
+    assert evaluate(f"run={run}", f"predict={folder}") is None
+    assert not (run / "ensemble").exists()  # predictions only: no report on the test split
+    assert f"skipped 1 files that are not images" in caplog.text and str(folder / "labels.txt") in caplog.text
+    with open(run / "predictions/predictions.csv") as f:
         rows = list(csv.DictReader(f))
     logits, _ = direct_logits(run)
     expected = logits.mean(0).argmax(1)[:20]

@@ -68,7 +68,7 @@ def test_no_tensorboard_folder_without_the_logger(make_cfg, tmp_path):
 
 def test_nocycle_snapshots_every_n_epochs(make_cfg, tmp_path):
     """The NoCycle baseline: a step schedule snapshotted every 2 epochs over 6 (4 updates per epoch)."""
-    train(make_cfg(*FAST, "scheduler=step", "scheduler.milestones=[3,4.5]", "trainer.epochs=6",
+    train(make_cfg(*FAST, "scheduler=step", "scheduler.unit=epoch", "scheduler.milestones=[3,4.5]", "trainer.epochs=6",
                    "trainer.snapshot_every=2"), tmp_path)
     assert [read_metadata(p)["step"] for p in list_snapshots(tmp_path)] == [8, 16, 24]
 

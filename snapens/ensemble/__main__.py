@@ -206,13 +206,19 @@ def format_curves(result: dict) -> str:
 
 # ---- prediction on new images ---------------------------------------------------------------------------------------
 def image_files(target: Path) -> list[Path]:
+    """The image file, or the images under the folder (by extension); the other files there are named, skipped."""
     if target.is_file():
         return [target]
     if not target.is_dir():
         raise SnapensError(f"predict={target} does not exist")
-    files = sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    found = sorted(p for p in target.rglob("*") if p.is_file())
+    files = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise SnapensError(f"predict={target} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    skipped = [str(p) for p in found if p not in files]
+    if skipped:
+        log.warning(f"skipped {len(skipped)} files that are not images ({', '.join(IMAGE_EXTENSIONS)}): "
+                    f"{', '.join(skipped[:10])}{', ...' if len(skipped) > 10 else ''}")
     return files
 
 
@@ -247,10 +253,11 @@ def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="ensemble")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     try:
         return evaluate(cfg)
     except (SnapensError, OmegaConfBaseException) as e:
+        cli.discard_unused_run_dir()
         exit_with(e)
 
 
@@ -294,26 +301,43 @@ def load_split(cfg: DictConfig, paths: list[Path], metas: list[dict]) -> Split:
     return split
 
 
+def default_dir(out, run, split, swa, predict, fallback: str) -> str:
+    """Where the report (or predictions.csv) and the log go: out=, else <run>/predictions with predict=, else
+    <run>/ensemble/<split> (<split>_swa for SWA snapshots, so it never replaces the plain report), else `fallback`
+    (outputs/ensemble/<date>/<time>: several runs or explicit files). Hydra's run dir is this (a resolver, so the
+    log is written beside the report), unless out= points into a snapshots/ folder, which `report_dir` refuses."""
+    if out:
+        return fallback if "snapshots" in Path(str(out)).parts else str(out)
+    if run and (Path(str(run)) / "snapshots").is_dir():  # nothing is made inside a dir that is not a run
+        return str(Path(str(run)) / "predictions" if predict else
+                   Path(str(run)) / "ensemble" / (f"{split}_swa" if swa else str(split)))
+    return fallback
+
+
+OmegaConf.register_new_resolver("snapens_report_dir", default_dir, replace=True)
+
+
 def report_dir(cfg: DictConfig, paths: list[Path]) -> Path:
-    """out=, else <run>/ensemble/<split> (<split>_swa for SWA snapshots, so it never replaces the plain report),
-    else the Hydra run dir (several runs or explicit files)."""
+    """The folder the report goes to (`default_dir`); out= inside the snapshots' folder is refused."""
     if cfg.out:
         out, folders = Path(cfg.out).resolve(), {p.parent.resolve() for p in paths}
         if folders & {out, *out.parents}:
             raise SnapensError(f"out={cfg.out} lies inside the snapshots' folder, which only training writes; give "
                                "another out=DIR")
-        return Path(cfg.out)
-    if cfg.run:
-        return Path(cfg.run) / "ensemble" / (f"{cfg.split}_swa" if cfg.swa else cfg.split)
-    return Path(HydraConfig.get().runtime.output_dir)
+    return Path(default_dir(cfg.out, cfg.run, cfg.split, cfg.swa, cfg.predict, "")
+                or HydraConfig.get().runtime.output_dir)
 
 
-def evaluate(cfg: DictConfig) -> float:
-    """Check the options, compute (or read) each member's logits once, write the report; the ensemble accuracy."""
+def evaluate(cfg: DictConfig) -> float | None:
+    """Check the options, compute (or read) each member's logits once, write the report; the ensemble accuracy.
+    With predict=, only predictions.csv for the new images (None)."""
     check_options(cfg)
     paths, metas = read_members(cfg)
     device = pick_device(cfg.device, key="device")
     precision = pick_precision(cfg.precision, device, key="precision")
+    if cfg.predict:  # new images only: no report on a split
+        log.info(f"predictions: {predict(cfg, paths, metas, device, precision, report_dir(cfg, paths))}")
+        return None
     split = load_split(cfg, paths, metas)
     out_dir = report_dir(cfg, paths)
     start = time.perf_counter()
@@ -321,8 +345,6 @@ def evaluate(cfg: DictConfig) -> float:
                            cfg.channels_last)
     result = report(cfg, paths, metas, logits, split.labels, out_dir, time.perf_counter() - start)
     log.info(f"\n{format_report(result)}\n\n{format_curves(result)}\nreport: {out_dir}")
-    if cfg.predict:
-        log.info(f"predictions: {predict(cfg, paths, metas, device, precision, out_dir)}")
     return result["ensemble"]["acc"]
 
 

@@ -87,7 +87,8 @@ def snapens_contender(s: Setup, cfg: DictConfig):
     """A step(): one update as snapens/train.py's loop makes it (snapens.build.setup); returns the number of images."""
     batches = itertools.chain.from_iterable(
         train_batches(s.train_split, s.update_size, s.generator, s.augmentation, s.data.mean, s.data.std,
-                      channels_last=cfg.trainer.channels_last) for _ in itertools.count())
+                      channels_last=cfg.trainer.channels_last, drop_last=cfg.trainer.compile)
+        for _ in itertools.count())  # under compile, no partial batch: it would compile again inside the timing
     state = {"step": 0, "loss_sum": torch.zeros((), device=s.device),
              "correct": torch.zeros((), device=s.device, dtype=torch.long)}
 

@@ -69,10 +69,11 @@ def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug: Augmentation,
-                  mean, std, order: torch.Tensor | None = None,
-                  channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled, augmented, normalised batches (the last one may be smaller), in the channels_last
-    memory layout when asked (the model's, so its first convolution needs no conversion).
+                  mean, std, order: torch.Tensor | None = None, channels_last: bool = False,
+                  drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled, augmented, normalised batches (the last one may be smaller, unless drop_last: what
+    torch.compile wants, as a batch of another size compiles the model again), in the channels_last memory layout
+    when asked (the model's, so its first convolution needs no conversion).
 
     The generator must live on the same device as the split; it alone decides the order and the augmentation.
     `order` is the epoch's permutation, drawn from the generator when None; a resumed epoch passes what was left
@@ -81,6 +82,8 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
     """
     if order is None:
         order = epoch_order(len(split), generator)
+    if drop_last:
+        order = order[:len(order) // batch_size * batch_size]
     mean, std = channel_tensors(mean, std, split.images.device)
     for index in order.split(batch_size):
         images = split.images[index]
@@ -97,10 +100,16 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
 def eval_batches(split: Split, batch_size: int, mean, std, device: torch.device | None = None,
                  channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The split in order, normalised on `device` (default: where the split is), without augmentation, in the
-    channels_last layout when asked."""
+    channels_last layout when asked. `batch_size` counts 32x32 images: larger ones go in proportionally smaller
+    batches, so that a batch's activations take about the same memory whatever the image size."""
     device = device or split.images.device
     mean, std = channel_tensors(mean, std, device)
+    pixels = split.images.shape[-2] * split.images.shape[-1]
+    batch_size = max(1, batch_size * 1024 // pixels) if pixels > 1024 else batch_size
+    source = split.images
+    if device.type == "cuda" and source.device.type == "cpu":
+        source = source.pin_memory()  # from pinned memory a non_blocking copy does overlap; from pageable it waits
     for start in range(0, len(split), batch_size):
-        images = split.images[start:start + batch_size].to(device, non_blocking=True)
+        images = source[start:start + batch_size].to(device, non_blocking=True)
         yield (normalize(images, mean, std).contiguous(memory_format=layout(channels_last)),
                split.labels[start:start + batch_size])

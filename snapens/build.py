@@ -7,13 +7,13 @@ import hashlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.optim.swa_utils import AveragedModel
 
 from snapens import adaptive, distributed, schedules
 from snapens.batches import Augmentation
@@ -23,6 +23,7 @@ from snapens.errors import SnapensError
 from snapens.models import CifarResNet, WideResNet
 from snapens.precision import layout
 from snapens.step import StepOptions
+from snapens.swa import WeightAverage
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,18 @@ def pick_precision(name: str, device: torch.device, key: str = "trainer.precisio
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise SnapensError(f"{key}=bf16 but {torch.cuda.get_device_name()} has no bf16 support; use {key}=fp32")
     return torch.bfloat16 if name == "bf16" else None
+
+
+def make_deterministic(on: bool) -> None:
+    """trainer.deterministic: cuDNN's and cuBLAS's deterministic kernels, and an error from any op that has none,
+    so that a GPU run repeats (and resumes) bit for bit; cuDNN's autotuner (benchmark) stays off either way, as it
+    may pick other kernels from one run to the next. CUBLAS_WORKSPACE_CONFIG must be set before CUDA starts, so
+    this runs before anything touches the GPU. On the CPU runs already repeat without it."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
 
 
 def build_data(cfg: DictConfig) -> Dataset:
@@ -286,7 +299,7 @@ class Setup:
     precision: torch.dtype | None  # the autocast dtype; None: fp32
     model: torch.nn.Module  # the weights, in the configured memory layout: what snapshots and checkpoints save
     forward: torch.nn.Module  # what the loop calls: the model, in DDP under torchrun and compiled when asked
-    swa: AveragedModel | None  # trainer.swa.start's average, copied before DDP: it keeps plain BatchNorm
+    swa: WeightAverage | None  # trainer.swa.start's average, copied before DDP: it keeps plain BatchNorm
     data: Dataset  # on the CPU
     train_split: Split  # data.train on the device
     schedule: schedules.Schedule  # in optimizer updates
@@ -301,6 +314,7 @@ class Setup:
 def setup(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> Setup:
     """Build what `cfg` (the training config) describes, for this process of `ranks`."""
     trainer = cfg.trainer
+    make_deterministic(trainer.deterministic)
     device = distributed.device_for(pick_device(trainer.device), ranks)
     precision = pick_precision(trainer.precision, device)
     if trainer.num_threads:
@@ -310,19 +324,38 @@ def setup(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> Se
     torch.manual_seed(trainer.seed)
     model = build_model(cfg.model).to(device, memory_format=layout(trainer.channels_last))  # before the data: a
     # bad model config fails in a second
-    swa = AveragedModel(model) if trainer.swa.start is not None else None
+    swa = WeightAverage(model) if trainer.swa.start is not None else None
     forward = distributed.wrap(model, ranks, device, trainer.sync_bn)
     forward = torch.compile(forward) if trainer.compile else forward
     data = build_data(cfg.data)
     update_size = trainer.batch_size * trainer.accumulate
-    steps_per_epoch = math.ceil(len(data.train) / update_size)
+    # Under torch.compile the epoch's last, smaller batch is dropped (a new batch size would compile again, inside
+    # the first epoch): an epoch is then floor(N / update size) updates, and the schedule counts those.
+    steps_per_epoch = len(data.train) // update_size if trainer.compile else math.ceil(len(data.train) / update_size)
+    if not steps_per_epoch:
+        raise SnapensError(f"trainer.compile=true drops each epoch's last partial batch, and the {len(data.train)} "
+                           f"training images do not fill one update of {update_size}: lower trainer.batch_size")
     schedule = build_schedule(cfg.scheduler, trainer.epochs, steps_per_epoch)
     optimizer = build_optimizer(model, cfg.optimizer, schedule.lr(0))
     options = StepOptions(trainer.grad_clip, trainer.clip_mode, precision, trainer.on_nonfinite == "skip",
                           trainer.accumulate, trainer.label_smoothing)
+    check_fits(data.train, device)
     return Setup(device, precision, model, forward, swa, data, data.train.to(device), schedule, optimizer,
                  torch.Generator(device).manual_seed(trainer.seed), build_augmentation(cfg.data), steps_per_epoch,
                  update_size, options)
+
+
+def check_fits(split: Split, device: torch.device) -> None:
+    """The training split lives on the training device (batches are cut and augmented there): on a GPU it must
+    leave most of the free memory to the model, its activations and the optimizer, so it may take half at most."""
+    if device.type != "cuda":
+        return
+    need = split.images.nbytes + split.labels.nbytes
+    free, total = torch.cuda.mem_get_info(device)
+    if need > free / 2:
+        raise SnapensError(f"the {len(split)} training images take {need / 2**30:.2f} GiB on {device}, which has "
+                           f"{free / 2**30:.2f} GiB free of {total / 2**30:.2f}: more than half; train on fewer "
+                           "(data.train_limit=N) or smaller (data.image_size=N) images, or free the GPU")
 
 
 def snapshot_metadata(cfg: DictConfig, data: Dataset) -> dict:

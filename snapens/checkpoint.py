@@ -24,6 +24,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from snapens import distributed
 from snapens.errors import SnapensError
 from snapens.files import write_atomic
 
@@ -49,22 +50,33 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                            "hydra.run.dir=DIR (this dir's snapshots stay as they are)") from None
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Every random stream the run draws from: torch (CPU and CUDA), the data generator, Python's and NumPy's."""
+def rng_state(generator: torch.Generator, device: torch.device = torch.device("cpu"),
+              ranks: distributed.Ranks = distributed.Ranks()) -> dict[str, Any]:
+    """Every random stream the run draws from: torch's on the CPU, each rank's on its own GPU (gathered, in rank
+    order: dropout draws from it), the data generator, Python's and NumPy's. Every rank calls this."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = distributed.gather_objects(torch.cuda.get_rng_state(device), ranks) if device.type == "cuda" else []
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": cuda,
         "data": generator.get_state(),
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
     }
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any], generator: torch.Generator, device: torch.device = torch.device("cpu"),
+                  ranks: distributed.Ranks = distributed.Ranks()) -> None:
+    """Put `rng_state`'s streams back; this rank's CUDA stream goes into the one device it uses, whatever the number
+    of GPUs the machine shows. A checkpoint of another number of processes cannot continue their streams."""
+    cuda = state["cuda"]
+    if device.type == "cuda" and cuda:
+        if len(cuda) != ranks.world:
+            raise SnapensError(f"the checkpoint was written by {len(cuda)} training processes and this run has "
+                               f"{ranks.world}: each process's CUDA random stream continues only in its own; resume "
+                               + (f"with torchrun --nproc_per_node={len(cuda)}" if len(cuda) > 1 else "without torchrun"))
+        torch.cuda.set_rng_state(cuda[ranks.rank], device)
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
     generator.set_state(state["data"])
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]

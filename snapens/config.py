@@ -181,6 +181,7 @@ class TrainerConfig:
     swa: SWAConfig
     snapshot_every: float
     sync_bn: bool
+    deterministic: bool
 
 
 @dataclass

@@ -29,21 +29,27 @@ class Ranks:
 
 
 def start(device_type: str) -> Ranks:
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1; else a single process."""
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1; else a single process. On
+    CUDA the rank's GPU is made current first and named to the group (device_id), so NCCL never guesses it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Ranks()
     ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = device_for(torch.device(device_type), ranks)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    if device_type == "cuda":
-        torch.cuda.set_device(ranks.local_rank)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     return ranks
 
 
 def device_for(device: torch.device, ranks: Ranks) -> torch.device:
-    """On CUDA each rank takes the GPU of its local rank."""
-    return torch.device("cuda", ranks.local_rank) if device.type == "cuda" and ranks.parallel else device
+    """On CUDA each rank takes the GPU of its local rank among those it sees: local_rank modulo the visible count,
+    so a launcher that shows each rank only its own GPU (CUDA_VISIBLE_DEVICES per rank) works too."""
+    if device.type != "cuda" or not ranks.parallel:
+        return device
+    return torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
 
 
 def share(x: torch.Tensor, y: torch.Tensor, ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,11 +108,15 @@ def from_rank0(value: float, ranks: Ranks, device: torch.device) -> float:
 def gather_digests(model: torch.nn.Module, ranks: Ranks) -> list[str]:
     """Every rank's weights_digest, in rank order (on every rank), after sync_buffers."""
     sync_buffers(model, ranks)
-    digest = weights_digest(model)
+    return gather_objects(weights_digest(model), ranks)
+
+
+def gather_objects(value, ranks: Ranks) -> list:
+    """Every rank's `value`, in rank order (on every rank)."""
     if not ranks.parallel:
-        return [digest]
+        return [value]
     out = [None] * ranks.world
-    dist.all_gather_object(out, digest)
+    dist.all_gather_object(out, value)
     return out
 
 

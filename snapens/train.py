@@ -30,7 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from snapens import adaptive, cli, distributed, swa
 from snapens.batches import epoch_order, train_batches
-from snapens.build import Setup, pick_device, setup, snapshot_metadata
+from snapens.build import Setup, make_deterministic, pick_device, setup, snapshot_metadata
 from snapens.checkpoint import (checkpoint_path, keep_metrics_until, resume_state, rng_state, run_dir_lock,
                                 save_checkpoint, save_config, set_rng_state, stop_requests)
 from snapens.config import check_config, register_configs
@@ -103,6 +103,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float | None:
     if cfg.logger.name == "tensorboard":
         require_tensorboard()
     run_dir = Path(run_dir)
+    make_deterministic(cfg.trainer.deterministic)  # before torchrun's process group starts CUDA
     ranks = distributed.start(pick_device(cfg.trainer.device).type)
     try:  # a stop signal from here on, even during setup, ends the run with a checkpoint (Interrupted)
         with stop_requests() as stops, run_dir_lock(run_dir) if ranks.main else nullcontext():
@@ -165,7 +166,7 @@ def resume(run: Run, saved: dict) -> None:
                            "new hydra.run.dir=DIR to train on the data as it is now")
     s.model.load_state_dict(saved["model"])
     s.optimizer.load_state_dict(saved["optimizer"])
-    set_rng_state(saved["rng"], s.generator)
+    set_rng_state(saved["rng"], s.generator, s.device, run.ranks)
     run.progress, run.resumed = Progress(**saved["progress"]), True
     if s.swa:
         s.swa.load_state_dict(saved["swa"])
@@ -233,7 +234,8 @@ def epoch_batches(run: Run, monitor: "Monitor"):
         progress.position, progress.loss_sum, progress.correct, progress.seen = 0, 0.0, 0, 0
         progress.updates, progress.grad_norm_sum, progress.clipped = 0, 0.0, 0
     monitor.start_sums()
-    rest = progress.order[progress.position * s.update_size:].to(s.device)
+    rest = progress.order[progress.position * s.update_size:s.steps_per_epoch * s.update_size].to(s.device)  # a
+    # compiled run's epoch leaves out the last partial batch (snapens.build.setup)
     return train_batches(s.train_split, s.update_size, s.generator, s.augmentation, s.data.mean, s.data.std, rest,
                          run.cfg.trainer.channels_last)
 
@@ -262,8 +264,7 @@ class Moments:
     def after(cls, run: Run, stops: list[str]) -> "Moments":
         s, progress, trainer, ranks = run.setup, run.progress, run.cfg.trainer, run.ranks
         log_now = progress.step % trainer.log_every == 0
-        epoch_end = (progress.position * s.update_size >= len(s.train_split)
-                     or progress.step == s.schedule.total_steps)
+        epoch_end = progress.position >= s.steps_per_epoch or progress.step == s.schedule.total_steps
         # A signal may reach torchrun's ranks at different steps: they agree at log intervals and epoch ends.
         stop = distributed.any_rank(bool(stops), ranks, s.device) \
             if not ranks.parallel or log_now or epoch_end else False
@@ -285,11 +286,11 @@ def end_cycle(run: Run, lr: float) -> None:
             averaged = swa.finish(s.swa, s.train_split, run.cfg.ensemble.batch_size, s.data.mean, s.data.std,
                                   trainer.channels_last)
             save_snapshot(snapshot_path(run.dir, cycle, swa=True), averaged,
-                          {**meta, "swa_start": trainer.swa.start, "swa_updates": int(s.swa.n_averaged)})
+                          {**meta, "swa_start": trainer.swa.start, "swa_updates": s.swa.n_averaged})
         if trainer.keep_snapshots:
             prune_snapshots(run.dir, trainer.keep_snapshots)
     if s.swa:
-        s.swa.n_averaged.zero_()  # the next cycle's average starts afresh
+        s.swa.n_averaged = 0  # the next cycle's average starts afresh
     if trainer.reset_optimizer_on_restart and progress.step < s.schedule.total_steps:
         s.optimizer.state.clear()  # no momentum or Adam moments carried over the restart
 
@@ -305,7 +306,7 @@ def end_epoch(run: Run, monitor: "Monitor", lr: float) -> None:
             s.schedule = extended
             run.snapshot_steps = s.schedule.cycle_ends()
             if s.swa:
-                s.swa.n_averaged.zero_()  # the extended cycle's window starts later: average afresh
+                s.swa.n_averaged = 0  # the extended cycle's window starts later: average afresh
     if run.ranks.main:
         monitor.write_metrics(lr)
     progress.order = None
@@ -323,12 +324,14 @@ def validation_loss(run: Run) -> float:
 
 
 def save_progress(run: Run) -> None:
-    """checkpoints/last.ckpt (rank 0): everything a resumed run needs to continue bit-identically."""
+    """checkpoints/last.ckpt (rank 0; every rank hands over its CUDA random state): everything a resumed run needs
+    to continue bit-identically."""
+    s = run.setup
+    rng = rng_state(s.generator, s.device, run.ranks)
     if not run.ranks.main:
         return
-    s = run.setup
     save_checkpoint(checkpoint_path(run.dir), {
-        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "rng": rng_state(s.generator),
+        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "rng": rng,
         "progress": dataclasses.asdict(run.progress), "config": OmegaConf.to_container(run.cfg, resolve=True),
         "device": s.device.type, "snapshots": [p.name for p in list_snapshots(run.dir)],
         "swa": s.swa.state_dict() if s.swa else None,
@@ -463,6 +466,9 @@ def report(run: Run) -> float | None:
                 "device": str(s.device), "precision": describe(s.precision, trainer.channels_last),
                 "compiled": trainer.compile, "processes": run.ranks.world, "threads": torch.get_num_threads(),
                 "rank_weights_sha256": distributed.gather_digests(s.model, run.ranks)}
+    if trainer.compile:  # a recompile (a new input shape, say) would show here as more than one graph
+        training["compiled_graphs"] = compiled_graphs()
+        log.info(f"torch.compile made {training['compiled_graphs']} graph(s) in this process")
     if s.device.type == "cuda":
         training["peak_memory_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
     if not run.ranks.main:
@@ -487,6 +493,13 @@ def report(run: Run) -> float | None:
             log_report(writer, result)
     log.info("\n" + format_report(result))
     return returned_accuracy(result)
+
+
+def compiled_graphs() -> int:
+    """The graphs TorchDynamo has compiled in this process (its own count)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def returned_accuracy(result: dict) -> float:

@@ -36,6 +36,7 @@ from snapens.checkpoint import (checkpoint_path, keep_metrics_until, resume_stat
 from snapens.config import check_config, register_configs
 from snapens.ensemble import ensemble_report, format_report, predict_logits
 from snapens.data import split_digest
+from snapens.ensemble import selection
 from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError, exit_with
 from snapens.files import write_atomic
@@ -476,22 +477,24 @@ def report(run: Run) -> float | None:
     paths = list_snapshots(run.dir)  # each read back from its file; its logits kept in logits/<split>/
     metas = [read_metadata(p) for p in paths]
 
-    def evaluate(split_name: str) -> dict:
-        split = getattr(s.data, split_name)
-        logits = cached_logits(paths, metas, split, split_name, run.cfg.ensemble.batch_size, s.device,
-                               lambda *_: s.model, s.precision, trainer.channels_last)
-        return ensemble_report(logits, split.labels, paths, metas, run.cfg.ensemble.rule, split=split_name)
-
-    result = {**evaluate("test"), "training": training}
-    if s.data.val is not None:  # what a sweeper may tune on (returned below); the test numbers stay for reading
-        result["val"] = evaluate("val")
+    rule, splits = run.cfg.ensemble.rule, {"test": s.data.test, "val": s.data.val}
+    logits = {name: cached_logits(paths, metas, split, name, run.cfg.ensemble.batch_size, s.device,
+                                  lambda *_: s.model, s.precision, trainer.channels_last)
+              for name, split in splits.items() if split is not None}
+    result = {**ensemble_report(logits["test"], s.data.test.labels, paths, metas, rule), "training": training}
+    if "val" in logits:  # what a sweeper may tune on (returned below), and members chosen on it, never on test
+        result["val"] = ensemble_report(logits["val"], s.data.val.labels, paths, metas, rule, split="val")
+        result["chosen"] = selection.choose(logits["val"], s.data.val.labels, logits["test"], s.data.test.labels,
+                                            [p.stem for p in paths], rule)
+    result["verdict"] = selection.verdict(result)
     write_atomic(run.dir / "results.json", (json.dumps(result, indent=2) + "\n").encode())
     plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run.dir / "lr_schedule.png")  # final
     plot_training_of(run)
     if run.cfg.logger.name == "tensorboard":
         with open_writer(run.dir) as writer:
             log_report(writer, result)
-    log.info("\n" + format_report(result))
+    chosen = f"\n{selection.format_choice(result['chosen'])}" if "chosen" in result else ""
+    log.info(f"\n{format_report(result)}{chosen}\n{selection.format_verdict(result['verdict'])}")
     return returned_accuracy(result)
 
 

@@ -1,6 +1,7 @@
 """The benchmark scripts' CI-sized runs (--quick, CPU, synthetic data): they finish and report consistent numbers."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -49,3 +50,23 @@ def test_bench_schedule_prints_both_costs_and_their_ratio(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     slow, usual, ratio = (float(x) for x in re.findall(r"([\d.]+)(?:x| us/call)", result.stdout))
     assert ratio == pytest.approx(slow / usual, rel=0.01)
+
+
+@pytest.mark.slow
+def test_gpu_validation_script_dry_run(tmp_path):
+    """scripts/gpu_validate.sh --dry-run: every step of the GPU check runs on this CPU at toy sizes, the compiled
+    short run drops its partial batch (300 images, batches of 64: 4 updates an epoch) and compiles one graph."""
+    root = SCRIPTS.parent
+    done = subprocess.run(["bash", str(SCRIPTS / "gpu_validate.sh"), "--dry-run"], cwd=root, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "OUT": str(tmp_path)})
+    assert done.returncode == 0, done.stdout[-3000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    steps = re.findall(r"^== (\w+)", summary, re.MULTILINE)
+    assert steps == ["probe", "pytest_gpu", "bench_train", "bench_ensemble", "c10_short", "ensemble_fp32",
+                     "ensemble_bf16"]
+    assert summary.count("rc=0") == len(steps)
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    assert probe["rng_round_trip"]["identical"] and probe["run_to_run"] == {"default": True, "deterministic": True}
+    assert probe["swa_update_syncs"]["WeightAverage"] == "no sync"
+    training = json.loads((tmp_path / "c10_short" / "results.json").read_text())["training"]
+    assert training["steps"] == 12 and training["compiled_graphs"] == 1

@@ -1,0 +1,98 @@
+"""Ensemble members chosen on the validation split, never on test.
+
+With short cycles the early snapshots are much weaker than the last ones, and averaging them in can make the
+"ensemble" worse than its own last snapshot. Two choices made on held-out validation images only:
+
+* last m: the ensemble of the last m snapshots, m in 1..M, with the lowest validation NLL (the error rate for a
+  vote, whose NLL is not meaningful);
+* greedy: forward selection with replacement (Caruana et al. 2004, "Ensemble selection from libraries of models"):
+  start from the best single member and keep adding the member (again, if it is best) that lowers the validation
+  criterion most; stop when no addition lowers it. A member chosen k times weighs k times.
+
+`choose` takes the validation logits and labels to decide and only then scores the decision on the test split, so
+the test labels cannot change which members are chosen.
+"""
+
+import torch
+
+from snapens.ensemble import metrics
+
+
+def criterion(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> float:
+    """What the choice minimises: the ensemble's NLL, or its error rate under a vote."""
+    score = metrics.scores(logits, labels, rule)
+    return score["nll"] if score["nll"] is not None else 1.0 - score["acc"]
+
+
+def last_m(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> list[int]:
+    """Indices of the last m of the M members (M x N x C validation logits), m minimising the criterion; the
+    smaller m on a tie."""
+    total = len(logits)
+    best = min(range(1, total + 1), key=lambda m: (criterion(logits[total - m:], labels, rule), m))
+    return list(range(total - best, total))
+
+
+def greedy(logits: torch.Tensor, labels: torch.Tensor, rule: str, max_size: int | None = None) -> list[int]:
+    """Caruana et al.'s forward selection with replacement on validation logits: member indices in the order they
+    were added, repeats kept; at most `max_size` (default 2M) picks."""
+    chosen: list[int] = []
+    best = float("inf")
+    for _ in range(max_size or 2 * len(logits)):
+        trials = [(criterion(logits[chosen + [i]], labels, rule), i) for i in range(len(logits))]
+        value, pick = min(trials)  # the lower index on a tie
+        if value >= best:
+            break
+        chosen, best = chosen + [pick], value
+    return chosen
+
+
+def choose(val_logits: torch.Tensor, val_labels: torch.Tensor, test_logits: torch.Tensor, test_labels: torch.Tensor,
+           names: list[str], rule: str = "logits") -> dict:
+    """Both choices made on validation, then scored once on test: {"by", "last_m": {...}, "greedy": {...}}, each
+    with its members (names, repeats kept), its validation and its test scores."""
+    out = {"by": "validation NLL" if rule != "vote" else "validation error rate"}
+    for name, picks in (("last_m", last_m(val_logits, val_labels, rule)),
+                        ("greedy", greedy(val_logits, val_labels, rule))):
+        out[name] = {"members": [names[i] for i in picks], "val": metrics.scores(val_logits[picks], val_labels, rule),
+                     "test": metrics.scores(test_logits[picks], test_labels, rule)}
+    return out
+
+
+def format_choice(chosen: dict) -> str:
+    """Two lines for the report: each choice, its members and its test scores."""
+    lines = []
+    for name, label in (("last_m", "last m"), ("greedy", "greedy (Caruana)")):
+        c = chosen[name]
+        nll = "-" if c["test"]["nll"] is None else f"{c['test']['nll']:.4f}"
+        lines.append(f"chosen on validation, {label}: {' '.join(c['members'])}: test acc {c['test']['acc']:.4f} "
+                     f"nll {nll} ece {c['test']['ece']:.4f}")
+    return "\n".join(lines)
+
+
+def verdict(result: dict, weak_by: float = 0.05) -> dict:
+    """What a finished run's numbers say about its ensemble, from results.json's own numbers (nothing is chosen by
+    it): each snapshot's test accuracy in cycle order, the all-snapshot ensemble's gain over the last snapshot, the
+    chosen ones' gains, and, when the earlier snapshots average `weak_by` or more below the last and averaging them
+    in did not help, one plain sentence on why and what to try."""
+    trend = [s["acc"] for s in result["snapshots"]]
+    last = result["single"]["acc"]
+    out = {"trend": trend, "ensemble_gain": result["ensemble"]["acc"] - last,
+           "chosen_gains": {k: c["test"]["acc"] - last for k, c in result.get("chosen", {}).items() if k != "by"},
+           "advice": None}
+    if len(trend) > 1 and last - sum(trend[:-1]) / (len(trend) - 1) >= weak_by and out["ensemble_gain"] <= 0:
+        out["advice"] = (
+            f"The earlier snapshots are much weaker than the last (cycle 1 {100 * trend[0]:.1f}%, cycle {len(trend)} "
+            f"{100 * last:.1f}%) and the ensemble of all {len(trend)} is {100 * -out['ensemble_gain']:.1f} points "
+            "below the last snapshot: the cycles look too short for this model and data. Huang et al. (arXiv "
+            "1704.00109) give each CIFAR cycle 40-50 epochs; try fewer cycles (scheduler.cycles=M) or a larger "
+            "trainer.epochs, and hold out data.val_size=N to have members chosen on validation.")
+    return out
+
+
+def format_verdict(v: dict) -> str:
+    """The verdict's lines for the log."""
+    gains = ", ".join(f"{name} {100 * g:+.2f}" for name, g in {"all snapshots": v["ensemble_gain"],
+                                                               **v["chosen_gains"]}.items())
+    lines = [f"test accuracy by cycle: {' '.join(f'{100 * a:.1f}' for a in v['trend'])} (%); ensemble gain over "
+             f"the last snapshot (points): {gains}"]
+    return "\n".join(lines + ([v["advice"]] if v["advice"] else []))

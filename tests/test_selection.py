@@ -1,0 +1,97 @@
+"""Members chosen on validation (last m, Caruana's greedy selection): exact choices on hand-made logits, a choice
+the test labels cannot change, and the chosen ensembles in results.json."""
+
+import json
+
+import pytest
+import torch
+
+from snapens.ensemble import metrics, selection
+from snapens.train import train
+
+from conftest import EQUAL_CYCLES_3
+
+
+def confident(labels: torch.Tensor, right: torch.Tensor, classes: int = 3, margin: float = 4.0) -> torch.Tensor:
+    """N x C logits: `margin` on the true class where `right`, else on the next class."""
+    target = torch.where(right, labels, (labels + 1) % classes)
+    return torch.nn.functional.one_hot(target, classes).double() * margin
+
+
+LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+
+def members() -> torch.Tensor:
+    """A weak early snapshot (right on 2 of 8) and two good late ones that err on different images."""
+    weak = confident(LABELS, torch.tensor([1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool))
+    late_a = confident(LABELS, torch.tensor([1, 1, 1, 1, 1, 1, 0, 1], dtype=torch.bool))
+    late_b = confident(LABELS, torch.tensor([1, 1, 1, 1, 1, 0, 1, 1], dtype=torch.bool))
+    return torch.stack([weak, late_a, late_b])
+
+
+def test_last_m_drops_the_weak_early_snapshot():
+    logits = members()
+    assert selection.last_m(logits, LABELS, "logits") == [1, 2]  # both late ones: each fixes the other's error
+    nll = {m: metrics.scores(logits[3 - m:], LABELS)["nll"] for m in (1, 2, 3)}
+    assert nll[2] < min(nll[1], nll[3])
+
+
+def test_greedy_adds_while_the_criterion_falls():
+    logits = members()
+    picks = selection.greedy(logits, LABELS, "logits")
+    assert sorted(picks[:2]) == [1, 2] and 0 not in picks  # the two late ones tie alone (up to rounding)
+    values = [selection.criterion(logits[picks[:k]], LABELS, "logits") for k in range(1, len(picks) + 1)]
+    assert values == sorted(values, reverse=True) and len(set(values)) == len(values)  # each pick lowered it
+    assert selection.greedy(logits, LABELS, "vote")[0] in (1, 2)  # the vote decides on the error rate
+
+
+def test_test_labels_cannot_change_the_choice():
+    val = members()
+    generator = torch.Generator().manual_seed(0)
+    test_logits = torch.randn(3, 50, 3, generator=generator, dtype=torch.float64)
+    choices = []
+    for seed in range(5):  # five different test labellings, the validation data the same
+        test_labels = torch.randint(0, 3, (50,), generator=torch.Generator().manual_seed(seed))
+        chosen = selection.choose(val, LABELS, test_logits, test_labels, ["c1", "c2", "c3"])
+        choices.append((chosen["last_m"]["members"], chosen["greedy"]["members"]))
+        assert chosen["last_m"]["test"] == metrics.scores(test_logits[[1, 2]], test_labels)
+    assert all(c == choices[0] for c in choices) and choices[0][0] == ["c2", "c3"]
+
+
+def test_results_hold_the_chosen_ensembles(make_cfg, tmp_path):
+    train(make_cfg(*EQUAL_CYCLES_3, "data.val_size=64"), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    chosen = results["chosen"]
+    assert chosen["by"] == "validation NLL"
+    names = [s["name"] for s in results["snapshots"]]
+    assert chosen["last_m"]["members"] == names[len(names) - len(chosen["last_m"]["members"]):]
+    for c in (chosen["last_m"], chosen["greedy"]):
+        assert set(c["members"]) <= set(names) and set(c["test"]) == {"acc", "nll", "ece"}
+    last = {s["name"]: s for s in results["snapshots"]}[names[-1]]
+    if chosen["last_m"]["members"] == [names[-1]]:  # m = 1: the last snapshot's own test numbers
+        assert chosen["last_m"]["test"]["acc"] == pytest.approx(last["acc"], abs=1e-12)
+    assert results["chosen"]["last_m"]["val"]["nll"] <= results["val"]["ensemble"]["nll"] + 1e-12  # m = M is a choice
+
+
+def report_of(accs: list[float], ensemble: float, chosen: float | None = None) -> dict:
+    snapshots = [{"name": f"cycle_{i + 1:02d}", "acc": a} for i, a in enumerate(accs)]
+    result = {"snapshots": snapshots, "single": snapshots[-1], "ensemble": {"acc": ensemble}}
+    if chosen is not None:
+        result["chosen"] = {"by": "validation NLL", "last_m": {"test": {"acc": chosen}}}
+    return result
+
+
+def test_verdict_explains_weak_early_snapshots():
+    v = selection.verdict(report_of([0.53, 0.93, 0.93, 0.98, 0.975, 0.9722], 0.9650, chosen=0.975))
+    assert v["trend"] == [0.53, 0.93, 0.93, 0.98, 0.975, 0.9722]
+    assert v["ensemble_gain"] == pytest.approx(-0.0072) and v["chosen_gains"] == {"last_m": pytest.approx(0.0028)}
+    assert v["advice"].startswith("The earlier snapshots are much weaker than the last (cycle 1 53.0%, cycle 6 97.2%) "
+                                  "and the ensemble of all 6 is 0.7 points below the last snapshot")
+    assert "scheduler.cycles=M" in selection.format_verdict(v)
+
+
+@pytest.mark.parametrize("accs, ensemble", [([0.90, 0.91, 0.92], 0.93),  # the ensemble helps: nothing to explain
+                                            ([0.50, 0.93], 0.95),  # weak start, but averaging still helped
+                                            ([0.90, 0.92], 0.91)])  # below the last, but the snapshots are alike
+def test_verdict_stays_quiet(accs, ensemble):
+    assert selection.verdict(report_of(accs, ensemble))["advice"] is None

@@ -200,8 +200,9 @@ def main() -> None:
               "peak_rss": median["naive"]["peak_rss_mib"] / median["snapens"]["peak_rss_mib"],
               "time_vs_warm": median["naive"]["wall_s"] / median["snapens (warm)"]["wall_s"]}
     config = {"model": args.model, "M": args.snapshots, "images": n, "batch": args.batch_size, "device": str(device),
-              "precision": describe(precision, args.channels_last), "torch": torch.__version__, "threads": args.threads,
-              "workers": os.cpu_count(), "data": args.root or "synthetic", "repeats": args.repeats,
+              "precision": describe(precision, args.channels_last, device), "torch": torch.__version__,
+              "threads": args.threads, "workers": os.cpu_count(), "data": args.root or "synthetic",
+              "repeats": args.repeats,
               "load1": round(os.getloadavg()[0], 2)}
     if device.type == "cuda":
         config["gpu"] = torch.cuda.get_device_name()

@@ -203,8 +203,9 @@ def main() -> None:
     precision = pick_precision(args.precision, device, key="--precision")
     register_configs()
     results = [measure(name, args) for name in args.models.split(",")]
-    config = {"batch": args.batch_size, "device": str(device), "precision": describe(precision, args.channels_last),
-              "compile": args.compile, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    config = {"batch": args.batch_size, "device": str(device),
+              "precision": describe(precision, args.channels_last, device), "compile": args.compile,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
               "workers": os.cpu_count(), "images": results[0]["images"], "data": args.data, "steps": args.steps,
               "warmup": args.warmup, "repeats": args.repeats, "budget": args.budget,
               "load1": round(os.getloadavg()[0], 2)}

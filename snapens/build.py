@@ -211,8 +211,8 @@ def _check_cycles(cfg: DictConfig, schedule: schedules.Schedule, steps) -> None:
         raise SnapensError(f"scheduler.decay={cfg.decay} brings the peak of cycle {len(ends)} below "
                            f"scheduler.eta_min={cfg.eta_min}: that cycle would anneal upwards")
     if cfg.name == "step" and any(steps("milestones", m) >= schedule.total_steps for m in cfg.milestones):
-        raise SnapensError(f"scheduler.milestones={list(cfg.milestones)} ({UNITS[cfg.unit]}): some lie at or beyond the "
-                           f"budget (trainer.epochs); the learning rate would never drop there")
+        raise SnapensError(f"scheduler.milestones={list(cfg.milestones)} ({UNITS[cfg.unit]}): some lie at or beyond "
+                           "the budget (trainer.epochs); the learning rate would never drop there")
 
 
 def _make(cfg: DictConfig, total: int, steps) -> schedules.Schedule:

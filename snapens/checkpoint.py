@@ -72,9 +72,10 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator, device: tor
     cuda = state["cuda"]
     if device.type == "cuda" and cuda:
         if len(cuda) != ranks.world:
+            how = f"with torchrun --nproc_per_node={len(cuda)}" if len(cuda) > 1 else "without torchrun"
             raise SnapensError(f"the checkpoint was written by {len(cuda)} training processes and this run has "
                                f"{ranks.world}: each process's CUDA random stream continues only in its own; resume "
-                               + (f"with torchrun --nproc_per_node={len(cuda)}" if len(cuda) > 1 else "without torchrun"))
+                               f"{how}")
         torch.cuda.set_rng_state(cuda[ranks.rank], device)
     torch.set_rng_state(state["torch"])
     generator.set_state(state["data"])

@@ -17,6 +17,12 @@ def layout(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def describe(dtype: torch.dtype | None, channels_last: bool) -> str:
-    """'bf16, channels_last' and the like: for logs and cache keys."""
-    return f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}, {'channels_last' if channels_last else 'NCHW'}"
+def describe(dtype: torch.dtype | None, channels_last: bool, device: torch.device | None = None) -> str:
+    """'bf16, channels_last' and the like: for logs and cache keys. fp32 on a GPU is said as TF32 where torch lets
+    cuDNN's convolutions (or cuBLAS's matmuls) round their inputs to TF32's 10-bit mantissa, as it does by default
+    for convolutions."""
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    if name == "fp32" and device is not None and device.type == "cuda" and (
+            torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32):
+        name = "tf32"
+    return f"{name}, {'channels_last' if channels_last else 'NCHW'}"

@@ -147,7 +147,7 @@ def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict 
         plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run_dir / "lr_schedule.png")
     log.info(f"{run.metadata['model']} on {cfg.data.name} ({len(s.data.train)} train / {len(s.data.test)} test "
              f"images), {cfg.scheduler.name}: {s.schedule.total_steps} steps, snapshots after steps "
-             f"{run.snapshot_steps}, on {s.device} ({describe(s.precision, cfg.trainer.channels_last)}, "
+             f"{run.snapshot_steps}, on {s.device} ({describe(s.precision, cfg.trainer.channels_last, s.device)}, "
              f"{torch.get_num_threads()} torch threads"
              f"{', compiled' if cfg.trainer.compile else ''}{f', {ranks.world} processes' if ranks.parallel else ''})")
     return run
@@ -464,7 +464,7 @@ def report(run: Run) -> float | None:
     precision) and the plots; return the ensemble's accuracy."""
     s, progress, trainer = run.setup, run.progress, run.cfg.trainer
     training = {"steps": progress.step, "seconds": progress.seconds, "compile_seconds": progress.compile_seconds,
-                "device": str(s.device), "precision": describe(s.precision, trainer.channels_last),
+                "device": str(s.device), "precision": describe(s.precision, trainer.channels_last, s.device),
                 "compiled": trainer.compile, "processes": run.ranks.world, "threads": torch.get_num_threads(),
                 "rank_weights_sha256": distributed.gather_digests(s.model, run.ranks)}
     if trainer.compile:  # a recompile (a new input shape, say) would show here as more than one graph

@@ -1,4 +1,5 @@
-"""The benchmark scripts' CI-sized runs (--quick, CPU, synthetic data): they finish and report consistent numbers."""
+"""The benchmark scripts' CI-sized runs (--quick, CPU, synthetic data, inside the GPU script's dry run): they finish
+and report consistent numbers."""
 
 import json
 import os
@@ -10,38 +11,6 @@ from pathlib import Path
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def run(script: str, *args: str, cwd: Path) -> str:
-    result = subprocess.run([sys.executable, str(SCRIPTS / script), "--quick", "--threads", "1", *args], cwd=cwd,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
-
-
-@pytest.mark.slow
-def test_bench_train_quick(tmp_path):
-    out = run("bench_train.py", "--models", "resnet20", "--device", "cpu", "--json", "train.json", cwd=tmp_path)
-    report = json.loads((tmp_path / "train.json").read_text())
-    assert report["config"]["precision"] == "fp32, channels_last" and report["config"]["device"] == "cpu"
-    (r,) = report["results"]
-    speed = r["images_per_s"]
-    assert speed["snapens"] > 0 and speed["plain"] > 0
-    assert r["ratio"] == pytest.approx(speed["snapens"] / speed["plain"])
-    assert r["snapshot_share"] == pytest.approx(5 * r["snapshot_write_s"] / (200 * 50_000 / speed["snapens"]))
-    assert f"snapens / plain throughput, resnet20: {r['ratio']:.2f}x" in out
-
-
-@pytest.mark.slow
-def test_bench_ensemble_quick(tmp_path):
-    out = run("bench_ensemble.py", "--device", "cpu", "--json", "ensemble.json", cwd=tmp_path)
-    report = json.loads((tmp_path / "ensemble.json").read_text())
-    assert report["agreement"]["agree"]  # snapens' and the naive ensemble's accuracy on the same images
-    assert report["config"]["M"] == 3 and report["config"]["images"] == 500
-    assert 0 < report["logits_s"] < report["median"]["snapens"]["wall_s"]
-    assert report["ratios"]["time"] == pytest.approx(report["median"]["naive"]["wall_s"]
-                                                     / report["median"]["snapens"]["wall_s"])
-    assert "naive / snapens peak RSS" in out
 
 
 def test_bench_schedule_prints_both_costs_and_their_ratio(tmp_path):
@@ -65,6 +34,21 @@ def test_gpu_validation_script_dry_run(tmp_path):
     assert steps == ["probe", "pytest_gpu", "bench_train", "bench_ensemble", "c10_short", "ensemble_fp32",
                      "ensemble_bf16"]
     assert summary.count("rc=0") == len(steps)
+    train = json.loads((tmp_path / "bench_train.json").read_text())  # bench_train.py --quick, CPU
+    assert train["config"]["precision"] == "fp32, channels_last" and train["config"]["device"] == "cpu"
+    (r,) = train["results"]
+    speed = r["images_per_s"]
+    assert speed["snapens"] > 0 and speed["plain"] > 0
+    assert r["ratio"] == pytest.approx(speed["snapens"] / speed["plain"])
+    assert r["snapshot_share"] == pytest.approx(5 * r["snapshot_write_s"] / (200 * 50_000 / speed["snapens"]))
+    assert f"snapens / plain throughput, resnet20: {r['ratio']:.2f}x" in (tmp_path / "bench_train.log").read_text()
+    ensemble = json.loads((tmp_path / "bench_ensemble.json").read_text())  # bench_ensemble.py --quick, CPU
+    assert ensemble["agreement"]["agree"]  # snapens' and the naive ensemble's accuracy on the same images
+    assert ensemble["config"]["M"] == 3 and ensemble["config"]["images"] == 500
+    assert 0 < ensemble["logits_s"] < ensemble["median"]["snapens"]["wall_s"]
+    assert ensemble["ratios"]["time"] == pytest.approx(ensemble["median"]["naive"]["wall_s"]
+                                                       / ensemble["median"]["snapens"]["wall_s"])
+    assert "naive / snapens peak RSS" in (tmp_path / "bench_ensemble.log").read_text()
     probe = json.loads((tmp_path / "probe.json").read_text())
     assert probe["rng_round_trip"]["identical"] and probe["run_to_run"] == {"default": True, "deterministic": True}
     assert probe["swa_update_syncs"]["WeightAverage"] == "no sync"

@@ -169,3 +169,14 @@ def test_evaluation_batches_scale_with_image_size():
         split = Split(torch.zeros(2500, 3, side, side, dtype=torch.uint8), torch.zeros(2500, dtype=torch.long))
         sizes = [len(y) for _, y in eval_batches(split, 1000, (0.5,) * 3, (0.25,) * 3)]
         assert sizes == expected, side
+
+
+def test_fp32_on_a_gpu_is_said_as_tf32_when_torch_allows_it(monkeypatch):
+    from snapens.precision import describe
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default for convolutions
+    assert describe(None, True, torch.device("cuda", 0)) == "tf32, channels_last"
+    assert describe(None, False, torch.device("cpu")) == "fp32, NCHW"
+    assert describe(torch.bfloat16, True, torch.device("cuda", 0)) == "bf16, channels_last"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert not torch.backends.cuda.matmul.allow_tf32  # torch's default for matmuls
+    assert describe(None, True, torch.device("cuda", 0)) == "fp32, channels_last"

@@ -122,9 +122,10 @@ def test_results_json_ensemble_json_and_evaluate_share_one_shape(run):
         ensemble.add(model)
     evaluated = ensemble.evaluate([(x[i:i + 64], data.test.labels[i:i + 64]) for i in range(0, len(x), 64)])
 
-    assert set(results) == SHAPE | {"training", "val"}  # the run held out a validation split: its report too
+    assert set(results) == SHAPE | {"training", "val", "chosen", "verdict"}  # with the held-out split's report
     assert set(results["val"]) == SHAPE and results["val"]["split"] == "val"
-    assert set(report) == SHAPE | {"why", "curves", "disagreement", "logits_seconds"}
+    assert set(report) == SHAPE | {"why", "curves", "disagreement", "logits_seconds", "chosen"}
+    assert report["chosen"] == results["chosen"]  # chosen on the same cached validation logits, alike
     assert set(evaluated) == SHAPE
     entry = {"file", "name", "cycle", "step", "acc", "nll", "ece"}
     for r in (results, report, evaluated):
@@ -155,8 +156,8 @@ def test_logits_are_cached_and_recomputed_only_when_their_inputs_change(run, mon
     model = instantiate(read_metadata(path)["model_config"])
     save_snapshot(path, model, read_metadata(path))
     evaluate(f"run={run}")
-    assert calls == [1]
-    evaluate(f"run={run}", "split=val")  # another split: its own cache, where only the retrained one is stale
+    assert calls == [1, 1]  # its test logits, and its validation logits for the members chosen on validation
+    evaluate(f"run={run}", "split=val")  # the validation cache is fresh again
     assert len(calls) == 2
 
 
@@ -213,7 +214,7 @@ def test_predict_on_a_folder_gives_the_reports_classes(run, tmp_path, caplog):
     shutil.rmtree(run / "ensemble", ignore_errors=True)
     assert evaluate(f"run={run}", f"predict={folder}") is None
     assert not (run / "ensemble").exists()  # predictions only: no report on the test split
-    assert f"skipped 1 files that are not images" in caplog.text and str(folder / "labels.txt") in caplog.text
+    assert "skipped 1 files that are not images" in caplog.text and str(folder / "labels.txt") in caplog.text
     with open(run / "predictions/predictions.csv") as f:
         rows = list(csv.DictReader(f))
     logits, _ = direct_logits(run)

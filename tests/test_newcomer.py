@@ -11,7 +11,7 @@ import pytest
 
 from snapens import build, tensorboard_log
 from snapens.errors import SnapensError
-from snapens.schedules import CosineCycles, Cosine
+from snapens.schedules import CosineCycles
 from snapens.train import snapshot_steps, train
 
 from conftest import CONF, EQUAL_CYCLES_2, FAST

@@ -78,7 +78,8 @@ def test_metrics_has_one_line_per_epoch(finished_run):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
     assert [r["step"] for r in lines] == [4, 8, 12]
-    assert set(lines[0]) == {"epoch", "step", "lr", "train_loss", "train_acc", "seconds", "skipped", "cycle_ends"}
+    assert set(lines[0]) == {"epoch", "step", "lr", "train_loss", "train_acc", "grad_norm", "clip_rate", "seconds",
+                             "skipped", "cycle_ends"}
     assert all(r["cycle_ends"] == [4, 12] for r in lines)
     assert all(r["skipped"] == 0 for r in lines)
     assert all(0 <= r["train_acc"] <= 1 and r["train_loss"] > 0 for r in lines)

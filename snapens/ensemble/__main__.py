@@ -21,7 +21,7 @@ from snapens import cli
 from snapens.build import build_data, model_from_metadata, pick_device, pick_precision
 from snapens.config import CHOICES, register_configs, schema_of
 from snapens.data import IMAGE_EXTENSIONS, Split, read_image
-from snapens.ensemble import build_report, check_rule, format_report, metrics, predict_logits
+from snapens.ensemble import build_report, check_rule, format_report, metrics, predict_logits, selection
 from snapens.ensemble.cache import cached_logits, file_digest
 from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, plot_reliability
 from snapens.errors import SnapensError, exit_with
@@ -168,8 +168,10 @@ def model_maker(device: torch.device):
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
-def report(cfg, paths, metas, logits, labels, out_dir: Path, logits_seconds: float) -> dict:
-    """ensemble.json (`build_report`'s report, why these members, curves, disagreement, logits time) and the figures."""
+def report(cfg, paths, metas, logits, labels, out_dir: Path, logits_seconds: float, chosen: dict | None = None
+           ) -> dict:
+    """ensemble.json (`build_report`'s report, why these members, curves, disagreement, logits time, and the
+    members chosen on validation when there is a validation split) and the figures."""
     names = [f"{p.parent.parent.name}/{p.stem}" if len({q.parent for q in paths}) > 1 else p.stem for p in paths]
     members = [{"file": str(p), "name": n, "cycle": m.get("cycle"), "step": m.get("step")}
                for p, n, m in zip(paths, names, metas)]
@@ -178,6 +180,8 @@ def report(cfg, paths, metas, logits, labels, out_dir: Path, logits_seconds: flo
               "curves": metrics.curves(logits, labels, bins=cfg.bins),
               "disagreement": metrics.disagreement(logits).tolist(),
               "logits_seconds": logits_seconds}  # wall time of reading or computing every member's logits
+    if chosen:
+        result["chosen"] = chosen
     write_atomic(out_dir / "ensemble.json", (json.dumps(result, indent=2) + "\n").encode())
     plot_report(result, logits, labels, cfg.bins, out_dir)
     return result
@@ -291,14 +295,15 @@ def read_members(cfg: DictConfig) -> tuple[list[Path], list[dict]]:
     return paths, metas
 
 
-def load_split(cfg: DictConfig, paths: list[Path], metas: list[dict]) -> Split:
-    """The split to evaluate on, from the training config's data, with the members' classes."""
+def load_split(cfg: DictConfig, paths: list[Path], metas: list[dict]) -> tuple[Split, Split | None]:
+    """The split to evaluate on, from the training config's data, with the members' classes; and the validation
+    split to choose members on when that split is test (None without one)."""
     data = build_data(training_config(cfg).data)
     check_same_classes(paths, metas, data.classes)
     split = data.test if cfg.split == "test" else data.val
     if split is None:
         raise SnapensError("split=val but the run held out no validation images (train with data.val_size=N)")
-    return split
+    return split, data.val if cfg.split == "test" else None
 
 
 def default_dir(out, run, split, swa, predict, fallback: str) -> str:
@@ -338,13 +343,20 @@ def evaluate(cfg: DictConfig) -> float | None:
     if cfg.predict:  # new images only: no report on a split
         log.info(f"predictions: {predict(cfg, paths, metas, device, precision, report_dir(cfg, paths))}")
         return None
-    split = load_split(cfg, paths, metas)
+    split, val = load_split(cfg, paths, metas)
     out_dir = report_dir(cfg, paths)
     start = time.perf_counter()
     logits = cached_logits(paths, metas, split, cfg.split, cfg.batch_size, device, model_maker(device), precision,
                            cfg.channels_last)
-    result = report(cfg, paths, metas, logits, split.labels, out_dir, time.perf_counter() - start)
-    log.info(f"\n{format_report(result)}\n\n{format_curves(result)}\nreport: {out_dir}")
+    seconds = time.perf_counter() - start
+    chosen = None
+    if val is not None:  # members chosen on the validation split, then scored on test (snapens.ensemble.selection)
+        val_logits = cached_logits(paths, metas, val, "val", cfg.batch_size, device, model_maker(device), precision,
+                                   cfg.channels_last)
+        chosen = selection.choose(val_logits, val.labels, logits, split.labels, [p.stem for p in paths], cfg.rule)
+    result = report(cfg, paths, metas, logits, split.labels, out_dir, seconds, chosen)
+    choice = f"\n{selection.format_choice(chosen)}" if chosen else ""
+    log.info(f"\n{format_report(result)}{choice}\n\n{format_curves(result)}\nreport: {out_dir}")
     return result["ensemble"]["acc"]
 
 

@@ -79,7 +79,7 @@ def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name
     split_sha, out = split_digest(split), []
     for path, meta in zip(paths, metas):
         key = {"snapshot_sha256": file_digest(path), "split_sha256": split_sha,
-               "computed_in": describe(precision, channels_last)}
+               "computed_in": describe(precision, channels_last, device)}
         cached = cache_path(path, split_name)
         logits = read_cached(cached, key, len(split)) if cached else None
         if logits is None:

@@ -129,6 +129,7 @@ def summarise(records: list[dict]) -> list[dict]:
         counts = [r["snapshots"] for r in runs]
         seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
         rows.append({"config": config, "n": len(runs), "single": mean_std(single), "ensemble": mean_std(ensemble),
+                     "values": {"single": single, "ensemble": ensemble},  # each run's, for the plot's dots
                      "gain": mean_std([e - s for s, e in zip(single, ensemble)]),  # paired: same run, same test set
                      "snapshots": (min(counts), max(counts)), "seconds": statistics.fmean(seconds) if seconds else None,
                      "runs": [str(r["dir"]) for r in runs]})
@@ -183,19 +184,28 @@ def csv_bytes(rows: list[dict]) -> bytes:
 
 
 def plot_report(rows: list[dict], shared: list[str], path: Path) -> None:
-    """report.png: single vs ensemble accuracy per config, bars at the mean with sample-std error bars."""
+    """report.png: single vs ensemble accuracy per config: the mean with sample-std error bars and each run as a
+    dot, on an axis that starts near the data."""
     import matplotlib  # here, not at import: the table and the CSV need no plotting library
     matplotlib.use("Agg")  # files only: works on a headless machine
     import matplotlib.pyplot as plt
 
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(rows) + 3), 4.5))
-    for offset, name in ((-0.2, "single"), (0.2, "ensemble")):
-        ax.bar([i + offset for i in x], [100 * r[name][0] for r in rows], width=0.4,
-               yerr=[100 * (r[name][1] or 0.0) for r in rows], capsize=3, label=name)
+    for offset, name, color in ((-0.2, "single", "C0"), (0.2, "ensemble", "C1")):
+        ax.errorbar([i + offset for i in x], [100 * r[name][0] for r in rows],
+                    yerr=[100 * (r[name][1] or 0.0) for r in rows], fmt="_", ms=18, capsize=4, color=color,
+                    label=f"{name}: mean ± std")
+        for i, r in enumerate(rows):  # each run (seed) as a dot
+            values = [100 * v for v in r["values"][name]]
+            ax.plot([i + offset] * len(values), values, "o", color=color, alpha=0.5, ms=4)
+    everything = [100 * v for r in rows for name in ("single", "ensemble") for v in r["values"][name]]
+    low, high = min(everything), max(everything)
+    margin = max(0.5, 0.1 * (high - low))  # the axis starts near the data, not at 0
+    ax.set_ylim(low - margin, high + margin)
     ax.set_xticks(list(x), [label(r, shared).replace(" ", "\n") for r in rows], fontsize=8)
-    ax.set(ylabel="test accuracy (%), mean ± std", title="single (last snapshot) vs ensemble")
-    ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the axes: never over a bar
+    ax.set(ylabel="test accuracy (%)", title="single (last snapshot) vs ensemble; dots: runs")
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the axes: never over a point
     save_figure(fig, path)
 
 

@@ -22,36 +22,51 @@ def schedule_points(schedule: Schedule, snapshot_steps: list[int]) -> list[int]:
     return sorted(set(range(0, total, stride)) | edges | {total - 1})
 
 
-def plot_lr_schedule(schedule: Schedule, steps_per_epoch: int, snapshot_steps: list[int], path: Path) -> None:
-    """Learning rate (and momentum, where the schedule sets it) against epochs, snapshot points dashed."""
+def plot_lr_schedule(schedule: Schedule, steps_per_epoch: int, snapshot_steps: list[int], path: Path,
+                     name: str = "schedule") -> None:
+    """Learning rate (and momentum, where the schedule sets it) against epochs, snapshot points dashed; the legend
+    sits below the axes, never over the curve."""
     steps = schedule_points(schedule, snapshot_steps)
     epochs = [t / steps_per_epoch for t in steps]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(epochs, [schedule.lr(t) for t in steps], color="C0", label="learning rate")
-    ax.set(xlabel="epoch", ylabel="learning rate", title=f"schedule: {schedule.total_steps} updates")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lines = ax.plot(epochs, [schedule.lr(t) for t in steps], color="C0", label="learning rate")
+    ax.set(xlabel="epoch", ylabel="learning rate",
+           title=f"{name}: {schedule.total_steps} updates, {len(snapshot_steps)} snapshots")
     momentum = [schedule.momentum(t) for t in steps]
     if any(m is not None for m in momentum):
         twin = ax.twinx()
-        twin.plot(epochs, momentum, color="C1", label="momentum")
+        lines += twin.plot(epochs, momentum, color="C1", label="momentum")
         twin.set_ylabel("momentum")
-        twin.legend(loc="upper center")
-    _mark(ax, [s / steps_per_epoch for s in snapshot_steps])
-    ax.legend(loc="upper right")
+    lines += _mark(ax, [s / steps_per_epoch for s in snapshot_steps])
+    ax.legend(handles=lines, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     save_figure(fig, path)
 
 
-def plot_training(records: list[dict], snapshot_epochs: list[float], path: Path) -> None:
-    """Training loss and accuracy per epoch (metrics.jsonl records), snapshot points dashed."""
+def plot_training(records: list[dict], snapshot_epochs: list[float], path: Path, results: dict | None = None
+                  ) -> None:
+    """Training loss and accuracy per epoch (metrics.jsonl records), snapshot points dashed; with the run's
+    results.json, each snapshot's test accuracy and, where the run held out a validation split, its validation
+    loss (NLL), at the snapshot points."""
     epochs = [r["epoch"] for r in records]
-    fig, (loss, acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, name in ((loss, "train_loss", "training loss"), (acc, "train_acc", "training accuracy")):
-        ax.plot(epochs, [r[key] for r in records], "o-", ms=3)
+    fig, (loss, acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, name in ((loss, "train_loss", "loss"), (acc, "train_acc", "accuracy")):
+        ax.plot(epochs, [r[key] for r in records], "o-", ms=3, label=f"training {name} (epoch)")
         ax.set(xlabel="epoch", ylabel=name)
         _mark(ax, snapshot_epochs)
+    if results:
+        at = snapshot_epochs[-len(results["snapshots"]):]  # the snapshots kept (trainer.keep_snapshots)
+        acc.plot(at, [s["acc"] for s in results["snapshots"]], "D", color="C3", label="snapshot, test")
+        if "val" in results:
+            loss.plot(at, [s["nll"] for s in results["val"]["snapshots"]], "D", color="C2",
+                      label="snapshot, validation NLL")
+    for ax in (loss, acc):
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False, fontsize=8)
     fig.suptitle("training (dashed: snapshots)")
     save_figure(fig, path)
 
 
-def _mark(ax, epochs: list[float]) -> None:
-    for i, e in enumerate(epochs):
-        ax.axvline(e, color="gray", ls="--", lw=0.8, label="snapshot" if i == 0 else None)
+def _mark(ax, epochs: list[float]) -> list:
+    """Dashed lines at the snapshot points; the first one's handle, for a legend."""
+    lines = [ax.axvline(e, color="gray", ls="--", lw=0.8, label="snapshot" if i == 0 else None)
+             for i, e in enumerate(epochs)]
+    return lines[:1]

@@ -144,7 +144,8 @@ def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict 
         resume(run, saved)
     run.snapshot_steps = snapshot_steps(s.schedule, every, cfg.scheduler.get("cycles"))
     if ranks.main:
-        plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run_dir / "lr_schedule.png")
+        plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run_dir / "lr_schedule.png",
+                         cfg.scheduler.name)
     log.info(f"{run.metadata['model']} on {cfg.data.name} ({len(s.data.train)} train / {len(s.data.test)} test "
              f"images), {cfg.scheduler.name}: {s.schedule.total_steps} steps, snapshots after steps "
              f"{run.snapshot_steps}, on {s.device} ({describe(s.precision, cfg.trainer.channels_last, s.device)}, "
@@ -488,7 +489,8 @@ def report(run: Run) -> float | None:
                                             [p.stem for p in paths], rule)
     result["verdict"] = selection.verdict(result)
     write_atomic(run.dir / "results.json", (json.dumps(result, indent=2) + "\n").encode())
-    plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run.dir / "lr_schedule.png")  # final
+    plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run.dir / "lr_schedule.png",
+                     run.cfg.scheduler.name)  # final
     plot_training_of(run)
     if run.cfg.logger.name == "tensorboard":
         with open_writer(run.dir) as writer:
@@ -515,9 +517,12 @@ def returned_accuracy(result: dict) -> float:
 
 
 def plot_training_of(run: Run) -> None:
-    """training.png from metrics.jsonl, snapshot points marked."""
+    """training.png from metrics.jsonl (and results.json's snapshot scores once it exists), snapshots marked."""
     metrics = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
-    plot_training(metrics, [e / run.setup.steps_per_epoch for e in run.snapshot_steps], run.dir / "training.png")
+    results_path = run.dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    plot_training(metrics, [e / run.setup.steps_per_epoch for e in run.snapshot_steps], run.dir / "training.png",
+                  results)
 
 
 def refuse_tuning_on_test(cfg: DictConfig) -> None:

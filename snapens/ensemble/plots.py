@@ -25,12 +25,21 @@ def plot_accuracy_vs_members(curves: dict, single_acc: float, rule: str, path: P
 
 
 def plot_disagreement(matrix, names: list[str], path: Path) -> None:
-    """Heatmap of the fraction of points on which two snapshots' predictions differ."""
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(names), 1 + 0.6 * len(names)))
+    """Heatmap of the fraction of points on which two snapshots' predictions differ, each cell's value written in
+    it (up to 12 snapshots; beyond, the colours alone), the cells large enough for their labels."""
+    n = len(names)
+    side = 2.5 + 0.75 * n
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
     image = ax.imshow(matrix, cmap="viridis", vmin=0)
-    ax.set_xticks(range(len(names)), names, rotation=90)
-    ax.set_yticks(range(len(names)), names)
-    fig.colorbar(image, ax=ax, label="disagreement")
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    if n <= 12:
+        top = max((v for row in matrix for v in row), default=0) or 1
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):  # dark text on the light end of viridis, light on the dark end
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if value > 0.6 * top else "white")
+    fig.colorbar(image, ax=ax, label="disagreement", fraction=0.046, pad=0.04)
     ax.set_title("pairwise disagreement")
     save_figure(fig, path)
 

@@ -67,6 +67,7 @@ def read_run(run: Path, seed_key: str) -> dict:
         results = json.loads(path.read_text())
         record = {"dir": run, "single": float(results["single"]["acc"]), "ensemble": float(results["ensemble"]["acc"]),
                   "val": results.get("val", {}).get("ensemble", {}).get("acc"),
+                  "val_single": results.get("val", {}).get("single", {}).get("acc"),
                   "snapshots": len(results["ensemble"]["members"]),
                   "seconds": results.get("training", {}).get("seconds")}  # older runs have no "training"
         if not all(0 <= record[k] <= 1 for k in ("single", "ensemble")):  # NaN fails too
@@ -183,7 +184,7 @@ def csv_bytes(rows: list[dict]) -> bytes:
     return out.getvalue().encode()
 
 
-def plot_report(rows: list[dict], shared: list[str], path: Path) -> None:
+def plot_report(rows: list[dict], shared: list[str], path: Path, split: str = "test") -> None:
     """report.png: single vs ensemble accuracy per config: the mean with sample-std error bars and each run as a
     dot, on an axis that starts near the data."""
     import matplotlib  # here, not at import: the table and the CSV need no plotting library
@@ -204,7 +205,7 @@ def plot_report(rows: list[dict], shared: list[str], path: Path) -> None:
     margin = max(0.5, 0.1 * (high - low))  # the axis starts near the data, not at 0
     ax.set_ylim(low - margin, high + margin)
     ax.set_xticks(list(x), [label(r, shared).replace(" ", "\n") for r in rows], fontsize=8)
-    ax.set(ylabel="test accuracy (%)", title="single (last snapshot) vs ensemble; dots: runs")
+    ax.set(ylabel=f"{split} accuracy (%)", title="single (last snapshot) vs ensemble; dots: runs")
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the axes: never over a point
     save_figure(fig, path)
 
@@ -227,17 +228,23 @@ def report(paths: list[Path], out: Path, seed_key: str = "trainer.seed") -> list
         print(f"snapens: warning: skipping {len(unfinished)} unfinished runs (no results.json): "
               f"{', '.join(unfinished)}", file=sys.stderr)
     records = [read_run(r, seed_key) for r in finished]
+    chosen = [line for p in paths if (line := chosen_trial(p, records))]
+    split = "test"
+    if chosen:  # a tuning sweep: its table shows validation numbers, where it chose; test is read once, below
+        split = "validation"
+        records = [{**r, "single": r["val_single"], "ensemble": r["val"]} for r in records if r["val"] is not None]
     rows = summarise(records)
     shared = shared_overrides(rows)
     table = format_table(rows, shared)
-    chosen = [line for p in paths if (line := chosen_trial(p, records))]
-    table += "".join(f"\n\n{line}" for line in chosen)
+    if chosen:
+        table = ("Accuracies on the validation split: the sweeper tuned on it, so the test split is read only for "
+                 f"the trial it chose.\n\n{table}" + "".join(f"\n\n{line}" for line in chosen))
     common = f"Overrides shared by all configs: `{' '.join(shared)}`\n\n" if shared else ""
     runs_line = f"Runs ({len(finished)}): {', '.join(str(r) for r in finished)}"
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "report.md", f"# snapens report\n\n{common}{table}\n\n{runs_line}\n".encode())
     write_atomic(out / "report.csv", csv_bytes(rows))
-    plot_report(rows, shared, out / "report.png")
+    plot_report(rows, shared, out / "report.png", split)
     print(f"{common}{table}\n\nwrote report.md, report.csv and report.png to {out}")
     return rows
 

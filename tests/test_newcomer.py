@@ -126,6 +126,9 @@ def test_optuna_example_tunes_on_validation(tmp_path):
     assert shown.returncode == 0, shown.stderr
     chosen = [line for line in shown.stdout.splitlines() if line.startswith("chosen on validation by optuna")]
     assert len(chosen) == 1 and f"validation ensemble {100 * max(vals):.2f}%" in chosen[0]
+    assert "Accuracies on the validation split" in shown.stdout  # the trials' table: no test number but the chosen
+    rows = (sweep / "report.csv").read_text().splitlines()[1:]
+    assert sorted(float(row.split(",")[4]) for row in rows) == sorted(vals)  # ensemble_mean: validation
 
 
 # ---- where things go ---------------------------------------------------------------------------------------------

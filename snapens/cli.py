@@ -4,6 +4,7 @@ the wrong type, an unknown option) and a stop signal during start-up, each said 
 import difflib
 import logging
 import os
+import re
 import signal
 import sys
 from dataclasses import fields, is_dataclass
@@ -77,8 +78,8 @@ class ShowSweepDir(Callback):
 
 def discard_unused_run_dir() -> None:
     """After an error: a run dir that holds nothing but this job's Hydra log (the config was refused before anything
-    was written) is removed with the log, and its parent when that is left empty, so a rejected command leaves no
-    run dir behind. Only that log file is deleted and only empty folders are removed: nothing else is touched."""
+    was written) is removed with the log, so a rejected command leaves no run dir behind. Only that log file is
+    deleted and only empty folders are removed: nothing else is touched."""
     hydra = HydraConfig.get()
     folder = Path(hydra.runtime.output_dir)
     log_file = folder / f"{hydra.job.name}.log"
@@ -89,7 +90,10 @@ def discard_unused_run_dir() -> None:
             handler.close()
             logging.getLogger().removeHandler(handler)
     log_file.unlink(missing_ok=True)
-    for empty in (folder, folder.parent):
+    # The run dir, and its parent when that is the default layout's date folder (outputs/runs/<YYYY-MM-DD>/) left
+    # empty: a folder of the user's own is never removed.
+    dated = re.fullmatch(r"\d{4}-\d{2}-\d{2}", folder.parent.name)
+    for empty in (folder, folder.parent) if dated else (folder,):
         try:
             empty.rmdir()
         except OSError:  # not empty (or not ours to remove): left as it is

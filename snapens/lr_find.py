@@ -187,9 +187,10 @@ def summary(result: dict, run_dir: str | Path) -> str:
         f"minimum at lr {s['lr_at_min']:.3g} (step {s['min_step']}), / 10 = {s['lr_at_min_over_10']:.3g}",
         f"rule: {RULE}",
         *([] if result["stopped_early"] else [
-            f"warning: the loss never diverged up to lr_find.end_lr={result['lrs'][-1]:g}, so its minimum is only "
-            f"where the sweep ended; run again with lr_find.end_lr={10 * result['lrs'][-1]:g} to see where it "
-            "blows up"]),
+            f"warning: the loss never diverged up to lr_find.end_lr={result['lrs'][-1]:g}, so the blow-up that "
+            "bounds the useful range was not seen" + (" and the minimum is only where the sweep ended" if
+                                                       s["min_step"] == len(result["lrs"]) - 1 else "")
+            + f"; run again with lr_find.end_lr={10 * result['lrs'][-1]:g}"]),
         f"wrote {Path(run_dir) / 'lr_find.json'} and lr_find.png; overrides to paste:",
         result["overrides"]])
 

@@ -99,9 +99,17 @@ def chosen_trial(folder: Path, records: list[dict]) -> str | None:
     best = yaml.safe_load(path.read_text()) or {}
     wanted = {str(k): v for k, v in (best.get("best_params") or {}).items()}
 
+    def same(text: str, value) -> bool:  # "5e-05" reads as a string in YAML: numbers compare as numbers
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                return float(text) == float(value)
+            except ValueError:
+                return False
+        return yaml.safe_load(text) == value
+
     def matches(record: dict) -> bool:
         given = dict(o.split("=", 1) for o in record.get("overrides", []) if "=" in o)
-        return all(k in given and yaml.safe_load(given[k]) == v for k, v in wanted.items())
+        return all(k in given and same(given[k], v) for k, v in wanted.items())
 
     found = [r for r in records if r["dir"].parent == folder and matches(r)]
     params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in wanted.items())
@@ -228,11 +236,14 @@ def report(paths: list[Path], out: Path, seed_key: str = "trainer.seed") -> list
         print(f"snapens: warning: skipping {len(unfinished)} unfinished runs (no results.json): "
               f"{', '.join(unfinished)}", file=sys.stderr)
     records = [read_run(r, seed_key) for r in finished]
-    chosen = [line for p in paths if (line := chosen_trial(p, records))]
+    sweeps = [f for p in paths if p.is_dir() for f in (p, *sorted(d for d in p.iterdir() if d.is_dir()))]
+    chosen = [line for folder in sweeps if (line := chosen_trial(folder, records))]  # also in a date dir's sweeps
     split = "test"
     if chosen:  # a tuning sweep: its table shows validation numbers, where it chose; test is read once, below
         split = "validation"
         records = [{**r, "single": r["val_single"], "ensemble": r["val"]} for r in records if r["val"] is not None]
+        if not records:
+            raise SnapensError(f"{given} holds a tuning sweep whose runs have no validation split to report")
     rows = summarise(records)
     shared = shared_overrides(rows)
     table = format_table(rows, shared)

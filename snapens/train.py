@@ -114,7 +114,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float | None:
                 log.info(f"run dir {run_dir} holds a finished run; nothing to do (results.json has its numbers)")
                 if ranks.main and any(not (run_dir / name).exists() or not (run_dir / name).stat().st_size
                                       for name in ("lr_schedule.png", "training.png")):
-                    plot_training_of(begin(cfg, run_dir, distributed.Ranks(), saved))  # a plot lost: drawn again
+                    # A plot lost: drawn again, in this process alone, which restores no CUDA random stream
+                    # (a torchrun run saved one per process).
+                    redraw = {**saved, "rng": {**saved["rng"], "cuda": []}}
+                    plot_training_of(begin(cfg, run_dir, distributed.Ranks(), redraw))
                 return returned_accuracy(json.loads((run_dir / "results.json").read_text()))
             run = begin(cfg, run_dir, ranks, saved)
             loop(run, stops)
@@ -440,7 +443,8 @@ class Monitor(ExitStack):
         updates = max(progress.updates, 1)
         record = {"epoch": progress.epoch, "step": progress.step, "lr": lr, "train_loss": progress.loss_sum / seen,
                   "train_acc": progress.correct / seen, "grad_norm": progress.grad_norm_sum / updates,
-                  "clip_rate": progress.clipped / updates if self.run.cfg.trainer.clip_mode == "norm" else None,
+                  "clip_rate": progress.clipped / updates if self.run.cfg.trainer.clip_mode == "norm"
+                  and self.run.cfg.trainer.grad_clip else None,  # None: not clipping, or by value
                   "seconds": progress.seconds, "skipped": progress.skipped,
                   "cycle_ends": self.run.snapshot_steps}
         self.metrics.write(json.dumps(record) + "\n")

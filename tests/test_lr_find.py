@@ -139,3 +139,22 @@ def test_cli_bad_value_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "snapens: error: lr_find.start_lr=1.0 must be below lr_find.end_lr=0.1"]
     assert not (tmp_path / "run" / "lr_find.json").exists()
+
+
+def test_cli_says_when_the_loss_never_diverged_and_logs_to_its_file(tmp_path):
+    """A sweep ending at a small end_lr never blows up: the summary says its minimum is only where it ended and
+    suggests 10x the end_lr; the range test runs unclipped unless asked, and lr_find.log holds what was printed."""
+    assert lr_find_cfg(*FAST).trainer.grad_clip == 0
+    run_dir = tmp_path / "run"
+    result = run_cli(*FAST, "lr_find.num_steps=30", "lr_find.end_lr=0.5", "lr_find.diverge_factor=1000",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((run_dir / "lr_find.json").read_text())
+    at_end = record["suggestion"]["min_step"] == 29
+    warning = ("warning: the loss never diverged up to lr_find.end_lr=0.5, so the blow-up that bounds the useful "
+               "range was not seen" + (" and the minimum is only where the sweep ended" if at_end else "")
+               + "; run again with lr_find.end_lr=5")
+    assert warning in result.stdout
+    log = (run_dir / "lr_find.log").read_text()
+    assert warning in log and f"run dir {run_dir}" in log
+    assert json.loads((run_dir / "lr_find.json").read_text())["config"]["trainer"]["grad_clip"] == 0

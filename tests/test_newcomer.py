@@ -133,10 +133,13 @@ def test_optuna_example_tunes_on_validation(tmp_path):
 
 # ---- where things go ---------------------------------------------------------------------------------------------
 def test_refused_config_leaves_no_run_dir(tmp_path):
-    done = run_cli("snapens.train", *FAST, "trainer.epochs=-1", f"hydra.run.dir={tmp_path / 'day' / 'run'}",
+    done = run_cli("snapens.train", *FAST, "trainer.epochs=-1", f"hydra.run.dir={tmp_path / '2026-11-30' / 'run'}",
                    cwd=tmp_path)
     assert done.returncode == 2 and "trainer.epochs=-1.0 must be a finite number > 0" in done.stderr
-    assert not (tmp_path / "day").exists()
+    assert not (tmp_path / "2026-11-30").exists()  # the default layout's date folder, left empty: removed too
+    (tmp_path / "exp").mkdir()  # a folder of the user's own stays, even empty
+    run_cli("snapens.train", *FAST, "trainer.epochs=-1", f"hydra.run.dir={tmp_path / 'exp' / 'run1'}", cwd=tmp_path)
+    assert (tmp_path / "exp").is_dir() and not (tmp_path / "exp" / "run1").exists()
     kept = tmp_path / "mine"  # a dir that holds anything else is never touched
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
@@ -157,7 +160,7 @@ def test_report_takes_a_date_dir_and_out(tmp_path):
 
 
 # ---- clipping you are told about ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("clip, mode, rate", [(1e-6, "norm", 1.0), (1e6, "norm", 0.0), (0, "norm", 0.0),
+@pytest.mark.parametrize("clip, mode, rate", [(1e-6, "norm", 1.0), (1e6, "norm", 0.0), (0, "norm", None),
                                               (1e-6, "value", None)])
 def test_clip_rate_in_metrics(make_cfg, tmp_path, caplog, clip, mode, rate):
     train(make_cfg(*EQUAL_CYCLES_2, f"trainer.grad_clip={clip}", f"trainer.clip_mode={mode}"), tmp_path)

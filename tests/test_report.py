@@ -189,3 +189,23 @@ def test_report_returns_rows(tmp_path, capsys):
     rows = report([tmp_path / "r"], tmp_path / "out")
     assert rows[0]["single"] == (0.5, None) and rows[0]["gain"] == (0.25, None)
     assert rows[0]["config"] == "(defaults)"
+
+
+def test_tuning_sweep_in_a_date_dir_reads_test_once(tmp_path, capsys):
+    """An Optuna sweep found through its date dir: the table shows validation numbers, the chosen trial's test
+    numbers appear once; parameters match however YAML spells them (5e-05 is a string to YAML)."""
+    sweep = tmp_path / "2026-11-30" / "10-00-00"
+    for job, (eta, val, test) in enumerate([("5e-05", 0.80, 0.70), ("0.1", 0.60, 0.90)]):
+        run = make_run(sweep / str(job), 0.5, test, (f"scheduler.eta_max={eta}",))
+        results = json.loads((run / "results.json").read_text())
+        results["val"] = {"single": {"acc": val - 0.1}, "ensemble": {"acc": val}}
+        (run / "results.json").write_text(json.dumps(results))
+    (sweep / "optimization_results.yaml").write_text("name: optuna\nbest_params:\n  scheduler.eta_max: 5.0e-05\n"
+                                                      "best_value: 0.8\n")
+    code, out, err = run_main(capsys, str(tmp_path / "2026-11-30"), f"out={tmp_path / 'r'}")
+    assert (code, err) == (0, "")
+    rows = read_csv(tmp_path / "r" / "report.csv")
+    assert sorted(float(r["ensemble_mean"]) for r in rows) == [0.6, 0.8]  # validation, not test
+    assert "chosen on validation by optuna: scheduler.eta_max=5e-05 (validation ensemble 80.00%" in out
+    assert "its test accuracy, read once: single 50.00%, ensemble 70.00%" in out
+    assert "90.00" not in out  # the other trial's test number is never shown

@@ -168,13 +168,18 @@ def model_maker(device: torch.device):
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
+def member_names(paths: list[Path]) -> list[str]:
+    """cycle_XX, or run/cycle_XX when the members come from several runs."""
+    several = len({p.parent for p in paths}) > 1
+    return [f"{p.parent.parent.name}/{p.stem}" if several else p.stem for p in paths]
+
+
 def report(cfg, paths, metas, logits, labels, out_dir: Path, logits_seconds: float, chosen: dict | None = None
            ) -> dict:
     """ensemble.json (`build_report`'s report, why these members, curves, disagreement, logits time, and the
     members chosen on validation when there is a validation split) and the figures."""
-    names = [f"{p.parent.parent.name}/{p.stem}" if len({q.parent for q in paths}) > 1 else p.stem for p in paths]
     members = [{"file": str(p), "name": n, "cycle": m.get("cycle"), "step": m.get("step")}
-               for p, n, m in zip(paths, names, metas)]
+               for p, n, m in zip(paths, member_names(paths), metas)]
     result = {**build_report(logits, labels, members, cfg.rule, cfg.bins, cfg.split),
               "why": f"members={cfg.members} as given; nothing was chosen by looking at {cfg.split} results",
               "curves": metrics.curves(logits, labels, bins=cfg.bins),
@@ -353,7 +358,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     if val is not None:  # members chosen on the validation split, then scored on test (snapens.ensemble.selection)
         val_logits = cached_logits(paths, metas, val, "val", cfg.batch_size, device, model_maker(device), precision,
                                    cfg.channels_last)
-        chosen = selection.choose(val_logits, val.labels, logits, split.labels, [p.stem for p in paths], cfg.rule)
+        chosen = selection.choose(val_logits, val.labels, logits, split.labels, member_names(paths), cfg.rule)
     result = report(cfg, paths, metas, logits, split.labels, out_dir, seconds, chosen)
     choice = f"\n{selection.format_choice(chosen)}" if chosen else ""
     log.info(f"\n{format_report(result)}{choice}\n\n{format_curves(result)}\nreport: {out_dir}")

@@ -53,7 +53,7 @@ def test_test_labels_cannot_change_the_choice():
     for seed in range(5):  # five different test labellings, the validation data the same
         test_labels = torch.randint(0, 3, (50,), generator=torch.Generator().manual_seed(seed))
         chosen = selection.choose(val, LABELS, test_logits, test_labels, ["c1", "c2", "c3"])
-        choices.append((chosen["last_m"]["members"], chosen["greedy"]["members"]))
+        choices.append((chosen["last_m"]["members"], chosen["greedy"]["members"], chosen["weighted"]["weights"]))
         assert chosen["last_m"]["test"] == metrics.scores(test_logits[[1, 2]], test_labels)
     assert all(c == choices[0] for c in choices) and choices[0][0] == ["c2", "c3"]
 
@@ -95,3 +95,20 @@ def test_verdict_explains_weak_early_snapshots():
                                             ([0.90, 0.92], 0.91)])  # below the last, but the snapshots are alike
 def test_verdict_stays_quiet(accs, ensemble):
     assert selection.verdict(report_of(accs, ensemble))["advice"] is None
+
+
+@pytest.mark.parametrize("rule", ["logits", "probs"])
+def test_weights_fitted_on_validation_lower_its_nll(rule):
+    logits = members()
+    weights = selection.fit_weights(logits, LABELS, rule)
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-12) and (weights > 0).all()
+    fitted = metrics.nll(selection.weighted_probabilities(logits, weights, rule), LABELS)
+    uniform = metrics.scores(logits, LABELS, rule)["nll"]
+    assert fitted < uniform  # the weak first member is weighed down
+    assert weights[0] < min(weights[1], weights[2])
+    uniform_probs = selection.weighted_probabilities(logits, torch.full((3,), 1 / 3, dtype=torch.float64), rule)
+    torch.testing.assert_close(uniform_probs, metrics.probabilities(logits, rule))  # the same rule, unweighted
+    chosen = selection.choose(logits, LABELS, logits, LABELS, ["c1", "c2", "c3"], rule)
+    assert list(chosen["weighted"]["weights"]) == ["c1", "c2", "c3"]
+    assert chosen["weighted"]["val"]["nll"] == pytest.approx(fitted, rel=1e-12)
+    assert "weighted" not in selection.choose(logits, LABELS, logits, LABELS, ["c1", "c2", "c3"], "vote")

@@ -8,6 +8,8 @@ With short cycles the early snapshots are much weaker than the last ones, and av
 * greedy: forward selection with replacement (Caruana et al. 2004, "Ensemble selection from libraries of models"):
   start from the best single member and keep adding the member (again, if it is best) that lowers the validation
   criterion most; stop when no addition lowers it. A member chosen k times weighs k times.
+* weighted: every member with a weight (a softmax of M free numbers) fitted by L-BFGS to the validation NLL, beside
+  the uniform average (not for a vote).
 
 `choose` takes the validation logits and labels to decide and only then scores the decision on the test split, so
 the test labels cannot change which members are chosen.
@@ -46,26 +48,66 @@ def greedy(logits: torch.Tensor, labels: torch.Tensor, rule: str, max_size: int 
     return chosen
 
 
+def weighted_probabilities(logits: torch.Tensor, weights: torch.Tensor, rule: str) -> torch.Tensor:
+    """N x C probabilities of the members combined with `weights` (M, summing to 1): the softmax of the weighted
+    mean logits (rule logits) or the weighted mean of the members' softmax (rule probs)."""
+    w = weights.to(torch.float64)[:, None, None]
+    z = logits.to(torch.float64)
+    return (w * z).sum(0).softmax(-1) if rule == "logits" else (w * z.softmax(-1)).sum(0)
+
+
+def fit_weights(logits: torch.Tensor, labels: torch.Tensor, rule: str, max_iter: int = 100) -> torch.Tensor:
+    """Member weights w = softmax(a) that minimise the NLL of the weighted ensemble on validation logits and labels,
+    by L-BFGS on the M numbers a from uniform weights (a = 0). Deterministic on the same inputs."""
+    a = torch.zeros(len(logits), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([a], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        probs = weighted_probabilities(logits, a.softmax(0), rule)
+        loss = -probs.gather(1, labels[:, None]).clamp_min(1e-300).log().mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return a.detach().softmax(0)
+
+
 def choose(val_logits: torch.Tensor, val_labels: torch.Tensor, test_logits: torch.Tensor, test_labels: torch.Tensor,
            names: list[str], rule: str = "logits") -> dict:
-    """Both choices made on validation, then scored once on test: {"by", "last_m": {...}, "greedy": {...}}, each
-    with its members (names, repeats kept), its validation and its test scores."""
+    """Every choice made on validation, then scored once on test: {"by", "last_m", "greedy"[, "weighted"]}: the
+    members (names, repeats kept) or, for "weighted", each member's weight fitted on validation NLL (not for a
+    vote), with validation and test scores."""
     out = {"by": "validation NLL" if rule != "vote" else "validation error rate"}
     for name, picks in (("last_m", last_m(val_logits, val_labels, rule)),
                         ("greedy", greedy(val_logits, val_labels, rule))):
         out[name] = {"members": [names[i] for i in picks], "val": metrics.scores(val_logits[picks], val_labels, rule),
                      "test": metrics.scores(test_logits[picks], test_labels, rule)}
+    if rule != "vote":
+        weights = fit_weights(val_logits, val_labels, rule)
+        out["weighted"] = {"weights": dict(zip(names, weights.tolist())),
+                           "val": _scores(weighted_probabilities(val_logits, weights, rule), val_labels),
+                           "test": _scores(weighted_probabilities(test_logits, weights, rule), test_labels)}
     return out
+
+
+def _scores(probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    return {"acc": (probs.argmax(1) == labels).double().mean().item(), "nll": metrics.nll(probs, labels),
+            "ece": metrics.ece(probs, labels)}
 
 
 def format_choice(chosen: dict) -> str:
     """Two lines for the report: each choice, its members and its test scores."""
     lines = []
-    for name, label in (("last_m", "last m"), ("greedy", "greedy (Caruana)")):
+    for name, label in (("last_m", "last m"), ("greedy", "greedy (Caruana)"), ("weighted", "weights")):
+        if name not in chosen:
+            continue
         c = chosen[name]
+        members = (" ".join(c["members"]) if "members" in c else
+                   " ".join(f"{k} {w:.2f}" for k, w in c["weights"].items()))
         nll = "-" if c["test"]["nll"] is None else f"{c['test']['nll']:.4f}"
-        lines.append(f"chosen on validation, {label}: {' '.join(c['members'])}: test acc {c['test']['acc']:.4f} "
-                     f"nll {nll} ece {c['test']['ece']:.4f}")
+        lines.append(f"chosen on validation, {label}: {members}: test acc {c['test']['acc']:.4f} nll {nll} "
+                     f"ece {c['test']['ece']:.4f}")
     return "\n".join(lines)
 
 

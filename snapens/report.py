@@ -218,6 +218,35 @@ def plot_report(rows: list[dict], shared: list[str], path: Path, split: str = "t
     save_figure(fig, path)
 
 
+def finished_runs(paths: list[Path]) -> list[Path]:
+    """The finished runs under `paths`; unfinished ones are named in a warning, none finished is an error."""
+    runs = find_runs(paths)
+    finished = [r for r in runs if (r / "results.json").exists()]
+    unfinished = [str(r) for r in runs if r not in finished]
+    if not finished:
+        found = f"{len(unfinished)} unfinished (no results.json)" if unfinished else "no run dirs"
+        raise SnapensError(f"no finished run in {', '.join(map(str, paths))}: found {found}; wait for training to "
+                           "end, or give other dirs")
+    if unfinished:
+        print(f"snapens: warning: skipping {len(unfinished)} unfinished runs (no results.json): "
+              f"{', '.join(unfinished)}", file=sys.stderr)
+    return finished
+
+
+def tuning_view(paths: list[Path], records: list[dict]) -> tuple[list[dict], list[str]]:
+    """For a tuning sweep among `paths` (or in a date dir's sweeps): the records with their validation numbers in
+    place of test ones, where the sweeper chose, and the chosen trials' lines, with their test numbers read once.
+    Otherwise the records as they are and no line."""
+    sweeps = [f for p in paths if p.is_dir() for f in (p, *sorted(d for d in p.iterdir() if d.is_dir()))]
+    chosen = [line for folder in sweeps if (line := chosen_trial(folder, records))]
+    if not chosen:
+        return records, []
+    records = [{**r, "single": r["val_single"], "ensemble": r["val"]} for r in records if r["val"] is not None]
+    if not records:
+        raise SnapensError(f"{', '.join(map(str, paths))} holds a tuning sweep whose runs have no validation split")
+    return records, chosen
+
+
 def report(paths: list[Path], out: Path, seed_key: str = "trainer.seed") -> list[dict]:
     """Read the runs under `paths` (as `find_runs` takes them), print the table and write report.md, report.csv and
     report.png to `out` (made when missing); `seed_key` is the override dropped so that a config's seeds share a row.
@@ -225,25 +254,9 @@ def report(paths: list[Path], out: Path, seed_key: str = "trainer.seed") -> list
     Returns:
         One dict per config: config, n, single/ensemble/gain as (mean, std or None), snapshots (min, max),
         seconds (mean, None when unknown), runs."""
-    runs = find_runs(paths)
-    finished = [r for r in runs if (r / "results.json").exists()]
-    unfinished = [str(r) for r in runs if r not in finished]
-    given = ", ".join(map(str, paths))
-    if not finished:
-        found = f"{len(unfinished)} unfinished (no results.json)" if unfinished else "no run dirs"
-        raise SnapensError(f"no finished run in {given}: found {found}; wait for training to end, or give other dirs")
-    if unfinished:
-        print(f"snapens: warning: skipping {len(unfinished)} unfinished runs (no results.json): "
-              f"{', '.join(unfinished)}", file=sys.stderr)
-    records = [read_run(r, seed_key) for r in finished]
-    sweeps = [f for p in paths if p.is_dir() for f in (p, *sorted(d for d in p.iterdir() if d.is_dir()))]
-    chosen = [line for folder in sweeps if (line := chosen_trial(folder, records))]  # also in a date dir's sweeps
-    split = "test"
-    if chosen:  # a tuning sweep: its table shows validation numbers, where it chose; test is read once, below
-        split = "validation"
-        records = [{**r, "single": r["val_single"], "ensemble": r["val"]} for r in records if r["val"] is not None]
-        if not records:
-            raise SnapensError(f"{given} holds a tuning sweep whose runs have no validation split to report")
+    finished = finished_runs(paths)
+    records, chosen = tuning_view(paths, [read_run(r, seed_key) for r in finished])
+    split = "validation" if chosen else "test"
     rows = summarise(records)
     shared = shared_overrides(rows)
     table = format_table(rows, shared)

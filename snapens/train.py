@@ -369,14 +369,13 @@ class Monitor(ExitStack):
         device = self.run.setup.device
         self.loss_sum = torch.tensor(self.run.progress.loss_sum, device=device)
         self.correct = torch.tensor(self.run.progress.correct, device=device)
-        self.norms = torch.tensor([self.run.progress.grad_norm_sum, self.run.progress.clipped], dtype=torch.float64,
-                                  device=device)  # gradient norms summed, updates clipped
+        self.norm_sum = torch.tensor(self.run.progress.grad_norm_sum, dtype=torch.float64, device=device)
+        self.clipped = torch.tensor(self.run.progress.clipped, device=device)
 
     def read_sums(self) -> None:
         progress = self.run.progress
         progress.loss_sum, progress.correct = self.loss_sum.item(), int(self.correct.item())
-        norm_sum, clipped = self.norms.tolist()
-        progress.grad_norm_sum, progress.clipped = norm_sum, int(clipped)
+        progress.grad_norm_sum, progress.clipped = self.norm_sum.item(), int(self.clipped.item())
         progress.seconds = time.perf_counter() - self.start
 
     def record(self, t: int, lr: float, result: StepResult, y: torch.Tensor) -> None:
@@ -392,8 +391,9 @@ class Monitor(ExitStack):
             self.correct += hits
             progress.seen += len(y)
             progress.updates += 1
-            self.norms += torch.stack([result.grad_norm, result.grad_norm > clip if clip else
-                                       torch.zeros_like(result.grad_norm)]).to(torch.float64)
+            self.norm_sum += result.grad_norm  # in place, on the device: no allocation, no read-back
+            if clip:
+                self.clipped += result.grad_norm > clip
             progress.skipped_in_row = 0
             if not self.skip:
                 note_first_nonfinite(self.first_bad, t, result)

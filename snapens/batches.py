@@ -106,10 +106,7 @@ def eval_batches(split: Split, batch_size: int, mean, std, device: torch.device 
     mean, std = channel_tensors(mean, std, device)
     pixels = split.images.shape[-2] * split.images.shape[-1]
     batch_size = max(1, batch_size * 1024 // pixels) if pixels > 1024 else batch_size
-    source = split.images
-    if device.type == "cuda" and source.device.type == "cpu":
-        source = source.pin_memory()  # from pinned memory a non_blocking copy does overlap; from pageable it waits
-    for start in range(0, len(split), batch_size):
-        images = source[start:start + batch_size].to(device, non_blocking=True)
+    for start in range(0, len(split), batch_size):  # callers that evaluate several models move the split once
+        images = split.images[start:start + batch_size].to(device)
         yield (normalize(images, mean, std).contiguous(memory_format=layout(channels_last)),
                split.labels[start:start + batch_size])

@@ -241,7 +241,7 @@ def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
     for f in files:
         image = read_image(f, 0)
         images.append(image if tuple(image.shape[1:]) == (height, width) else read_image(f, (height, width)))
-    split = Split(torch.stack(images), torch.zeros(len(files), dtype=torch.long))
+    split = Split(torch.stack(images), torch.zeros(len(files), dtype=torch.long)).to(device)  # once, all members
     logits = []
     for path, meta in zip(paths, metas):
         model = build_snapshot_model(path, meta).to(device)

@@ -76,7 +76,7 @@ def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name
     `model_for(path, metadata)` gives a model of the snapshot's architecture (its weights are then loaded), so one
     model is in memory at a time. Each snapshot is normalised with its own training statistics. precision and
     channels_last are as in `predict_logits`."""
-    split_sha, out = split_digest(split), []
+    split_sha, out, on_device = split_digest(split), [], None
     for path, meta in zip(paths, metas):
         key = {"snapshot_sha256": file_digest(path), "split_sha256": split_sha,
                "computed_in": describe(precision, channels_last, device)}
@@ -85,7 +85,9 @@ def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name
         if logits is None:
             model = model_for(path, meta)
             load_into(model, path)
-            logits = predict_logits(model, split, meta["mean"], meta["std"], batch_size, device, precision,
+            if on_device is None:  # moved to the device once, when a first snapshot is not cached
+                on_device = split.to(device)
+            logits = predict_logits(model, on_device, meta["mean"], meta["std"], batch_size, device, precision,
                                     channels_last)
             try:
                 if cached:

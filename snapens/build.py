@@ -233,6 +233,8 @@ def _make(cfg: DictConfig, total: int, steps) -> schedules.Schedule:
         return schedules.SGDR(cfg.eta_max, steps("T_0"), total, cfg.T_mult, cfg.eta_min, cfg.decay)
     if name == "snapshot":
         return schedules.Snapshot(cfg.eta_max, total, cfg.cycles, cfg.eta_min)
+    if name == "fge":
+        return schedules.FGE(cfg.eta_max, total, cfg.cycles, _even(steps("cycle_length")), cfg.alpha_1, cfg.alpha_2)
     if name == "onecycle":
         return schedules.OneCycle(cfg.eta_max, total, cfg.pct_start, cfg.div_factor, cfg.final_div_factor,
                                   cfg.anneal, cfg.three_phase, cfg.cycle_momentum, cfg.base_momentum,
@@ -242,6 +244,11 @@ def _make(cfg: DictConfig, total: int, steps) -> schedules.Schedule:
         return schedules.Cyclic(cfg.eta_min, cfg.eta_max, up, total, down, cfg.mode, cfg.gamma,
                                 cfg.cycle_momentum, cfg.base_momentum, cfg.max_momentum)
     raise SnapensError(f"scheduler.name={name} is not a known schedule")
+
+
+def _even(steps: int) -> int:
+    """FGE's cycle in whole steps, rounded up to an even number: it falls for half of them and rises for half."""
+    return steps + steps % 2
 
 
 def geometric_lengths(total: int, cycles: int, t_mult: float) -> tuple[int, ...]:

@@ -128,6 +128,13 @@ class SnapshotConfig(ScheduleConfig):
 
 
 @dataclass
+class FGEConfig(ScheduleConfig):
+    alpha_1: float
+    alpha_2: float
+    cycle_length: float
+
+
+@dataclass
 class OneCycleConfig(ScheduleConfig):
     pct_start: float
     div_factor: float
@@ -246,7 +253,7 @@ SCHEMAS = {
     "optimizer": {"sgd": SGDConfig, "adamw": AdamWConfig},
     "scheduler": {"constant": ScheduleConfig, "step": StepConfig, "cosine": CosineConfig, "sgdr": SGDRConfig,
                   "adaptive_sgdr": AdaptiveSGDRConfig, "snapshot": SnapshotConfig, "onecycle": OneCycleConfig,
-                  "cyclic": CyclicConfig},
+                  "cyclic": CyclicConfig, "fge": FGEConfig},
 }
 
 

@@ -548,3 +548,59 @@ class CosineCycles(Schedule):
         i = self.cycle(t)
         start = sum(self.lengths[:i])
         return _cosine(self.eta_max * self.decay**i, self.eta_min, t - start, self.lengths[i])
+
+
+@dataclass(frozen=True)
+class FGE(Schedule):
+    """Fast Geometric Ensembling (Garipov et al. 2018, arXiv 1802.10026, section 4 and eq. 2): ordinary training
+    first, then ``cycles`` M short cycles of ``cycle_length`` c steps (even) in which the learning rate goes linearly
+    from ``alpha_1`` down to ``alpha_2`` and back; each model is collected halfway, where the rate reaches alpha_2.
+
+    The first phase is one cosine from ``eta_max`` down to ``alpha_1`` over what the budget leaves, P = T - c/2 -
+    (M - 1) c steps, so the first FGE cycle starts where it ends. In this module's convention a cycle ends at its
+    snapshot, so cycle 1 is the first phase and the first half-descent, and every later one rises for c/2 steps and
+    falls for c/2: the ends are P + c/2 + k c. Within an FGE cycle started at step e, update t = e + s uses eq. 2 at
+    t(i) = (s + 1) / c, the paper's 1-based i - 1 = s."""
+
+    eta_max: float
+    total_steps: int
+    cycles: int
+    cycle_length: int
+    alpha_1: float
+    alpha_2: float
+
+    def __post_init__(self) -> None:
+        _check_steps("total_steps", self.total_steps)
+        _check_steps("cycles", self.cycles)
+        _require(_is_steps(self.cycle_length, 2) and self.cycle_length % 2 == 0,
+                 "cycle_length must be an even number of steps >= 2 (the rate falls for half of them and rises for "
+                 f"half), got {self.cycle_length!r}")
+        _as_floats(self)
+        _check_lr_range(0.0, self.eta_max)
+        for name in ("alpha_1", "alpha_2"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf,
+                     f"{name} must be a finite learning rate > 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        _require(self.alpha_2 <= self.alpha_1, f"alpha_2 must not exceed alpha_1 ({self.alpha_1!r}): each model is "
+                 f"collected at the cycle's smallest rate, got {self.alpha_2!r}")
+        _require(self.first_phase >= 0, f"cycles must fit the budget: {self.cycles} cycles of {self.cycle_length} "
+                 f"steps take {self.total_steps - self.first_phase} of the {self.total_steps} steps (fewer cycles, a "
+                 f"shorter cycle_length or a larger budget), got {self.cycles}")
+
+    @property
+    def first_phase(self) -> int:
+        """P: the steps of ordinary training before the first FGE cycle."""
+        return self.total_steps - self.cycle_length // 2 - (self.cycles - 1) * self.cycle_length
+
+    def cycle_ends(self) -> list[int]:
+        return [self.first_phase + self.cycle_length // 2 + k * self.cycle_length for k in range(self.cycles)]
+
+    def lr(self, t: int) -> float:
+        self._check_t(t)
+        if t < self.first_phase:
+            return _cosine(self.eta_max, self.alpha_1, t, self.first_phase)
+        tau = ((t - self.first_phase) % self.cycle_length + 1) / self.cycle_length
+        if tau <= 0.5:
+            return (1 - 2 * tau) * self.alpha_1 + 2 * tau * self.alpha_2
+        return (2 - 2 * tau) * self.alpha_2 + (2 * tau - 1) * self.alpha_1

@@ -52,7 +52,8 @@ def test_geometric_lengths_fill_the_budget():
 
 @pytest.mark.parametrize("name, extra, lengths", [
     ("sgdr", [], (3, 7, 12, 26)), ("adaptive_sgdr", ["data.val_size=10"], (3, 7, 12, 26)),
-    ("snapshot", [], (12, 12, 12, 12)), ("cyclic", [], (12, 12, 12, 12))])
+    ("snapshot", [], (12, 12, 12, 12)), ("cyclic", [], (12, 12, 12, 12)),
+    ("fge", ["scheduler.cycle_length=0.4"], (30, 6, 6, 6))])  # 4.8 steps, rounded up to 6; ordinary training 27
 def test_cycles_key_sets_every_cyclic_schedule(make_cfg, name, extra, lengths):
     cfg = make_cfg(f"scheduler={name}", "scheduler.cycles=4", "trainer.epochs=4", *extra)
     schedule = build.build_schedule(cfg.scheduler, 4, 12)

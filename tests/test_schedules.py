@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from snapens.schedules import (
+    FGE,
     SGDR,
     Constant,
     Cosine,
@@ -300,6 +301,7 @@ def test_constant_and_defaults():
 ALL = [
     Constant(1, 20), StepDecay(1, 20, [5, 10]), Cosine(1, 20), SGDR(1, 3, 20, T_mult=2),
     Snapshot(1, 20, 3), OneCycle(1, 20), Cyclic(0, 1, 3, 20, mode="exp_range", gamma=0.9), Warmup(Cosine(1, 20), 4),
+    FGE(1, 20, 3, 4, 0.5, 0.01),
 ]
 
 
@@ -316,6 +318,30 @@ def test_common_contract(schedule):
     with pytest.raises(dataclasses.FrozenInstanceError):
         schedule.eta_max = 2
     assert hash(schedule) == hash(dataclasses.replace(schedule))
+
+
+def fge_paper(i: int, c: int, alpha_1: float, alpha_2: float) -> float:
+    """Garipov et al. 2018 (arXiv 1802.10026), eq. 2, as printed: iteration i counts from 1 within the FGE phase."""
+    t = ((i - 1) % c + 1) / c
+    return (1 - 2 * t) * alpha_1 + 2 * t * alpha_2 if t <= 0.5 else (2 - 2 * t) * alpha_2 + (2 * t - 1) * alpha_1
+
+
+@pytest.mark.parametrize("total, cycles, c", [(40, 3, 8), (10, 3, 4), (7, 1, 2)])
+def test_fge_follows_the_paper_and_snapshots_at_alpha_2(total, cycles, c):
+    schedule = FGE(0.1, total, cycles, c, 0.05, 0.0005)
+    first = total - c // 2 - (cycles - 1) * c  # what the budget leaves for ordinary training
+    assert schedule.first_phase == first
+    assert schedule.cycle_ends() == [first + c // 2 + k * c for k in range(cycles)]
+    assert schedule.cycle_ends()[-1] == total
+    for t in range(first, total):  # the FGE phase, to the last bit
+        assert schedule.lr(t) == pytest.approx(fge_paper(t - first + 1, c, 0.05, 0.0005), rel=1e-12, abs=0)
+    for end in schedule.cycle_ends():  # the update before each snapshot used alpha_2, the cycle's smallest rate
+        assert schedule.lr(end - 1) == pytest.approx(0.0005, rel=1e-12) == min(schedule.lr(t) for t in range(total))
+    if first:  # ordinary training: a cosine from eta_max that ends where the first FGE cycle starts
+        assert schedule.lr(0) == 0.1
+        assert [schedule.lr(t) for t in range(first)] == [Cosine(0.1, first, 0.05).lr(t) for t in range(first)]
+    else:
+        assert schedule.lr(0) == pytest.approx((0.05 + 0.0005) / 2 if c == 2 else fge_paper(1, c, 0.05, 0.0005))
 
 
 # ---------------------------------------------------------------- validation
@@ -349,6 +375,11 @@ def test_common_contract(schedule):
         (lambda: Cyclic(0.01, 0.1, 5, 100, step_size_down=0), "step_size_down must be a positive number"),
         (lambda: Cyclic(0.01, 0.1, 5, 100, mode="sine"), "mode must be one of .*triangular2.*got 'sine'"),
         (lambda: Cyclic(0.01, 0.1, 5, 100, gamma=-1.0), "gamma must be > 0, got -1.0"),
+        (lambda: FGE(0.1, 100, 3, 5, 0.05, 0.0005), "cycle_length must be an even number of steps >= 2"),
+        (lambda: FGE(0.1, 100, 3, 0, 0.05, 0.0005), "cycle_length must be an even number of steps >= 2"),
+        (lambda: FGE(0.1, 100, 3, 4, 0.05, 0.5), r"alpha_2 must not exceed alpha_1 \(0.05\).*got 0.5"),
+        (lambda: FGE(0.1, 100, 3, 4, 0.0, 0.0), "alpha_1 must be a finite learning rate > 0, got 0.0"),
+        (lambda: FGE(0.1, 9, 3, 4, 0.05, 0.0005), "cycles must fit the budget: 3 cycles of 4 steps take 10 of the 9"),
         (lambda: Warmup(Cosine(0.1, 100), -1), "warmup_steps must be a non-negative number of steps, got -1"),
         (lambda: Warmup(Cosine(0.1, 100), 100),
          r"warmup_steps must be shorter than the schedule \(total_steps=100\), got 100"),

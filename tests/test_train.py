@@ -118,10 +118,12 @@ SCHEDULE_OVERRIDES = {  # each fits a 2-epoch budget of 4 steps per epoch
     "onecycle": [],
     "cyclic": ["scheduler.unit=step", "scheduler.step_size_up=2"],
     "sgdr": ["scheduler.T_0=1", "scheduler.T_mult=1"],
+    "fge": ["scheduler.unit=step", "scheduler.cycle_length=2", "scheduler.cycles=2"],  # ordinary training for 5 steps
 }
 
 
-@pytest.mark.parametrize("optimizer, scheduler", [("sgd", "onecycle"), ("adamw", "cyclic"), ("sgd", "sgdr")])
+@pytest.mark.parametrize("optimizer, scheduler", [("sgd", "onecycle"), ("adamw", "cyclic"), ("sgd", "sgdr"),
+                                                  ("sgd", "fge")])
 def test_every_update_uses_the_schedules_values(make_cfg, tmp_path, monkeypatch, optimizer, scheduler):
     """Before each update the optimizer holds lr(t) and, where the schedule has one, momentum(t) (beta1 in Adam)."""
     seen = []
@@ -139,6 +141,8 @@ def test_every_update_uses_the_schedules_values(make_cfg, tmp_path, monkeypatch,
     train(cfg, tmp_path)
     schedule = build_schedule(cfg.scheduler, cfg.trainer.epochs, 4)
     assert len(seen) == schedule.total_steps == 8
+    snapshots = json.loads((tmp_path / "results.json").read_text())["snapshots"]
+    assert [s["step"] for s in snapshots] == schedule.cycle_ends()  # fge: [6, 8], each after an update at alpha_2
     for t, (lr, momentum) in enumerate(seen):
         assert lr == schedule.lr(t)
         assert momentum == (schedule.momentum(t) if schedule.momentum(t) is not None else cfg.optimizer.get(

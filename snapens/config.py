@@ -232,6 +232,8 @@ class InferenceConfig:
     precision: str
     channels_last: bool
     predict: Optional[str]
+    chosen: Optional[str]
+    calibrate: str
     out: Optional[str]
 
 

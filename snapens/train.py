@@ -36,7 +36,7 @@ from snapens.checkpoint import (checkpoint_path, keep_metrics_until, resume_stat
 from snapens.config import check_config, register_configs
 from snapens.ensemble import ensemble_report, format_report, predict_logits
 from snapens.data import split_digest
-from snapens.ensemble import selection
+from snapens.ensemble import calibration, selection
 from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError, exit_with
 from snapens.files import write_atomic
@@ -491,6 +491,9 @@ def report(run: Run) -> float | None:
         result["val"] = ensemble_report(logits["val"], s.data.val.labels, paths, metas, rule, split="val")
         result["chosen"] = selection.choose(logits["val"], s.data.val.labels, logits["test"], s.data.test.labels,
                                             [p.stem for p in paths], rule)
+        fitted = calibration.calibrate_run(logits["val"], s.data.val.labels, logits["test"], s.data.test.labels, rule)
+        if fitted:  # a temperature per model, fitted on validation (Guo et al. 2017); predict= applies it
+            result["calibration"] = fitted
     result["verdict"] = selection.verdict(result)
     write_atomic(run.dir / "results.json", (json.dumps(result, indent=2) + "\n").encode())
     plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run.dir / "lr_schedule.png",
@@ -500,7 +503,8 @@ def report(run: Run) -> float | None:
         with open_writer(run.dir) as writer:
             log_report(writer, result)
     chosen = f"\n{selection.format_choice(result['chosen'])}" if "chosen" in result else ""
-    log.info(f"\n{format_report(result)}{chosen}\n{selection.format_verdict(result['verdict'])}")
+    fitted = f"\n{calibration.format_calibration(result['calibration'])}" if "calibration" in result else ""
+    log.info(f"\n{format_report(result)}{chosen}{fitted}\n{selection.format_verdict(result['verdict'])}")
     return returned_accuracy(result)
 
 

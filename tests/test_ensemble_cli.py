@@ -122,10 +122,11 @@ def test_results_json_ensemble_json_and_evaluate_share_one_shape(run):
         ensemble.add(model)
     evaluated = ensemble.evaluate([(x[i:i + 64], data.test.labels[i:i + 64]) for i in range(0, len(x), 64)])
 
-    assert set(results) == SHAPE | {"training", "val", "chosen", "verdict"}  # with the held-out split's report
+    assert set(results) == SHAPE | {"training", "val", "chosen", "calibration", "verdict"}  # with a validation split
     assert set(results["val"]) == SHAPE and results["val"]["split"] == "val"
-    assert set(report) == SHAPE | {"why", "curves", "disagreement", "logits_seconds", "chosen"}
+    assert set(report) == SHAPE | {"why", "curves", "disagreement", "logits_seconds", "chosen", "calibration"}
     assert report["chosen"] == results["chosen"]  # chosen on the same cached validation logits, alike
+    assert report["calibration"] == results["calibration"]
     assert set(evaluated) == SHAPE
     entry = {"file", "name", "cycle", "step", "acc", "nll", "ece"}
     for r in (results, report, evaluated):

@@ -53,7 +53,8 @@ def test_test_labels_cannot_change_the_choice():
     for seed in range(5):  # five different test labellings, the validation data the same
         test_labels = torch.randint(0, 3, (50,), generator=torch.Generator().manual_seed(seed))
         chosen = selection.choose(val, LABELS, test_logits, test_labels, ["c1", "c2", "c3"])
-        choices.append((chosen["last_m"]["members"], chosen["greedy"]["members"], chosen["weighted"]["weights"]))
+        choices.append((chosen["last_m"]["members"], chosen["greedy"]["members"], chosen["weighted"]["weights"],
+                        [chosen[k]["temperature"] for k in ("last_m", "greedy", "weighted")]))
         assert chosen["last_m"]["test"] == metrics.scores(test_logits[[1, 2]], test_labels)
     assert all(c == choices[0] for c in choices) and choices[0][0] == ["c2", "c3"]
 

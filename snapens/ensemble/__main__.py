@@ -21,7 +21,7 @@ from snapens import cli
 from snapens.build import build_data, model_from_metadata, pick_device, pick_precision
 from snapens.config import CHOICES, register_configs, schema_of
 from snapens.data import IMAGE_EXTENSIONS, Split, read_image
-from snapens.ensemble import build_report, check_rule, format_report, metrics, predict_logits, selection
+from snapens.ensemble import build_report, calibration, check_rule, format_report, metrics, predict_logits, selection
 from snapens.ensemble.cache import cached_logits, file_digest
 from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, plot_reliability
 from snapens.errors import SnapensError, exit_with
@@ -174,10 +174,10 @@ def member_names(paths: list[Path]) -> list[str]:
     return [f"{p.parent.parent.name}/{p.stem}" if several else p.stem for p in paths]
 
 
-def report(cfg, paths, metas, logits, labels, out_dir: Path, logits_seconds: float, chosen: dict | None = None
-           ) -> dict:
-    """ensemble.json (`build_report`'s report, why these members, curves, disagreement, logits time, and the
-    members chosen on validation when there is a validation split) and the figures."""
+def report(cfg, paths, metas, logits, labels, out_dir: Path, logits_seconds: float, fitted: dict) -> dict:
+    """ensemble.json (`build_report`'s report, why these members, curves, disagreement, logits time, and what was
+    fitted on the validation split when there is one: `fitted`'s "chosen" members and "calibration") and the
+    figures."""
     members = [{"file": str(p), "name": n, "cycle": m.get("cycle"), "step": m.get("step")}
                for p, n, m in zip(paths, member_names(paths), metas)]
     result = {**build_report(logits, labels, members, cfg.rule, cfg.bins, cfg.split),
@@ -185,8 +185,7 @@ def report(cfg, paths, metas, logits, labels, out_dir: Path, logits_seconds: flo
               "curves": metrics.curves(logits, labels, bins=cfg.bins),
               "disagreement": metrics.disagreement(logits).tolist(),
               "logits_seconds": logits_seconds}  # wall time of reading or computing every member's logits
-    if chosen:
-        result["chosen"] = chosen
+    result.update(fitted)
     write_atomic(out_dir / "ensemble.json", (json.dumps(result, indent=2) + "\n").encode())
     plot_report(result, logits, labels, cfg.bins, out_dir)
     return result
@@ -231,26 +230,90 @@ def image_files(target: Path) -> list[Path]:
     return files
 
 
+def stored_results(run: Path) -> list[tuple[Path, dict]]:
+    """What snapens.train (results.json) and this tool (ensemble/test/ensemble.json) fitted on the run's validation
+    split, in that order, for the files that exist and parse."""
+    found = []
+    for path in (run / "results.json", run / "ensemble" / "test" / "ensemble.json"):
+        try:
+            found.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def combination(cfg: DictConfig, paths: list[Path]) -> dict:
+    """How predict= combines the members: {"members": the paths, repeats kept, "weights": a weight per member or
+    None (uniform), "temperature": T or None, "source": where that came from}. With chosen=NAME, the members (and
+    weights) chosen on validation in the run's results.json; with calibrate=val, the temperature fitted on
+    validation for exactly these members and rule, where one was stored (none: uncalibrated, said in the log)."""
+    stored = stored_results(Path(cfg.run)) if cfg.run else []
+    if cfg.chosen:
+        return chosen_combination(cfg, paths, stored)
+    names = [p.name for p in paths]
+    for path, result in stored:  # the all-member calibration of a report on exactly these files and this rule
+        fitted = result.get("calibration")
+        files = [Path(f).name for f in result.get("ensemble", {}).get("members", [])]
+        if cfg.calibrate == "val" and fitted and result.get("rule") == cfg.rule and files == names:
+            return {"members": paths, "weights": None, "temperature": fitted["ensemble"]["temperature"],
+                    "source": f"temperature fitted on validation, from {path}"}
+    why = "calibrate=none" if cfg.calibrate == "none" else "no temperature stored for these members and rule"
+    return {"members": paths, "weights": None, "temperature": None, "source": f"uncalibrated ({why})"}
+
+
+def chosen_combination(cfg: DictConfig, paths: list[Path], stored: list[tuple[Path, dict]]) -> dict:
+    """chosen=last_m|greedy|weighted: the members and weights results.json chose on validation."""
+    if not cfg.run or cfg.members != "all":
+        raise SnapensError(f"chosen={cfg.chosen} takes the members the run chose on validation: give run=DIR alone "
+                           "(no runs=, snapshots= or members=)")
+    results = dict(stored).get(Path(cfg.run) / "results.json", {})
+    choice = results.get("chosen", {}).get(cfg.chosen)
+    if not choice:
+        raise SnapensError(f"chosen={cfg.chosen}: {cfg.run}/results.json records no such choice (members are chosen "
+                           "when training holds out data.val_size=N; choices: last_m, greedy, weighted)")
+    if results.get("rule") != cfg.rule:
+        raise SnapensError(f"chosen={cfg.chosen} was chosen for rule={results.get('rule')}; pass that rule")
+    by_name = {p.stem: p for p in paths}
+    names = choice["members"] if "members" in choice else list(choice["weights"])
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise SnapensError(f"chosen={cfg.chosen} names {missing[0]}, which {cfg.run}/snapshots/ no longer holds")
+    weights = torch.tensor(list(choice["weights"].values()), dtype=torch.float64) if "weights" in choice else None
+    temperature = choice.get("temperature") if cfg.calibrate == "val" else None
+    return {"members": [by_name[n] for n in names], "weights": weights, "temperature": temperature,
+            "source": f"chosen={cfg.chosen} from {cfg.run}/results.json"
+                      + (", with its temperature fitted on validation" if temperature else ", uncalibrated")}
+
+
 def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
-    """predictions.csv: path, predicted class, its probability, and every class's probability. Images are read as
-    the training data was (RGB, resized to the snapshots' image size when they differ) and normalised with each
-    snapshot's own training statistics, then combined with the configured rule."""
+    """predictions.csv: path, predicted class, its probability, and every class's probability; predictions.json:
+    how the members were combined. Images are read as the training data was (RGB, resized to the snapshots' image
+    size when they differ) and normalised with each snapshot's own training statistics, then combined with the
+    configured rule (see `combination` for chosen members, weights and the temperature)."""
     files = image_files(Path(cfg.predict))
+    how = combination(cfg, paths)
     height, width = metas[0]["image_size"]
     images = []
     for f in files:
         image = read_image(f, 0)
         images.append(image if tuple(image.shape[1:]) == (height, width) else read_image(f, (height, width)))
     split = Split(torch.stack(images), torch.zeros(len(files), dtype=torch.long)).to(device)  # once, all members
-    logits = []
-    for path, meta in zip(paths, metas):
+    logits = {}
+    for path in dict.fromkeys(how["members"]):  # each file once, however often it was chosen
+        meta = metas[paths.index(path)]
         model = build_snapshot_model(path, meta).to(device)
         load_into(model, path)
-        logits.append(predict_logits(model, split, meta["mean"], meta["std"], cfg.batch_size, device, precision,
-                                     cfg.channels_last))
+        logits[path] = predict_logits(model, split, meta["mean"], meta["std"], cfg.batch_size, device, precision,
+                                      cfg.channels_last)
         del model
-    logits = torch.stack(logits)
-    probs, predicted = metrics.probabilities(logits, cfg.rule), metrics.predictions(logits, cfg.rule)
+    logits = torch.stack([logits[p] for p in how["members"]])
+    if how["weights"] is not None:
+        probs = selection.weighted_probabilities(logits, how["weights"], cfg.rule)
+    else:
+        probs = metrics.probabilities(logits, cfg.rule)
+    if how["temperature"] is not None:
+        probs = calibration.scale(probs, how["temperature"])
+    predicted = probs.argmax(-1) if how["weights"] is not None else metrics.predictions(logits, cfg.rule)
     classes = metas[0]["classes"]
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "predictions.csv", "w", newline="") as f:
@@ -258,6 +321,10 @@ def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
         writer.writerow(["path", "class", "probability", *classes])
         for file, k, p in zip(files, predicted.tolist(), probs.tolist()):
             writer.writerow([str(file), classes[k], f"{p[k]:.6f}", *(f"{q:.6f}" for q in p)])
+    record = {"members": [str(p) for p in how["members"]], "rule": cfg.rule, "temperature": how["temperature"],
+              "weights": None if how["weights"] is None else how["weights"].tolist(), "source": how["source"]}
+    write_atomic(out_dir / "predictions.json", (json.dumps(record, indent=2) + "\n").encode())
+    log.info(f"{len(files)} images, {len(how['members'])} members ({cfg.rule}): {how['source']}")
     return out_dir / "predictions.csv"
 
 
@@ -272,7 +339,12 @@ def main(cfg: DictConfig) -> float | None:
 
 def check_options(cfg: DictConfig) -> None:
     """The command line's own values; the rule through snapens.ensemble's one check."""
-    allowed = {"split": ("test", "val"), "device": CHOICES["trainer.device"], "precision": CHOICES["trainer.precision"]}
+    if cfg.calibrate == "test":
+        raise SnapensError("calibrate=test would fit the temperature on the images it is then scored on, so the test "
+                           "NLL and ECE after it would be tuned on the test set; use calibrate=val (the run's "
+                           "validation split: train with data.val_size=N) or calibrate=none")
+    allowed = {"split": ("test", "val"), "device": CHOICES["trainer.device"], "precision": CHOICES["trainer.precision"],
+               "calibrate": ("val", "none")}
     for key, choices in allowed.items():
         if cfg[key] not in choices:
             raise SnapensError(f"{key}={cfg[key]} is not allowed; choose one of: {', '.join(choices)}")
@@ -283,6 +355,8 @@ def check_options(cfg: DictConfig) -> None:
     for key in ("bins", "batch_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise SnapensError(f"{key}={cfg[key]} must be a positive whole number")
+    if cfg.chosen and not cfg.predict:
+        raise SnapensError(f"chosen={cfg.chosen} is for predict=IMAGES; the report already scores every choice")
     if cfg.predict and not Path(cfg.predict).exists():
         raise SnapensError(f"predict={cfg.predict} does not exist")
 
@@ -338,6 +412,19 @@ def report_dir(cfg: DictConfig, paths: list[Path]) -> Path:
                 or HydraConfig.get().runtime.output_dir)
 
 
+def fit_on_validation(cfg, paths, metas, val: Split | None, logits, labels, device, precision) -> dict:
+    """What is fitted on the validation split, when the run held one out, and only then scored on the test split:
+    the members chosen (snapens.ensemble.selection) and, with calibrate=val, the temperatures (calibration)."""
+    if val is None:
+        return {}
+    val_logits = cached_logits(paths, metas, val, "val", cfg.batch_size, device, model_maker(device), precision,
+                               cfg.channels_last)
+    fitted = {"chosen": selection.choose(val_logits, val.labels, logits, labels, member_names(paths), cfg.rule)}
+    temperatures = cfg.calibrate == "val" and calibration.calibrate_run(val_logits, val.labels, logits, labels,
+                                                                         cfg.rule, cfg.bins)
+    return {**fitted, "calibration": temperatures} if temperatures else fitted
+
+
 def evaluate(cfg: DictConfig) -> float | None:
     """Check the options, compute (or read) each member's logits once, write the report; the ensemble accuracy.
     With predict=, only predictions.csv for the new images (None)."""
@@ -354,14 +441,11 @@ def evaluate(cfg: DictConfig) -> float | None:
     logits = cached_logits(paths, metas, split, cfg.split, cfg.batch_size, device, model_maker(device), precision,
                            cfg.channels_last)
     seconds = time.perf_counter() - start
-    chosen = None
-    if val is not None:  # members chosen on the validation split, then scored on test (snapens.ensemble.selection)
-        val_logits = cached_logits(paths, metas, val, "val", cfg.batch_size, device, model_maker(device), precision,
-                                   cfg.channels_last)
-        chosen = selection.choose(val_logits, val.labels, logits, split.labels, member_names(paths), cfg.rule)
-    result = report(cfg, paths, metas, logits, split.labels, out_dir, seconds, chosen)
-    choice = f"\n{selection.format_choice(chosen)}" if chosen else ""
-    log.info(f"\n{format_report(result)}{choice}\n\n{format_curves(result)}\nreport: {out_dir}")
+    fitted = fit_on_validation(cfg, paths, metas, val, logits, split.labels, device, precision)
+    result = report(cfg, paths, metas, logits, split.labels, out_dir, seconds, fitted)
+    lines = [selection.format_choice(fitted["chosen"])] if "chosen" in fitted else []
+    lines += [calibration.format_calibration(fitted["calibration"])] if "calibration" in fitted else []
+    log.info("\n".join(["", format_report(result), *lines, "", format_curves(result), f"report: {out_dir}"]))
     return result["ensemble"]["acc"]
 
 

@@ -17,7 +17,7 @@ the test labels cannot change which members are chosen.
 
 import torch
 
-from snapens.ensemble import metrics
+from snapens.ensemble import calibration, metrics
 
 
 def criterion(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> float:
@@ -77,18 +77,31 @@ def choose(val_logits: torch.Tensor, val_labels: torch.Tensor, test_logits: torc
            names: list[str], rule: str = "logits") -> dict:
     """Every choice made on validation, then scored once on test: {"by", "last_m", "greedy"[, "weighted"]}: the
     members (names, repeats kept) or, for "weighted", each member's weight fitted on validation NLL (not for a
-    vote), with validation and test scores."""
+    vote), with validation and test scores; and (not for a vote) the temperature fitted on validation for that
+    choice (snapens.ensemble.calibration) with its test scores after it, "test_calibrated"."""
     out = {"by": "validation NLL" if rule != "vote" else "validation error rate"}
     for name, picks in (("last_m", last_m(val_logits, val_labels, rule)),
                         ("greedy", greedy(val_logits, val_labels, rule))):
         out[name] = {"members": [names[i] for i in picks], "val": metrics.scores(val_logits[picks], val_labels, rule),
                      "test": metrics.scores(test_logits[picks], test_labels, rule)}
+        if rule != "vote":  # a repeated member weighs as often as it was picked, in the mean and here
+            out[name].update(_calibrated(metrics.probabilities(val_logits[picks], rule), val_labels,
+                                         metrics.probabilities(test_logits[picks], rule), test_labels))
     if rule != "vote":
         weights = fit_weights(val_logits, val_labels, rule)
-        out["weighted"] = {"weights": dict(zip(names, weights.tolist())),
-                           "val": _scores(weighted_probabilities(val_logits, weights, rule), val_labels),
-                           "test": _scores(weighted_probabilities(test_logits, weights, rule), test_labels)}
+        val_probs = weighted_probabilities(val_logits, weights, rule)
+        test_probs = weighted_probabilities(test_logits, weights, rule)
+        out["weighted"] = {"weights": dict(zip(names, weights.tolist())), "val": _scores(val_probs, val_labels),
+                           "test": _scores(test_probs, test_labels),
+                           **_calibrated(val_probs, val_labels, test_probs, test_labels)}
     return out
+
+
+def _calibrated(val_probs: torch.Tensor, val_labels: torch.Tensor, test_probs: torch.Tensor,
+                test_labels: torch.Tensor) -> dict:
+    temperature = calibration.fit_temperature(val_probs, val_labels)
+    return {"temperature": temperature, "test_calibrated": _scores(calibration.scale(test_probs, temperature),
+                                                                   test_labels)}
 
 
 def _scores(probs: torch.Tensor, labels: torch.Tensor) -> dict:

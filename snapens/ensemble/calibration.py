@@ -1,0 +1,77 @@
+"""Temperature scaling fitted on the validation split (Guo et al. 2017, arXiv 1706.04599, section 4.2).
+
+One number T > 0 divides the log-probabilities before the softmax: p_T = softmax(log p / T). It changes no
+prediction (the argmax stays), only the confidence, and is fitted by minimising the validation NLL. For one model,
+and for an ensemble that averages logits, log p is the (mean) logits up to a constant per image, so this is Guo et
+al.'s softmax(z / T) exactly; for an ensemble that averages probabilities it scales the pooled prediction ("pool,
+then calibrate", Ashukha et al. 2020, arXiv 2002.06470, section 4). A vote has zero probabilities and no
+temperature.
+
+The temperature is fitted on validation images only: `calibrate` takes the validation split to fit and only then
+scores the test split, before and after, so a test number is never tuned on the test set.
+"""
+
+import torch
+
+from snapens.ensemble import metrics
+
+TINY = 1e-300  # log(0) guard for probabilities that underflowed in float64; far below any probability reported
+
+
+def scale(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """N x C probabilities at `temperature`: softmax(log p / T), in float64."""
+    return (probs.double().clamp_min(TINY).log() / temperature).softmax(-1)
+
+
+def fit_temperature(probs: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
+    """The T > 0 minimising the NLL of `scale(probs, T)` on these (validation) labels: L-BFGS on log T from T = 1.
+    Deterministic on the same inputs."""
+    log_p = probs.double().clamp_min(TINY).log()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)  # T = exp(log_t) stays positive
+    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(log_p / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return log_t.exp().item()
+
+
+def _scores(probs: torch.Tensor, labels: torch.Tensor, bins: int) -> dict:
+    return {"nll": metrics.nll(probs, labels), "ece": metrics.ece(probs, labels, bins)}
+
+
+def calibrate(val_probs: torch.Tensor, val_labels: torch.Tensor, test_probs: torch.Tensor, test_labels: torch.Tensor,
+              bins: int = 15) -> dict:
+    """The temperature fitted on validation, then NLL and ECE before and after it on both splits:
+    {"temperature", "val": {"before": {nll, ece}, "after": ...}, "test": {...}}."""
+    temperature = fit_temperature(val_probs, val_labels)
+    return {"temperature": temperature,
+            **{name: {"before": _scores(p, y, bins), "after": _scores(scale(p, temperature), y, bins)}
+               for name, p, y in (("val", val_probs, val_labels), ("test", test_probs, test_labels))}}
+
+
+def calibrate_run(val_logits: torch.Tensor, val_labels: torch.Tensor, test_logits: torch.Tensor,
+                  test_labels: torch.Tensor, rule: str, bins: int = 15) -> dict | None:
+    """results.json's and ensemble.json's "calibration": `calibrate` for the last snapshot ("single") and the
+    ensemble of all members under `rule`, from M x N x C logits of both splits; None for a vote."""
+    if rule == "vote":
+        return None
+    models = {"single": lambda logits: metrics.probabilities(logits[-1:]),
+              "ensemble": lambda logits: metrics.probabilities(logits, rule)}
+    return {"fitted_on": "val", **{name: calibrate(probs(val_logits), val_labels, probs(test_logits), test_labels, bins)
+                                   for name, probs in models.items()}}
+
+
+def format_calibration(calibration: dict) -> str:
+    """One line per model: its temperature and the test NLL and ECE before and after."""
+    lines = []
+    for name, label in (("single", "last snapshot"), ("ensemble", "ensemble")):
+        c = calibration[name]
+        before, after = c["test"]["before"], c["test"]["after"]
+        lines.append(f"temperature fitted on validation, {label}: T = {c['temperature']:.3f}: test NLL "
+                     f"{before['nll']:.4f} -> {after['nll']:.4f}, ECE {before['ece']:.4f} -> {after['ece']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""Temperature scaling fitted on validation (Guo et al. 2017): the fit recovers a known temperature, never changes a
+prediction, ignores the test labels; the ensemble tool refuses to fit on test; predict= applies the stored
+temperature and the members chosen on validation, equal to a recomputation from the snapshot files."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+import snapens.ensemble.__main__ as cli
+from snapens.build import build_data
+from snapens.ensemble import calibration, metrics, selection
+from snapens.errors import SnapensError
+from snapens.snapshots import list_snapshots, load_into
+from snapens.train import train
+
+from conftest import EQUAL_CYCLES_3, compose_config
+
+HELD_OUT = [*EQUAL_CYCLES_3, "data.val_size=32"]
+
+
+def sampled(temperature: float, n: int = 20000, classes: int = 5, seed: int = 0):
+    """Logits z and labels drawn from softmax(z / temperature): the calibrated temperature is `temperature`."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(n, classes, generator=generator, dtype=torch.float64)
+    labels = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator).squeeze(1)
+    return logits, labels
+
+
+@pytest.mark.parametrize("true", [0.5, 1.0, 2.5])
+def test_fit_recovers_the_temperature_labels_were_drawn_at(true):
+    logits, labels = sampled(true)
+    fitted = calibration.fit_temperature(logits.softmax(-1), labels)
+    assert fitted == pytest.approx(true, rel=0.05)
+    nll = lambda t: metrics.nll(calibration.scale(logits.softmax(-1), t), labels)  # noqa: E731
+    assert nll(fitted) < min(nll(fitted * 0.97), nll(fitted * 1.03))  # a minimum of the validation NLL
+
+
+def test_scale_is_guos_softmax_over_t_and_keeps_every_prediction():
+    logits, _ = sampled(1.0, n=500)
+    members = torch.stack([logits, logits.flip(0), 0.5 * logits])
+    mean_logits = metrics.probabilities(members, "logits")  # softmax of the mean logits
+    for t in (0.3, 1.0, 4.0):
+        scaled = calibration.scale(mean_logits, t)
+        assert torch.allclose(scaled, (members.mean(0) / t).softmax(-1), atol=1e-12)
+        assert torch.equal(scaled.argmax(-1), mean_logits.argmax(-1))
+    assert torch.allclose(calibration.scale(mean_logits, 1.0), mean_logits, atol=1e-12)
+
+
+def test_the_test_labels_cannot_change_the_temperature():
+    val, val_labels = sampled(2.0, n=2000, seed=1)
+    test, _ = sampled(2.0, n=300, seed=2)
+    val_logits, test_logits = torch.stack([val, 0.8 * val]), torch.stack([test, 0.8 * test])
+    found = []
+    for seed in range(3):
+        test_labels = torch.randint(0, 5, (300,), generator=torch.Generator().manual_seed(seed))
+        fitted = calibration.calibrate_run(val_logits, val_labels, test_logits, test_labels, "probs")
+        found.append((fitted["single"]["temperature"], fitted["ensemble"]["temperature"]))
+        after = calibration.scale(metrics.probabilities(test_logits, "probs"), fitted["ensemble"]["temperature"])
+        assert fitted["ensemble"]["test"]["after"]["nll"] == pytest.approx(metrics.nll(after, test_labels), rel=1e-12)
+    assert found[0] == found[1] == found[2]
+    assert calibration.calibrate_run(val_logits, val_labels, test_logits, test_labels, "vote") is None
+
+
+# ---- the ensemble tool and predict= on a trained run -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("calibrated") / "run"
+    torch.set_num_threads(1)
+    train(compose_config(*HELD_OUT), run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    shutil.copytree(trained, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def evaluate(*overrides: str):
+    return cli.evaluate(compose_config(*overrides, name="ensemble"))
+
+
+def direct_logits(run_dir, images: torch.Tensor) -> torch.Tensor:
+    """Each snapshot's float64 logits on uint8 images, computed here from the files and the run's statistics."""
+    cfg = compose_config(*HELD_OUT)
+    data = build_data(cfg.data)
+    x = (images.float() / 255 - torch.tensor(data.mean).view(1, 3, 1, 1)) / torch.tensor(data.std).view(1, 3, 1, 1)
+    out = []
+    for path in list_snapshots(run_dir):
+        model = instantiate(cfg.model).eval()
+        load_into(model, path)
+        with torch.no_grad():
+            out.append(model(x))
+    return torch.stack(out).double()
+
+
+def test_temperatures_are_fitted_on_the_validation_split(run):
+    results = json.loads((run / "results.json").read_text())
+    data = build_data(compose_config(*HELD_OUT).data)
+    val = direct_logits(run, data.val.images)
+    expected = calibration.fit_temperature(metrics.probabilities(val, "logits"), data.val.labels)
+    assert results["calibration"]["fitted_on"] == "val"
+    assert results["calibration"]["ensemble"]["temperature"] == pytest.approx(expected, rel=1e-4)
+    evaluate(f"run={run}")
+    report = json.loads((run / "ensemble/test/ensemble.json").read_text())
+    assert report["calibration"] == results["calibration"]
+    evaluate(f"run={run}", "calibrate=none", f"out={run / 'plain'}")
+    assert "calibration" not in json.loads((run / "plain/ensemble.json").read_text())
+
+
+def test_fitting_on_test_is_refused(run):
+    with pytest.raises(SnapensError, match=r"calibrate=test would fit the temperature on the images it is then "
+                                           r"scored on.*use calibrate=val"):
+        evaluate(f"run={run}", "calibrate=test")
+    assert not (run / "ensemble").exists()
+
+
+def predictions(folder):
+    with open(folder / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    return rows, json.loads((folder / "predictions.json").read_text())
+
+
+@pytest.fixture
+def images(run, tmp_path):
+    data = build_data(compose_config(*HELD_OUT).data)
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for i, image in enumerate(data.test.images[:16]):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    return folder, data.test.images[:16], data.classes
+
+
+@pytest.mark.parametrize("chosen", [None, "last_m", "greedy", "weighted"])
+def test_predict_applies_the_stored_combination(run, images, chosen):
+    folder, uint8, classes = images
+    results = json.loads((run / "results.json").read_text())
+    evaluate(f"run={run}", f"predict={folder}", *([f"chosen={chosen}"] if chosen else []))
+    rows, record = predictions(run / "predictions")
+    logits = direct_logits(run, uint8)
+    names = [p.stem for p in list_snapshots(run)]
+    if chosen is None:
+        probs, temperature = metrics.probabilities(logits), results["calibration"]["ensemble"]["temperature"]
+    elif chosen == "weighted":
+        weights = torch.tensor([results["chosen"]["weighted"]["weights"][n] for n in names], dtype=torch.float64)
+        probs = selection.weighted_probabilities(logits, weights, "logits")
+        temperature = results["chosen"]["weighted"]["temperature"]
+    else:
+        picks = [names.index(n) for n in results["chosen"][chosen]["members"]]
+        probs, temperature = metrics.probabilities(logits[picks]), results["chosen"][chosen]["temperature"]
+    expected = calibration.scale(probs, temperature)
+    got = torch.tensor([[float(r[c]) for c in classes] for r in rows], dtype=torch.float64)
+    assert torch.allclose(got, expected, atol=2e-6)
+    assert [r["class"] for r in rows] == [classes[k] for k in expected.argmax(1)]
+    assert record["temperature"] == temperature and record["rule"] == "logits"
+
+
+def test_predict_uncalibrated_and_refusals(run, images):
+    folder, uint8, classes = images
+    evaluate(f"run={run}", f"predict={folder}", "calibrate=none")
+    rows, record = predictions(run / "predictions")
+    assert record["temperature"] is None and "uncalibrated (calibrate=none)" in record["source"]
+    probs = metrics.probabilities(direct_logits(run, uint8))
+    assert torch.allclose(torch.tensor([[float(r[c]) for c in classes] for r in rows], dtype=torch.float64), probs,
+                          atol=2e-6)
+    evaluate(f"run={run}", f"predict={folder}", "members=last:2")  # no temperature stored for these two members
+    assert predictions(run / "predictions")[1]["source"].startswith("uncalibrated (no temperature stored")
+    with pytest.raises(SnapensError, match=r"chosen=greedy takes the members the run chose on validation"):
+        evaluate(f"run={run}", f"predict={folder}", "chosen=greedy", "members=last:2")
+    with pytest.raises(SnapensError, match=r"chosen=greedy was chosen for rule=logits; pass that rule"):
+        evaluate(f"run={run}", f"predict={folder}", "chosen=greedy", "rule=probs")
+    with pytest.raises(SnapensError, match=r"chosen=greedy is for predict=IMAGES"):
+        evaluate(f"run={run}", "chosen=greedy")
+    results = json.loads((run / "results.json").read_text())
+    del results["chosen"]
+    (run / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SnapensError, match=r"chosen=last_m: .*results.json records no such choice"):
+        evaluate(f"run={run}", f"predict={folder}", "chosen=last_m")

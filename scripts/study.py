@@ -13,6 +13,7 @@ over seeds of the test accuracy, NLL and ECE of
 
     last      the last snapshot alone
     all       the uniform ensemble of all M snapshots (the rule of the runs, logits by default)
+    ..., T    the last snapshot and that ensemble after temperature scaling fitted on validation (same accuracy)
     last m    the last m snapshots, m chosen on validation NLL
     greedy    greedy selection with replacement on validation (Caruana et al. 2004)
     weighted  every snapshot with a weight fitted on validation NLL
@@ -37,7 +38,8 @@ sys.path.insert(0, str(ROOT))  # run as a file from anywhere: snapens is importa
 from snapens.files import save_figure, write_atomic  # noqa: E402
 from snapens.report import finished_runs, mean_std  # noqa: E402
 
-KINDS = {"last": "last snapshot", "all": "all snapshots", "last_m": "last m (val)", "greedy": "greedy (val)",
+KINDS = {"last": "last snapshot", "last_t": "last snapshot, T (val)", "all": "all snapshots",
+         "all_t": "all snapshots, T (val)", "last_m": "last m (val)", "greedy": "greedy (val)",
          "weighted": "weighted (val)"}
 METRICS = ("acc", "nll", "ece")
 
@@ -54,6 +56,9 @@ def read_run(run: Path) -> dict:
     results = json.loads((run / "results.json").read_text())
     scores = {"last": results["single"], "all": results["ensemble"]}
     scores.update({k: c["test"] for k, c in results.get("chosen", {}).items() if k != "by"})
+    for kind, name in (("last_t", "single"), ("all_t", "ensemble")):  # temperature-scaled: the same predictions
+        if "calibration" in results:
+            scores[kind] = {"acc": results[name]["acc"], **results["calibration"][name]["test"]["after"]}
     return {"dir": run, "cycles": len(results["snapshots"]), "seed": config["trainer"]["seed"],
             "epochs": config["trainer"]["epochs"], "scores": scores, "chosen": results.get("chosen", {})}
 
@@ -96,7 +101,7 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * 4) + " |"]
     for row in rows:
         for kind, e in row["kinds"].items():
-            if row["cycles"] == 1 and kind != "last":  # one snapshot: every ensemble is that snapshot
+            if row["cycles"] == 1 and kind not in ("last", "last_t"):  # one snapshot: every ensemble is it
                 continue
             lines.append(f"| {row['cycles']} | {KINDS[kind]} | {cell(e['acc'], 100, 2)} | "
                          f"{cell(e['gain'], 100, 2, sign=True)} | {cell(e.get('nll'), 1, 3)} | "
@@ -124,9 +129,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, kind in enumerate(KINDS):
-        kept = [r for r in rows if kind in r["kinds"] and (r["cycles"] > 1 or kind == "last")]
+        kept = [r for r in rows if kind in r["kinds"] and (r["cycles"] > 1 or kind in ("last", "last_t"))]
         for ax, metric, scale in ((axes[0], "acc", 100), (axes[1], "nll", 1)):
-            points = [(r["cycles"] + 0.04 * (i - 2), r["kinds"][kind][metric]) for r in kept if metric in r["kinds"][kind]]
+            points = [(r["cycles"] + 0.03 * (i - 3), r["kinds"][kind][metric]) for r in kept
+                      if metric in r["kinds"][kind]]
             if points:
                 ax.errorbar([x for x, _ in points], [scale * v[0] for _, v in points],
                             yerr=[scale * (v[1] or 0.0) for _, v in points], marker="o", capsize=3, label=KINDS[kind])

@@ -24,6 +24,7 @@ from snapens.models import CifarResNet, WideResNet
 from snapens.precision import layout
 from snapens.step import StepOptions
 from snapens.swa import WeightAverage
+from snapens.teacher import load_teacher, teacher_paths
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +347,12 @@ def setup(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> Se
     optimizer = build_optimizer(model, cfg.optimizer, schedule.lr(0))
     options = StepOptions(trainer.grad_clip, trainer.clip_mode, precision, trainer.on_nonfinite == "skip",
                           trainer.accumulate, trainer.label_smoothing)
+    if cfg.get("distill"):  # snapens.distill: the run's ensemble teaches (soft targets on every training batch)
+        teacher = load_teacher(teacher_paths(cfg.distill.run, cfg.distill.members), cfg.distill.rule,
+                               cfg.distill.temperature, data.mean, data.std, device, precision, trainer.channels_last,
+                               model_from_metadata)
+        options = replace(options, teacher=teacher, distill_alpha=cfg.distill.alpha,
+                          distill_temperature=cfg.distill.temperature)
     check_fits(data.train, device)
     return Setup(device, precision, model, forward, swa, data, data.train.to(device), schedule, optimizer,
                  torch.Generator(device).manual_seed(trainer.seed), build_augmentation(cfg.data), steps_per_epoch,

@@ -203,6 +203,17 @@ class EnsembleConfig:
 
 
 @dataclass
+class DistillConfig:
+    """`python -m snapens.distill`: the teacher run and Hinton et al.'s (arXiv 1503.02531) two numbers."""
+
+    run: str
+    members: str
+    rule: Optional[str]
+    temperature: float
+    alpha: float
+
+
+@dataclass
 class Config:
     data: Any
     model: Any
@@ -211,6 +222,7 @@ class Config:
     logger: Any
     trainer: TrainerConfig
     ensemble: EnsembleConfig
+    distill: Optional[DistillConfig] = None  # set only by snapens.distill
 
 
 @dataclass

@@ -1,0 +1,161 @@
+"""Distil a finished run's snapshot ensemble into one model: `python -m snapens.distill run=DIR [model=...]`.
+
+The student is trained by snapens.train itself (the same loop, schedule, clipping, checkpoints, bit-identical
+resume and progress bar) on the teacher run's own training split, against a mix of the labels and the ensemble's
+soft targets on the same augmented batch (Hinton et al. 2015, arXiv 1503.02531; snapens.teacher, snapens.step).
+Its config is the teacher run's (its overrides, then `scheduler=cosine scheduler.cycles=1`: one cosine over the
+same budget and one snapshot, the student), then the command line's; the data are the teacher run's, verbatim, and
+the model too unless `model=` says otherwise. distill.temperature and distill.alpha are fixed in advance (Hinton et
+al.'s range), never chosen on test.
+
+Output: a run dir like any other (snapshots/cycle_01.safetensors is the student, so `python -m snapens.ensemble
+run=DIR` and `predict=` work on it), and in its results.json `distillation`: the student against the teacher's last
+snapshot and whole ensemble on the test split (accuracy, NLL, ECE), each with a temperature fitted on validation
+when the run held one out, and the inference cost of each.
+"""
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import safe_open
+
+from snapens import cli
+from snapens.build import build_data, model_from_metadata, pick_device, pick_precision
+from snapens.config import register_configs
+from snapens.ensemble import calibration, metrics
+from snapens.ensemble.cache import cached_logits
+from snapens.errors import SnapensError, exit_with
+from snapens.files import write_atomic
+from snapens.snapshots import list_snapshots, read_metadata
+from snapens.teacher import teacher_paths
+from snapens.train import EXIT_INTERRUPTED, Interrupted, train
+
+register_configs()
+log = logging.getLogger(__name__)
+STUDENT = ["scheduler=cosine", "scheduler.cycles=1"]  # one cosine over the budget, one snapshot: the student
+
+
+def key_of(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def student_config(cfg: DictConfig, given: list[str]) -> DictConfig:
+    """The student's training config: the teacher run's saved config, with `scheduler=cosine scheduler.cycles=1`
+    at the teacher's eta_max, then the command line's overrides `given`: GROUP=OPTION swaps that section for the
+    option's, KEY=VALUE sets the key. Data stay the teacher's (data.root may move); `distill` gets the rule."""
+    teacher_dir = Path(cfg.distill.run)
+    teacher_paths(teacher_dir, cfg.distill.members)  # a run dir with snapshots, the members allowed
+    if not 0 <= cfg.distill.alpha <= 1:
+        raise SnapensError(f"distill.alpha={cfg.distill.alpha} must be in [0, 1] (the soft targets' share)")
+    if any(key_of(o).startswith("data") and key_of(o) != "data.root" for o in given):
+        raise SnapensError("the student learns on the teacher run's own data (its .hydra/config.yaml); leave out "
+                           "data overrides (data.root=DIR alone may say where those files are now)")
+    keyed = {key_of(o): o for o in [*STUDENT, *given]}  # the command line's replace STUDENT's of the same key
+    fresh = hydra.compose(config_name="config", overrides=list(keyed.values()))
+    teacher = OmegaConf.load(teacher_dir / ".hydra" / "config.yaml")
+    student = fresh.copy()
+    for section in ("data", "model", "optimizer", "logger"):  # whole sections: each option has its own schema
+        if section not in keyed:
+            student[section] = teacher[section]
+    for section in ("trainer", "ensemble"):  # one schema each, every key in the teacher's
+        student[section] = OmegaConf.merge(student[section], teacher[section])
+    for key in keyed:  # the command line's values, parsed and typed by the composition
+        if "." in key and key.split(".")[0] != "scheduler":
+            OmegaConf.update(student, key, OmegaConf.select(fresh, key), merge=False)
+    if "scheduler.eta_max" not in keyed:
+        student.scheduler.eta_max = teacher.scheduler.eta_max
+    rule = cfg.distill.rule or student.ensemble.rule
+    student.distill = OmegaConf.merge(cfg.distill, {"run": str(teacher_dir), "rule": rule})
+    return student
+
+
+def compare(student: DictConfig, run_dir: Path) -> dict:
+    """results.json's `distillation`: the student (the run's last snapshot) against the teacher's last snapshot and
+    its ensemble on the test split, from each snapshot's cached logits, with temperatures fitted on validation."""
+    data = build_data(student.data)
+    device = pick_device(student.trainer.device)
+    precision = pick_precision(student.trainer.precision, device)
+    rule = student.distill.rule
+    members = {"student": list_snapshots(run_dir)[-1:],
+               "teacher": teacher_paths(student.distill.run, student.distill.members)}
+    splits = {"test": data.test, "val": data.val} if data.val is not None else {"test": data.test}
+
+    def make(path: Path, meta: dict) -> torch.nn.Module:
+        return model_from_metadata(meta.get("model_config"), f"snapshot {path}").to(device)
+
+    logits = {(who, name): cached_logits(paths, [read_metadata(p) for p in paths], split, name,
+                                         student.ensemble.batch_size, device, make, precision,
+                                         student.trainer.channels_last)
+              for who, paths in members.items() for name, split in splits.items()}
+    models = {"student": ("student", slice(-1, None), "logits"), "teacher_last": ("teacher", slice(-1, None), "logits"),
+              "teacher_ensemble": ("teacher", slice(None), rule)}
+    out = {"teacher": {"run": student.distill.run, "members": [p.name for p in members["teacher"]], "rule": rule},
+           "temperature": student.distill.temperature, "alpha": student.distill.alpha, "test": {}, "cost": {}}
+    for name, (who, take, how) in models.items():
+        out["test"][name] = metrics.scores(logits[who, "test"][take], data.test.labels, how)
+        paths = members[who][take]
+        out["cost"][name] = {"forward_passes_per_image": len(paths),
+                             "parameters": sum(parameter_count(p) for p in paths)}
+        if "val" in splits:
+            out.setdefault("calibration", {})[name] = calibration.calibrate(
+                metrics.probabilities(logits[who, "val"][take], how), data.val.labels,
+                metrics.probabilities(logits[who, "test"][take], how), data.test.labels)
+    return out
+
+
+def parameter_count(path: Path) -> int:
+    """Numbers stored in a snapshot (its state_dict: weights and BatchNorm statistics), read from the file's header."""
+    with safe_open(path, framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def format_comparison(d: dict) -> str:
+    lines = [f"{'':<30}{'acc':>8}{'nll':>8}{'ece':>8}{'nll (T)':>9}{'ece (T)':>9}{'passes':>8}{'params':>11}"]
+    labels = {"student": "student (one model)", "teacher_last": "teacher's last snapshot",
+              "teacher_ensemble": f"teacher ensemble of {len(d['teacher']['members'])}"}
+    for name, label in labels.items():
+        s, c, cost = d["test"][name], d.get("calibration", {}).get(name), d["cost"][name]
+        after = [f"{c['test']['after']['nll']:>9.4f}", f"{c['test']['after']['ece']:>9.4f}"] if c else [f"{'-':>9}"] * 2
+        lines.append(f"{label:<30}{s['acc']:>8.4f}{s['nll']:>8.4f}{s['ece']:>8.4f}{''.join(after)}"
+                     f"{cost['forward_passes_per_image']:>8}{cost['parameters']:>11,}")
+    lines.append("on the test split; (T): after a temperature fitted on the validation split")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="distill")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    given = [o for o in HydraConfig.get().overrides.task if not key_of(o).startswith("distill.")]
+    try:
+        student = student_config(cfg, given)
+        log.info(f"run dir {run_dir}: distilling {student.distill.run} ({student.distill.members}, "
+                 f"{student.distill.rule}) into {student.model.get('_target_', 'a model').rsplit('.', 1)[-1]}, "
+                 f"T={student.distill.temperature:g}, alpha={student.distill.alpha:g}")
+        accuracy = train(student, run_dir)
+        results_path = run_dir / "results.json"
+        results = json.loads(results_path.read_text())
+        results["distillation"] = compare(student, run_dir)
+        write_atomic(results_path, (json.dumps(results, indent=2) + "\n").encode())
+        log.info(f"\n{format_comparison(results['distillation'])}\nrun dir {run_dir}: the student is "
+                 "snapshots/cycle_01.safetensors")
+        return accuracy
+    except (SnapensError, OmegaConfBaseException) as e:
+        cli.discard_unused_run_dir()
+        exit_with(e)
+    except Interrupted as e:
+        log.warning(str(e))
+        print(f"snapens: {e}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    sys.argv = [f"distill.{a}" if a.startswith("run=") else a for a in sys.argv]  # run=DIR, as snapens.ensemble
+    cli.run(main)

@@ -1,0 +1,124 @@
+"""`python -m snapens.distill`: Hinton et al.'s loss and the teacher's soft targets value for value, a student that
+learns from a synthetic run's ensemble and is compared with it, a kill -9 resumed bit for bit, and bad input."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from snapens.checkpoint import checkpoint_path
+from snapens.snapshots import list_snapshots
+from snapens.step import StepOptions, loss_of
+from snapens.teacher import Teacher
+from snapens.train import train
+
+from conftest import EQUAL_CYCLES_3, compose_config
+
+TEACHER = [*EQUAL_CYCLES_3, "data.val_size=32"]  # 3 one-epoch cycles, 32 validation images held out
+STUDENT = ["trainer.epochs=3", "trainer.checkpoint_every=1", "trainer.log_every=1"]  # 12 updates, one snapshot
+
+
+def command(teacher, run_dir, *extra):
+    return [sys.executable, "-m", "snapens.distill", f"run={teacher}", *STUDENT, *extra, f"hydra.run.dir={run_dir}"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("teacher") / "run"
+    train(compose_config(*TEACHER), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def student(teacher):
+    run_dir = teacher.parent / "student"
+    done = subprocess.run(command(teacher, run_dir), cwd=teacher.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def test_soft_targets_and_loss_are_hintons():
+    torch.manual_seed(0)
+    members = [torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)]
+    x, y, out = torch.randn(5, 6), torch.tensor([0, 1, 2, 3, 0]), torch.randn(5, 4)
+    z = torch.stack([m(x) for m in members]).detach()
+    assert torch.allclose(Teacher(members, "logits", 3.0)(x), (z.mean(0) / 3).softmax(-1), atol=1e-6)
+    assert torch.allclose(Teacher(members, "probs", 3.0)(x), (z / 3).softmax(-1).mean(0), atol=1e-6)
+    soft = (z.mean(0) / 3).softmax(-1)
+    kl = (soft * (soft.log() - (out / 3).log_softmax(-1))).sum(-1).mean()  # KL(teacher || student), per image
+    for alpha in (0.0, 0.3, 1.0):
+        options = StepOptions(teacher=Teacher(members, "logits", 3.0), distill_alpha=alpha, distill_temperature=3.0)
+        expected = alpha * 9 * kl + (1 - alpha) * F.cross_entropy(out, y)
+        assert loss_of(out, x, y, options).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss_of(out, x, y, StepOptions()).item() == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-6)
+
+
+def test_student_learns_and_is_compared_with_its_teacher(teacher, student):
+    results = json.loads((student / "results.json").read_text())
+    assert [p.name for p in list_snapshots(student)] == ["cycle_01.safetensors"]  # the student
+    assert results["ensemble"]["acc"] > 1 / 10 + 0.1  # beats chance (10 synthetic classes) by far
+    d = results["distillation"]
+    theirs = json.loads((teacher / "results.json").read_text())
+    assert d["teacher"]["members"] == [s["file"] for s in theirs["snapshots"]] and d["teacher"]["rule"] == "logits"
+    assert d["test"]["student"] == pytest.approx({k: results["single"][k] for k in ("acc", "nll", "ece")}, abs=1e-12)
+    assert d["test"]["teacher_ensemble"] == pytest.approx(
+        {k: theirs["ensemble"][k] for k in ("acc", "nll", "ece")}, abs=1e-12)  # the same test split, the same logits
+    assert d["test"]["teacher_last"]["acc"] == pytest.approx(theirs["single"]["acc"], abs=1e-12)
+    assert d["cost"]["student"]["forward_passes_per_image"] == 1
+    assert d["cost"]["teacher_ensemble"] == {"forward_passes_per_image": 3,
+                                             "parameters": 3 * d["cost"]["student"]["parameters"]}
+    assert set(d["calibration"]) == {"student", "teacher_last", "teacher_ensemble"}
+    config = (student / ".hydra" / "config.yaml").read_text()
+    assert "name: cosine" in config and "temperature: 4.0" in config and f"run: {teacher}" in config
+    done = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={student}"], cwd=student.parent,
+                          capture_output=True, text=True, timeout=300)  # the student is a run like any other
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((student / "ensemble/test/ensemble.json").read_text())
+    assert report["ensemble"]["acc"] == pytest.approx(d["test"]["student"]["acc"], abs=1e-12)
+
+
+def test_a_killed_distillation_resumes_bit_for_bit(teacher, student, tmp_path):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(command(teacher, run_dir), cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    path = checkpoint_path(run_dir)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and not (
+            path.exists() and (run_dir / "metrics.jsonl").exists()):  # past the first epoch
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert not (run_dir / "results.json").exists()  # killed in training
+    again = subprocess.run(command(teacher, run_dir), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming {run_dir} at step" in (run_dir / "distill.log").read_text()
+    assert (run_dir / "snapshots/cycle_01.safetensors").read_bytes() == \
+           (student / "snapshots/cycle_01.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["data.val_size=0"], "the student learns on the teacher run's own data"),
+    (["distill.alpha=1.5"], r"distill.alpha=1.5 must be in \[0, 1\]"),
+    (["distill.rule=vote"], "distill.rule=vote: a teacher needs probabilities"),
+    (["distill.members=last:9"], r"distill.members=last:9 is not allowed; use all or last:K with 1 <= K <= 3"),
+])
+def test_bad_input_is_one_line_and_leaves_no_run_dir(teacher, tmp_path, extra, message):
+    run_dir = tmp_path / "refused"
+    done = subprocess.run(command(teacher, run_dir, *extra), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("snapens: error:")
+    assert re.search(message, done.stderr), done.stderr[-1000:]
+    assert not run_dir.exists() or not list_snapshots(run_dir)
+
+
+def test_a_missing_teacher_is_named(tmp_path):
+    done = subprocess.run(command(tmp_path / "nothing", tmp_path / "run"), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "is not a finished snapens.train run dir" in done.stderr

@@ -247,6 +247,7 @@ class InferenceConfig:
     chosen: Optional[str]
     calibrate: str
     out: Optional[str]
+    format: str
 
 
 @dataclass

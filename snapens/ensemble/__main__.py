@@ -355,8 +355,6 @@ def check_options(cfg: DictConfig) -> None:
     for key in ("bins", "batch_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise SnapensError(f"{key}={cfg[key]} must be a positive whole number")
-    if cfg.chosen and not cfg.predict:
-        raise SnapensError(f"chosen={cfg.chosen} is for predict=IMAGES; the report already scores every choice")
     if cfg.predict and not Path(cfg.predict).exists():
         raise SnapensError(f"predict={cfg.predict} does not exist")
 
@@ -429,6 +427,9 @@ def evaluate(cfg: DictConfig) -> float | None:
     """Check the options, compute (or read) each member's logits once, write the report; the ensemble accuracy.
     With predict=, only predictions.csv for the new images (None)."""
     check_options(cfg)
+    if cfg.chosen and not cfg.predict:
+        raise SnapensError(f"chosen={cfg.chosen} is for predict=IMAGES (and snapens.export); the report already "
+                           "scores every choice")
     paths, metas = read_members(cfg)
     device = pick_device(cfg.device, key="device")
     precision = pick_precision(cfg.precision, device, key="precision")

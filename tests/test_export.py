@@ -1,0 +1,110 @@
+"""`python -m snapens.export`: the ensemble as one torch.export file, loaded in a fresh process that never imports
+snapens, gives the ensemble tool's probabilities (temperature and chosen weights included) within 1e-5."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from snapens.build import build_data
+from snapens.ensemble import calibration, metrics, selection
+from snapens.ensemble.cache import cached_logits
+from snapens.snapshots import list_snapshots, read_metadata
+from snapens.train import train
+
+from conftest import EQUAL_CYCLES_3, compose_config
+
+HELD_OUT = [*EQUAL_CYCLES_3, "data.val_size=32"]
+
+# Runs in a fresh interpreter: torch alone loads and runs the program (and snapens is never imported).
+LOAD = """
+import json, sys, torch
+extra = {"snapens.json": ""}
+program = torch.export.load(sys.argv[1], extra_files=extra)
+images = torch.load(sys.argv[2], weights_only=True)
+probs = program.module()(images)
+torch.save(probs, sys.argv[3])
+assert not any(name.startswith("snapens") for name in sys.modules)
+print(json.dumps(json.loads(extra["snapens.json"])))
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    train(compose_config(*HELD_OUT), run_dir)
+    return run_dir
+
+
+def export(run, out, *extra):
+    return subprocess.run([sys.executable, "-m", "snapens.export", f"run={run}", f"out={out}", *extra],
+                          cwd=run.parent, capture_output=True, text=True, timeout=300)
+
+
+def load_elsewhere(program, images, tmp_path):
+    torch.save(images, tmp_path / "images.pt")
+    done = subprocess.run([sys.executable, "-c", LOAD, str(program), str(tmp_path / "images.pt"),
+                           str(tmp_path / "probs.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(tmp_path / "probs.pt", weights_only=True).double(), json.loads(done.stdout)
+
+
+def tool_logits(run, split="test"):
+    """The members' logits as the ensemble tool has them (its cache), and the split's uint8 images."""
+    data = build_data(compose_config(*HELD_OUT).data)
+    part = data.test if split == "test" else data.val
+    paths = list_snapshots(run)
+    logits = cached_logits(paths, [read_metadata(p) for p in paths], part, split, 1000, torch.device("cpu"),
+                           lambda *_: None, None, True)  # every entry cached by training (fp32, channels_last)
+    return logits.double(), part.images
+
+
+@pytest.mark.parametrize("chosen", [None, "greedy", "weighted"])
+def test_the_exported_file_gives_the_tools_probabilities(run, tmp_path, chosen):
+    out = tmp_path / "ensemble.pt2"
+    done = export(run, out, *([f"chosen={chosen}"] if chosen else []))
+    assert done.returncode == 0, done.stderr[-3000:]
+    logits, images = tool_logits(run)
+    results = json.loads((run / "results.json").read_text())
+    names = [p.stem for p in list_snapshots(run)]
+    if chosen is None:
+        probs, temperature = metrics.probabilities(logits), results["calibration"]["ensemble"]["temperature"]
+    elif chosen == "greedy":
+        picks = [names.index(n) for n in results["chosen"]["greedy"]["members"]]
+        probs, temperature = metrics.probabilities(logits[picks]), results["chosen"]["greedy"]["temperature"]
+    else:
+        weights = torch.tensor([results["chosen"]["weighted"]["weights"][n] for n in names], dtype=torch.float64)
+        probs = selection.weighted_probabilities(logits, weights, "logits")
+        temperature = results["chosen"]["weighted"]["temperature"]
+    got, record = load_elsewhere(out, images, tmp_path)
+    assert got.shape == probs.shape
+    assert (got - calibration.scale(probs, temperature)).abs().max().item() < 1e-5
+    assert record["temperature"] == temperature  # with the class names, riding along in the file
+    assert record["classes"] == build_data(compose_config(*HELD_OUT).data).classes
+    assert (run.parent / "export.log").exists() is False and (tmp_path / "export.log").exists()  # log beside it
+
+
+def test_any_batch_size_and_a_student_of_one_member(run, tmp_path):
+    out = tmp_path / "last.pt2"
+    assert export(run, out, "members=last:1", "calibrate=none").returncode == 0
+    logits, images = tool_logits(run)
+    got, record = load_elsewhere(out, images[:1], tmp_path)  # one image: batch sizes other than the traced one
+    assert (got - logits[-1, :1].softmax(-1)).abs().max().item() < 1e-5
+    assert record["temperature"] is None and len(record["members"]) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["rule=vote"], "an exported ensemble returns probabilities; use logits or probs"),
+    (["format=onnx"], "format=onnx is not allowed; the one format is pt2"),
+    (["calibrate=test"], "calibrate=test would fit the temperature on the images it is then scored on"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, extra, message):
+    out = tmp_path / "refused.pt2"
+    done = export(run, out, *extra)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and message in done.stderr, done.stderr[-2000:]
+    assert not out.exists()
+    done = export(run, tmp_path / "no_suffix")
+    assert done.returncode == 2 and "must name the file to write, ending in .pt2" in done.stderr

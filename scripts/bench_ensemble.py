@@ -32,8 +32,11 @@ from torchvision.datasets import ImageFolder
 from snapens.build import build_data, build_model, model_from_metadata, pick_device, pick_precision, snapshot_metadata
 from snapens.config import register_configs
 from snapens.data import Split, load_image_folder, make_synthetic
+from snapens.ensemble import predict_logits
+from snapens.ensemble.batched import stacked_logits
 from snapens.precision import autocast, describe, layout
-from snapens.snapshots import list_snapshots, read_metadata, save_snapshot, snapshot_path
+from snapens.snapshots import list_snapshots, load_into, read_metadata, save_snapshot, snapshot_path
+from snapens.step import seconds_since
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Runs a module (`-m`) or a script in this process, then prints its own time, CPU time and peak RSS (KiB).
@@ -167,6 +170,44 @@ def check(run: Path) -> dict:
             "agree": abs(snap_acc - naive_acc) <= 1e-9}
 
 
+def batched_vs_sequential(run: Path, batch_size: int, device: torch.device, precision: torch.dtype | None,
+                          channels_last: bool, repeats: int, threads: int) -> dict:
+    """The run's M snapshots over its test split in this process: one model at a time (the ensemble tool's default)
+    and all in one vmapped pass (its batched=true); medians of `repeats` timed passes (after an untimed warm-up
+    on a GPU); the logits must agree within 1e-4. Prints its lines."""
+    torch.set_num_threads(threads)
+    split = build_data(OmegaConf.load(run / ".hydra" / "config.yaml").data).test.to(device)
+    paths = list_snapshots(run)
+    metas = [read_metadata(p) for p in paths]
+    models = []
+    for path, meta in zip(paths, metas):
+        model = model_from_metadata(meta["model_config"], str(path))
+        load_into(model, path)
+        models.append(model.to(device))
+    mean, std = metas[0]["mean"], metas[0]["std"]
+    contenders = {
+        "one at a time": lambda: torch.stack([predict_logits(m, split, mean, std, batch_size, device, precision,
+                                                             channels_last) for m in models]),
+        "batched (vmap)": lambda: stacked_logits(models, split, mean, std, batch_size, device, precision,
+                                                 channels_last)}
+    seconds, logits = {}, {}
+    for name, run_all in contenders.items():
+        if device.type == "cuda":
+            run_all()  # kernel selection and allocator warm-up, not timed
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            logits[name] = run_all()
+            times.append(seconds_since(start, device))
+        seconds[name] = statistics.median(times)
+    diff = (logits["one at a time"] - logits["batched (vmap)"]).abs().max().item()
+    ratio = seconds["one at a time"] / seconds["batched (vmap)"]
+    print(f"forward passes of {len(models)} snapshots over {len(split)} images, in this process ({threads} threads): "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
+    print(f"one at a time / batched time: {ratio:.2f}x (above 1: batched is faster); max |logit difference| {diff:.3g}")
+    return {"seconds": seconds, "ratio": ratio, "max_abs_logit_diff": diff, "agree": diff <= 1e-4}
+
+
 def main() -> None:
     args = parse_args()
     device = pick_device(args.device)
@@ -194,6 +235,8 @@ def main() -> None:
                 runs["snapens"][-1]["logits_s"] = report["logits_seconds"]
                 runs["snapens (warm)"].append(run_child(snap, args.threads))
         agreement = check(run)
+        batched = batched_vs_sequential(run, args.batch_size, device, precision, args.channels_last, args.repeats,
+                                        args.threads)
     median = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
     logits_s = median["snapens"].pop("logits_s")
     ratios = {"time": median["naive"]["wall_s"] / median["snapens"]["wall_s"],
@@ -224,8 +267,9 @@ def main() -> None:
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"config": config, "median": median, "runs": runs, "ratios": ratios,
-                                               "logits_s": logits_s, "agreement": agreement}, indent=2) + "\n")
-    if not agreement["agree"]:
+                                               "logits_s": logits_s, "agreement": agreement, "batched": batched},
+                                              indent=2) + "\n")
+    if not agreement["agree"] or not batched["agree"]:
         sys.exit(1)
 
 

@@ -350,7 +350,7 @@ def setup(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> Se
     if cfg.get("distill"):  # snapens.distill: the run's ensemble teaches (soft targets on every training batch)
         teacher = load_teacher(teacher_paths(cfg.distill.run, cfg.distill.members), cfg.distill.rule,
                                cfg.distill.temperature, data.mean, data.std, device, precision, trainer.channels_last,
-                               model_from_metadata)
+                               model_from_metadata, cfg.distill.batched)
         options = replace(options, teacher=teacher, distill_alpha=cfg.distill.alpha,
                           distill_temperature=cfg.distill.temperature)
     check_fits(data.train, device)

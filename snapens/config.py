@@ -211,6 +211,7 @@ class DistillConfig:
     rule: Optional[str]
     temperature: float
     alpha: float
+    batched: bool
 
 
 @dataclass
@@ -248,6 +249,7 @@ class InferenceConfig:
     calibrate: str
     out: Optional[str]
     format: str
+    batched: bool
 
 
 @dataclass

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from snapens.ensemble.batched import StackedMembers, same_architecture
 from snapens.errors import SnapensError
 from snapens.precision import autocast, layout
 from snapens.snapshots import list_snapshots, load_into, read_metadata
@@ -21,18 +22,21 @@ class Teacher:
     """Soft targets of M snapshot models: `teacher(x)` is N x C float32 probabilities at `temperature`."""
 
     def __init__(self, models: list[torch.nn.Module], rule: str, temperature: float,
-                 precision: torch.dtype | None = None):
+                 precision: torch.dtype | None = None, batched: bool = False):
         if rule not in ("logits", "probs"):
             raise SnapensError(f"distill.rule={rule}: a teacher needs probabilities, which a vote does not give; "
                                "use logits or probs")
         if not temperature > 0:
             raise SnapensError(f"distill.temperature={temperature} must be > 0 (Hinton et al. use 1 to 20)")
         self.models, self.rule, self.temperature, self.precision = models, rule, float(temperature), precision
+        if batched and not same_architecture(models):
+            raise SnapensError("distill.batched=true needs teacher snapshots of one architecture; leave it false")
+        self.stacked = StackedMembers(models) if batched else None  # one vmapped pass for all M members
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(x.device, self.precision):
-            logits = torch.stack([model(x).float() for model in self.models])  # M x N x C
+            logits = (self.stacked(x) if self.stacked else torch.stack([model(x) for model in self.models])).float()
         if self.rule == "logits":
             return (logits.mean(0) / self.temperature).softmax(-1)
         return (logits / self.temperature).softmax(-1).mean(0)
@@ -54,7 +58,7 @@ def teacher_paths(run: str | Path, members: str) -> list[Path]:
 
 def load_teacher(paths: list[Path], rule: str, temperature: float, mean, std, device: torch.device,
                  precision: torch.dtype | None, channels_last: bool,
-                 make_model: Callable[[dict, str], torch.nn.Module]) -> Teacher:
+                 make_model: Callable[[dict, str], torch.nn.Module], batched: bool = False) -> Teacher:
     """The snapshots at `paths` as a Teacher on `device`; each must have been trained on inputs normalised with the
     student's `mean` and `std` (the same training images), since the student's batches are fed to it as they are."""
     models = []
@@ -67,4 +71,4 @@ def load_teacher(paths: list[Path], rule: str, temperature: float, mean, std, de
         model = make_model(meta.get("model_config"), f"snapshot {path}")
         load_into(model, path)
         models.append(model.to(device, memory_format=layout(channels_last)).eval())
-    return Teacher(models, rule, temperature, precision)
+    return Teacher(models, rule, temperature, precision, batched)

@@ -49,6 +49,10 @@ def test_gpu_validation_script_dry_run(tmp_path):
     assert ensemble["ratios"]["time"] == pytest.approx(ensemble["median"]["naive"]["wall_s"]
                                                        / ensemble["median"]["snapens"]["wall_s"])
     assert "naive / snapens peak RSS" in (tmp_path / "bench_ensemble.log").read_text()
+    batched = ensemble["batched"]  # the same snapshots one at a time and in one vmapped pass
+    assert batched["agree"] and batched["max_abs_logit_diff"] <= 1e-4
+    assert batched["ratio"] == pytest.approx(batched["seconds"]["one at a time"] / batched["seconds"]["batched (vmap)"])
+    assert f"one at a time / batched time: {batched['ratio']:.2f}x" in (tmp_path / "bench_ensemble.log").read_text()
     probe = json.loads((tmp_path / "probe.json").read_text())
     assert probe["rng_round_trip"]["identical"] and probe["run_to_run"] == {"default": True, "deterministic": True}
     assert probe["swa_update_syncs"]["WeightAverage"] == "no sync"

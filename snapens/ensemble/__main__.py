@@ -21,12 +21,12 @@ from snapens import cli
 from snapens.build import build_data, model_from_metadata, pick_device, pick_precision
 from snapens.config import CHOICES, register_configs, schema_of
 from snapens.data import IMAGE_EXTENSIONS, Split, read_image
-from snapens.ensemble import build_report, calibration, check_rule, format_report, metrics, predict_logits, selection
-from snapens.ensemble.cache import cached_logits, file_digest
+from snapens.ensemble import build_report, calibration, check_rule, format_report, metrics, selection
+from snapens.ensemble.cache import cached_logits, compute_logits, file_digest
 from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, plot_reliability
 from snapens.errors import SnapensError, exit_with
 from snapens.files import write_atomic
-from snapens.snapshots import list_snapshots, load_into, read_metadata
+from snapens.snapshots import list_snapshots, read_metadata
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -298,14 +298,10 @@ def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
         image = read_image(f, 0)
         images.append(image if tuple(image.shape[1:]) == (height, width) else read_image(f, (height, width)))
     split = Split(torch.stack(images), torch.zeros(len(files), dtype=torch.long)).to(device)  # once, all members
-    logits = {}
-    for path in dict.fromkeys(how["members"]):  # each file once, however often it was chosen
-        meta = metas[paths.index(path)]
-        model = build_snapshot_model(path, meta).to(device)
-        load_into(model, path)
-        logits[path] = predict_logits(model, split, meta["mean"], meta["std"], cfg.batch_size, device, precision,
-                                      cfg.channels_last)
-        del model
+    distinct = list(dict.fromkeys(how["members"]))  # each file once, however often it was chosen
+    computed = compute_logits([(p, metas[paths.index(p)]) for p in distinct], split, cfg.batch_size, device,
+                              model_maker(device), precision, cfg.channels_last, cfg.batched)
+    logits = dict(zip(distinct, computed))
     logits = torch.stack([logits[p] for p in how["members"]])
     if how["weights"] is not None:
         probs = selection.weighted_probabilities(logits, how["weights"], cfg.rule)
@@ -416,7 +412,7 @@ def fit_on_validation(cfg, paths, metas, val: Split | None, logits, labels, devi
     if val is None:
         return {}
     val_logits = cached_logits(paths, metas, val, "val", cfg.batch_size, device, model_maker(device), precision,
-                               cfg.channels_last)
+                               cfg.channels_last, cfg.batched)
     fitted = {"chosen": selection.choose(val_logits, val.labels, logits, labels, member_names(paths), cfg.rule)}
     temperatures = cfg.calibrate == "val" and calibration.calibrate_run(val_logits, val.labels, logits, labels,
                                                                          cfg.rule, cfg.bins)
@@ -440,7 +436,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     out_dir = report_dir(cfg, paths)
     start = time.perf_counter()
     logits = cached_logits(paths, metas, split, cfg.split, cfg.batch_size, device, model_maker(device), precision,
-                           cfg.channels_last)
+                           cfg.channels_last, cfg.batched)
     seconds = time.perf_counter() - start
     fitted = fit_on_validation(cfg, paths, metas, val, logits, split.labels, device, precision)
     result = report(cfg, paths, metas, logits, split.labels, out_dir, seconds, fitted)

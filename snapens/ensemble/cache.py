@@ -6,6 +6,7 @@ they were computed in. A cache entry is reused only while all of these still mat
 different test subset or bf16 logits where fp32 ones are asked for are recomputed, never mixed up.
 """
 
+import copy
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ from safetensors.torch import save
 
 from snapens.data import Split, split_digest
 from snapens.ensemble import predict_logits
+from snapens.ensemble.batched import same_architecture, stacked_logits
 from snapens.errors import SnapensError
 from snapens.files import write_atomic
 from snapens.precision import describe
@@ -71,28 +73,53 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name: str, batch_size: int,
                   device: torch.device, model_for: Callable[[Path, dict], torch.nn.Module],
-                  precision: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+                  precision: torch.dtype | None = None, channels_last: bool = False,
+                  batched: bool = False) -> torch.Tensor:
     """M x N x C logits of the snapshots on the split: read from the cache, or computed once and cached.
     `model_for(path, metadata)` gives a model of the snapshot's architecture (its weights are then loaded), so one
-    model is in memory at a time. Each snapshot is normalised with its own training statistics. precision and
-    channels_last are as in `predict_logits`."""
-    split_sha, out, on_device = split_digest(split), [], None
+    model is in memory at a time; with `batched`, the snapshots to compute are loaded together and run in one
+    vmapped pass when they share an architecture and input statistics (snapens.ensemble.batched). Each snapshot is
+    normalised with its own training statistics. precision and channels_last are as in `predict_logits`."""
+    split_sha, found, keys = split_digest(split), {}, {}
     for path, meta in zip(paths, metas):
-        key = {"snapshot_sha256": file_digest(path), "split_sha256": split_sha,
-               "computed_in": describe(precision, channels_last, device)}
+        keys[path] = {"snapshot_sha256": file_digest(path), "split_sha256": split_sha,
+                      "computed_in": describe(precision, channels_last, device)}
         cached = cache_path(path, split_name)
-        logits = read_cached(cached, key, len(split)) if cached else None
-        if logits is None:
-            model = model_for(path, meta)
-            load_into(model, path)
-            if on_device is None:  # moved to the device once, when a first snapshot is not cached
-                on_device = split.to(device)
-            logits = predict_logits(model, on_device, meta["mean"], meta["std"], batch_size, device, precision,
-                                    channels_last)
+        logits = read_cached(cached, keys[path], len(split)) if cached else None
+        if logits is not None:
+            found[path] = logits
+    missing = [(path, meta) for path, meta in zip(paths, metas) if path not in found]
+    if missing:
+        on_device = split.to(device)  # moved to the device once, for all the snapshots to compute
+        found.update(zip([p for p, _ in missing], compute_logits(missing, on_device, batch_size, device, model_for,
+                                                                   precision, channels_last, batched)))
+        for path, _ in missing:
             try:
-                if cached:
-                    write_cached(cached, key, logits)
+                if cache_path(path, split_name):
+                    write_cached(cache_path(path, split_name), keys[path], found[path])
             except SnapensError as e:  # a read-only run dir can still be evaluated, just not cached
                 log.warning(f"logits not cached: {e}")
-        out.append(logits)
-    return torch.stack(out)
+    return torch.stack([found[p] for p in paths])
+
+
+def compute_logits(members: list[tuple[Path, dict]], split: Split, batch_size: int, device: torch.device,
+                   model_for, precision, channels_last: bool, batched: bool) -> list[torch.Tensor]:
+    """Each (path, metadata)'s logits on the split (already on the device): one model at a time, or all in one
+    vmapped pass when `batched` and they share an architecture and input statistics."""
+    stats = {(tuple(meta["mean"]), tuple(meta["std"])) for _, meta in members}
+    if batched and len(members) > 1 and len(stats) == 1:
+        models = []
+        for path, meta in members:
+            model = copy.deepcopy(model_for(path, meta))  # model_for reuses one model per architecture
+            load_into(model, path)
+            models.append(model)
+        if same_architecture(models):
+            mean, std = next(iter(stats))
+            return list(stacked_logits(models, split, mean, std, batch_size, device, precision, channels_last))
+    out = []
+    for path, meta in members:
+        model = model_for(path, meta)
+        load_into(model, path)
+        out.append(predict_logits(model, split, meta["mean"], meta["std"], batch_size, device, precision,
+                                  channels_last))
+    return out

@@ -1,7 +1,7 @@
 """The budget study (issue 15): what M snapshots buy at one fixed training budget.
 
     python scripts/study.py digits                                   # about 15 minutes on one core
-    python scripts/study.py cifar -- data.root=data/cifar10-jpeg     # about an hour on one core
+    python scripts/study.py cifar -- data.root=data/cifar10-jpeg     # about an hour on one core (12 x 280 s)
     python scripts/study.py --summarise outputs/study/digits         # the tables again, from finished runs
 
 An arm is a preset, conf/experiment/study_<arm>.yaml: a model, data with a validation split, and a budget

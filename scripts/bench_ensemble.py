@@ -174,7 +174,7 @@ def batched_vs_sequential(run: Path, batch_size: int, device: torch.device, prec
                           channels_last: bool, repeats: int, threads: int) -> dict:
     """The run's M snapshots over its test split in this process: one model at a time (the ensemble tool's default)
     and all in one vmapped pass (its batched=true); medians of `repeats` timed passes (after an untimed warm-up
-    on a GPU); the logits must agree within 1e-4. Prints its lines."""
+    on a GPU); the logits must agree within 1e-4 in fp32 (0.1 under bf16 autocast). Prints its lines."""
     torch.set_num_threads(threads)
     split = build_data(OmegaConf.load(run / ".hydra" / "config.yaml").data).test.to(device)
     paths = list_snapshots(run)
@@ -205,7 +205,8 @@ def batched_vs_sequential(run: Path, batch_size: int, device: torch.device, prec
     print(f"forward passes of {len(models)} snapshots over {len(split)} images, in this process ({threads} threads): "
           + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
     print(f"one at a time / batched time: {ratio:.2f}x (above 1: batched is faster); max |logit difference| {diff:.3g}")
-    return {"seconds": seconds, "ratio": ratio, "max_abs_logit_diff": diff, "agree": diff <= 1e-4}
+    tolerance = 1e-4 if precision is None else 0.1  # bf16 logits round in steps of ~0.01, and the kernels differ
+    return {"seconds": seconds, "ratio": ratio, "max_abs_logit_diff": diff, "agree": diff <= tolerance}
 
 
 def main() -> None:

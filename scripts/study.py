@@ -35,6 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a file from anywhere: snapens is importable without an install too
 
+from snapens.errors import SnapensError, exit_with  # noqa: E402
 from snapens.files import save_figure, write_atomic  # noqa: E402
 from snapens.report import finished_runs, mean_std  # noqa: E402
 
@@ -171,7 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--summarise", type=Path, metavar="DIR", help="only summarise the finished runs in DIR")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if args.summarise:
-        write_summary(args.summarise)
+        try:
+            write_summary(args.summarise)
+        except SnapensError as e:
+            exit_with(e)
         return
     if not args.arm or not (ROOT / "conf" / "experiment" / f"study_{args.arm}.yaml").exists():
         parser.error(f"arm {args.arm!r}: give one of digits, cifar (conf/experiment/study_<arm>.yaml)")

@@ -212,6 +212,7 @@ class DistillConfig:
     temperature: float
     alpha: float
     batched: bool
+    teacher_sha256: list[str]
 
 
 @dataclass
@@ -400,6 +401,9 @@ def _check_related_keys(cfg: DictConfig) -> None:
     if cfg.scheduler.get("cycles") and cfg.trainer.snapshot_every and cfg.scheduler.name != "snapshot":
         raise SnapensError(f"scheduler.cycles={cfg.scheduler.cycles} and trainer.snapshot_every="
                            f"{cfg.trainer.snapshot_every} both say where snapshots go; set only one")
+    if cfg.scheduler.name == "fge" and cfg.scheduler.warmup_every_cycle:
+        raise SnapensError("scheduler.warmup_every_cycle does not go with scheduler=fge, whose short cycles follow "
+                           "eq. 2 of arXiv 1802.10026 exactly; leave warmup_every_cycle=false")
     swa = cfg.trainer.swa.start
     if swa is not None and not 0 <= swa < 1:
         raise SnapensError(f"trainer.swa.start={swa} must be a fraction of the cycle in [0, 1), or null to disable")

@@ -16,7 +16,6 @@ when the run held one out, and the inference cost of each.
 
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -25,13 +24,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from safetensors import safe_open
 
 from snapens import cli
 from snapens.build import build_data, model_from_metadata, pick_device, pick_precision
 from snapens.config import register_configs
 from snapens.ensemble import calibration, metrics
-from snapens.ensemble.cache import cached_logits
+from snapens.ensemble.cache import cached_logits, file_digest
 from snapens.errors import SnapensError, exit_with
 from snapens.files import write_atomic
 from snapens.snapshots import list_snapshots, read_metadata
@@ -55,6 +53,9 @@ def student_config(cfg: DictConfig, given: list[str]) -> DictConfig:
     teacher_paths(teacher_dir, cfg.distill.members)  # a run dir with snapshots, the members allowed
     if not 0 <= cfg.distill.alpha <= 1:
         raise SnapensError(f"distill.alpha={cfg.distill.alpha} must be in [0, 1] (the soft targets' share)")
+    if any(key_of(o) == "experiment" for o in given):
+        raise SnapensError("experiment= sets a whole training config, and the student's starts from the teacher "
+                           "run's; give the keys you want changed (model=..., trainer.epochs=...) instead")
     if any(key_of(o).startswith("data") and key_of(o) != "data.root" for o in given):
         raise SnapensError("the student learns on the teacher run's own data (its .hydra/config.yaml); leave out "
                            "data overrides (data.root=DIR alone may say where those files are now)")
@@ -72,8 +73,14 @@ def student_config(cfg: DictConfig, given: list[str]) -> DictConfig:
             OmegaConf.update(student, key, OmegaConf.select(fresh, key), merge=False)
     if "scheduler.eta_max" not in keyed:
         student.scheduler.eta_max = teacher.scheduler.eta_max
+    one_snapshot = {"trainer.snapshot_every": 0, "trainer.keep_snapshots": 0, "trainer.swa.start": None}
+    for key, value in one_snapshot.items():  # the teacher's would give the student several snapshots, or SWA ones
+        if key not in keyed:
+            OmegaConf.update(student, key, value, merge=False)
     rule = cfg.distill.rule or student.ensemble.rule
-    student.distill = OmegaConf.merge(cfg.distill, {"run": str(teacher_dir), "rule": rule})
+    digests = [file_digest(p) for p in teacher_paths(teacher_dir, cfg.distill.members)]  # in the saved config, so
+    # a resumed student whose teacher's snapshots changed is refused (snapens.checkpoint.resume_state)
+    student.distill = OmegaConf.merge(cfg.distill, {"run": str(teacher_dir), "rule": rule, "teacher_sha256": digests})
     return student
 
 
@@ -103,18 +110,13 @@ def compare(student: DictConfig, run_dir: Path) -> dict:
         out["test"][name] = metrics.scores(logits[who, "test"][take], data.test.labels, how)
         paths = members[who][take]
         out["cost"][name] = {"forward_passes_per_image": len(paths),
-                             "parameters": sum(parameter_count(p) for p in paths)}
+                             "parameters": sum(sum(w.numel() for w in make(p, read_metadata(p)).parameters())
+                                               for p in paths)}
         if "val" in splits:
             out.setdefault("calibration", {})[name] = calibration.calibrate(
                 metrics.probabilities(logits[who, "val"][take], how), data.val.labels,
                 metrics.probabilities(logits[who, "test"][take], how), data.test.labels)
     return out
-
-
-def parameter_count(path: Path) -> int:
-    """Numbers stored in a snapshot (its state_dict: weights and BatchNorm statistics), read from the file's header."""
-    with safe_open(path, framework="pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def format_comparison(d: dict) -> str:

@@ -582,6 +582,8 @@ class FGE(Schedule):
             _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf,
                      f"{name} must be a finite learning rate > 0, got {value!r}")
             object.__setattr__(self, name, float(value))
+        _require(self.alpha_1 <= self.eta_max, f"alpha_1 must not exceed eta_max ({self.eta_max!r}): the first phase "
+                 f"anneals down to it, got {self.alpha_1!r}")
         _require(self.alpha_2 <= self.alpha_1, f"alpha_2 must not exceed alpha_1 ({self.alpha_1!r}): each model is "
                  f"collected at the cycle's smallest rate, got {self.alpha_2!r}")
         _require(self.first_phase >= 0, f"cycles must fit the budget: {self.cycles} cycles of {self.cycle_length} "

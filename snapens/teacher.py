@@ -45,9 +45,10 @@ class Teacher:
 def teacher_paths(run: str | Path, members: str) -> list[Path]:
     """The snapshot files of the teacher run `run`: all of them, or the last K (members=last:K)."""
     paths = list_snapshots(run)
-    if not Path(run, ".hydra", "config.yaml").is_file() or not paths:
-        raise SnapensError(f"distill.run={run} is not a finished snapens.train run dir (.hydra/config.yaml and "
-                           "snapshots/cycle_XX.safetensors); give the run dir of the ensemble to distil")
+    if not all(Path(run, name).is_file() for name in (".hydra/config.yaml", "results.json")) or not paths:
+        raise SnapensError(f"distill.run={run} is not a finished snapens.train run dir (.hydra/config.yaml, "
+                           "snapshots/cycle_XX.safetensors and results.json); give the run dir of the ensemble to "
+                           "distil, once its training has ended")
     if members == "all":
         return paths
     k = members.split(":", 1)[1] if members.startswith("last:") else ""

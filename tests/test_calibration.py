@@ -174,6 +174,8 @@ def test_predict_uncalibrated_and_refusals(run, images):
         evaluate(f"run={run}", f"predict={folder}", "chosen=greedy", "members=last:2")
     with pytest.raises(SnapensError, match=r"chosen=greedy was chosen for rule=logits; pass that rule"):
         evaluate(f"run={run}", f"predict={folder}", "chosen=greedy", "rule=probs")
+    with pytest.raises(SnapensError, match=r"chosen=by is not allowed; choose one of: last_m, greedy, weighted"):
+        evaluate(f"run={run}", f"predict={folder}", "chosen=by")
     with pytest.raises(SnapensError, match=r"chosen=greedy is for predict=IMAGES"):
         evaluate(f"run={run}", "chosen=greedy")
     results = json.loads((run / "results.json").read_text())

@@ -107,6 +107,7 @@ def test_a_killed_distillation_resumes_bit_for_bit(teacher, student, tmp_path):
     (["distill.alpha=1.5"], r"distill.alpha=1.5 must be in \[0, 1\]"),
     (["distill.rule=vote"], "distill.rule=vote: a teacher needs probabilities"),
     (["distill.members=last:9"], r"distill.members=last:9 is not allowed; use all or last:K with 1 <= K <= 3"),
+    (["experiment=demo"], "experiment= sets a whole training config"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_run_dir(teacher, tmp_path, extra, message):
     run_dir = tmp_path / "refused"
@@ -116,6 +117,27 @@ def test_bad_input_is_one_line_and_leaves_no_run_dir(teacher, tmp_path, extra, m
     assert done.stderr.strip().splitlines()[-1].startswith("snapens: error:")
     assert re.search(message, done.stderr), done.stderr[-1000:]
     assert not run_dir.exists() or not list_snapshots(run_dir)
+
+
+def test_a_changed_teacher_stops_a_resume(teacher, tmp_path):
+    """The teacher's snapshot digests are in the student's config: a teacher changed under a half-trained student
+    is refused on resume rather than silently teaching something else."""
+    import shutil
+
+    copy = tmp_path / "teacher"
+    shutil.copytree(teacher, copy)
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(command(copy, run_dir), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    last = list_snapshots(copy)[-1]
+    shutil.copy(list_snapshots(copy)[0], last)  # the teacher's last snapshot replaced
+    again = subprocess.run(command(copy, run_dir), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "the config differs in distill.teacher_sha256" in again.stderr, again.stderr
 
 
 def test_a_missing_teacher_is_named(tmp_path):

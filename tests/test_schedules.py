@@ -379,6 +379,7 @@ def test_fge_follows_the_paper_and_snapshots_at_alpha_2(total, cycles, c):
         (lambda: FGE(0.1, 100, 3, 0, 0.05, 0.0005), "cycle_length must be an even number of steps >= 2"),
         (lambda: FGE(0.1, 100, 3, 4, 0.05, 0.5), r"alpha_2 must not exceed alpha_1 \(0.05\).*got 0.5"),
         (lambda: FGE(0.1, 100, 3, 4, 0.0, 0.0), "alpha_1 must be a finite learning rate > 0, got 0.0"),
+        (lambda: FGE(0.1, 100, 3, 4, 0.5, 0.0005), r"alpha_1 must not exceed eta_max \(0.1\).*got 0.5"),
         (lambda: FGE(0.1, 9, 3, 4, 0.05, 0.0005), "cycles must fit the budget: 3 cycles of 4 steps take 10 of the 9"),
         (lambda: Warmup(Cosine(0.1, 100), -1), "warmup_steps must be a non-negative number of steps, got -1"),
         (lambda: Warmup(Cosine(0.1, 100), 100),

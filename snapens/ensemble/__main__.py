@@ -340,10 +340,10 @@ def check_options(cfg: DictConfig) -> None:
                            "NLL and ECE after it would be tuned on the test set; use calibrate=val (the run's "
                            "validation split: train with data.val_size=N) or calibrate=none")
     allowed = {"split": ("test", "val"), "device": CHOICES["trainer.device"], "precision": CHOICES["trainer.precision"],
-               "calibrate": ("val", "none")}
+               "calibrate": ("val", "none"), "chosen": (None, "last_m", "greedy", "weighted")}
     for key, choices in allowed.items():
         if cfg[key] not in choices:
-            raise SnapensError(f"{key}={cfg[key]} is not allowed; choose one of: {', '.join(choices)}")
+            raise SnapensError(f"{key}={cfg[key]} is not allowed; choose one of: {', '.join(c for c in choices if c)}")
     try:
         check_rule(cfg.rule)
     except ValueError as e:

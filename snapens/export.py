@@ -81,7 +81,8 @@ def export_run(cfg: DictConfig) -> Path:
                           generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         gap = (program.module()(check) - module(check)).abs().max().item()
-    log.info(f"{out}: {len(members)} members ({cfg.rule}, {how['source']}), {out.stat().st_size / 2**20:.1f} MiB; "
+    count = f"{len(members)} member{'s' if len(members) > 1 else ''}"
+    log.info(f"{out}: {count} ({cfg.rule}, {how['source']}), {out.stat().st_size / 2**20:.1f} MiB; "
              f"the program against the eager ensemble on 4 random images: max difference {gap:.2e}")
     return out
 

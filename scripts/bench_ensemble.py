@@ -209,6 +209,24 @@ def batched_vs_sequential(run: Path, batch_size: int, device: torch.device, prec
     return {"seconds": seconds, "ratio": ratio, "max_abs_logit_diff": diff, "agree": diff <= tolerance}
 
 
+def print_results(median: dict, runs: dict, logits_s: float, ratios: dict, agreement: dict, m: int, n: int) -> None:
+    """The contenders' table, the ratios and the agreement line."""
+    print(f"{'contender':<16}{'wall s':>9}{'own s':>9}{'CPU s':>9}{'peak RSS MiB':>14}{'child RSS MiB':>15}"
+          "   runs (wall s)")
+    for name, r in median.items():
+        walls = ", ".join(f"{x['wall_s']:.1f}" for x in runs[name])
+        print(f"{name:<16}{r['wall_s']:>9.2f}{r['own_s']:>9.2f}{r['cpu_s']:>9.2f}{r['peak_rss_mib']:>14.1f}"
+              f"{r['child_rss_mib']:>15.1f}   {walls}")
+    print(f"snapens forward passes of {m} snapshots over {n} images (logits s, cold cache): "
+          f"{logits_s:.2f} s")
+    print(f"naive / snapens time: {ratios['time']:.2f}x")
+    print(f"naive / snapens peak RSS: {ratios['peak_rss']:.2f}x")
+    print(f"naive / snapens (warm cache) time: {ratios['time_vs_warm']:.2f}x")
+    print(f"ensemble accuracy: snapens {agreement['snapens_acc']:.6f}, naive {agreement['naive_acc']:.6f} "
+          f"({'agree' if agreement['agree'] else 'DIFFER'}); max |mean logit difference| "
+          f"{agreement['max_abs_logit_diff']:.3g}")
+
+
 def main() -> None:
     args = parse_args()
     device = pick_device(args.device)
@@ -251,20 +269,7 @@ def main() -> None:
     if device.type == "cuda":
         config["gpu"] = torch.cuda.get_device_name()
 
-    print(f"{'contender':<16}{'wall s':>9}{'own s':>9}{'CPU s':>9}{'peak RSS MiB':>14}{'child RSS MiB':>15}"
-          "   runs (wall s)")
-    for name, r in median.items():
-        walls = ", ".join(f"{x['wall_s']:.1f}" for x in runs[name])
-        print(f"{name:<16}{r['wall_s']:>9.2f}{r['own_s']:>9.2f}{r['cpu_s']:>9.2f}{r['peak_rss_mib']:>14.1f}"
-              f"{r['child_rss_mib']:>15.1f}   {walls}")
-    print(f"snapens forward passes of {args.snapshots} snapshots over {n} images (logits s, cold cache): "
-          f"{logits_s:.2f} s")
-    print(f"naive / snapens time: {ratios['time']:.2f}x")
-    print(f"naive / snapens peak RSS: {ratios['peak_rss']:.2f}x")
-    print(f"naive / snapens (warm cache) time: {ratios['time_vs_warm']:.2f}x")
-    print(f"ensemble accuracy: snapens {agreement['snapens_acc']:.6f}, naive {agreement['naive_acc']:.6f} "
-          f"({'agree' if agreement['agree'] else 'DIFFER'}); max |mean logit difference| "
-          f"{agreement['max_abs_logit_diff']:.3g}")
+    print_results(median, runs, logits_s, ratios, agreement, args.snapshots, n)
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"config": config, "median": median, "runs": runs, "ratios": ratios,

@@ -55,6 +55,7 @@ def export_run(cfg: DictConfig) -> Path:
         raise SnapensError("predict= and split= are for python -m snapens.ensemble; export takes run=, members=, "
                            "chosen=, rule=, calibrate= and out=")
     tool.check_options(cfg)
+    tool.check_chosen(cfg)
     paths, metas = tool.read_members(cfg)
     for path, meta in zip(paths, metas):
         if (meta["mean"], meta["std"], meta["image_size"]) != (metas[0]["mean"], metas[0]["std"],

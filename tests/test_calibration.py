@@ -172,6 +172,8 @@ def test_predict_uncalibrated_and_refusals(run, images):
     assert predictions(run / "predictions")[1]["source"].startswith("uncalibrated (no temperature stored")
     with pytest.raises(SnapensError, match=r"chosen=greedy takes the members the run chose on validation"):
         evaluate(f"run={run}", f"predict={folder}", "chosen=greedy", "members=last:2")
+    with pytest.raises(SnapensError, match=r"chosen=greedy takes the members .*no runs=, snapshots=, members= or swa="):
+        evaluate(f"run={run}", f"predict={folder}", "chosen=greedy", "swa=true")
     with pytest.raises(SnapensError, match=r"chosen=greedy was chosen for rule=logits; pass that rule"):
         evaluate(f"run={run}", f"predict={folder}", "chosen=greedy", "rule=probs")
     with pytest.raises(SnapensError, match=r"chosen=by is not allowed; choose one of: last_m, greedy, weighted"):

@@ -261,11 +261,15 @@ def combination(cfg: DictConfig, paths: list[Path]) -> dict:
     return {"members": paths, "weights": None, "temperature": None, "source": f"uncalibrated ({why})"}
 
 
+def check_chosen(cfg: DictConfig) -> None:
+    """chosen= names members of one run's own snapshots: said before any file is read."""
+    if cfg.chosen and (not cfg.run or cfg.members != "all" or cfg.swa):
+        raise SnapensError(f"chosen={cfg.chosen} takes the members the run chose on validation: give run=DIR alone "
+                           "(no runs=, snapshots=, members= or swa=)")
+
+
 def chosen_combination(cfg: DictConfig, paths: list[Path], stored: list[tuple[Path, dict]]) -> dict:
     """chosen=last_m|greedy|weighted: the members and weights results.json chose on validation."""
-    if not cfg.run or cfg.members != "all":
-        raise SnapensError(f"chosen={cfg.chosen} takes the members the run chose on validation: give run=DIR alone "
-                           "(no runs=, snapshots= or members=)")
     results = dict(stored).get(Path(cfg.run) / "results.json", {})
     choice = results.get("chosen", {}).get(cfg.chosen)
     if not choice:
@@ -426,6 +430,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     if cfg.chosen and not cfg.predict:
         raise SnapensError(f"chosen={cfg.chosen} is for predict=IMAGES (and snapens.export); the report already "
                            "scores every choice")
+    check_chosen(cfg)
     paths, metas = read_members(cfg)
     device = pick_device(cfg.device, key="device")
     precision = pick_precision(cfg.precision, device, key="precision")

@@ -2,7 +2,6 @@
 learns from a synthetic run's ensemble and is compared with it, a kill -9 resumed bit for bit, and bad input."""
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -12,13 +11,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
 from snapens.checkpoint import checkpoint_path
+from snapens.config import register_configs
+from snapens.distill import student_config
+from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots
 from snapens.step import StepOptions, loss_of
 from snapens.teacher import Teacher
 from snapens.train import train
 
-from conftest import EQUAL_CYCLES_3, compose_config
+from conftest import CONF, EQUAL_CYCLES_3, compose_config
 
 TEACHER = [*EQUAL_CYCLES_3, "data.val_size=32"]  # 3 one-epoch cycles, 32 validation images held out
 STUDENT = ["trainer.epochs=3", "trainer.checkpoint_every=1", "trainer.log_every=1"]  # 12 updates, one snapshot
@@ -102,20 +107,41 @@ def test_a_killed_distillation_resumes_bit_for_bit(teacher, student, tmp_path):
            (student / "snapshots/cycle_01.safetensors").read_bytes()
 
 
+def student_of(teacher, *given: str):
+    """The student's config as `python -m snapens.distill run=TEACHER given...` makes it, in this process."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return student_config(compose("distill", overrides=[f"distill.run={teacher}", *given]), list(given))
+
+
+def test_the_students_config_is_the_teachers_then_the_command_lines(teacher):
+    student = student_of(teacher, "model.depth=14", "trainer.epochs=2", "optimizer.momentum=0.5")
+    theirs = OmegaConf.load(teacher / ".hydra" / "config.yaml")
+    assert student.data == theirs.data and student.model.depth == 14 and student.trainer.epochs == 2
+    assert student.optimizer.momentum == 0.5 and student.optimizer.weight_decay == theirs.optimizer.weight_decay
+    assert (student.scheduler.name, student.scheduler.cycles) == ("cosine", 1)
+    assert student.scheduler.eta_max == theirs.scheduler.eta_max and student.trainer.seed == theirs.trainer.seed
+    assert student.distill.rule == "logits" and len(student.distill.teacher_sha256) == 3
+
+
 @pytest.mark.parametrize("extra, message", [
     (["data.val_size=0"], "the student learns on the teacher run's own data"),
     (["distill.alpha=1.5"], r"distill.alpha=1.5 must be in \[0, 1\]"),
-    (["distill.rule=vote"], "distill.rule=vote: a teacher needs probabilities"),
     (["distill.members=last:9"], r"distill.members=last:9 is not allowed; use all or last:K with 1 <= K <= 3"),
     (["experiment=demo"], "experiment= sets a whole training config"),
 ])
-def test_bad_input_is_one_line_and_leaves_no_run_dir(teacher, tmp_path, extra, message):
+def test_bad_input_is_refused_before_training(teacher, extra, message):
+    with pytest.raises(SnapensError, match=message):
+        student_of(teacher, *extra)
+
+
+def test_bad_input_on_the_command_line_is_one_line_and_trains_nothing(teacher, tmp_path):
     run_dir = tmp_path / "refused"
-    done = subprocess.run(command(teacher, run_dir, *extra), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(command(teacher, run_dir, "distill.rule=vote"), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("snapens: error:")
-    assert re.search(message, done.stderr), done.stderr[-1000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("snapens: error: distill.rule=vote: a teacher needs "
+                                                             "probabilities")
     assert not run_dir.exists() or not list_snapshots(run_dir)
 
 
@@ -140,7 +166,13 @@ def test_a_changed_teacher_stops_a_resume(teacher, tmp_path):
     assert again.returncode == 2 and "the config differs in distill.teacher_sha256" in again.stderr, again.stderr
 
 
-def test_a_missing_teacher_is_named(tmp_path):
-    done = subprocess.run(command(tmp_path / "nothing", tmp_path / "run"), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 2 and "is not a finished snapens.train run dir" in done.stderr
+def test_a_missing_or_unfinished_teacher_is_named(teacher, tmp_path):
+    with pytest.raises(SnapensError, match="is not a finished snapens.train run dir"):
+        student_of(tmp_path / "nothing")
+    import shutil
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(teacher, unfinished)
+    (unfinished / "results.json").unlink()
+    with pytest.raises(SnapensError, match=r"once its training has ended"):
+        student_of(unfinished)

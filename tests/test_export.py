@@ -11,6 +11,8 @@ import torch
 from snapens.build import build_data
 from snapens.ensemble import calibration, metrics, selection
 from snapens.ensemble.cache import cached_logits
+from snapens.errors import SnapensError
+from snapens.export import export_run
 from snapens.snapshots import list_snapshots, read_metadata
 from snapens.train import train
 
@@ -100,11 +102,17 @@ def test_any_batch_size_and_a_student_of_one_member(run, tmp_path):
     (["rule=vote"], "an exported ensemble returns probabilities; use logits or probs"),
     (["format=onnx"], "format=onnx is not allowed; the one format is pt2"),
     (["calibrate=test"], "calibrate=test would fit the temperature on the images it is then scored on"),
+    (["chosen=greedy", "members=last:2"], "chosen=greedy takes the members the run chose on validation"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, extra, message):
+def test_bad_input_is_refused_and_writes_nothing(run, tmp_path, extra, message):
     out = tmp_path / "refused.pt2"
-    done = export(run, out, *extra)
-    assert done.returncode == 2 and "Traceback" not in done.stderr and message in done.stderr, done.stderr[-2000:]
+    with pytest.raises(SnapensError, match=message):
+        export_run(compose_config(f"run={run}", f"out={out}", *extra, name="export"))
     assert not out.exists()
+
+
+def test_the_command_line_says_it_in_one_line(run, tmp_path):
     done = export(run, tmp_path / "no_suffix")
-    assert done.returncode == 2 and "must name the file to write, ending in .pt2" in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("snapens: error: out=") and \
+        "must name the file to write, ending in .pt2" in done.stderr

@@ -23,18 +23,17 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from snapens import cli
 from snapens.build import build_data, model_from_metadata, pick_device, pick_precision
 from snapens.config import register_configs
 from snapens.ensemble import calibration, metrics
 from snapens.ensemble.cache import cached_logits, file_digest
-from snapens.errors import SnapensError, exit_with
+from snapens.errors import SnapensError
 from snapens.files import write_atomic
 from snapens.snapshots import list_snapshots, read_metadata
 from snapens.teacher import teacher_paths
-from snapens.train import EXIT_INTERRUPTED, Interrupted, train
+from snapens.train import run_job, train
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -136,7 +135,8 @@ def format_comparison(d: dict) -> str:
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     given = [o for o in HydraConfig.get().overrides.task if not key_of(o).startswith("distill.")]
-    try:
+
+    def job() -> float | None:
         student = student_config(cfg, given)
         log.info(f"run dir {run_dir}: distilling {student.distill.run} ({student.distill.members}, "
                  f"{student.distill.rule}) into {student.model.get('_target_', 'a model').rsplit('.', 1)[-1]}, "
@@ -149,13 +149,8 @@ def main(cfg: DictConfig) -> float | None:
         log.info(f"\n{format_comparison(results['distillation'])}\nrun dir {run_dir}: the student is "
                  "snapshots/cycle_01.safetensors")
         return accuracy
-    except (SnapensError, OmegaConfBaseException) as e:
-        cli.discard_unused_run_dir()
-        exit_with(e)
-    except Interrupted as e:
-        log.warning(str(e))
-        print(f"snapens: {e}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+
+    return run_job(job)
 
 
 if __name__ == "__main__":

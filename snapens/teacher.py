@@ -57,6 +57,11 @@ def teacher_paths(run: str | Path, members: str) -> list[Path]:
     return paths[-int(k):]
 
 
+def _same(a, b) -> bool:
+    """Input statistics equal to the precision JSON metadata keeps them at."""
+    return [round(v, 6) for v in a] == [round(v, 6) for v in b]
+
+
 def load_teacher(paths: list[Path], rule: str, temperature: float, mean, std, device: torch.device,
                  precision: torch.dtype | None, channels_last: bool,
                  make_model: Callable[[dict, str], torch.nn.Module], batched: bool = False) -> Teacher:
@@ -65,8 +70,7 @@ def load_teacher(paths: list[Path], rule: str, temperature: float, mean, std, de
     models = []
     for path in paths:
         meta = read_metadata(path)
-        if [round(v, 6) for v in meta.get("mean", [])] != [round(v, 6) for v in mean] or \
-                [round(v, 6) for v in meta.get("std", [])] != [round(v, 6) for v in std]:
+        if not (_same(meta.get("mean", []), mean) and _same(meta.get("std", []), std)):
             raise SnapensError(f"teacher snapshot {path} normalises its inputs with other statistics than the "
                                "student's data: it was trained on other images; distil on the run's own data")
         model = make_model(meta.get("model_config"), f"snapshot {path}")

@@ -17,6 +17,7 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import hydra
 import torch
@@ -543,15 +544,11 @@ def refuse_tuning_on_test(cfg: DictConfig) -> None:
                            "(the jobs then return the validation ensemble accuracy)")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    run_dir = HydraConfig.get().runtime.output_dir
+def run_job(job: Callable[[], float | None]) -> float | None:
+    """A training entry point's job (train, distill) inside Hydra: bad input is one line and leaves no run dir that
+    holds nothing; a stop signal exits with EXIT_INTERRUPTED once the checkpoint is written."""
     try:
-        refuse_tuning_on_test(cfg)
-        log.info(f"run dir {run_dir}")
-        accuracy = train(cfg, run_dir)
-        log.info(f"run dir {run_dir}: results.json, snapshots/, metrics.jsonl, training.png, lr_schedule.png")
-        return accuracy
+        return job()
     except (SnapensError, OmegaConfBaseException) as e:
         cli.discard_unused_run_dir()
         exit_with(e)
@@ -559,6 +556,20 @@ def main(cfg: DictConfig) -> float:
         log.warning(str(e))
         print(f"snapens: {e}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    run_dir = HydraConfig.get().runtime.output_dir
+
+    def job() -> float:
+        refuse_tuning_on_test(cfg)
+        log.info(f"run dir {run_dir}")
+        accuracy = train(cfg, run_dir)
+        log.info(f"run dir {run_dir}: results.json, snapshots/, metrics.jsonl, training.png, lr_schedule.png")
+        return accuracy
+
+    return run_job(job)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 CIFAR-10 copy when it is there."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ EQUAL_CYCLES_2 = sgdr(1, 2)  # 2 one-epoch cycles: snapshots after updates 4, 8
 EQUAL_CYCLES_3 = sgdr(1, 3)  # 3 one-epoch cycles: snapshots after updates 4, 8, 12
 DOUBLING_CYCLES_3 = sgdr(2, 3)  # cycles of 1 and 2 epochs: snapshots after updates 4, 12
 DOUBLING_CYCLES_7 = sgdr(2, 7)  # cycles of 1, 2 and 4 epochs: snapshots after updates 4, 12, 28
+HELD_OUT = [*EQUAL_CYCLES_3, "data.val_size=32"]  # 3 one-epoch cycles, 32 validation images held out
 
 
 def compose_config(*overrides: str, name: str = "config", return_hydra_config: bool = False):
@@ -60,3 +62,40 @@ def cifar_root() -> Path:
     if not root or not (Path(root) / "train").is_dir():
         pytest.skip("set SNAPENS_CIFAR10 to the extracted cifar10-jpeg folder (see .ci/run)")
     return Path(root).resolve()  # tests run the CLI from other folders
+
+
+@pytest.fixture(scope="session")
+def held_out_run(tmp_path_factory) -> Path:
+    """A finished HELD_OUT run (synthetic data, a validation split), trained once for the whole session: tests that
+    change anything in it work on a copy (`held_out_copy`)."""
+    from snapens.train import train  # here: collecting the tests needs no training code
+
+    run_dir = tmp_path_factory.mktemp("held_out") / "run"
+    train(compose_config(*HELD_OUT), run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def held_out_copy(held_out_run, tmp_path) -> Path:
+    shutil.copytree(held_out_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def snapshot_logits(run_dir: Path, images: torch.Tensor) -> torch.Tensor:
+    """float64 M x N x C: each snapshot of a HELD_OUT run on uint8 images, computed here from the files and the
+    data's statistics, without the ensemble tool's code."""
+    from hydra.utils import instantiate
+
+    from snapens.build import build_data
+    from snapens.snapshots import list_snapshots, load_into
+
+    cfg = compose_config(*HELD_OUT)
+    data = build_data(cfg.data)
+    x = (images.float() / 255 - torch.tensor(data.mean).view(1, 3, 1, 1)) / torch.tensor(data.std).view(1, 3, 1, 1)
+    out = []
+    for path in list_snapshots(run_dir):
+        model = instantiate(cfg.model).eval()
+        load_into(model, path)
+        with torch.no_grad():
+            out.append(model(x))
+    return torch.stack(out).double()

@@ -13,11 +13,9 @@ from snapens.build import build_data
 from snapens.ensemble.batched import StackedMembers, same_architecture, stacked_logits
 from snapens.models import CifarResNet, WideResNet
 from snapens.teacher import Teacher
-from snapens.train import train
 
-from conftest import EQUAL_CYCLES_3, compose_config
+from conftest import HELD_OUT, compose_config
 
-HELD_OUT = [*EQUAL_CYCLES_3, "data.val_size=32"]
 
 
 def members(n: int = 3, depth: int = 8) -> list[torch.nn.Module]:
@@ -74,16 +72,9 @@ def test_teacher_batched_equals_sequential():
         assert (one(x) - all_at_once(x)).abs().max().item() < 1e-6
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("batched") / "run"
-    train(compose_config(*HELD_OUT), run_dir)
-    return run_dir
-
-
-def test_the_tool_batched_gives_the_same_report_and_predictions(trained, tmp_path, monkeypatch):
+def test_the_tool_batched_gives_the_same_report_and_predictions(held_out_run, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    shutil.copytree(held_out_run, run)
     shutil.rmtree(run / "logits")  # nothing cached: every member computed, in one pass
     passes = []
     monkeypatch.setattr(cache, "stacked_logits", lambda models, *a: passes.append(len(models)) or
@@ -91,7 +82,7 @@ def test_the_tool_batched_gives_the_same_report_and_predictions(trained, tmp_pat
     cli.evaluate(compose_config(f"run={run}", "batched=true", name="ensemble"))
     assert passes == [3, 3]  # test, then validation: the three members at once
     batched = json.loads((run / "ensemble/test/ensemble.json").read_text())
-    plain = json.loads((trained / "results.json").read_text())  # one at a time, at the end of training
+    plain = json.loads((held_out_run / "results.json").read_text())  # one at a time, at the end of training
     for a, b in zip(batched["snapshots"], plain["snapshots"]):
         assert a["acc"] == b["acc"] and a["nll"] == pytest.approx(b["nll"], abs=1e-5)
     data = build_data(compose_config(*HELD_OUT).data)

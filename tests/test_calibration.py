@@ -4,23 +4,19 @@ temperature and the members chosen on validation, equal to a recomputation from 
 
 import csv
 import json
-import shutil
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from PIL import Image
 
 import snapens.ensemble.__main__ as cli
 from snapens.build import build_data
 from snapens.ensemble import calibration, metrics, selection
 from snapens.errors import SnapensError
-from snapens.snapshots import list_snapshots, load_into
-from snapens.train import train
+from snapens.snapshots import list_snapshots
 
-from conftest import EQUAL_CYCLES_3, compose_config
+from conftest import HELD_OUT, compose_config, snapshot_logits
 
-HELD_OUT = [*EQUAL_CYCLES_3, "data.val_size=32"]
 
 
 def sampled(temperature: float, n: int = 20000, classes: int = 5, seed: int = 0):
@@ -67,42 +63,19 @@ def test_the_test_labels_cannot_change_the_temperature():
 
 
 # ---- the ensemble tool and predict= on a trained run -------------------------------------------------------------
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("calibrated") / "run"
-    torch.set_num_threads(1)
-    train(compose_config(*HELD_OUT), run_dir)
-    return run_dir
-
-
 @pytest.fixture
-def run(trained, tmp_path):
-    shutil.copytree(trained, tmp_path / "run")
-    return tmp_path / "run"
+def run(held_out_copy):
+    return held_out_copy
 
 
 def evaluate(*overrides: str):
     return cli.evaluate(compose_config(*overrides, name="ensemble"))
 
 
-def direct_logits(run_dir, images: torch.Tensor) -> torch.Tensor:
-    """Each snapshot's float64 logits on uint8 images, computed here from the files and the run's statistics."""
-    cfg = compose_config(*HELD_OUT)
-    data = build_data(cfg.data)
-    x = (images.float() / 255 - torch.tensor(data.mean).view(1, 3, 1, 1)) / torch.tensor(data.std).view(1, 3, 1, 1)
-    out = []
-    for path in list_snapshots(run_dir):
-        model = instantiate(cfg.model).eval()
-        load_into(model, path)
-        with torch.no_grad():
-            out.append(model(x))
-    return torch.stack(out).double()
-
-
 def test_temperatures_are_fitted_on_the_validation_split(run):
     results = json.loads((run / "results.json").read_text())
     data = build_data(compose_config(*HELD_OUT).data)
-    val = direct_logits(run, data.val.images)
+    val = snapshot_logits(run, data.val.images)
     expected = calibration.fit_temperature(metrics.probabilities(val, "logits"), data.val.labels)
     assert results["calibration"]["fitted_on"] == "val"
     assert results["calibration"]["ensemble"]["temperature"] == pytest.approx(expected, rel=1e-4)
@@ -142,7 +115,7 @@ def test_predict_applies_the_stored_combination(run, images, chosen):
     results = json.loads((run / "results.json").read_text())
     evaluate(f"run={run}", f"predict={folder}", *([f"chosen={chosen}"] if chosen else []))
     rows, record = predictions(run / "predictions")
-    logits = direct_logits(run, uint8)
+    logits = snapshot_logits(run, uint8)
     names = [p.stem for p in list_snapshots(run)]
     if chosen is None:
         probs, temperature = metrics.probabilities(logits), results["calibration"]["ensemble"]["temperature"]
@@ -165,7 +138,7 @@ def test_predict_uncalibrated_and_refusals(run, images):
     evaluate(f"run={run}", f"predict={folder}", "calibrate=none")
     rows, record = predictions(run / "predictions")
     assert record["temperature"] is None and "uncalibrated (calibrate=none)" in record["source"]
-    probs = metrics.probabilities(direct_logits(run, uint8))
+    probs = metrics.probabilities(snapshot_logits(run, uint8))
     assert torch.allclose(torch.tensor([[float(r[c]) for c in classes] for r in rows], dtype=torch.float64), probs,
                           atol=2e-6)
     evaluate(f"run={run}", f"predict={folder}", "members=last:2")  # no temperature stored for these two members

@@ -2,6 +2,7 @@
 learns from a synthetic run's ensemble and is compared with it, a kill -9 resumed bit for bit, and bad input."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,11 +22,9 @@ from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots
 from snapens.step import StepOptions, loss_of
 from snapens.teacher import Teacher
-from snapens.train import train
 
-from conftest import CONF, EQUAL_CYCLES_3, compose_config
+from conftest import CONF
 
-TEACHER = [*EQUAL_CYCLES_3, "data.val_size=32"]  # 3 one-epoch cycles, 32 validation images held out
 STUDENT = ["trainer.epochs=3", "trainer.checkpoint_every=1", "trainer.log_every=1"]  # 12 updates, one snapshot
 
 
@@ -34,10 +33,11 @@ def command(teacher, run_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("teacher") / "run"
-    train(compose_config(*TEACHER), run_dir)
-    return run_dir
+def teacher(held_out_run, tmp_path_factory):
+    """A copy of the session's finished run (3 one-epoch cycles, 32 validation images held out)."""
+    copy = tmp_path_factory.mktemp("teacher") / "run"
+    shutil.copytree(held_out_run, copy)
+    return copy
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +148,6 @@ def test_bad_input_on_the_command_line_is_one_line_and_trains_nothing(teacher, t
 def test_a_changed_teacher_stops_a_resume(teacher, tmp_path):
     """The teacher's snapshot digests are in the student's config: a teacher changed under a half-trained student
     is refused on resume rather than silently teaching something else."""
-    import shutil
-
     copy = tmp_path / "teacher"
     shutil.copytree(teacher, copy)
     run_dir = tmp_path / "run"
@@ -169,8 +167,6 @@ def test_a_changed_teacher_stops_a_resume(teacher, tmp_path):
 def test_a_missing_or_unfinished_teacher_is_named(teacher, tmp_path):
     with pytest.raises(SnapensError, match="is not a finished snapens.train run dir"):
         student_of(tmp_path / "nothing")
-    import shutil
-
     unfinished = tmp_path / "unfinished"
     shutil.copytree(teacher, unfinished)
     (unfinished / "results.json").unlink()

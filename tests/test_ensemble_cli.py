@@ -23,24 +23,12 @@ from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, load_into, read_metadata, save_snapshot
 from snapens.train import train
 
-from conftest import EQUAL_CYCLES_3, compose_config
-
-HELD_OUT = [*EQUAL_CYCLES_3, "data.val_size=32"]  # 3 one-epoch cycles, 32 validation images held out
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished 3-cycle run on synthetic data with a validation split; tests copy it before changing anything."""
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    torch.set_num_threads(1)
-    train(compose_config(*HELD_OUT), run_dir)
-    return run_dir
-
+from conftest import HELD_OUT, compose_config, snapshot_logits
 
 @pytest.fixture
-def run(trained, tmp_path):
-    shutil.copytree(trained, tmp_path / "run")
-    return tmp_path / "run"
+def run(held_out_copy):
+    """A copy of the session's finished 3-cycle run on synthetic data with a validation split."""
+    return held_out_copy
 
 
 def evaluate(*overrides: str) -> float:
@@ -49,18 +37,9 @@ def evaluate(*overrides: str) -> float:
 
 def direct_logits(run_dir, split="test"):
     """Each snapshot's logits computed here, from the files and the run's data, without the tool's code."""
-    cfg = compose_config(*HELD_OUT)
-    data = build_data(cfg.data)
-    images = data.test.images if split == "test" else data.val.images
-    labels = data.test.labels if split == "test" else data.val.labels
-    x = (images.float() / 255 - torch.tensor(data.mean).view(1, 3, 1, 1)) / torch.tensor(data.std).view(1, 3, 1, 1)
-    out = []
-    for path in list_snapshots(run_dir):
-        model = instantiate(cfg.model).eval()
-        load_into(model, path)
-        with torch.no_grad():
-            out.append(model(x))
-    return torch.stack(out).double(), labels
+    data = build_data(compose_config(*HELD_OUT).data)
+    part = data.test if split == "test" else data.val
+    return snapshot_logits(run_dir, part.images), part.labels
 
 
 def test_report_matches_an_independent_recomputation(run):

@@ -2,6 +2,7 @@
 snapens, gives the ensemble tool's probabilities (temperature and chosen weights included) within 1e-5."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -14,11 +15,9 @@ from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError
 from snapens.export import export_run
 from snapens.snapshots import list_snapshots, read_metadata
-from snapens.train import train
 
-from conftest import EQUAL_CYCLES_3, compose_config
+from conftest import HELD_OUT, compose_config
 
-HELD_OUT = [*EQUAL_CYCLES_3, "data.val_size=32"]
 
 # Runs in a fresh interpreter: torch alone loads and runs the program (and snapens is never imported).
 LOAD = """
@@ -34,10 +33,11 @@ print(json.dumps(json.loads(extra["snapens.json"])))
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("export") / "run"
-    train(compose_config(*HELD_OUT), run_dir)
-    return run_dir
+def run(held_out_run, tmp_path_factory):
+    """A copy of the session's finished run: exporting reads it, and its log goes beside each file."""
+    copy = tmp_path_factory.mktemp("export") / "run"
+    shutil.copytree(held_out_run, copy)
+    return copy
 
 
 def export(run, out, *extra):

@@ -20,7 +20,6 @@ from snapens.batches import Augmentation
 from snapens.checkpoint import deciding_values
 from snapens.data import Dataset, Split, load_cifar, load_digits, load_image_folder, make_synthetic, prepare
 from snapens.errors import SnapensError
-from snapens.models import CifarResNet, WideResNet
 from snapens.precision import layout
 from snapens.step import StepOptions
 from snapens.swa import WeightAverage
@@ -95,26 +94,6 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
         if not message.startswith("model."):
             message = f"model={cfg.get('_target_')}: {message}"
         raise SnapensError(message) from None
-
-
-MODEL_CLASSES = {"snapens.models.CifarResNet": CifarResNet, "snapens.models.WideResNet": WideResNet}
-MODEL_ARGS = {"depth": int, "widen_factor": int, "dropout": float, "num_classes": int}
-
-
-def model_from_metadata(config: dict, source: str) -> torch.nn.Module:
-    """A snapshot's model from the model config stored in its metadata, without Hydra's instantiate: the file may
-    come from anyone, and instantiate would call whatever `_target_` (at any depth) the file names. Only our model
-    classes and plain numeric arguments are accepted."""
-    config = dict(config or {})
-    cls = MODEL_CLASSES.get(config.pop("_target_", None))
-    bad = [k for k, v in config.items() if k not in MODEL_ARGS or type(v) not in (MODEL_ARGS[k], int)]
-    if cls is None or bad:
-        raise SnapensError(f"{source} names a model snapens cannot build safely ({config or 'no model config'}); "
-                           f"only {', '.join(MODEL_CLASSES)} with numeric {', '.join(MODEL_ARGS)}")
-    try:
-        return cls(**config)
-    except (TypeError, ValueError) as e:
-        raise SnapensError(f"{source}: {e}") from None
 
 
 def model_name(cfg: DictConfig) -> str:
@@ -350,7 +329,7 @@ def setup(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> Se
     if cfg.get("distill"):  # snapens.distill: the run's ensemble teaches (soft targets on every training batch)
         teacher = load_teacher(teacher_paths(cfg.distill.run, cfg.distill.members), cfg.distill.rule,
                                cfg.distill.temperature, data.mean, data.std, device, precision, trainer.channels_last,
-                               model_from_metadata, cfg.distill.batched)
+                               cfg.distill.batched)
         options = replace(options, teacher=teacher, distill_alpha=cfg.distill.alpha,
                           distill_temperature=cfg.distill.temperature)
     check_fits(data.train, device)

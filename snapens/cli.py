@@ -1,5 +1,6 @@
-"""Around every Hydra entry point: a run dir that cannot be written, Hydra's own errors (a misspelt key, a value of
-the wrong type, an unknown option) and a stop signal during start-up, each said in one line with the fix."""
+"""Around every Hydra entry point, the one error policy: a run dir that cannot be written, Hydra's own errors (a
+misspelt key, a value of the wrong type, an unknown option), a SnapensError from the job, and a stop signal during
+start-up or training, each said in one line with the fix and an exit status."""
 
 import difflib
 import logging
@@ -9,12 +10,18 @@ import signal
 import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf.errors import OmegaConfBaseException
+
+from snapens.errors import Interrupted, SnapensError, exit_with
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL (sysexits.h): try again later, e.g. requeue the job
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def run(main) -> None:
@@ -28,6 +35,20 @@ def run(main) -> None:
         fail("stopped during start-up, before training began; run the same command again", EXIT_INTERRUPTED)
     except HydraException as e:
         fail(hydra_error(e), 2)
+
+
+def run_job(job: Callable[[], T]) -> T:
+    """Every entry point's job inside Hydra: bad input is one line (exit 2) and leaves no run dir that holds
+    nothing; a stop signal during training exits with EXIT_INTERRUPTED once the checkpoint is written."""
+    try:
+        return job()
+    except (SnapensError, OmegaConfBaseException) as e:
+        discard_unused_run_dir()
+        exit_with(e)
+    except Interrupted as e:
+        log.warning(str(e))
+        print(f"snapens: {e}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def fail(message: str, status: int) -> None:

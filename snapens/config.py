@@ -16,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from snapens.ensemble import RULES
+from snapens.ensemble.rules import RULES, check_rule
 from snapens.errors import SnapensError
 
 
@@ -421,3 +421,24 @@ def _check_adaptive_sgdr(cfg: DictConfig) -> None:
         raise SnapensError(f"scheduler.extension_factor={cfg.scheduler.extension_factor} must be > 1")
     if not _get(cfg, "data.val_size"):
         raise SnapensError("scheduler=adaptive_sgdr watches the validation loss: hold out images with data.val_size=N")
+
+
+def check_inference_options(cfg: DictConfig) -> None:
+    """The ensemble tool's and export's own values (conf/ensemble.yaml, conf/export.yaml); the rule through
+    snapens.ensemble.rules' one check."""
+    if cfg.calibrate == "test":
+        raise SnapensError("calibrate=test would fit the temperature on the images it is then scored on, so the test "
+                           "NLL and ECE after it would be tuned on the test set; use calibrate=val (the run's "
+                           "validation split: train with data.val_size=N) or calibrate=none")
+    allowed = {"split": ("test", "val"), "device": CHOICES["trainer.device"], "precision": CHOICES["trainer.precision"],
+               "calibrate": ("val", "none"), "chosen": (None, "last_m", "greedy", "weighted")}
+    for key, choices in allowed.items():
+        if cfg[key] not in choices:
+            raise SnapensError(f"{key}={cfg[key]} is not allowed; choose one of: {', '.join(c for c in choices if c)}")
+    try:
+        check_rule(cfg.rule)
+    except ValueError as e:
+        raise SnapensError(str(e)) from None
+    for key in ("bins", "batch_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise SnapensError(f"{key}={cfg[key]} must be a positive whole number")

@@ -25,15 +25,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from snapens import cli
-from snapens.build import build_data, model_from_metadata, pick_device, pick_precision
+from snapens.build import build_data, pick_device, pick_precision
 from snapens.config import register_configs
 from snapens.ensemble import calibration, metrics
-from snapens.ensemble.cache import cached_logits, file_digest
+from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError
-from snapens.files import write_atomic
+from snapens.models import model_from_metadata
+from snapens.files import file_digest, write_atomic
 from snapens.snapshots import list_snapshots, read_metadata
 from snapens.teacher import teacher_paths
-from snapens.train import run_job, train
+from snapens.train import train
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def main(cfg: DictConfig) -> float | None:
                  "snapshots/cycle_01.safetensors")
         return accuracy
 
-    return run_job(job)
+    return cli.run_job(job)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""The one exception type that entry points turn into a one-line message instead of a traceback."""
+"""The exception types that entry points turn into a one-line message instead of a traceback."""
 
 import sys
 
 
 class SnapensError(Exception):
     """A problem with the user's input (config, files, data) that the message itself explains how to fix."""
+
+
+class Interrupted(Exception):
+    """A stop signal arrived during training; the checkpoint is written and the same command resumes."""
 
 
 def exit_with(error: Exception) -> None:

@@ -2,7 +2,7 @@
 
 The members (as `python -m snapens.ensemble` selects them, or those training chose on validation with
 chosen=last_m|greedy|weighted), their weights, the rule and the temperature fitted on validation when one is stored
-for exactly these members (calibrate=none: without) become one `snapens.ensemble.exported.EnsembleModule`, saved
+for exactly these members (calibrate=none: without) become one `snapens.Ensemble`, saved
 with `torch.export` as an ExportedProgram: uint8 N x 3 x H x W images in, float32 N x C probabilities out, for any
 batch size. Loading it needs torch alone:
 
@@ -19,31 +19,17 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from snapens import cli
-from snapens.config import register_configs
-from snapens.ensemble import __main__ as tool
-from snapens.ensemble.exported import EnsembleModule, export
-from snapens.errors import SnapensError, exit_with
-from snapens.snapshots import load_into
+from snapens.config import check_inference_options, register_configs
+from snapens.ensemble import members as found
+from snapens.ensemble.ensemble import Ensemble
+from snapens.errors import SnapensError
 
 register_configs()
 log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver("snapens_export_dir", lambda out, fallback: str(Path(str(out)).parent) if out
                                 else fallback, replace=True)
-
-
-def member_weights(how: dict) -> tuple[list[Path], torch.Tensor]:
-    """Each distinct member once, with its weight: the stored weights, or the share of picks (a member chosen twice
-    by greedy selection weighs twice)."""
-    unique = list(dict.fromkeys(how["members"]))
-    per_pick = how["weights"] if how["weights"] is not None else torch.full((len(how["members"]),),
-                                                                            1 / len(how["members"]))
-    weights = torch.zeros(len(unique), dtype=torch.float64)
-    for path, w in zip(how["members"], per_pick.tolist()):
-        weights[unique.index(path)] += w
-    return unique, weights
 
 
 def export_run(cfg: DictConfig) -> Path:
@@ -54,34 +40,27 @@ def export_run(cfg: DictConfig) -> Path:
     if cfg.predict or cfg.split != "test":
         raise SnapensError("predict= and split= are for python -m snapens.ensemble; export takes run=, members=, "
                            "chosen=, rule=, calibrate= and out=")
-    tool.check_options(cfg)
-    tool.check_chosen(cfg)
-    paths, metas = tool.read_members(cfg)
-    for path, meta in zip(paths, metas):
-        if (meta["mean"], meta["std"], meta["image_size"]) != (metas[0]["mean"], metas[0]["std"],
-                                                               metas[0]["image_size"]):
-            raise SnapensError(f"{path} was trained on other inputs than {paths[0]} (statistics or image size): "
-                               "one exported program takes one kind of image")
-    how = tool.combination(cfg, paths)
-    members, weights = member_weights(how)
-    models = []
-    for path in members:
-        model = tool.build_snapshot_model(path, metas[paths.index(path)])
-        load_into(model, path)
-        models.append(model.eval())
+    check_inference_options(cfg)
+    found.check_chosen(cfg.chosen, cfg.run, cfg.members, cfg.swa)
+    paths = [p for group in found.find(cfg.run, cfg.runs, cfg.snapshots, cfg.members, cfg.swa) for p in group]
+    found.read(paths)  # copies and foreign files refused before anything is built
+    how = found.combination(paths, cfg.run, cfg.rule, cfg.calibrate, cfg.chosen)
     try:
-        module = EnsembleModule(models, metas[0]["mean"], metas[0]["std"], cfg.rule, weights, how["temperature"])
+        ensemble = Ensemble.from_files(how["members"], cfg.rule, how["weights"], how["temperature"])
     except ValueError as e:
         raise SnapensError(str(e)) from None
-    record = {"classes": metas[0]["classes"], "image_size": metas[0]["image_size"], "input": "uint8 N x 3 x H x W",
+    members, weights = found.distinct(how)
+    record = {"classes": ensemble.classes, "image_size": list(ensemble.image_size), "input": "uint8 N x 3 x H x W",
               "output": "float32 N x C probabilities", "members": [str(p) for p in members],
               "weights": weights.tolist(), "rule": cfg.rule, "temperature": how["temperature"], "source": how["source"]}
     out = Path(cfg.out)
-    program = export(module, tuple(metas[0]["image_size"]), out, {"snapens.json": json.dumps(record)})
-    check = torch.randint(0, 256, (4, 3, *metas[0]["image_size"]), dtype=torch.uint8,
+    try:
+        program = ensemble.export(out, {"snapens.json": json.dumps(record)})
+    except ValueError as e:
+        raise SnapensError(str(e)) from None
+    check = torch.randint(0, 256, (4, 3, *ensemble.image_size), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        gap = (program.module()(check) - module(check)).abs().max().item()
+    gap = (program.module()(check) - ensemble.probs(check)).abs().max().item()
     count = f"{len(members)} member{'s' if len(members) > 1 else ''}"
     log.info(f"{out}: {count} ({cfg.rule}, {how['source']}), {out.stat().st_size / 2**20:.1f} MiB; "
              f"the program against the eager ensemble on 4 random images: max difference {gap:.2e}")
@@ -90,11 +69,7 @@ def export_run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
-        export_run(cfg)
-    except (SnapensError, OmegaConfBaseException) as e:
-        cli.discard_unused_run_dir()
-        exit_with(e)
+    cli.run_job(lambda: export_run(cfg))
 
 
 if __name__ == "__main__":

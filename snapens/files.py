@@ -5,6 +5,7 @@ The bytes go to a temporary file beside the target, are fsynced, and the tempora
 the new one, never half of one.
 """
 
+import hashlib
 import io
 import logging
 import os
@@ -59,3 +60,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

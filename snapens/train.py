@@ -12,12 +12,10 @@ import bisect
 import dataclasses
 import json
 import logging
-import sys
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import hydra
 import torch
@@ -25,7 +23,6 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -35,25 +32,20 @@ from snapens.build import Setup, make_deterministic, pick_device, setup, snapsho
 from snapens.checkpoint import (checkpoint_path, keep_metrics_until, resume_state, rng_state, run_dir_lock,
                                 save_checkpoint, save_config, set_rng_state, stop_requests)
 from snapens.config import check_config, register_configs
-from snapens.ensemble import ensemble_report, format_report, predict_logits
 from snapens.data import split_digest
-from snapens.ensemble import calibration, selection
-from snapens.ensemble.cache import cached_logits
-from snapens.errors import SnapensError, exit_with
+from snapens.ensemble import predict_logits
+from snapens.ensemble.report import evaluate_run, format_run
+from snapens.errors import Interrupted, SnapensError
 from snapens.files import write_atomic
 from snapens.precision import describe
 from snapens.run_plots import plot_lr_schedule, plot_training
-from snapens.snapshots import list_snapshots, prune_snapshots, read_metadata, save_snapshot, snapshot_path
+from snapens.snapshots import list_snapshots, prune_snapshots, save_snapshot, snapshot_path
 from snapens.step import (StepResult, nonfinite_tensors, note_first_nonfinite, seconds_since, set_hyperparameters,
                           train_step)
 from snapens.tensorboard_log import IntervalStats, log_interval, log_report, open_writer, require_tensorboard
 
 register_configs()
 log = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """A stop signal arrived; the checkpoint is written and the same command resumes."""
 
 
 EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED
@@ -480,22 +472,8 @@ def report(run: Run) -> float | None:
         training["peak_memory_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
     if not run.ranks.main:
         return None
-    paths = list_snapshots(run.dir)  # each read back from its file; its logits kept in logits/<split>/
-    metas = [read_metadata(p) for p in paths]
-
-    rule, splits = run.cfg.ensemble.rule, {"test": s.data.test, "val": s.data.val}
-    logits = {name: cached_logits(paths, metas, split, name, run.cfg.ensemble.batch_size, s.device,
-                                  lambda *_: s.model, s.precision, trainer.channels_last)
-              for name, split in splits.items() if split is not None}
-    result = {**ensemble_report(logits["test"], s.data.test.labels, paths, metas, rule), "training": training}
-    if "val" in logits:  # what a sweeper may tune on (returned below), and members chosen on it, never on test
-        result["val"] = ensemble_report(logits["val"], s.data.val.labels, paths, metas, rule, split="val")
-        result["chosen"] = selection.choose(logits["val"], s.data.val.labels, logits["test"], s.data.test.labels,
-                                            [p.stem for p in paths], rule)
-        fitted = calibration.calibrate_run(logits["val"], s.data.val.labels, logits["test"], s.data.test.labels, rule)
-        if fitted:  # a temperature per model, fitted on validation (Guo et al. 2017); predict= applies it
-            result["calibration"] = fitted
-    result["verdict"] = selection.verdict(result)
+    result = {**evaluate_run(run.dir, s.data.test, s.data.val, run.cfg.ensemble.rule, run.cfg.ensemble.batch_size,
+                             s.device, lambda *_: s.model, s.precision, trainer.channels_last), "training": training}
     write_atomic(run.dir / "results.json", (json.dumps(result, indent=2) + "\n").encode())
     plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run.dir / "lr_schedule.png",
                      run.cfg.scheduler.name)  # final
@@ -503,9 +481,7 @@ def report(run: Run) -> float | None:
     if run.cfg.logger.name == "tensorboard":
         with open_writer(run.dir) as writer:
             log_report(writer, result)
-    chosen = f"\n{selection.format_choice(result['chosen'])}" if "chosen" in result else ""
-    fitted = f"\n{calibration.format_calibration(result['calibration'])}" if "calibration" in result else ""
-    log.info(f"\n{format_report(result)}{chosen}{fitted}\n{selection.format_verdict(result['verdict'])}")
+    log.info(format_run(result))
     return returned_accuracy(result)
 
 
@@ -544,20 +520,6 @@ def refuse_tuning_on_test(cfg: DictConfig) -> None:
                            "(the jobs then return the validation ensemble accuracy)")
 
 
-def run_job(job: Callable[[], float | None]) -> float | None:
-    """A training entry point's job (train, distill) inside Hydra: bad input is one line and leaves no run dir that
-    holds nothing; a stop signal exits with EXIT_INTERRUPTED once the checkpoint is written."""
-    try:
-        return job()
-    except (SnapensError, OmegaConfBaseException) as e:
-        cli.discard_unused_run_dir()
-        exit_with(e)
-    except Interrupted as e:
-        log.warning(str(e))
-        print(f"snapens: {e}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     run_dir = HydraConfig.get().runtime.output_dir
@@ -569,7 +531,7 @@ def main(cfg: DictConfig) -> float:
         log.info(f"run dir {run_dir}: results.json, snapshots/, metrics.jsonl, training.png, lr_schedule.png")
         return accuracy
 
-    return run_job(job)
+    return cli.run_job(job)
 
 
 if __name__ == "__main__":

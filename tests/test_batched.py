@@ -12,6 +12,7 @@ import snapens.ensemble.cache as cache
 from snapens.build import build_data
 from snapens.ensemble.batched import StackedMembers, same_architecture, stacked_logits
 from snapens.models import CifarResNet, WideResNet
+from snapens.ensemble.ensemble import Ensemble
 from snapens.teacher import Teacher
 
 from conftest import HELD_OUT, compose_config
@@ -68,7 +69,8 @@ def test_teacher_batched_equals_sequential():
     models = members()
     x = torch.randn(6, 3, 32, 32)
     for rule in ("logits", "probs"):
-        one, all_at_once = Teacher(models, rule, 3.0), Teacher(models, rule, 3.0, batched=True)
+        one = Teacher(Ensemble(models, [0.0] * 3, [1.0] * 3, rule), 3.0)
+        all_at_once = Teacher(Ensemble(models, [0.0] * 3, [1.0] * 3, rule, batched=True), 3.0)
         assert (one(x) - all_at_once(x)).abs().max().item() < 1e-6
 
 

@@ -9,7 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from snapens.data import Split
-from snapens.ensemble import RULES, accuracy, combine, ensemble_report, format_report, metrics, votes
+from snapens.ensemble import RULES, accuracy, combine, metrics, votes
+from snapens.ensemble.report import ensemble_report, format_report
 from snapens.ensemble.cache import cached_logits
 from snapens.models import CifarResNet
 from snapens.snapshots import save_snapshot, snapshot_path

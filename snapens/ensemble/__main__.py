@@ -14,90 +14,23 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from snapens import cli
-from snapens.build import build_data, model_from_metadata, pick_device, pick_precision
-from snapens.config import CHOICES, register_configs, schema_of
+from snapens.build import build_data, pick_device, pick_precision
+from snapens.config import check_inference_options, register_configs, schema_of
 from snapens.data import IMAGE_EXTENSIONS, Split, read_image
-from snapens.ensemble import build_report, calibration, check_rule, format_report, metrics, selection
-from snapens.ensemble.cache import cached_logits, compute_logits, file_digest
+from snapens.ensemble import calibration, members as found, metrics, rules, selection
+from snapens.ensemble.cache import cached_logits, compute_logits
+from snapens.ensemble.report import build_report, format_report
 from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, plot_reliability
-from snapens.errors import SnapensError, exit_with
+from snapens.errors import SnapensError
+from snapens.models import model_from_metadata
 from snapens.files import write_atomic
-from snapens.snapshots import list_snapshots, read_metadata
 
 register_configs()
 log = logging.getLogger(__name__)
-
-
-# ---- what to evaluate ------------------------------------------------------------------------------------------
-def find_members(cfg: DictConfig) -> list[list[Path]]:
-    """The snapshot files to ensemble, one list per run (explicit files form one group), after `members`."""
-    if sum([bool(cfg.run), bool(cfg.runs), bool(cfg.snapshots)]) != 1:
-        raise SnapensError("give exactly one of run=DIR, runs=[DIR,...] or snapshots=[FILE,...]")
-    if cfg.snapshots:
-        groups = [[Path(p) for p in cfg.snapshots]]
-        for p in groups[0]:
-            if not p.is_file():
-                raise SnapensError(f"snapshot {p} does not exist")
-    else:
-        groups = [_run_snapshots(Path(d), cfg.swa) for d in ([cfg.run] if cfg.run else cfg.runs)]
-    return [select(group, cfg.members) for group in groups]
-
-
-def _run_snapshots(run_dir: Path, swa: bool) -> list[Path]:
-    if not run_dir.is_dir():
-        raise SnapensError(f"run dir {run_dir} does not exist")
-    paths = list_snapshots(run_dir, swa)
-    if swa and not paths:
-        raise SnapensError(f"run dir {run_dir} has no SWA snapshots (snapshots/cycle_XX_swa.safetensors): train "
-                           "with trainer.swa.start=FRACTION, or leave out swa=true")
-    if not paths:
-        raise SnapensError(f"run dir {run_dir} has no snapshots (snapshots/cycle_XX.safetensors): "
-                           "its training has not finished a cycle")
-    order = {p: (read_metadata(p).get("cycle", 0), read_metadata(p).get("step", 0)) for p in paths}
-    return sorted(paths, key=order.get)  # by the cycle and step the files say: a renamed file keeps its place
-
-
-def refuse_copies(paths: list[Path]) -> None:
-    """The same snapshot under two names (a copy) would count twice in the ensemble: one line naming both."""
-    seen = {}
-    for path in paths:
-        digest = file_digest(path)
-        if digest in seen:
-            raise SnapensError(f"{seen[digest]} and {path} hold the same snapshot (identical bytes); remove the copy")
-        seen[digest] = path
-
-
-def select(paths: list[Path], spec) -> list[Path]:
-    """all | last:K | first:K | [cycle numbers]: the members of one run, in cycle order."""
-    if isinstance(spec, str) and spec == "all":
-        return paths
-    if isinstance(spec, str) and spec.split(":")[0] in ("last", "first") and spec.split(":")[-1].isdigit():
-        return _select_end(paths, spec)
-    if isinstance(spec, ListConfig | list) and spec and all(type(c) is int for c in spec):
-        return _select_cycles(paths, list(spec))
-    raise SnapensError(f"members={spec} is not allowed; use all, last:K, first:K or a list of cycle numbers")
-
-
-def _select_end(paths: list[Path], spec: str) -> list[Path]:
-    end, k = spec.split(":")[0], int(spec.split(":")[1])
-    if not 1 <= k <= len(paths):
-        raise SnapensError(f"members={spec} needs 1 <= K <= {len(paths)} (the number of snapshots)")
-    return paths[-k:] if end == "last" else paths[:k]
-
-
-def _select_cycles(paths: list[Path], cycles: list[int]) -> list[Path]:
-    by_cycle = {read_metadata(p)["cycle"]: p for p in paths}  # the cycle the file says, whatever its name
-    missing = [c for c in cycles if c not in by_cycle]
-    if missing:
-        raise SnapensError(f"members={cycles}: no snapshot for cycle {missing[0]}; "
-                           f"the run has cycles {sorted(by_cycle)}")
-    if len(set(cycles)) != len(cycles):
-        raise SnapensError(f"members={cycles} names a cycle twice")
-    return [by_cycle[c] for c in sorted(cycles)]  # cycle order: "last" and "first" keep their meaning
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -138,17 +71,7 @@ def training_config(cfg: DictConfig) -> DictConfig:
     return train_cfg
 
 
-# ---- logits, one pass per snapshot --------------------------------------------------------------------------------
-def check_same_classes(paths: list[Path], metas: list[dict], classes: list[str]) -> None:
-    for path, meta in zip(paths, metas):
-        if meta["classes"] != metas[0]["classes"]:
-            raise SnapensError(f"snapshots {paths[0]} and {path} were trained on different class lists; "
-                               "an ensemble needs the same classes in the same order")
-    if metas[0]["classes"] != classes:
-        raise SnapensError(f"snapshot {paths[0]} was trained on classes {metas[0]['classes'][:5]}..., "
-                           f"the data has {classes[:5]}...: evaluate on the data it was trained on")
-
-
+# ---- logits, one pass per snapshot ----------------------------------------------------------------------------------
 def build_snapshot_model(path: Path, meta: dict) -> torch.nn.Module:
     return model_from_metadata(meta.get("model_config"), f"snapshot {path}")
 
@@ -168,18 +91,12 @@ def model_maker(device: torch.device):
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
-def member_names(paths: list[Path]) -> list[str]:
-    """cycle_XX, or run/cycle_XX when the members come from several runs."""
-    several = len({p.parent for p in paths}) > 1
-    return [f"{p.parent.parent.name}/{p.stem}" if several else p.stem for p in paths]
-
-
 def report(cfg, paths, metas, logits, labels, out_dir: Path, logits_seconds: float, fitted: dict) -> dict:
     """ensemble.json (`build_report`'s report, why these members, curves, disagreement, logits time, and what was
     fitted on the validation split when there is one: `fitted`'s "chosen" members and "calibration") and the
     figures."""
     members = [{"file": str(p), "name": n, "cycle": m.get("cycle"), "step": m.get("step")}
-               for p, n, m in zip(paths, member_names(paths), metas)]
+               for p, n, m in zip(paths, found.names(paths), metas)]
     result = {**build_report(logits, labels, members, cfg.rule, cfg.bins, cfg.split),
               "why": f"members={cfg.members} as given; nothing was chosen by looking at {cfg.split} results",
               "curves": metrics.curves(logits, labels, bins=cfg.bins),
@@ -230,90 +147,26 @@ def image_files(target: Path) -> list[Path]:
     return files
 
 
-def stored_results(run: Path) -> list[tuple[Path, dict]]:
-    """What snapens.train (results.json) and this tool (ensemble/test/ensemble.json) fitted on the run's validation
-    split, in that order, for the files that exist and parse."""
-    found = []
-    for path in (run / "results.json", run / "ensemble" / "test" / "ensemble.json"):
-        try:
-            found.append((path, json.loads(path.read_text())))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def combination(cfg: DictConfig, paths: list[Path]) -> dict:
-    """How predict= combines the members: {"members": the paths, repeats kept, "weights": a weight per member or
-    None (uniform), "temperature": T or None, "source": where that came from}. With chosen=NAME, the members (and
-    weights) chosen on validation in the run's results.json; with calibrate=val, the temperature fitted on
-    validation for exactly these members and rule, where one was stored (none: uncalibrated, said in the log)."""
-    stored = stored_results(Path(cfg.run)) if cfg.run else []
-    if cfg.chosen:
-        return chosen_combination(cfg, paths, stored)
-    names = [p.name for p in paths]
-    for path, result in stored:  # the all-member calibration of a report on exactly these files and this rule
-        fitted = result.get("calibration")
-        files = [Path(f).name for f in result.get("ensemble", {}).get("members", [])]
-        if cfg.calibrate == "val" and fitted and result.get("rule") == cfg.rule and files == names:
-            return {"members": paths, "weights": None, "temperature": fitted["ensemble"]["temperature"],
-                    "source": f"temperature fitted on validation, from {path}"}
-    why = "calibrate=none" if cfg.calibrate == "none" else "no temperature stored for these members and rule"
-    return {"members": paths, "weights": None, "temperature": None, "source": f"uncalibrated ({why})"}
-
-
-def check_chosen(cfg: DictConfig) -> None:
-    """chosen= names members of one run's own snapshots: said before any file is read."""
-    if cfg.chosen and (not cfg.run or cfg.members != "all" or cfg.swa):
-        raise SnapensError(f"chosen={cfg.chosen} takes the members the run chose on validation: give run=DIR alone "
-                           "(no runs=, snapshots=, members= or swa=)")
-
-
-def chosen_combination(cfg: DictConfig, paths: list[Path], stored: list[tuple[Path, dict]]) -> dict:
-    """chosen=last_m|greedy|weighted: the members and weights results.json chose on validation."""
-    results = dict(stored).get(Path(cfg.run) / "results.json", {})
-    choice = results.get("chosen", {}).get(cfg.chosen)
-    if not choice:
-        raise SnapensError(f"chosen={cfg.chosen}: {cfg.run}/results.json records no such choice (members are chosen "
-                           "when training holds out data.val_size=N; choices: last_m, greedy, weighted)")
-    if results.get("rule") != cfg.rule:
-        raise SnapensError(f"chosen={cfg.chosen} was chosen for rule={results.get('rule')}; pass that rule")
-    by_name = {p.stem: p for p in paths}
-    names = choice["members"] if "members" in choice else list(choice["weights"])
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise SnapensError(f"chosen={cfg.chosen} names {missing[0]}, which {cfg.run}/snapshots/ no longer holds")
-    weights = torch.tensor(list(choice["weights"].values()), dtype=torch.float64) if "weights" in choice else None
-    temperature = choice.get("temperature") if cfg.calibrate == "val" else None
-    return {"members": [by_name[n] for n in names], "weights": weights, "temperature": temperature,
-            "source": f"chosen={cfg.chosen} from {cfg.run}/results.json"
-                      + (", with its temperature fitted on validation" if temperature else ", uncalibrated")}
-
-
 def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
     """predictions.csv: path, predicted class, its probability, and every class's probability; predictions.json:
     how the members were combined. Images are read as the training data was (RGB, resized to the snapshots' image
     size when they differ) and normalised with each snapshot's own training statistics, then combined with the
     configured rule (see `combination` for chosen members, weights and the temperature)."""
     files = image_files(Path(cfg.predict))
-    how = combination(cfg, paths)
+    how = found.combination(paths, cfg.run, cfg.rule, cfg.calibrate, cfg.chosen)
     height, width = metas[0]["image_size"]
     images = []
     for f in files:
         image = read_image(f, 0)
         images.append(image if tuple(image.shape[1:]) == (height, width) else read_image(f, (height, width)))
     split = Split(torch.stack(images), torch.zeros(len(files), dtype=torch.long)).to(device)  # once, all members
-    distinct = list(dict.fromkeys(how["members"]))  # each file once, however often it was chosen
-    computed = compute_logits([(p, metas[paths.index(p)]) for p in distinct], split, cfg.batch_size, device,
+    members, weights = found.distinct(how)  # each file once, weighing as often as it was chosen
+    uniform = how["weights"] is None and len(members) == len(how["members"])
+    computed = compute_logits([(p, metas[paths.index(p)]) for p in members], split, cfg.batch_size, device,
                               model_maker(device), precision, cfg.channels_last, cfg.batched)
-    logits = dict(zip(distinct, computed))
-    logits = torch.stack([logits[p] for p in how["members"]])
-    if how["weights"] is not None:
-        probs = selection.weighted_probabilities(logits, how["weights"], cfg.rule)
-    else:
-        probs = metrics.probabilities(logits, cfg.rule)
-    if how["temperature"] is not None:
-        probs = calibration.scale(probs, how["temperature"])
-    predicted = probs.argmax(-1) if how["weights"] is not None else metrics.predictions(logits, cfg.rule)
+    logits, weights = torch.stack(computed), None if uniform else weights
+    probs = rules.probabilities(logits.double(), cfg.rule, weights, how["temperature"])
+    predicted = rules.predictions(logits, cfg.rule, weights)
     classes = metas[0]["classes"]
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "predictions.csv", "w", newline="") as f:
@@ -328,55 +181,11 @@ def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
     return out_dir / "predictions.csv"
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="ensemble")
-def main(cfg: DictConfig) -> float | None:
-    try:
-        return evaluate(cfg)
-    except (SnapensError, OmegaConfBaseException) as e:
-        cli.discard_unused_run_dir()
-        exit_with(e)
-
-
-def check_options(cfg: DictConfig) -> None:
-    """The command line's own values; the rule through snapens.ensemble's one check."""
-    if cfg.calibrate == "test":
-        raise SnapensError("calibrate=test would fit the temperature on the images it is then scored on, so the test "
-                           "NLL and ECE after it would be tuned on the test set; use calibrate=val (the run's "
-                           "validation split: train with data.val_size=N) or calibrate=none")
-    allowed = {"split": ("test", "val"), "device": CHOICES["trainer.device"], "precision": CHOICES["trainer.precision"],
-               "calibrate": ("val", "none"), "chosen": (None, "last_m", "greedy", "weighted")}
-    for key, choices in allowed.items():
-        if cfg[key] not in choices:
-            raise SnapensError(f"{key}={cfg[key]} is not allowed; choose one of: {', '.join(c for c in choices if c)}")
-    try:
-        check_rule(cfg.rule)
-    except ValueError as e:
-        raise SnapensError(str(e)) from None
-    for key in ("bins", "batch_size"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise SnapensError(f"{key}={cfg[key]} must be a positive whole number")
-    if cfg.predict and not Path(cfg.predict).exists():
-        raise SnapensError(f"predict={cfg.predict} does not exist")
-
-
-def read_members(cfg: DictConfig) -> tuple[list[Path], list[dict]]:
-    """The member files, in order, and their metadata, which must be that of snapens.train."""
-    paths = [p for group in find_members(cfg) for p in group]
-    refuse_copies(paths)
-    metas = [read_metadata(p) for p in paths]
-    for path, meta in zip(paths, metas):
-        missing = [k for k in ("classes", "mean", "std", "model_config", "image_size") if k not in meta]
-        if missing:
-            raise SnapensError(f"snapshot {path} lacks {', '.join(missing)} in its metadata: it was not written by "
-                               "snapens.train")
-    return paths, metas
-
-
 def load_split(cfg: DictConfig, paths: list[Path], metas: list[dict]) -> tuple[Split, Split | None]:
     """The split to evaluate on, from the training config's data, with the members' classes; and the validation
     split to choose members on when that split is test (None without one)."""
     data = build_data(training_config(cfg).data)
-    check_same_classes(paths, metas, data.classes)
+    found.check_same_classes(paths, metas, data.classes)
     split = data.test if cfg.split == "test" else data.val
     if split is None:
         raise SnapensError("split=val but the run held out no validation images (train with data.val_size=N)")
@@ -417,7 +226,7 @@ def fit_on_validation(cfg, paths, metas, val: Split | None, logits, labels, devi
         return {}
     val_logits = cached_logits(paths, metas, val, "val", cfg.batch_size, device, model_maker(device), precision,
                                cfg.channels_last, cfg.batched)
-    fitted = {"chosen": selection.choose(val_logits, val.labels, logits, labels, member_names(paths), cfg.rule)}
+    fitted = {"chosen": selection.choose(val_logits, val.labels, logits, labels, found.names(paths), cfg.rule)}
     temperatures = cfg.calibrate == "val" and calibration.calibrate_run(val_logits, val.labels, logits, labels,
                                                                          cfg.rule, cfg.bins)
     return {**fitted, "calibration": temperatures} if temperatures else fitted
@@ -426,12 +235,13 @@ def fit_on_validation(cfg, paths, metas, val: Split | None, logits, labels, devi
 def evaluate(cfg: DictConfig) -> float | None:
     """Check the options, compute (or read) each member's logits once, write the report; the ensemble accuracy.
     With predict=, only predictions.csv for the new images (None)."""
-    check_options(cfg)
+    check_inference_options(cfg)
     if cfg.chosen and not cfg.predict:
         raise SnapensError(f"chosen={cfg.chosen} is for predict=IMAGES (and snapens.export); the report already "
                            "scores every choice")
-    check_chosen(cfg)
-    paths, metas = read_members(cfg)
+    found.check_chosen(cfg.chosen, cfg.run, cfg.members, cfg.swa)
+    paths = [p for group in found.find(cfg.run, cfg.runs, cfg.snapshots, cfg.members, cfg.swa) for p in group]
+    metas = found.read(paths)
     device = pick_device(cfg.device, key="device")
     precision = pick_precision(cfg.precision, device, key="precision")
     if cfg.predict:  # new images only: no report on a split
@@ -449,6 +259,11 @@ def evaluate(cfg: DictConfig) -> float | None:
     lines += [calibration.format_calibration(fitted["calibration"])] if "calibration" in fitted else []
     log.info("\n".join(["", format_report(result), *lines, "", format_curves(result), f"report: {out_dir}"]))
     return result["ensemble"]["acc"]
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="ensemble")
+def main(cfg: DictConfig) -> float | None:
+    return cli.run_job(lambda: evaluate(cfg))
 
 
 if __name__ == "__main__":

@@ -21,20 +21,11 @@ from snapens.data import Split, split_digest
 from snapens.ensemble import predict_logits
 from snapens.ensemble.batched import same_architecture, stacked_logits
 from snapens.errors import SnapensError
-from snapens.files import write_atomic
+from snapens.files import file_digest, write_atomic
 from snapens.precision import describe
 from snapens.snapshots import load_into
 
 log = logging.getLogger(__name__)
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_path(snapshot: Path, split_name: str) -> Path | None:

@@ -13,14 +13,8 @@ scores the test split, before and after, so a test number is never tuned on the 
 
 import torch
 
-from snapens.ensemble import metrics
-
-TINY = 1e-300  # log(0) guard for probabilities that underflowed in float64; far below any probability reported
-
-
-def scale(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """N x C probabilities at `temperature`: softmax(log p / T), in float64."""
-    return (probs.double().clamp_min(TINY).log() / temperature).softmax(-1)
+from snapens.ensemble import metrics, rules
+from snapens.ensemble.rules import TINY, scale  # noqa: F401  (scale: the one temperature formula)
 
 
 def fit_temperature(probs: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
@@ -41,7 +35,9 @@ def fit_temperature(probs: torch.Tensor, labels: torch.Tensor, max_iter: int = 1
 
 
 def _scores(probs: torch.Tensor, labels: torch.Tensor, bins: int) -> dict:
-    return {"nll": metrics.nll(probs, labels), "ece": metrics.ece(probs, labels, bins)}
+    """NLL and ECE (accuracy does not change with T, so it is left out)."""
+    scores = metrics.probability_scores(probs, labels, bins)
+    return {"nll": scores["nll"], "ece": scores["ece"]}
 
 
 def calibrate(val_probs: torch.Tensor, val_labels: torch.Tensor, test_probs: torch.Tensor, test_labels: torch.Tensor,
@@ -58,7 +54,7 @@ def calibrate_run(val_logits: torch.Tensor, val_labels: torch.Tensor, test_logit
                   test_labels: torch.Tensor, rule: str, bins: int = 15) -> dict | None:
     """results.json's and ensemble.json's "calibration": `calibrate` for the last snapshot ("single") and the
     ensemble of all members under `rule`, from M x N x C logits of both splits; None for a vote."""
-    if rule == "vote":
+    if not rules.gives_probabilities(rule):
         return None
     models = {"single": lambda logits: metrics.probabilities(logits[-1:]),
               "ensemble": lambda logits: metrics.probabilities(logits, rule)}

@@ -1,14 +1,8 @@
 """Ensemble metrics on stored member logits: predictive distribution, accuracy, NLL, calibration, diversity, curves.
 
 Everything is arithmetic on the M x N x C logits that `cache.cached_logits` computes once (M snapshots in cycle order,
-N images, C classes), in float64. The three combination rules are those of `combine`:
-
-* logits: softmax of the mean logits (the product's default; a renormalised geometric mean of the members'
-  probabilities).
-* probs: mean of the members' softmax probabilities (Huang et al. 2017, Snapshot Ensembles, arXiv 1704.00109,
-  section 4).
-* vote: the fraction of members whose argmax is each class. It gives zero probability to every class nobody voted
-  for, so its NLL is not meaningful and `scores` reports None for it.
+N images, C classes), in float64. The rules that combine members are those of `snapens.ensemble.rules`; a vote
+gives zero probability to every class nobody voted for, so its NLL is not meaningful and `scores` reports None.
 
 Calibration follows Guo et al. 2017 (arXiv 1706.04599, section 2): equal-width confidence bins, the reliability
 diagram and the expected calibration error. NLL is the proper scoring rule used for deep ensembles by
@@ -19,14 +13,7 @@ import math
 
 import torch
 
-# The package, not its names: attributes (RULES, check_rule, votes, combine) are looked up at call time, so
-# `snapens/ensemble/__init__.py` may import this module at any line without a circular-import error.
-from snapens import ensemble
-
-
-def _check_logits(logits: torch.Tensor) -> None:
-    if logits.dim() != 3 or 0 in logits.shape:
-        raise ValueError(f"logits must be a non-empty M x N x C tensor, got shape {tuple(logits.shape)}")
+from snapens.ensemble import rules as combining  # `rules` is curves' argument
 
 
 def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
@@ -38,24 +25,15 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def probabilities(logits: torch.Tensor, rule: str = "logits") -> torch.Tensor:
-    """The ensemble's predictive distribution: float64 N x C, rows summing to 1, from M x N x C logits (any float);
-    rule "logits" is the softmax of the mean logits, "probs" the mean of the members' softmax, "vote" the fraction of
-    the M members whose argmax is each class. ValueError for another rule or a tensor that is not M x N x C."""
-    ensemble.check_rule(rule)
-    _check_logits(logits)
-    if rule == "vote":
-        return ensemble.votes(logits).double() / len(logits)  # the votes `combine` counts
-    logits = logits.double()
-    if rule == "logits":
-        return logits.mean(0).softmax(-1)
-    return logits.softmax(-1).mean(0)
+    """The ensemble's predictive distribution in float64 N x C from M x N x C logits: `snapens.ensemble.rules.probabilities`."""
+    combining.check_members(logits)
+    return combining.probabilities(logits.double(), rule)
 
 
 def predictions(logits: torch.Tensor, rule: str = "logits") -> torch.Tensor:
-    """The ensemble's int64 N predicted classes from M x N x C logits: `combine(logits, rule).argmax(-1)`, ties
-    broken the same way (a vote tie goes to the tied class with the larger mean probability)."""
-    _check_logits(logits)
-    return ensemble.combine(logits, rule).argmax(-1)
+    """The ensemble's int64 N predicted classes from M x N x C logits: `snapens.ensemble.rules.predictions`, computed in the logits'
+    own dtype (a vote tie goes to the tied class with the larger mean probability)."""
+    return combining.predictions(logits, rule)
 
 
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -132,24 +110,29 @@ def disagreement(logits: torch.Tensor) -> torch.Tensor:
     """Pairwise prediction disagreement of the members, a measure of ensemble diversity (arXiv 1704.00109, fig. 5):
     float64 M x M from M x N x C logits, entry (i, j) the fraction of the N points where members i and j predict
     different classes (argmax); symmetric with a zero diagonal."""
-    _check_logits(logits)
+    combining.check_members(logits)
     predicted = logits.argmax(-1)  # M x N
     return (predicted[:, None, :] != predicted[None, :, :]).double().mean(-1)
 
 
 def scores(logits: torch.Tensor, labels: torch.Tensor, rule: str = "logits", bins: int = 15) -> dict:
-    """Accuracy, NLL and ECE of the ensemble of all M members (M x N x C logits, int64 N labels) under `rule`.
+    """Accuracy, NLL and ECE of the ensemble of all M members (M x N x C logits, int64 N labels) under `rule`:
+    `probability_scores` of its distribution and its predictions, with "nll" None for a vote (a vote gives zero
+    probability to the classes nobody voted for, so its NLL is infinite as soon as one label gets no vote, and not
+    meaningful)."""
+    return probability_scores(probabilities(logits, rule), labels, bins, predictions(logits, rule),
+                              with_nll=combining.gives_probabilities(rule))
 
-    Returns:
-        {"acc": fraction correct, "nll": nats per point, or None for "vote" (a vote gives zero probability to the
-        classes nobody voted for, so its NLL is infinite as soon as one label gets no vote, and not meaningful),
-        "ece": fraction}. acc equals `accuracy(combine(logits, rule), labels)`.
-    """
-    probs = probabilities(logits, rule)
-    predicted = predictions(logits, rule)
+
+def probability_scores(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15,
+                       predicted: torch.Tensor | None = None, with_nll: bool = True) -> dict:
+    """The one place acc, NLL and ECE are computed: {"acc": fraction correct, "nll": nats per point (None without
+    `with_nll`), "ece": fraction} of N x C probabilities against int64 N labels; `predicted` defaults to the
+    argmax of `probs` (pass a vote's tie-broken predictions)."""
+    predicted = probs.argmax(-1) if predicted is None else predicted
     return {
         "acc": (predicted == labels).double().mean().item(),
-        "nll": None if rule == "vote" else nll(probs, labels),
+        "nll": nll(probs, labels) if with_nll else None,
         "ece": ece(probs, labels, bins, predicted=predicted),
     }
 
@@ -164,8 +147,8 @@ def curves(logits: torch.Tensor, labels: torch.Tensor, rules: tuple[str, ...] | 
         {"last": {rule: [...]}, "first": {rule: [...]}}: entry m-1 of a list is `scores` of the last (or first) m
         members with "m" added, for m = 1 .. M.
     """
-    _check_logits(logits)
-    rules = ensemble.RULES if rules is None else rules
+    combining.check_members(logits)
+    rules = combining.RULES if rules is None else rules
     members = len(logits)
     ends = {"last": lambda m: logits[members - m:], "first": lambda m: logits[:m]}
     return {end: {rule: [{"m": m, **scores(take(m), labels, rule, bins)} for m in range(1, members + 1)]

@@ -17,7 +17,7 @@ the test labels cannot change which members are chosen.
 
 import torch
 
-from snapens.ensemble import calibration, metrics
+from snapens.ensemble import calibration, metrics, rules
 
 
 def criterion(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> float:
@@ -49,11 +49,9 @@ def greedy(logits: torch.Tensor, labels: torch.Tensor, rule: str, max_size: int 
 
 
 def weighted_probabilities(logits: torch.Tensor, weights: torch.Tensor, rule: str) -> torch.Tensor:
-    """N x C probabilities of the members combined with `weights` (M, summing to 1): the softmax of the weighted
-    mean logits (rule logits) or the weighted mean of the members' softmax (rule probs)."""
-    w = weights.to(torch.float64)[:, None, None]
-    z = logits.to(torch.float64)
-    return (w * z).sum(0).softmax(-1) if rule == "logits" else (w * z.softmax(-1)).sum(0)
+    """float64 N x C probabilities of the members combined with `weights` (M, summing to 1):
+    `rules.probabilities` in float64."""
+    return rules.probabilities(logits.to(torch.float64), rule, weights.to(torch.float64))
 
 
 def fit_weights(logits: torch.Tensor, labels: torch.Tensor, rule: str, max_iter: int = 100) -> torch.Tensor:
@@ -79,20 +77,21 @@ def choose(val_logits: torch.Tensor, val_labels: torch.Tensor, test_logits: torc
     members (names, repeats kept) or, for "weighted", each member's weight fitted on validation NLL (not for a
     vote), with validation and test scores; and (not for a vote) the temperature fitted on validation for that
     choice (snapens.ensemble.calibration) with its test scores after it, "test_calibrated"."""
-    out = {"by": "validation NLL" if rule != "vote" else "validation error rate"}
+    probabilistic = rules.gives_probabilities(rule)
+    out = {"by": "validation NLL" if probabilistic else "validation error rate"}
     for name, picks in (("last_m", last_m(val_logits, val_labels, rule)),
                         ("greedy", greedy(val_logits, val_labels, rule))):
         out[name] = {"members": [names[i] for i in picks], "val": metrics.scores(val_logits[picks], val_labels, rule),
                      "test": metrics.scores(test_logits[picks], test_labels, rule)}
-        if rule != "vote":  # a repeated member weighs as often as it was picked, in the mean and here
+        if probabilistic:  # a repeated member weighs as often as it was picked, in the mean and here
             out[name].update(_calibrated(metrics.probabilities(val_logits[picks], rule), val_labels,
                                          metrics.probabilities(test_logits[picks], rule), test_labels))
-    if rule != "vote":
+    if probabilistic:
         weights = fit_weights(val_logits, val_labels, rule)
         val_probs = weighted_probabilities(val_logits, weights, rule)
         test_probs = weighted_probabilities(test_logits, weights, rule)
-        out["weighted"] = {"weights": dict(zip(names, weights.tolist())), "val": _scores(val_probs, val_labels),
-                           "test": _scores(test_probs, test_labels),
+        out["weighted"] = {"weights": dict(zip(names, weights.tolist())), "val": metrics.probability_scores(val_probs, val_labels),
+                           "test": metrics.probability_scores(test_probs, test_labels),
                            **_calibrated(val_probs, val_labels, test_probs, test_labels)}
     return out
 
@@ -100,13 +99,8 @@ def choose(val_logits: torch.Tensor, val_labels: torch.Tensor, test_logits: torc
 def _calibrated(val_probs: torch.Tensor, val_labels: torch.Tensor, test_probs: torch.Tensor,
                 test_labels: torch.Tensor) -> dict:
     temperature = calibration.fit_temperature(val_probs, val_labels)
-    return {"temperature": temperature, "test_calibrated": _scores(calibration.scale(test_probs, temperature),
-                                                                   test_labels)}
-
-
-def _scores(probs: torch.Tensor, labels: torch.Tensor) -> dict:
-    return {"acc": (probs.argmax(1) == labels).double().mean().item(), "nll": metrics.nll(probs, labels),
-            "ece": metrics.ece(probs, labels)}
+    scaled = rules.scale(test_probs, temperature)
+    return {"temperature": temperature, "test_calibrated": metrics.probability_scores(scaled, test_labels)}
 
 
 def format_choice(chosen: dict) -> str:

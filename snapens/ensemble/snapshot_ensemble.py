@@ -17,7 +17,8 @@ from typing import Iterable
 
 import torch
 
-from snapens.ensemble import build_report, check_rule, combine
+from snapens.ensemble.report import build_report
+from snapens.ensemble.rules import check_rule, combine, probabilities
 from snapens.errors import SnapensError
 from snapens.precision import autocast
 from snapens.snapshots import load_into, save_snapshot
@@ -107,10 +108,18 @@ class SnapshotEnsemble:
 
     def predict(self, loader: Iterable, rule: str = "logits", device: str | torch.device = "cpu",
                 precision: torch.dtype | None = None) -> torch.Tensor:
-        """N x C ensemble scores (mean logits, mean probabilities, or votes; see snapens.ensemble.combine);
+        """N x C ensemble scores (mean logits, mean probabilities, or votes; see snapens.ensemble.rules.combine);
         their argmax is the prediction."""
         check_rule(rule)  # before the passes over the loader
         return combine(self.logits(loader, device, precision)[0], rule)
+
+    def probabilities(self, loader: Iterable, rule: str = "logits", weights: torch.Tensor | None = None,
+                      temperature: float | None = None, device: str | torch.device = "cpu",
+                      precision: torch.dtype | None = None) -> torch.Tensor:
+        """float64 N x C probabilities of the ensemble: `snapens.ensemble.rules.probabilities` of the members'
+        logits with the given weights (M, oldest first; None: uniform) and temperature (None: unscaled)."""
+        check_rule(rule)
+        return probabilities(self.logits(loader, device, precision)[0].double(), rule, weights, temperature)
 
     def evaluate(self, loader: Iterable, rule: str = "logits", device: str | torch.device = "cpu",
                  precision: torch.dtype | None = None, bins: int = 15) -> dict:

@@ -1,6 +1,30 @@
-"""CIFAR model families: ResNet-(6n+2) and Wide ResNet-d-k."""
+"""CIFAR model families, ResNet-(6n+2) and Wide ResNet-d-k, and the one allow-list that rebuilds a model from a
+snapshot's metadata."""
 
+import torch
+
+from snapens.errors import SnapensError
 from snapens.models.resnet import CifarResNet
 from snapens.models.wrn import WideResNet
 
-__all__ = ["CifarResNet", "WideResNet"]
+MODEL_CLASSES = {"snapens.models.CifarResNet": CifarResNet, "snapens.models.WideResNet": WideResNet}
+MODEL_ARGS = {"depth": int, "widen_factor": int, "dropout": float, "num_classes": int}
+
+
+def model_from_metadata(config: dict, source: str) -> torch.nn.Module:
+    """A snapshot's model from the model config stored in its metadata, without Hydra's instantiate: the file may
+    come from anyone, and instantiate would call whatever `_target_` (at any depth) the file names. Only our model
+    classes and plain numeric arguments are accepted; `source` names the file in the error."""
+    config = dict(config or {})
+    cls = MODEL_CLASSES.get(config.pop("_target_", None))
+    bad = [k for k, v in config.items() if k not in MODEL_ARGS or type(v) not in (MODEL_ARGS[k], int)]
+    if cls is None or bad:
+        raise SnapensError(f"{source} names a model snapens cannot build safely ({config or 'no model config'}); "
+                           f"only {', '.join(MODEL_CLASSES)} with numeric {', '.join(MODEL_ARGS)}")
+    try:
+        return cls(**config)
+    except (TypeError, ValueError) as e:
+        raise SnapensError(f"{source}: {e}") from None
+
+
+__all__ = ["CifarResNet", "WideResNet", "model_from_metadata"]

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from snapens.build import build_data, build_model, model_from_metadata, pick_device, pick_precision, snapshot_metadata
+from snapens.build import build_data, build_model, pick_device, pick_precision, snapshot_metadata
+from snapens.models import model_from_metadata
 from snapens.config import register_configs
 from snapens.data import Split, load_image_folder, make_synthetic
 from snapens.ensemble import predict_logits

@@ -16,17 +16,22 @@ import os
 import random
 import signal
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from snapens import distributed
+from snapens import adaptive, distributed
 from snapens.errors import SnapensError
 from snapens.files import write_atomic
+from snapens.snapshots import list_snapshots
+
+if TYPE_CHECKING:
+    from snapens.train import Run
 
 log = logging.getLogger(__name__)
 
@@ -217,3 +222,64 @@ def run_dir_lock(run_dir: Path):
             yield
         finally:
             lock.truncate(0)  # an empty lock file: nobody is training here (a killed holder leaves its PID behind)
+
+
+@dataclass
+class Progress:
+    """Where the loop stands; saved in every checkpoint (as a dict)."""
+
+    step: int = 0  # updates done: the next update's index t
+    epoch: int = 0  # epochs done
+    position: int = 0  # batches of the current epoch done
+    order: torch.Tensor | None = None  # the current epoch's permutation; None between epochs
+    loss_sum: float = 0.0  # the current epoch's summed training loss, correct predictions and images
+    correct: int = 0
+    seen: int = 0
+    updates: int = 0  # the current epoch's applied updates, the sum of their gradient norms and how many were clipped
+    grad_norm_sum: float = 0.0
+    clipped: int = 0
+    skipped: int = 0  # updates dropped by trainer.on_nonfinite=skip, in all and in a row
+    skipped_in_row: int = 0
+    seconds: float = 0.0  # training time so far
+    compile_seconds: float = 0.0  # the first step's time under torch.compile
+
+
+def restore(run: "Run", saved: dict) -> None:
+    """Put the checkpoint's weights, optimizer state, random streams and progress back."""
+    s = run.setup
+    if saved["device"] != s.device.type:
+        raise SnapensError(f"the checkpoint of {run.dir} was written on {saved['device']}; resume it there "
+                           f"(trainer.device={saved['device']}): the random streams of one cannot continue on another")
+    changed = [name for name in ("train", "val", "test") if saved.get("data", run.data_digests).get(name)
+               != run.data_digests.get(name)]  # checkpoints written before the digests were kept: not checked
+    if changed:
+        raise SnapensError(f"cannot resume {run.dir}: the {' and '.join(changed)} images differ from those it started "
+                           "with (files under data.root were replaced, added or removed); put them back, or pass a "
+                           "new hydra.run.dir=DIR to train on the data as it is now")
+    s.model.load_state_dict(saved["model"])
+    s.optimizer.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"], s.generator, s.device, run.ranks)
+    run.progress, run.resumed = Progress(**saved["progress"]), True
+    if s.swa:
+        s.swa.load_state_dict(saved["swa"])
+    if saved["adaptive"]:  # the cycle lengths this run has actually used so far
+        run.adaptive = adaptive.AdaptiveState(**saved["adaptive"])
+        s.schedule = adaptive.with_cycle_lengths(s.schedule, tuple(run.adaptive.lengths))
+    if run.ranks.main:
+        keep_metrics_until(run.dir / "metrics.jsonl", run.progress.epoch)
+    log.info(f"resuming {run.dir} at step {run.progress.step} of {s.schedule.total_steps}")
+
+
+def save_progress(run: "Run") -> None:
+    """checkpoints/last.ckpt (rank 0; every rank hands over its CUDA random state): everything a resumed run needs
+    to continue bit-identically."""
+    s = run.setup
+    rng = rng_state(s.generator, s.device, run.ranks)
+    if not run.ranks.main:
+        return
+    save_checkpoint(checkpoint_path(run.dir), {
+        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "rng": rng,
+        "progress": asdict(run.progress), "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "device": s.device.type, "snapshots": [p.name for p in list_snapshots(run.dir)],
+        "swa": s.swa.state_dict() if s.swa else None,
+        "adaptive": asdict(run.adaptive) if run.adaptive else None, "data": run.data_digests})

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from snapens.errors import Interrupted, SnapensError, exit_with
@@ -49,6 +51,25 @@ def run_job(job: Callable[[], T]) -> T:
         log.warning(str(e))
         print(f"snapens: {e}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def returned_accuracy(result: dict) -> float:
+    """What a job returns to Hydra's sweeper: the ensemble's validation accuracy when there is a validation split,
+    else its test accuracy (which `main` refuses to hand to a sweeper that optimises it)."""
+    split = "val" if "val" in result else "test"
+    accuracy = (result["val"] if split == "val" else result)["ensemble"]["acc"]
+    logging.getLogger("snapens.train").info(f"returned to Hydra: the ensemble's {split} accuracy, {accuracy:.4f}")
+    return accuracy
+
+
+def refuse_tuning_on_test(cfg: DictConfig) -> None:
+    """A sweeper that optimises what the jobs return (Optuna, Ax, Nevergrad: any but Hydra's basic one) must get a
+    validation number: a result tuned on the test set is no test result."""
+    sweeper = HydraConfig.get().sweeper.get("_target_", "")
+    if HydraConfig.get().mode == RunMode.MULTIRUN and not sweeper.endswith("BasicSweeper") and not cfg.data.val_size:
+        raise SnapensError(f"{sweeper.rsplit('.', 1)[-1]} optimises what each job returns, which without a validation "
+                           "split is the test accuracy: tuning on the test set; hold out images with data.val_size=N "
+                           "(the jobs then return the validation ensemble accuracy)")
 
 
 def fail(message: str, status: int) -> None:

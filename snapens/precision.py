@@ -26,3 +26,10 @@ def describe(dtype: torch.dtype | None, channels_last: bool, device: torch.devic
             torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32):
         name = "tf32"
     return f"{name}, {'channels_last' if channels_last else 'NCHW'}"
+
+
+def compiled_graphs() -> int:
+    """The graphs TorchDynamo has compiled in this process (its own count)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

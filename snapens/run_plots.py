@@ -1,5 +1,6 @@
 """A run's own figures: `lr_schedule.png` (written before training) and `training.png` (at the end)."""
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -70,3 +71,12 @@ def _mark(ax, epochs: list[float]) -> list:
     lines = [ax.axvline(e, color="gray", ls="--", lw=0.8, label="snapshot" if i == 0 else None)
              for i, e in enumerate(epochs)]
     return lines[:1]
+
+
+def plot_training_of(run_dir: Path, snapshot_steps: list[int], steps_per_epoch: int) -> None:
+    """training.png from the run's metrics.jsonl (and results.json's snapshot scores once it exists), snapshots
+    marked."""
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    plot_training(metrics, [e / steps_per_epoch for e in snapshot_steps], run_dir / "training.png", results)

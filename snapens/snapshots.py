@@ -103,3 +103,15 @@ def prune_snapshots(run_dir: str | Path, keep: int) -> list[Path]:
     for p in deleted:
         p.unlink()
     return deleted
+
+
+def snapshot_steps(schedule, every: int = 0, count: int | None = None) -> list[int]:
+    """Where snapshots are taken: at the cycle ends; or every `every` updates and at the end, or at `count` evenly
+    spaced points of a schedule without restarts (scheduler.cycles): the NoCycle baseline of Huang et al. 2017,
+    arXiv 1704.00109, section 4. SWA windows and optimizer resets follow them."""
+    total, ends = schedule.total_steps, schedule.cycle_ends()
+    if every:
+        return sorted(set(range(every, total, every)) | {total})
+    if count and len(ends) == 1:
+        return [k * total // count for k in range(1, count + 1)]
+    return ends

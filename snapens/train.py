@@ -9,11 +9,9 @@ Reading order: `train` (setup, resume, the loop, the report), then `loop`, then 
 """
 
 import bisect
-import dataclasses
 import json
 import logging
-import time
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,54 +19,30 @@ import hydra
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
+from omegaconf import DictConfig
 
 from snapens import adaptive, cli, distributed, swa
 from snapens.batches import epoch_order, train_batches
 from snapens.build import Setup, make_deterministic, pick_device, setup, snapshot_metadata
-from snapens.checkpoint import (checkpoint_path, keep_metrics_until, resume_state, rng_state, run_dir_lock,
-                                save_checkpoint, save_config, set_rng_state, stop_requests)
+from snapens.checkpoint import Progress, resume_state, restore, run_dir_lock, save_config, save_progress, stop_requests
 from snapens.config import check_config, register_configs
 from snapens.data import split_digest
 from snapens.ensemble import predict_logits
 from snapens.ensemble.report import evaluate_run, format_run
 from snapens.errors import Interrupted, SnapensError
 from snapens.files import write_atomic
+from snapens.monitor import Monitor, training_record
 from snapens.precision import describe
-from snapens.run_plots import plot_lr_schedule, plot_training
-from snapens.snapshots import list_snapshots, prune_snapshots, save_snapshot, snapshot_path
-from snapens.step import (StepResult, nonfinite_tensors, note_first_nonfinite, seconds_since, set_hyperparameters,
-                          train_step)
-from snapens.tensorboard_log import IntervalStats, log_interval, log_report, open_writer, require_tensorboard
+from snapens.run_plots import plot_lr_schedule, plot_training_of
+from snapens.snapshots import prune_snapshots, save_snapshot, snapshot_path, snapshot_steps
+from snapens.step import seconds_since, set_hyperparameters, train_step
+from snapens.tensorboard_log import log_report, open_writer, require_tensorboard
 
 register_configs()
 log = logging.getLogger(__name__)
 
 
 EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED
-
-
-@dataclass
-class Progress:
-    """Where the loop stands; saved in every checkpoint (as a dict)."""
-
-    step: int = 0  # updates done: the next update's index t
-    epoch: int = 0  # epochs done
-    position: int = 0  # batches of the current epoch done
-    order: torch.Tensor | None = None  # the current epoch's permutation; None between epochs
-    loss_sum: float = 0.0  # the current epoch's summed training loss, correct predictions and images
-    correct: int = 0
-    seen: int = 0
-    updates: int = 0  # the current epoch's applied updates, the sum of their gradient norms and how many were clipped
-    grad_norm_sum: float = 0.0
-    clipped: int = 0
-    skipped: int = 0  # updates dropped by trainer.on_nonfinite=skip, in all and in a row
-    skipped_in_row: int = 0
-    seconds: float = 0.0  # training time so far
-    compile_seconds: float = 0.0  # the first step's time under torch.compile
 
 
 @dataclass
@@ -110,8 +84,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float | None:
                     # A plot lost: drawn again, in this process alone, which restores no CUDA random stream
                     # (a torchrun run saved one per process).
                     redraw = {**saved, "rng": {**saved["rng"], "cuda": []}}
-                    plot_training_of(begin(cfg, run_dir, distributed.Ranks(), redraw))
-                return returned_accuracy(json.loads((run_dir / "results.json").read_text()))
+                    again = begin(cfg, run_dir, distributed.Ranks(), redraw)
+                    plot_training_of(run_dir, again.snapshot_steps, again.setup.steps_per_epoch)
+                return cli.returned_accuracy(json.loads((run_dir / "results.json").read_text()))
             run = begin(cfg, run_dir, ranks, saved)
             loop(run, stops)
             return report(run)  # a signal now waits for results.json rather than losing it
@@ -137,7 +112,7 @@ def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict 
             save_config(cfg, run_dir)
         save_progress(run)  # step 0: a run killed before its first epoch ends resumes like any other
     else:
-        resume(run, saved)
+        restore(run, saved)
     run.snapshot_steps = snapshot_steps(s.schedule, every, cfg.scheduler.get("cycles"))
     if ranks.main:
         plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run_dir / "lr_schedule.png",
@@ -148,44 +123,6 @@ def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict 
              f"{torch.get_num_threads()} torch threads"
              f"{', compiled' if cfg.trainer.compile else ''}{f', {ranks.world} processes' if ranks.parallel else ''})")
     return run
-
-
-def resume(run: Run, saved: dict) -> None:
-    """Put the checkpoint's weights, optimizer state, random streams and progress back."""
-    s = run.setup
-    if saved["device"] != s.device.type:
-        raise SnapensError(f"the checkpoint of {run.dir} was written on {saved['device']}; resume it there "
-                           f"(trainer.device={saved['device']}): the random streams of one cannot continue on another")
-    changed = [name for name in ("train", "val", "test") if saved.get("data", run.data_digests).get(name)
-               != run.data_digests.get(name)]  # checkpoints written before the digests were kept: not checked
-    if changed:
-        raise SnapensError(f"cannot resume {run.dir}: the {' and '.join(changed)} images differ from those it started "
-                           "with (files under data.root were replaced, added or removed); put them back, or pass a "
-                           "new hydra.run.dir=DIR to train on the data as it is now")
-    s.model.load_state_dict(saved["model"])
-    s.optimizer.load_state_dict(saved["optimizer"])
-    set_rng_state(saved["rng"], s.generator, s.device, run.ranks)
-    run.progress, run.resumed = Progress(**saved["progress"]), True
-    if s.swa:
-        s.swa.load_state_dict(saved["swa"])
-    if saved["adaptive"]:  # the cycle lengths this run has actually used so far
-        run.adaptive = adaptive.AdaptiveState(**saved["adaptive"])
-        s.schedule = adaptive.with_cycle_lengths(s.schedule, tuple(run.adaptive.lengths))
-    if run.ranks.main:
-        keep_metrics_until(run.dir / "metrics.jsonl", run.progress.epoch)
-    log.info(f"resuming {run.dir} at step {run.progress.step} of {s.schedule.total_steps}")
-
-
-def snapshot_steps(schedule, every: int = 0, count: int | None = None) -> list[int]:
-    """Where snapshots are taken: at the cycle ends; or every `every` updates and at the end, or at `count` evenly
-    spaced points of a schedule without restarts (scheduler.cycles): the NoCycle baseline of Huang et al. 2017,
-    arXiv 1704.00109, section 4. SWA windows and optimizer resets follow them."""
-    total, ends = schedule.total_steps, schedule.cycle_ends()
-    if every:
-        return sorted(set(range(every, total, every)) | {total})
-    if count and len(ends) == 1:
-        return [k * total // count for k in range(1, count + 1)]
-    return ends
 
 
 # ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----------------------
@@ -224,7 +161,7 @@ def loop(run: Run, stops: list[str]) -> None:
                     break
 
 
-def epoch_batches(run: Run, monitor: "Monitor"):
+def epoch_batches(run: Run, monitor: Monitor):
     """The rest of the current epoch's batches (all of a new epoch's, whose permutation is drawn first)."""
     s, progress = run.setup, run.progress
     if progress.order is None:
@@ -238,7 +175,7 @@ def epoch_batches(run: Run, monitor: "Monitor"):
                          run.cfg.trainer.channels_last)
 
 
-def after_update(run: Run, monitor: "Monitor", t: int) -> None:
+def after_update(run: Run, monitor: Monitor, t: int) -> None:
     """Fold update t's weights into the cycle's SWA average when in its window; time the compile step."""
     s, trainer = run.setup, run.cfg.trainer
     if s.swa and swa.in_window(t, run.snapshot_steps, trainer.swa.start):
@@ -293,7 +230,7 @@ def end_cycle(run: Run, lr: float) -> None:
         s.optimizer.state.clear()  # no momentum or Adam moments carried over the restart
 
 
-def end_epoch(run: Run, monitor: "Monitor", lr: float) -> None:
+def end_epoch(run: Run, monitor: Monitor, lr: float) -> None:
     """Adaptive SGDR's decision, the epoch's metrics line, and a new permutation next time."""
     s, progress = run.setup, run.progress
     progress.epoch += 1
@@ -321,155 +258,11 @@ def validation_loss(run: Run) -> float:
     return distributed.from_rank0(F.cross_entropy(logits, s.data.val.labels).item(), run.ranks, s.device)
 
 
-def save_progress(run: Run) -> None:
-    """checkpoints/last.ckpt (rank 0; every rank hands over its CUDA random state): everything a resumed run needs
-    to continue bit-identically."""
-    s = run.setup
-    rng = rng_state(s.generator, s.device, run.ranks)
-    if not run.ranks.main:
-        return
-    save_checkpoint(checkpoint_path(run.dir), {
-        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "rng": rng,
-        "progress": dataclasses.asdict(run.progress), "config": OmegaConf.to_container(run.cfg, resolve=True),
-        "device": s.device.type, "snapshots": [p.name for p in list_snapshots(run.dir)],
-        "swa": s.swa.state_dict() if s.swa else None,
-        "adaptive": dataclasses.asdict(run.adaptive) if run.adaptive else None, "data": run.data_digests})
-
-
-class Monitor(ExitStack):
-    """What the loop reports as it goes: the progress bar, metrics.jsonl, TensorBoard, the epoch's running sums
-    (kept on the device and read back at checkpoints and log intervals only) and the first non-finite update. As a
-    context, it closes (flushes) its files however the loop ends."""
-
-    def __init__(self, run: Run):
-        super().__init__()
-        self.run, s, main = run, run.setup, run.ranks.main
-        self.first_step, self.began = run.progress.step, time.perf_counter()
-        self.start = self.began - run.progress.seconds
-        self.first_bad = torch.full((3,), -1.0, dtype=torch.float64, device=s.device)  # see note_first_nonfinite
-        self.skip = run.cfg.trainer.on_nonfinite == "skip"
-        self.metrics = self.enter_context(open(run.dir / "metrics.jsonl", "a") if main else nullcontext())
-        self.enter_context(logging_redirect_tqdm())
-        purge = run.progress.step if run.resumed else None  # events of steps the resumed run trains again
-        self.writer = open_writer(run.dir, purge_step=purge) if main and run.cfg.logger.name == "tensorboard" else None
-        self.enter_context(self.writer or nullcontext())
-        self.interval = IntervalStats(s.device) if self.writer else None
-        self.bar = self.enter_context(tqdm(total=s.schedule.total_steps, initial=run.progress.step, unit="step",
-                                           dynamic_ncols=True, disable=None if main else True))
-
-    def start_sums(self) -> None:
-        """The epoch's running sums on the device, from where the progress has them."""
-        device = self.run.setup.device
-        self.loss_sum = torch.tensor(self.run.progress.loss_sum, device=device)
-        self.correct = torch.tensor(self.run.progress.correct, device=device)
-        self.norm_sum = torch.tensor(self.run.progress.grad_norm_sum, dtype=torch.float64, device=device)
-        self.clipped = torch.tensor(self.run.progress.clipped, device=device)
-
-    def read_sums(self) -> None:
-        progress = self.run.progress
-        progress.loss_sum, progress.correct = self.loss_sum.item(), int(self.correct.item())
-        progress.grad_norm_sum, progress.clipped = self.norm_sum.item(), int(self.clipped.item())
-        progress.seconds = time.perf_counter() - self.start
-
-    def record(self, t: int, lr: float, result: StepResult, y: torch.Tensor) -> None:
-        """Count update t: its loss and hits (under torchrun, this rank's share stands for the whole batch), or
-        with on_nonfinite=skip a dropped update."""
-        progress, trainer = self.run.progress, self.run.cfg.trainer
-        clip = trainer.grad_clip if trainer.clip_mode == "norm" else 0  # clip_mode=value: the norm does not tell
-        if not result.applied:
-            self.skip_nonfinite(t, lr, result)
-        else:
-            hits = (result.logits.argmax(1) == y).sum()
-            self.loss_sum += result.loss * len(y)
-            self.correct += hits
-            progress.seen += len(y)
-            progress.updates += 1
-            self.norm_sum += result.grad_norm  # in place, on the device: no allocation, no read-back
-            if clip:
-                self.clipped += result.grad_norm > clip
-            progress.skipped_in_row = 0
-            if not self.skip:
-                note_first_nonfinite(self.first_bad, t, result)
-            if self.interval:
-                self.interval.add(result.loss, hits, len(y), result.grad_norm, clip)
-        self.bar.update()
-
-    def skip_nonfinite(self, t: int, lr: float, result: StepResult) -> None:
-        """on_nonfinite=skip: count the dropped update; stop after max_skipped in a row."""
-        progress, limit = self.run.progress, self.run.cfg.trainer.max_skipped
-        progress.skipped += 1
-        progress.skipped_in_row += 1
-        what = nonfinite(t, lr, result.loss.item(), result.grad_norm.item())
-        if progress.skipped_in_row > limit:
-            raise SnapensError(f"{what}: {progress.skipped_in_row} non-finite updates in a row (trainer.max_skipped="
-                               f"{limit}); stopped, the last checkpoint is intact")
-        log.warning(f"{what}: update skipped")
-
-    def stop_if_nonfinite(self, whole_state: bool = False) -> None:
-        """Stop at the first non-finite update; with whole_state also when any parameter or buffer is not finite
-        (an update with a finite loss and gradient can still drive BatchNorm's running variance to inf)."""
-        step, loss, norm = self.first_bad.tolist()
-        fix = "start a new hydra.run.dir with a lower scheduler.eta_max"
-        if step >= 0:
-            raise SnapensError(f"{nonfinite(int(step), self.run.setup.schedule.lr(int(step)), loss, norm)}; "
-                               f"stopped, the last checkpoint is intact: {fix}, or resume this one with "
-                               "trainer.on_nonfinite=skip")
-        bad = nonfinite_tensors(self.run.setup.model) if whole_state else []
-        if bad:
-            raise SnapensError(f"non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''} after "
-                               f"step {self.run.progress.step}; stopped, the last checkpoint is intact: {fix}")
-
-    def log_interval(self) -> None:
-        self.stop_if_nonfinite()
-        progress = self.run.progress
-        self.bar.set_postfix(loss=f"{self.loss_sum.item() / progress.seen:.3f}",
-                             lr=f"{self.run.setup.optimizer.param_groups[0]['lr']:.4g}",
-                             acc=f"{self.correct.item() / progress.seen:.3f}")
-        if self.writer:
-            log_interval(self.writer, self.interval.read(), progress.step, self.run.setup.optimizer)
-
-    def write_metrics(self, lr: float) -> None:
-        """One metrics.jsonl line for the epoch just finished (and the log line that says the same); the snapshot
-        steps are those in use (adaptive SGDR moves them)."""
-        progress = self.run.progress
-        seen = max(progress.seen, 1)
-        updates = max(progress.updates, 1)
-        record = {"epoch": progress.epoch, "step": progress.step, "lr": lr, "train_loss": progress.loss_sum / seen,
-                  "train_acc": progress.correct / seen, "grad_norm": progress.grad_norm_sum / updates,
-                  "clip_rate": progress.clipped / updates if self.run.cfg.trainer.clip_mode == "norm"
-                  and self.run.cfg.trainer.grad_clip else None,  # None: not clipping, or by value
-                  "seconds": progress.seconds, "skipped": progress.skipped,
-                  "cycle_ends": self.run.snapshot_steps}
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-        clipped = "" if record["clip_rate"] is None else f" ({record['clip_rate']:.0%} clipped)"
-        log.info("epoch {epoch} step {step} lr {lr:.4g} loss {train_loss:.4f} acc {train_acc:.4f} grad norm "
-                 "{grad_norm:.3g}{clipped} {seconds:.1f}s".format(**record, clipped=clipped))
-        if (record["clip_rate"] or 0) > 0.5:  # clipping meant as a safety net has become the optimizer (normalised SGD)
-            log.warning(f"{record['clip_rate']:.0%} of epoch {progress.epoch}'s updates were clipped at "
-                        f"trainer.grad_clip={self.run.cfg.trainer.grad_clip} (mean gradient norm "
-                        f"{record['grad_norm']:.3g}): most updates were rescaled, not just outliers; raise "
-                        "trainer.grad_clip above the typical norm, or 0 to disable")
-
-
-def nonfinite(step: int, lr: float, loss: float, norm: float) -> str:
-    return f"non-finite loss or gradient at step {step} (lr {lr:.4g}, loss {loss:.4g}, gradient norm {norm:.4g})"
-
-
-# ---- the report -----------------------------------------------------------------------------------------------------
 def report(run: Run) -> float | None:
     """Evaluate every snapshot from its file, write results.json (with `training`: its steps, seconds and
     precision) and the plots; return the ensemble's accuracy."""
-    s, progress, trainer = run.setup, run.progress, run.cfg.trainer
-    training = {"steps": progress.step, "seconds": progress.seconds, "compile_seconds": progress.compile_seconds,
-                "device": str(s.device), "precision": describe(s.precision, trainer.channels_last, s.device),
-                "compiled": trainer.compile, "processes": run.ranks.world, "threads": torch.get_num_threads(),
-                "rank_weights_sha256": distributed.gather_digests(s.model, run.ranks)}
-    if trainer.compile:  # a recompile (a new input shape, say) would show here as more than one graph
-        training["compiled_graphs"] = compiled_graphs()
-        log.info(f"torch.compile made {training['compiled_graphs']} graph(s) in this process")
-    if s.device.type == "cuda":
-        training["peak_memory_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
+    s, trainer = run.setup, run.cfg.trainer
+    training = training_record(run)
     if not run.ranks.main:
         return None
     result = {**evaluate_run(run.dir, s.data.test, s.data.val, run.cfg.ensemble.rule, run.cfg.ensemble.batch_size,
@@ -477,47 +270,12 @@ def report(run: Run) -> float | None:
     write_atomic(run.dir / "results.json", (json.dumps(result, indent=2) + "\n").encode())
     plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run.dir / "lr_schedule.png",
                      run.cfg.scheduler.name)  # final
-    plot_training_of(run)
+    plot_training_of(run.dir, run.snapshot_steps, s.steps_per_epoch)
     if run.cfg.logger.name == "tensorboard":
         with open_writer(run.dir) as writer:
             log_report(writer, result)
     log.info(format_run(result))
-    return returned_accuracy(result)
-
-
-def compiled_graphs() -> int:
-    """The graphs TorchDynamo has compiled in this process (its own count)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def returned_accuracy(result: dict) -> float:
-    """What a job returns to Hydra's sweeper: the ensemble's validation accuracy when there is a validation split,
-    else its test accuracy (which `main` refuses to hand to a sweeper that optimises it)."""
-    split = "val" if "val" in result else "test"
-    accuracy = (result["val"] if split == "val" else result)["ensemble"]["acc"]
-    log.info(f"returned to Hydra: the ensemble's {split} accuracy, {accuracy:.4f}")
-    return accuracy
-
-
-def plot_training_of(run: Run) -> None:
-    """training.png from metrics.jsonl (and results.json's snapshot scores once it exists), snapshots marked."""
-    metrics = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
-    results_path = run.dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else None
-    plot_training(metrics, [e / run.setup.steps_per_epoch for e in run.snapshot_steps], run.dir / "training.png",
-                  results)
-
-
-def refuse_tuning_on_test(cfg: DictConfig) -> None:
-    """A sweeper that optimises what the jobs return (Optuna, Ax, Nevergrad: any but Hydra's basic one) must get a
-    validation number: a result tuned on the test set is no test result."""
-    sweeper = HydraConfig.get().sweeper.get("_target_", "")
-    if HydraConfig.get().mode == RunMode.MULTIRUN and not sweeper.endswith("BasicSweeper") and not cfg.data.val_size:
-        raise SnapensError(f"{sweeper.rsplit('.', 1)[-1]} optimises what each job returns, which without a validation "
-                           "split is the test accuracy: tuning on the test set; hold out images with data.val_size=N "
-                           "(the jobs then return the validation ensemble accuracy)")
+    return cli.returned_accuracy(result)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -525,7 +283,7 @@ def main(cfg: DictConfig) -> float:
     run_dir = HydraConfig.get().runtime.output_dir
 
     def job() -> float:
-        refuse_tuning_on_test(cfg)
+        cli.refuse_tuning_on_test(cfg)
         log.info(f"run dir {run_dir}")
         accuracy = train(cfg, run_dir)
         log.info(f"run dir {run_dir}: results.json, snapshots/, metrics.jsonl, training.png, lr_schedule.png")

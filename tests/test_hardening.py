@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from snapens.build import model_from_metadata
+from snapens.models import model_from_metadata
 from snapens.checkpoint import checkpoint_path, load_checkpoint, run_dir_lock
 from snapens.data import make_synthetic, read_image
 from snapens.errors import SnapensError

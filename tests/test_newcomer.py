@@ -12,7 +12,8 @@ import pytest
 from snapens import build, tensorboard_log
 from snapens.errors import SnapensError
 from snapens.schedules import CosineCycles
-from snapens.train import snapshot_steps, train
+from snapens.snapshots import snapshot_steps
+from snapens.train import train
 
 from conftest import CONF, EQUAL_CYCLES_2, FAST
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from snapens.build import build_schedule
-from snapens.train import snapshot_steps
+from snapens.snapshots import snapshot_steps
 
 from conftest import compose_config
 

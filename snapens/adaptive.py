@@ -13,7 +13,8 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from snapens.schedules import CosineCycles, Schedule, Warmup
+from snapens.schedules import SGDR, CosineCycles, Schedule, Warmup
+from snapens.schedules.base import register
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +97,15 @@ def adapt_cycles(state: AdaptiveState, schedule: Schedule, loss: float, step: in
              f"extended; cycles now end after steps {schedule.cycle_ends()}")
     return schedule
 
+
+@register("adaptive_sgdr")
+class AdaptiveSGDR:
+    """scheduler=adaptive_sgdr: built as SGDR (with all its checks), then run with its cycle lengths spelled out,
+    which `adapt_cycles` lengthens as training goes (snapens.train asks the validation loss at every epoch end)."""
+
+    adapts_to_validation = True
+    from_config = SGDR.from_config
+
+    @classmethod
+    def prepared(cls, schedule: Schedule) -> Schedule:
+        return with_cycle_lengths(schedule, cycle_lengths(schedule))

@@ -15,10 +15,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from snapens import adaptive, distributed, schedules
+from snapens import distributed, schedules
 from snapens.batches import Augmentation
 from snapens.checkpoint import deciding_values
-from snapens.data import Dataset, Split, load_cifar, load_digits, load_image_folder, make_synthetic, prepare
+from snapens.data import SOURCES, Dataset, Split, prepare
 from snapens.errors import SnapensError
 from snapens.precision import layout
 from snapens.step import StepOptions
@@ -61,17 +61,10 @@ def make_deterministic(on: bool) -> None:
 
 def build_data(cfg: DictConfig) -> Dataset:
     """Load (or make) the dataset named by `cfg.data` and take its validation split and subsets."""
-    if cfg.name not in ("synthetic", "digits") and OmegaConf.is_missing(cfg, "root"):
-        raise SnapensError(f"data.root is required for data={cfg.name}: pass data.root=DIR "
-                           + ("(DIR/train/<class>/*, DIR/test/<class>/*)" if cfg.name == "imagefolder" else ""))
-    if cfg.name in ("cifar10", "cifar100"):
-        train, test, classes = load_cifar(cfg.root, cfg.name, cfg.download)
-    elif cfg.name == "imagefolder":
-        train, test, classes = load_image_folder(cfg.root, cfg.image_size)
-    elif cfg.name == "digits":
-        train, test, classes = load_digits(cfg.split_seed)
-    else:
-        train, test, classes = make_synthetic(cfg.num_classes, cfg.train_size, cfg.test_size, cfg.size)
+    if OmegaConf.is_missing(cfg, "root"):
+        raise SnapensError(f"data.root is required for data={cfg.name}: pass data.root=DIR (conf/data/{cfg.name}.yaml "
+                           "says what DIR holds)")
+    train, test, classes = SOURCES[cfg.name](cfg)  # data.name is checked against SOURCES with the config
     if len(classes) != cfg.num_classes:
         raise SnapensError(f"data.num_classes={cfg.num_classes} but the data has {len(classes)} classes "
                            f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}); "
@@ -144,20 +137,19 @@ def build_schedule(cfg: DictConfig, epochs: float, steps_per_epoch: int) -> sche
                                f"({steps_per_epoch} steps per epoch)")
         return n
 
-    if cfg.name == "adaptive_sgdr":  # starts as SGDR (all its checks), then train.py lengthens cycles as it goes
-        plain = build_schedule(OmegaConf.merge(cfg, {"name": "sgdr"}), epochs, steps_per_epoch)
-        return adaptive.with_cycle_lengths(plain, adaptive.cycle_lengths(plain))
-    if cfg.name == "onecycle" and cfg.warmup:
-        raise SnapensError("scheduler.warmup is not for onecycle: its rise over pct_start is the warmup")
+    kind = schedules.SCHEDULES.get(cfg.name)
+    if kind is None:
+        raise SnapensError(f"scheduler.name={cfg.name} is not a known schedule; choose one of: "
+                           f"{', '.join(sorted(schedules.SCHEDULES))}")
     warmup = steps("warmup") if cfg.warmup else 0
     if cfg.cycles is not None and cfg.cycles > total:
         raise SnapensError(f"scheduler.cycles={cfg.cycles} exceeds the budget's {total} steps: every cycle needs one; "
                            f"give at most {total} (or a larger trainer.epochs)")
     try:
-        schedule = _cycle_end_near(_make(cfg, total, steps), epochs * steps_per_epoch)
+        schedule = _cycle_end_near(kind.from_config(cfg, total, steps), epochs * steps_per_epoch)
         _check_budget(schedule, epochs, steps_per_epoch)
         _check_cycles(cfg, schedule, steps)
-        return schedules.Warmup(schedule, warmup, cfg.warmup_every_cycle) if warmup else schedule
+        return kind.prepared(schedules.Warmup(schedule, warmup, cfg.warmup_every_cycle) if warmup else schedule)
     except ValueError as e:  # a schedule class refused an argument
         raise _key_error(cfg, e) from None
 
@@ -166,10 +158,12 @@ def _key_error(cfg: DictConfig, error: ValueError) -> SnapensError:
     """A schedule class's ValueError as one line under the scheduler key it is about. Its message starts with the
     argument's name, which is the key's, but for warmup_steps (scheduler.warmup, in steps)."""
     message = str(error)
-    argument = message.split(" ", 1)[0]
+    argument = message.split(" ", 1)[0].split("=", 1)[0]
     key = "warmup" if argument == "warmup_steps" else argument
     if key not in cfg:
         return SnapensError(f"scheduler={cfg.name}: {message}")
+    if message.startswith((f"{key}=", f"{key} ")) and not message.startswith(f"{key} must "):  # the key leads
+        return SnapensError(f"scheduler.{message}")
     if message.startswith(f"{key} must "):
         message = message.removeprefix(f"{key} ")
     return SnapensError(f"scheduler.{key}={cfg[key]}: {message}")
@@ -187,88 +181,18 @@ def _cycle_end_near(schedule: schedules.Schedule, exact: float) -> schedules.Sch
 def _check_cycles(cfg: DictConfig, schedule: schedules.Schedule, steps) -> None:
     """Each cycle must end at its smallest learning rate, where its snapshot is taken (arXiv 1704.00109)."""
     ends = schedule.cycle_ends()  # a warmup past the first cycle is refused by schedules.Warmup
-    if cfg.name == "sgdr" and cfg.eta_max * cfg.decay ** (len(ends) - 1) < cfg.eta_min:
+    if "decay" in cfg and cfg.eta_max * cfg.decay ** (len(ends) - 1) < cfg.eta_min:
         raise SnapensError(f"scheduler.decay={cfg.decay} brings the peak of cycle {len(ends)} below "
                            f"scheduler.eta_min={cfg.eta_min}: that cycle would anneal upwards")
-    if cfg.name == "step" and any(steps("milestones", m) >= schedule.total_steps for m in cfg.milestones):
+    if "milestones" in cfg and any(steps("milestones", m) >= schedule.total_steps for m in cfg.milestones):
         raise SnapensError(f"scheduler.milestones={list(cfg.milestones)} ({UNITS[cfg.unit]}): some lie at or beyond "
                            "the budget (trainer.epochs); the learning rate would never drop there")
 
 
-def _make(cfg: DictConfig, total: int, steps) -> schedules.Schedule:
-    name = cfg.name
-    if name == "constant":
-        return schedules.Constant(cfg.eta_max, total)
-    if name == "step":
-        milestones = tuple(steps("milestones", m) for m in cfg.milestones)
-        return schedules.StepDecay(cfg.eta_max, total, milestones, cfg.gamma)
-    if name == "cosine":
-        return schedules.Cosine(cfg.eta_max, total, cfg.eta_min)
-    if name == "sgdr" and cfg.cycles:
-        lengths = geometric_lengths(total, cfg.cycles, cfg.T_mult)
-        log.info(f"scheduler.cycles={cfg.cycles}: SGDR cycles of {', '.join(f'{n / total:.3g}' for n in lengths)} "
-                 f"of the budget (T_mult={cfg.T_mult:g}; scheduler.T_0 is not used)")
-        return schedules.CosineCycles(cfg.eta_max, lengths, cfg.eta_min, cfg.decay)
-    if name == "sgdr":
-        return schedules.SGDR(cfg.eta_max, steps("T_0"), total, cfg.T_mult, cfg.eta_min, cfg.decay)
-    if name == "snapshot":
-        return schedules.Snapshot(cfg.eta_max, total, cfg.cycles, cfg.eta_min)
-    if name == "fge":
-        return schedules.FGE(cfg.eta_max, total, cfg.cycles, _even(steps("cycle_length")), cfg.alpha_1, cfg.alpha_2)
-    if name == "onecycle":
-        return schedules.OneCycle(cfg.eta_max, total, cfg.pct_start, cfg.div_factor, cfg.final_div_factor,
-                                  cfg.anneal, cfg.three_phase, cfg.cycle_momentum, cfg.base_momentum,
-                                  cfg.max_momentum)
-    if name == "cyclic":
-        up, down = _cyclic_steps(cfg, total, steps)
-        return schedules.Cyclic(cfg.eta_min, cfg.eta_max, up, total, down, cfg.mode, cfg.gamma,
-                                cfg.cycle_momentum, cfg.base_momentum, cfg.max_momentum)
-    raise SnapensError(f"scheduler.name={name} is not a known schedule")
-
-
-def _even(steps: int) -> int:
-    """FGE's cycle in whole steps, rounded up to an even number: it falls for half of them and rises for half."""
-    return steps + steps % 2
-
-
-def geometric_lengths(total: int, cycles: int, t_mult: float) -> tuple[int, ...]:
-    """`cycles` SGDR cycle lengths, each `t_mult` times the one before, filling `total` steps: the cycle ends are
-    the exact ends rounded to whole steps, so the last ends at the budget (arXiv 1608.03983, eq. 5's T_i)."""
-    weights = [t_mult**i for i in range(cycles)]
-    ends = [round(total * sum(weights[:i + 1]) / sum(weights)) for i in range(cycles)]
-    lengths = tuple(b - a for a, b in zip([0, *ends], ends))
-    if min(lengths) < 1:
-        raise SnapensError(f"scheduler.cycles={cycles} with T_mult={t_mult:g} leaves a first cycle shorter than one "
-                           f"step of the {total}-step budget; fewer cycles, a smaller T_mult or a larger budget")
-    return lengths
-
-
-def _cyclic_steps(cfg: DictConfig, total: int, steps) -> tuple[int, int | None]:
-    """Cyclic's rising and falling half-cycles in steps: from scheduler.cycles (equal cycles filling the budget,
-    the falling half the longer by a step when odd) or from step_size_up / step_size_down."""
-    if not cfg.cycles:
-        return steps("step_size_up"), steps("step_size_down") if cfg.step_size_down else None
-    length = total // cfg.cycles
-    if total % cfg.cycles or length < 2:
-        raise SnapensError(f"scheduler.cycles={cfg.cycles} does not split the budget of {total} steps into equal "
-                           "cycles of at least 2 steps, as scheduler=cyclic needs; choose a divisor of "
-                           f"{total}, or scheduler=snapshot, whose cycles may differ by a step")
-    log.info(f"scheduler.cycles={cfg.cycles}: cyclic half-cycles of {length // 2} and {length - length // 2} steps "
-             "(scheduler.step_size_up and step_size_down are not used)")
-    return length // 2, length - length // 2
-
-
 def _check_budget(schedule: schedules.Schedule, epochs: float, steps_per_epoch: int) -> None:
     """A cyclic schedule's budget must end where a cycle ends, so the last snapshot is taken at a minimum."""
-    total = schedule.total_steps
-    if isinstance(schedule, schedules.SGDR):
-        ends = schedule.ends_until(total)
-    elif isinstance(schedule, schedules.Cyclic):
-        length = schedule.step_size_up + (schedule.step_size_down or schedule.step_size_up)
-        ends = list(range(length, total + length, length))
-    else:
-        return
-    if total not in ends:
+    total, ends = schedule.total_steps, schedule.budget_ends()
+    if ends is not None and total not in ends:
         cycle = next(i for i, e in enumerate(ends) if e > total) + 1
         shown = [f"{e / steps_per_epoch:.6g}" for e in ends]
         shown = ", ".join(shown if len(shown) <= 8 else shown[:3] + ["..."] + shown[-3:])

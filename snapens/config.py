@@ -10,14 +10,18 @@ snapens.build turns its ValueError into one line naming the key; `check_config` 
 ranges of keys that only the config has, and rules that involve several keys."""
 
 import difflib
+import textwrap
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from snapens.data import SOURCES
 from snapens.ensemble.rules import RULES, check_rule
 from snapens.errors import SnapensError
+from snapens.schedules import SCHEDULES
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -275,8 +279,19 @@ SCHEMAS = {
 }
 
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> str:
+    """The options of a config group, read from conf/<group>/ (what --help lists), wrapped at 100 characters."""
+    names = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return ("\n" + " " * 13).join(textwrap.wrap(" ".join(names), 100 - 13))  # under "  experiment "
+
+
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore; entry points call this before composing."""
+    """Put the schemas in Hydra's ConfigStore and the `snapens_options` resolver (--help's lists of options) in
+    OmegaConf; entry points call this before composing."""
+    OmegaConf.register_new_resolver("snapens_options", options, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(name="schema_ensemble", node=InferenceConfig)
@@ -288,7 +303,7 @@ def register_configs() -> None:
 
 # Keys that only the config has (scheduler.mode, say, is checked by schedules.Cyclic and named by snapens.build).
 CHOICES = {
-    "data.name": ("cifar10", "cifar100", "digits", "imagefolder", "synthetic"),
+    "data.name": tuple(SOURCES),
     "optimizer.name": ("sgd", "adamw"),
     "scheduler.unit": ("epoch", "step", "budget"),
     "trainer.device": ("auto", "cpu", "cuda"),
@@ -330,7 +345,8 @@ def check_config(cfg: DictConfig) -> None:
     _check_choices(cfg)
     _check_ranges(cfg)
     _check_related_keys(cfg)
-    if cfg.scheduler.name == "adaptive_sgdr":
+    kind = SCHEDULES.get(cfg.scheduler.name)
+    if kind is not None and kind.adapts_to_validation:
         _check_adaptive_sgdr(cfg)
 
 

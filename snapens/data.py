@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import socket
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,3 +349,36 @@ def prepare(train: Split, test: Split, classes: list[str], *, train_limit: int =
         test = test.subset(balanced_subset(test.labels, test_limit, g_test))
     mean, std = channel_stats(train.images)
     return Dataset(train, test, val, classes, mean, std)
+
+
+# ---- the sources, by data.name: a data set is its loader here plus one YAML file under conf/data/ ----------------
+Loader = Callable[[Mapping], tuple[Split, Split, list[str]]]  # the data config -> train, test, class names
+SOURCES: dict[str, Loader] = {}
+
+
+def source(*names: str) -> Callable[[Loader], Loader]:
+    """Function decorator: the loader is `data=NAME` for each name (conf/data/<name>.yaml)."""
+    def add(load: Loader) -> Loader:
+        SOURCES.update(dict.fromkeys(names, load))
+        return load
+    return add
+
+
+@source("cifar10", "cifar100")
+def _cifar(c: Mapping):
+    return load_cifar(c["root"], c["name"], c["download"])
+
+
+@source("imagefolder")
+def _image_folder(c: Mapping):
+    return load_image_folder(c["root"], c["image_size"])
+
+
+@source("digits")
+def _digits(c: Mapping):
+    return load_digits(c["split_seed"])
+
+
+@source("synthetic")
+def _synthetic(c: Mapping):
+    return make_synthetic(c["num_classes"], c["train_size"], c["test_size"], c["size"])

@@ -40,7 +40,10 @@ def teacher_paths(run: str | Path, members: str) -> list[Path]:
         raise SnapensError(f"distill.run={run} is not a finished snapens.train run dir (.hydra/config.yaml, "
                            "snapshots/cycle_XX.safetensors and results.json); give the run dir of the ensemble to "
                            "distil, once its training has ended")
-    return found.select(found.run_snapshots(Path(run)), members)
+    try:
+        return found.select(found.run_snapshots(Path(run)), members)
+    except SnapensError as e:  # members=...: named as the distillation's key
+        raise SnapensError(f"distill.{e}") from None
 
 
 def _same(a, b) -> bool:

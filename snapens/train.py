@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from snapens import adaptive, cli, distributed, swa
+from snapens import adaptive, cli, distributed, schedules, swa
 from snapens.batches import epoch_order, train_batches
 from snapens.build import Setup, make_deterministic, pick_device, setup, snapshot_metadata
 from snapens.checkpoint import Progress, resume_state, restore, run_dir_lock, save_config, save_progress, stop_requests
@@ -102,7 +102,7 @@ def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict 
         raise SnapensError(f"trainer.snapshot_every={cfg.trainer.snapshot_every} epochs is shorter than one step "
                            f"({s.steps_per_epoch} steps per epoch); give at least {1 / s.steps_per_epoch:.3g}")
     state = None
-    if cfg.scheduler.name == "adaptive_sgdr":
+    if schedules.SCHEDULES[cfg.scheduler.name].adapts_to_validation:  # adaptive SGDR's decisions, checkpointed
         state = adaptive.AdaptiveState(list(adaptive.cycle_lengths(s.schedule)))
     splits = {"train": s.data.train, "val": s.data.val, "test": s.data.test}
     digests = {name: split_digest(split) for name, split in splits.items() if split is not None}

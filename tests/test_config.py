@@ -233,8 +233,9 @@ def test_cli_rerun_into_a_finished_run_dir_changes_nothing(tmp_path):
 def test_cli_imagefolder_needs_a_root(tmp_path):
     result = run_cli("data=imagefolder", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("snapens: error: data.root is required for data=imagefolder: "
-                                     "pass data.root=DIR (DIR/train/<class>/*, DIR/test/<class>/*)")
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith("snapens: error: data.root is required for data=imagefolder: "
+                                                 "pass data.root=DIR")
 
 
 def test_offline_cifar_without_files_says_what_to_put_where(make_cfg, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from snapens import build, tensorboard_log
 from snapens.errors import SnapensError
-from snapens.schedules import CosineCycles
+from snapens.schedules import CosineCycles, geometric_lengths
 from snapens.snapshots import snapshot_steps
 from snapens.train import train
 
@@ -43,12 +43,15 @@ def test_cross_scheduler_sweep(tmp_path):
         assert done.stdout.count(f"run dir {run}") == 2  # the job's start and end
 
 
-def test_geometric_lengths_fill_the_budget():
-    assert build.geometric_lengths(48, 4, 2) == (3, 7, 12, 26)  # ends round(48 * (1, 3, 7, 15) / 15)
-    assert build.geometric_lengths(12, 3, 1) == (4, 4, 4)
-    assert sum(build.geometric_lengths(18573, 4, 2)) == 18573
+def test_geometric_lengths_fill_the_budget(make_cfg):
+    assert geometric_lengths(48, 4, 2) == (3, 7, 12, 26)  # ends round(48 * (1, 3, 7, 15) / 15)
+    assert geometric_lengths(12, 3, 1) == (4, 4, 4)
+    assert sum(geometric_lengths(18573, 4, 2)) == 18573
+    with pytest.raises(ValueError, match=r"cycles=5 with T_mult=3 leaves a first cycle shorter"):
+        geometric_lengths(20, 5, 3)
+    cfg = make_cfg(*FAST, "scheduler=sgdr", "scheduler.cycles=5", "scheduler.T_mult=3", "trainer.epochs=5")
     with pytest.raises(SnapensError, match=r"scheduler.cycles=5 with T_mult=3 leaves a first cycle shorter"):
-        build.geometric_lengths(20, 5, 3)
+        build.build_schedule(cfg.scheduler, 5, 4)
 
 
 @pytest.mark.parametrize("name, extra, lengths", [

@@ -57,7 +57,7 @@ def test_the_two_temperatures():
 
 @pytest.mark.parametrize("call, match", [
     (lambda: rules.probabilities(Z, "median"), "rule='median'"),
-    (lambda: rules.probabilities(Z, "vote", temperature=2.0), "a vote has no temperature"),
+    (lambda: rules.probabilities(Z, "vote", temperature=2.0), "has no temperature"),
     (lambda: rules.probabilities(Z, "logits", torch.tensor([0.5, 0.5])), "weights must be 3 finite"),
     (lambda: rules.probabilities(Z, "logits", torch.tensor([0.5, 0.6, -0.1])), "weights must be 3 finite"),
     (lambda: rules.probabilities(Z, "logits", torch.tensor([float("nan"), 0.5, 0.5])), "weights must be 3"),

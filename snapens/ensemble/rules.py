@@ -27,10 +27,46 @@ What a temperature means, decided once:
   z / T is the mean of z over T); for rule probs they differ unless T = 1, and both equal `probabilities` at T = 1.
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-RULES = ("logits", "probs", "vote")
 TINY = 1e-300  # log(0) guard for probabilities that underflowed in float64; far below any probability reported
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a rule pools member logits M x N x C (with weights M, or None for a plain mean) into N x C."""
+
+    probabilities: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # the distribution, rows sum to 1
+    scores: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None  # argmax: the prediction
+    #   (None: the probabilities themselves)
+    calibrated: bool = True  # a distribution with an NLL and a temperature (a vote's fractions are not)
+
+
+def _pool(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the members (dim 0), weighted when `weights` is given."""
+    if weights is None:
+        return values.mean(0)
+    return (weights.to(values.dtype).view(-1, *[1] * (values.dim() - 1)) * values).sum(0)
+
+
+def votes(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """N x C: how many members predict each class by the argmax of their logits (int64), or, with weights, the
+    weight of the members that do (float64)."""
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1])
+    return one_hot.sum(0) if weights is None else _pool(one_hot.double(), weights) * len(logits)
+
+
+# A rule is one entry here; everything that takes a rule= (the config, the tools, export) takes these names.
+RULES: dict[str, Rule] = {
+    "logits": Rule(lambda z, w: _pool(z, w).softmax(-1), scores=_pool),
+    "probs": Rule(lambda z, w: _pool(z.softmax(-1), w)),
+    # votes, plus half the mean probability: ties broken by confidence, which can never outweigh a vote
+    "vote": Rule(lambda z, w: votes(z, w).to(z.dtype) / len(z),
+                 scores=lambda z, w: votes(z, w) + 0.5 * _pool(z.softmax(-1), w), calibrated=False),
+}
 
 
 def check_rule(rule: str) -> None:
@@ -42,7 +78,7 @@ def check_rule(rule: str) -> None:
 def gives_probabilities(rule: str) -> bool:
     """Whether the rule's output is a distribution with an NLL and a temperature (not a vote's)."""
     check_rule(rule)
-    return rule != "vote"
+    return RULES[rule].calibrated
 
 
 def check_members(logits: torch.Tensor) -> None:
@@ -64,30 +100,14 @@ def check_temperature(temperature: float | None) -> None:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
 
 
-def _pool(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the members (dim 0), weighted when `weights` is given."""
-    if weights is None:
-        return values.mean(0)
-    return (weights.to(values.dtype).view(-1, *[1] * (values.dim() - 1)) * values).sum(0)
-
-
-def votes(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """N x C: how many members predict each class by the argmax of their logits (int64), or, with weights, the
-    weight of the members that do (float64)."""
-    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1])
-    return one_hot.sum(0) if weights is None else _pool(one_hot.double(), weights) * len(logits)
-
-
 def combine(logits: torch.Tensor, rule: str = "logits", weights: torch.Tensor | None = None) -> torch.Tensor:
     """Ensemble scores N x C from member logits M x N x C, in their dtype; the prediction is their argmax.
     logits: the mean logits. probs: the mean probabilities. vote: the votes plus half the mean probability, which
     breaks ties by confidence and can never outweigh a vote."""
     check_rule(rule)
     check_weights(weights, len(logits))
-    if rule == "logits":
-        return _pool(logits, weights)
-    probs = _pool(logits.softmax(-1), weights)
-    return probs if rule == "probs" else votes(logits, weights) + 0.5 * probs
+    scores = RULES[rule].scores or RULES[rule].probabilities
+    return scores(logits, weights)
 
 
 def predictions(logits: torch.Tensor, rule: str = "logits", weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,8 +125,8 @@ def probabilities(logits: torch.Tensor, rule: str = "logits", weights: torch.Ten
     check_members(logits)
     check_weights(weights, len(logits))
     check_temperature(temperature)
-    if rule == "vote" and temperature is not None:
-        raise ValueError("a vote has no temperature: its probabilities are vote fractions")
+    if temperature is not None and not RULES[rule].calibrated:
+        raise ValueError(f"rule={rule!r} has no temperature: its probabilities are not a model's (vote fractions)")
     return distribution(logits, rule, weights, temperature)
 
 
@@ -114,9 +134,7 @@ def distribution(logits: torch.Tensor, rule: str, weights: torch.Tensor | None =
                  temperature: float | None = None) -> torch.Tensor:
     """`probabilities` without its checks (no data-dependent branch), for a module traced by torch.export whose
     weights and temperature were checked when it was built."""
-    if rule == "vote":
-        return votes(logits, weights).to(logits.dtype) / len(logits)
-    probs = _pool(logits, weights).softmax(-1) if rule == "logits" else _pool(logits.softmax(-1), weights)
+    probs = RULES[rule].probabilities(logits, weights)
     return probs if temperature is None else scale(probs, temperature)
 
 
@@ -134,6 +152,4 @@ def soft_targets(logits: torch.Tensor, rule: str, temperature: float,
         raise ValueError(f"rule={rule!r}: a teacher needs probabilities, which a vote does not give; use logits or "
                          "probs")
     check_temperature(temperature)
-    if rule == "logits":  # mean(z) / T: the same distribution as mean(z / T), rounded as before
-        return (combine(logits, "logits", weights) / temperature).softmax(-1)
     return probabilities(logits / temperature, rule, weights)

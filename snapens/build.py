@@ -9,6 +9,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from hydra.errors import InstantiationException
@@ -23,7 +24,6 @@ from snapens.errors import SnapensError
 from snapens.precision import layout
 from snapens.step import StepOptions
 from snapens.swa import WeightAverage
-from snapens.teacher import load_teacher, teacher_paths
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,10 @@ def _check_budget(schedule: schedules.Schedule, epochs: float, steps_per_epoch: 
                            "set trainer.epochs to one of them")
 
 
+# make_loss(data, device, precision, channels_last) -> loss(logits, inputs, labels): a loss handed in
+MakeLoss = Callable[[Dataset, torch.device, torch.dtype | None, bool], Callable]
+
+
 # ---- the one setup every entry point that trains uses (train, lr_find, the benchmarks) ----------------------------
 @dataclass
 class Setup:
@@ -222,8 +226,9 @@ class Setup:
     step_options: StepOptions  # how each update is made
 
 
-def setup(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> Setup:
-    """Build what `cfg` (the training config) describes, for this process of `ranks`."""
+def setup(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks(), make_loss: MakeLoss | None = None) -> Setup:
+    """Build what `cfg` (the training config) describes, for this process of `ranks`; with `make_loss`, the loss
+    it returns replaces the cross-entropy."""
     trainer = cfg.trainer
     make_deterministic(trainer.deterministic)
     device = distributed.device_for(pick_device(trainer.device), ranks)
@@ -250,12 +255,8 @@ def setup(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> Se
     optimizer = build_optimizer(model, cfg.optimizer, schedule.lr(0))
     options = StepOptions(trainer.grad_clip, trainer.clip_mode, precision, trainer.on_nonfinite == "skip",
                           trainer.accumulate, trainer.label_smoothing)
-    if cfg.get("distill"):  # snapens.distill: the run's ensemble teaches (soft targets on every training batch)
-        teacher = load_teacher(teacher_paths(cfg.distill.run, cfg.distill.members), cfg.distill.rule,
-                               cfg.distill.temperature, data.mean, data.std, device, precision, trainer.channels_last,
-                               cfg.distill.batched)
-        options = replace(options, teacher=teacher, distill_alpha=cfg.distill.alpha,
-                          distill_temperature=cfg.distill.temperature)
+    if make_loss is not None:  # a loss handed in (snapens.distill's), built on the data and device
+        options = replace(options, loss=make_loss(data, device, precision, trainer.channels_last))
     check_fits(data.train, device)
     return Setup(device, precision, model, forward, swa, data, data.train.to(device), schedule, optimizer,
                  torch.Generator(device).manual_seed(trainer.seed), build_augmentation(cfg.data), steps_per_epoch,

@@ -33,7 +33,7 @@ from snapens.errors import SnapensError
 from snapens.models import model_from_metadata
 from snapens.files import file_digest, write_atomic
 from snapens.snapshots import list_snapshots, read_metadata
-from snapens.teacher import teacher_paths
+from snapens.teacher import DistillationLoss, load_teacher, teacher_paths
 from snapens.train import train
 
 register_configs()
@@ -82,6 +82,19 @@ def student_config(cfg: DictConfig, given: list[str]) -> DictConfig:
     # a resumed student whose teacher's snapshots changed is refused (snapens.checkpoint.resume_state)
     student.distill = OmegaConf.merge(cfg.distill, {"run": str(teacher_dir), "rule": rule, "teacher_sha256": digests})
     return student
+
+
+def distillation_loss(student: DictConfig):
+    """make_loss for snapens.train: the teacher run's ensemble on the student's device, softening each member at
+    distill.temperature, mixed with the labels' cross-entropy by distill.alpha (snapens.teacher)."""
+    d = student.distill
+
+    def make(data, device, precision, channels_last) -> DistillationLoss:
+        teacher = load_teacher(teacher_paths(d.run, d.members), d.rule, d.temperature, data.mean, data.std, device,
+                               precision, channels_last, d.batched)
+        return DistillationLoss(teacher, d.alpha, student.trainer.label_smoothing)
+
+    return make
 
 
 def compare(student: DictConfig, run_dir: Path) -> dict:
@@ -142,7 +155,7 @@ def main(cfg: DictConfig) -> float | None:
         log.info(f"run dir {run_dir}: distilling {student.distill.run} ({student.distill.members}, "
                  f"{student.distill.rule}) into {student.model.get('_target_', 'a model').rsplit('.', 1)[-1]}, "
                  f"T={student.distill.temperature:g}, alpha={student.distill.alpha:g}")
-        accuracy = train(student, run_dir)
+        accuracy = train(student, run_dir, make_loss=distillation_loss(student))
         results_path = run_dir / "results.json"
         results = json.loads(results_path.read_text())
         results["distillation"] = compare(student, run_dir)

@@ -25,10 +25,8 @@ class StepOptions:
     skip_nonfinite: bool = False  # drop an update whose loss or gradient norm is not finite (a read-back per step)
     accumulate: int = 1  # pieces the batch goes forward and backward in (gradient accumulation)
     label_smoothing: float = 0.0  # of the cross-entropy (Szegedy et al. 2016, arXiv 1512.00567), in [0, 1)
-    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None  # distillation: soft targets of a batch, at
-    #   distill_temperature (snapens.teacher)
-    distill_alpha: float = 0.0  # weight of the soft-target term; 1 - alpha weighs the hard labels' cross-entropy
-    distill_temperature: float = 1.0
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # loss(logits, inputs,
+    #   labels), the batch's mean loss, handed in (snapens.teacher.DistillationLoss); None: the cross-entropy
 
 
 @dataclass
@@ -122,15 +120,10 @@ def forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def loss_of(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, options: StepOptions) -> torch.Tensor:
-    """The batch's mean loss: cross-entropy with the labels; with a teacher, Hinton et al.'s (arXiv 1503.02531,
-    section 2) mix alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, where the T^2 keeps the
-    soft term's gradients on the scale of the hard one's as T changes."""
-    hard = F.cross_entropy(out, y, label_smoothing=options.label_smoothing)
-    if options.teacher is None:
-        return hard
-    t, alpha = options.distill_temperature, options.distill_alpha
-    soft = F.kl_div(F.log_softmax(out.float() / t, -1), options.teacher(x), reduction="batchmean") * t * t
-    return alpha * soft + (1 - alpha) * hard
+    """The batch's mean loss: the loss handed in, else the cross-entropy with the labels."""
+    if options.loss is not None:
+        return options.loss(out, x, y)
+    return F.cross_entropy(out, y, label_smoothing=options.label_smoothing)
 
 
 def clip_gradients(params: list[torch.nn.Parameter], norm: torch.Tensor, options: StepOptions) -> None:

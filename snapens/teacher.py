@@ -10,6 +10,7 @@ snapshots, combined as its run combines them, its targets `rules.soft_targets`: 
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from snapens.ensemble import members as found, rules
 from snapens.ensemble.ensemble import Ensemble
@@ -31,6 +32,21 @@ class Teacher:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         e = self.ensemble
         return rules.soft_targets(e.member_logits(x), e.rule, self.temperature, e.weights)
+
+
+class DistillationLoss:
+    """Hinton et al.'s (arXiv 1503.02531, section 2) loss, handed to the training step: alpha * T^2 *
+    KL(teacher_T || student_T) + (1 - alpha) * cross-entropy with the labels, where the T^2 keeps the soft term's
+    gradients on the scale of the hard one's as T changes; `loss(student logits, inputs, labels)`."""
+
+    def __init__(self, teacher: Teacher, alpha: float, label_smoothing: float = 0.0):
+        self.teacher, self.alpha, self.label_smoothing = teacher, alpha, label_smoothing
+
+    def __call__(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = self.teacher.temperature
+        hard = F.cross_entropy(out, y, label_smoothing=self.label_smoothing)
+        soft = F.kl_div(F.log_softmax(out.float() / t, -1), self.teacher(x), reduction="batchmean") * t * t
+        return self.alpha * soft + (1 - self.alpha) * hard
 
 
 def teacher_paths(run: str | Path, members: str) -> list[Path]:

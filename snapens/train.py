@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from snapens import adaptive, cli, distributed, schedules, swa
 from snapens.batches import epoch_order, train_batches
-from snapens.build import Setup, make_deterministic, pick_device, setup, snapshot_metadata
+from snapens.build import MakeLoss, Setup, make_deterministic, pick_device, setup, snapshot_metadata
 from snapens.checkpoint import Progress, resume_state, restore, run_dir_lock, save_config, save_progress, stop_requests
 from snapens.config import check_config, register_configs
 from snapens.data import split_digest
@@ -61,9 +61,9 @@ class Run:
     resumed: bool = False
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> float | None:
+def train(cfg: DictConfig, run_dir: str | Path, make_loss: MakeLoss | None = None) -> float | None:
     """Train as `cfg` says, write snapshots, metrics.jsonl and results.json to `run_dir`; return ensemble accuracy
-    (None on the ranks other than 0 under torchrun, which write nothing).
+    (None on the ranks other than 0 under torchrun, which write nothing). `make_loss`: see `build.setup`.
 
     A run dir that holds a checkpoint is continued from it (bit-identical on CPU to a run never stopped).
     """
@@ -87,16 +87,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float | None:
                     again = begin(cfg, run_dir, distributed.Ranks(), redraw)
                     plot_training_of(run_dir, again.snapshot_steps, again.setup.steps_per_epoch)
                 return cli.returned_accuracy(json.loads((run_dir / "results.json").read_text()))
-            run = begin(cfg, run_dir, ranks, saved)
+            run = begin(cfg, run_dir, ranks, saved, make_loss)
             loop(run, stops)
             return report(run)  # a signal now waits for results.json rather than losing it
     finally:
         distributed.stop(ranks)
 
 
-def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict | None) -> Run:
+def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict | None,
+          make_loss: MakeLoss | None = None) -> Run:
     """Build the run and start it afresh (config and a step-0 checkpoint written) or continue the saved one."""
-    s = setup(cfg, ranks)
+    s = setup(cfg, ranks, make_loss)
     every = round(cfg.trainer.snapshot_every * s.steps_per_epoch)
     if cfg.trainer.snapshot_every and not every:
         raise SnapensError(f"trainer.snapshot_every={cfg.trainer.snapshot_every} epochs is shorter than one step "

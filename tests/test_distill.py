@@ -22,7 +22,7 @@ from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots
 from snapens.step import StepOptions, loss_of
 from snapens.ensemble.ensemble import Ensemble
-from snapens.teacher import Teacher
+from snapens.teacher import DistillationLoss, Teacher
 
 from conftest import CONF
 
@@ -64,7 +64,7 @@ def test_soft_targets_and_loss_are_hintons():
     soft = (z.mean(0) / 3).softmax(-1)
     kl = (soft * (soft.log() - (out / 3).log_softmax(-1))).sum(-1).mean()  # KL(teacher || student), per image
     for alpha in (0.0, 0.3, 1.0):
-        options = StepOptions(teacher=teacher_of(members, "logits", 3.0), distill_alpha=alpha, distill_temperature=3.0)
+        options = StepOptions(loss=DistillationLoss(teacher_of(members, "logits", 3.0), alpha))
         expected = alpha * 9 * kl + (1 - alpha) * F.cross_entropy(out, y)
         assert loss_of(out, x, y, options).item() == pytest.approx(expected.item(), rel=1e-5)
     assert loss_of(out, x, y, StepOptions()).item() == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-6)

@@ -5,17 +5,16 @@ snapens.build turns its ValueError into one line naming the key; `check_config` 
 ranges of keys that only the config has, and rules that involve several keys."""
 
 import difflib
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from snapens.data import SOURCES
 from snapens.ensemble.rules import RULES, check_rule
 from snapens.errors import SnapensError
 from snapens.schedules import SCHEDULES
-from snapens.schemas import (SCHEMAS, DataConfig, DigitsDataConfig, EnsembleConfig, ResNetConfig, SyntheticDataConfig,
-                             TrainerConfig, WRNConfig, register_configs)
+from snapens.schemas import SCHEMAS, EnsembleConfig, TrainerConfig, register_configs
 
 __all__ = ["CHOICES", "check_config", "check_inference_options", "register_configs", "schema_of"]
 
@@ -70,15 +69,14 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def schema_of(cfg: DictConfig, group: str):
-    """The schema a group's option was composed from (None for a model class snapens does not know)."""
+    """The schema a group's option was composed from: the node's own type once Hydra composed it, or, for a config
+    read back from a run's file (untyped), the group's schema whose keys the node has (None for none)."""
     node = cfg[group]
-    if group == "data":
-        return {"synthetic": SyntheticDataConfig, "digits": DigitsDataConfig}.get(node.name, DataConfig)
-    if group == "model":
-        return {ResNetConfig._target_: ResNetConfig, WRNConfig._target_: WRNConfig}.get(node.get("_target_"))
-    if group in ("trainer", "ensemble"):
-        return {"trainer": TrainerConfig, "ensemble": EnsembleConfig}[group]
-    return SCHEMAS[group].get(node.get("name"))
+    if is_dataclass(OmegaConf.get_type(node)):
+        return OmegaConf.get_type(node)
+    keys = set(node.keys())
+    known = [*SCHEMAS.get(group, {}).values(), *{"trainer": [TrainerConfig], "ensemble": [EnsembleConfig]}.get(group, [])]
+    return next((schema for schema in known if {f.name for f in fields(schema)} >= keys), None)
 
 
 def _check_known_keys(cfg: DictConfig) -> None:

@@ -94,6 +94,10 @@ def _check_known_keys(cfg: DictConfig) -> None:
                 raise SnapensError(f"{group}.{key} is not a key of {option}"
                                    + (f"; did you mean {group}.{near[0]}?" if near else f"; its keys: "
                                       f"{', '.join(sorted(known))}"))
+    _check_swa_keys(cfg)
+
+
+def _check_swa_keys(cfg: DictConfig) -> None:
     for key in cfg.trainer.swa:
         if key != "start":
             raise SnapensError(f"trainer.swa.{key} is not a key of trainer.swa; did you mean trainer.swa.start?")
@@ -131,12 +135,14 @@ def _check_related_keys(cfg: DictConfig) -> None:
         raise SnapensError(f"scheduler.milestones={list(milestones)} must be in ascending order")
     if _get(cfg, "optimizer.nesterov") and not cfg.optimizer.momentum:
         raise SnapensError("optimizer.nesterov=true needs momentum: set optimizer.momentum > 0 (e.g. 0.9)")
+    _check_snapshot_keys(cfg)
+
+
+def _check_snapshot_keys(cfg: DictConfig) -> None:
+    """Where snapshots go, what they average and which schedule takes them: keys of the trainer and scheduler."""
     if cfg.scheduler.get("cycles") and cfg.trainer.snapshot_every and cfg.scheduler.name != "snapshot":
         raise SnapensError(f"scheduler.cycles={cfg.scheduler.cycles} and trainer.snapshot_every="
                            f"{cfg.trainer.snapshot_every} both say where snapshots go; set only one")
-    if cfg.scheduler.name == "fge" and cfg.scheduler.warmup_every_cycle:
-        raise SnapensError("scheduler.warmup_every_cycle does not go with scheduler=fge, whose short cycles follow "
-                           "eq. 2 of arXiv 1802.10026 exactly; leave warmup_every_cycle=false")
     swa = cfg.trainer.swa.start
     if swa is not None and not 0 <= swa < 1:
         raise SnapensError(f"trainer.swa.start={swa} must be a fraction of the cycle in [0, 1), or null to disable")

@@ -32,7 +32,8 @@ OmegaConf.register_new_resolver("snapens_export_dir", lambda out, fallback: str(
                                 else fallback, replace=True)
 
 
-def export_run(cfg: DictConfig) -> Path:
+def check_options(cfg: DictConfig) -> None:
+    """export's own keys, then those it shares with the ensemble tool."""
     if not cfg.out or not str(cfg.out).endswith(".pt2"):
         raise SnapensError(f"out={cfg.out} must name the file to write, ending in .pt2 (a torch.export program)")
     if cfg.format != "pt2":
@@ -42,6 +43,11 @@ def export_run(cfg: DictConfig) -> Path:
                            "chosen=, rule=, calibrate= and out=")
     check_inference_options(cfg)
     found.check_chosen(cfg.chosen, cfg.run, cfg.members, cfg.swa)
+
+
+def export_run(cfg: DictConfig) -> Path:
+    """The members, weights and temperature as `snapens.Ensemble`, exported to out= and checked against itself."""
+    check_options(cfg)
     paths = [p for group in found.find(cfg.run, cfg.runs, cfg.snapshots, cfg.members, cfg.swa) for p in group]
     found.read(paths)  # copies and foreign files refused before anything is built
     how = found.combination(paths, cfg.run, cfg.rule, cfg.calibrate, cfg.chosen)

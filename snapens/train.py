@@ -1,11 +1,9 @@
 """Train with a cyclic schedule and keep a snapshot at every cycle end: `python -m snapens.train [overrides]`.
 
 SGDR (Loshchilov & Hutter 2017, arXiv 1608.03983) restarts the learning rate; each cycle ends at the schedule's
-minimum, where the model is a good and diverse ensemble member (Huang et al. 2017, arXiv 1704.00109). At the end,
-each snapshot is read back from its file and evaluated once, and the snapshots' averaged logits are compared with
-the last snapshot alone.
-
-Reading order: `train` (setup, resume, the loop, the report), then `loop`, then the helpers each step calls.
+minimum, where the model is a good and diverse ensemble member (Huang et al. 2017, arXiv 1704.00109); at the end
+every snapshot is read back from its file and the ensemble is reported (snapens.ensemble.report). Reading order:
+`train` (setup, resume, the loop, the report), then `loop`, then the helpers each step calls.
 """
 
 import bisect
@@ -40,9 +38,6 @@ from snapens.tensorboard_log import log_report, open_writer, require_tensorboard
 
 register_configs()
 log = logging.getLogger(__name__)
-
-
-EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED
 
 
 @dataclass
@@ -118,12 +113,18 @@ def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict 
     if ranks.main:
         plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run_dir / "lr_schedule.png",
                          cfg.scheduler.name)
+    log_start(run)
+    return run
+
+
+def log_start(run: Run) -> None:
+    """One line: what trains on what, how long, where the snapshots go, on which device and how."""
+    cfg, s, ranks = run.cfg, run.setup, run.ranks
     log.info(f"{run.metadata['model']} on {cfg.data.name} ({len(s.data.train)} train / {len(s.data.test)} test "
              f"images), {cfg.scheduler.name}: {s.schedule.total_steps} steps, snapshots after steps "
              f"{run.snapshot_steps}, on {s.device} ({describe(s.precision, cfg.trainer.channels_last, s.device)}, "
              f"{torch.get_num_threads()} torch threads"
              f"{', compiled' if cfg.trainer.compile else ''}{f', {ranks.world} processes' if ranks.parallel else ''})")
-    return run
 
 
 # ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----------------------

@@ -18,7 +18,8 @@ import snapens.train
 from snapens.checkpoint import checkpoint_path, load_checkpoint
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots
-from snapens.train import EXIT_INTERRUPTED, train
+from snapens.cli import EXIT_INTERRUPTED
+from snapens.train import train
 
 from conftest import DOUBLING_CYCLES_7
 

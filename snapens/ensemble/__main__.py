@@ -27,6 +27,7 @@ from snapens.ensemble.report import build_report, format_report
 from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, plot_reliability
 from snapens.errors import SnapensError
 from snapens.models import model_from_metadata
+from snapens.schemas import DataConfig
 from snapens.files import write_atomic
 
 register_configs()
@@ -61,11 +62,17 @@ def training_config(cfg: DictConfig) -> DictConfig:
                                "limits, validation split or seed differ): an ensemble is scored on one data set")
     if cfg.data_root:
         train_cfg.data.root = cfg.data_root
-    source = cfg.config or runs[0] / ".hydra" / "config.yaml"
+    return typed_data(train_cfg, cfg.config or runs[0] / ".hydra" / "config.yaml")
+
+
+def typed_data(train_cfg: DictConfig, source) -> DictConfig:
+    """The config with its data section typed by the schema training used: a hand-edited "abc" for a number is one
+    line naming `source`, not a traceback."""
     if "data" not in train_cfg or "name" not in train_cfg.data:
         raise SnapensError(f"{source} has no data section naming the data set; pass config=PATH of a training run")
-    try:  # typed by the schema training used: a hand-edited "abc" for a number is one line, not a traceback
-        train_cfg.data = OmegaConf.merge(OmegaConf.structured(schema_of(train_cfg, "data")), train_cfg.data)
+    try:
+        schema = schema_of(train_cfg, "data") or DataConfig
+        train_cfg.data = OmegaConf.merge(OmegaConf.structured(schema), train_cfg.data)
     except OmegaConfBaseException as e:
         raise SnapensError(f"{source}: data.{e.key}: {str(e).splitlines()[0]}") from None
     return train_cfg
@@ -113,7 +120,7 @@ def plot_report(result: dict, logits: torch.Tensor, labels: torch.Tensor, bins: 
     rule = result["rule"]
     plot_accuracy_vs_members(result["curves"], result["single"]["acc"], rule, out_dir / "accuracy_vs_members.png")
     plot_disagreement(result["disagreement"], [s["name"] for s in result["snapshots"]], out_dir / "disagreement.png")
-    last = metrics.reliability(logits[-1].softmax(-1), labels, bins)
+    last = metrics.reliability(metrics.probabilities(logits[-1:]), labels, bins)
     full = metrics.reliability(metrics.probabilities(logits, rule), labels, bins, metrics.predictions(logits, rule))
     plot_reliability({"last snapshot": last, f"ensemble of {len(logits)}": full}, out_dir / "reliability.png")
 
@@ -140,11 +147,14 @@ def image_files(target: Path) -> list[Path]:
     files = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise SnapensError(f"predict={target} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    skipped = [str(p) for p in found if p not in files]
+    warn_skipped([str(p) for p in found if p not in files])
+    return files
+
+
+def warn_skipped(skipped: list[str]) -> None:
     if skipped:
         log.warning(f"skipped {len(skipped)} files that are not images ({', '.join(IMAGE_EXTENSIONS)}): "
                     f"{', '.join(skipped[:10])}{', ...' if len(skipped) > 10 else ''}")
-    return files
 
 
 def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:

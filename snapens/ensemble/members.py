@@ -50,16 +50,21 @@ def run_snapshots(run_dir: Path, swa: bool = False) -> list[Path]:
 def select(paths: list[Path], spec="all") -> list[Path]:
     """The members= grammar: all | last:K | first:K | [cycle numbers]; the chosen files of one run, in cycle
     order."""
-    if isinstance(spec, str) and spec == "all":
-        return paths
-    if isinstance(spec, str) and spec.split(":")[0] in ("last", "first") and spec.split(":")[-1].isdigit():
-        end, k = spec.split(":")[0], int(spec.split(":")[1])
-        if not 1 <= k <= len(paths):
-            raise SnapensError(f"members={spec} needs 1 <= K <= {len(paths)} (the number of snapshots)")
-        return paths[-k:] if end == "last" else paths[:k]
-    if isinstance(spec, Sequence) and not isinstance(spec, str) and spec and all(type(c) is int for c in spec):
+    if isinstance(spec, str):
+        end, _, k = spec.partition(":")
+        if spec == "all":
+            return paths
+        if end in ("last", "first") and k.isdigit():
+            return _select_end(paths, spec, end, int(k))
+    elif isinstance(spec, Sequence) and spec and all(type(c) is int for c in spec):
         return _select_cycles(paths, list(spec))
     raise SnapensError(f"members={spec} is not allowed; use all, last:K, first:K or a list of cycle numbers")
+
+
+def _select_end(paths: list[Path], spec: str, end: str, k: int) -> list[Path]:
+    if not 1 <= k <= len(paths):
+        raise SnapensError(f"members={spec} needs 1 <= K <= {len(paths)} (the number of snapshots)")
+    return paths[-k:] if end == "last" else paths[:k]
 
 
 def _select_cycles(paths: list[Path], cycles: list[int]) -> list[Path]:
@@ -147,26 +152,28 @@ def combination(paths: list[Path], run: str | Path | None, rule: str, calibrate:
     stored = stored_results(Path(run)) if run else []
     if chosen:
         return _chosen_combination(paths, Path(run), rule, calibrate, chosen, stored)
-    files = [p.name for p in paths]
-    for path, result in stored:  # the all-member calibration of a report on exactly these files and this rule
-        fitted = result.get("calibration")
-        stored_files = [Path(f).name for f in result.get("ensemble", {}).get("members", [])]
-        if calibrate == "val" and fitted and result.get("rule") == rule and stored_files == files:
-            return {"members": paths, "weights": None, "temperature": fitted["ensemble"]["temperature"],
-                    "source": f"temperature fitted on validation, from {path}"}
+    found = _stored_temperature(paths, rule, stored) if calibrate == "val" else None
+    if found:
+        return {"members": paths, "weights": None, "temperature": found[1],
+                "source": f"temperature fitted on validation, from {found[0]}"}
     why = "calibrate=none" if calibrate == "none" else "no temperature stored for these members and rule"
     return {"members": paths, "weights": None, "temperature": None, "source": f"uncalibrated ({why})"}
 
 
+def _stored_temperature(paths: list[Path], rule: str, stored: list[tuple[Path, dict]]) -> tuple[Path, float] | None:
+    """(file, T) of the all-member calibration of a report on exactly these files and this rule, if any."""
+    files = [p.name for p in paths]
+    for path, result in stored:
+        fitted = result.get("calibration")
+        stored_files = [Path(f).name for f in result.get("ensemble", {}).get("members", [])]
+        if fitted and result.get("rule") == rule and stored_files == files:
+            return path, fitted["ensemble"]["temperature"]
+    return None
+
+
 def _chosen_combination(paths: list[Path], run: Path, rule: str, calibrate: str, chosen: str,
                         stored: list[tuple[Path, dict]]) -> dict:
-    results = dict(stored).get(run / "results.json", {})
-    choice = results.get("chosen", {}).get(chosen)
-    if not choice:
-        raise SnapensError(f"chosen={chosen}: {run}/results.json records no such choice (members are chosen "
-                           f"when training holds out data.val_size=N; choices: {', '.join(CHOICES)})")
-    if results.get("rule") != rule:
-        raise SnapensError(f"chosen={chosen} was chosen for rule={results.get('rule')}; pass that rule")
+    choice = _stored_choice(run, rule, chosen, dict(stored).get(run / "results.json", {}))
     by_name = {p.stem: p for p in paths}
     picked = choice["members"] if "members" in choice else list(choice["weights"])
     missing = [n for n in picked if n not in by_name]
@@ -177,6 +184,16 @@ def _chosen_combination(paths: list[Path], run: Path, rule: str, calibrate: str,
     return {"members": [by_name[n] for n in picked], "weights": weights, "temperature": temperature,
             "source": f"chosen={chosen} from {run}/results.json"
                       + (", with its temperature fitted on validation" if temperature else ", uncalibrated")}
+
+
+def _stored_choice(run: Path, rule: str, chosen: str, results: dict) -> dict:
+    choice = results.get("chosen", {}).get(chosen)
+    if not choice:
+        raise SnapensError(f"chosen={chosen}: {run}/results.json records no such choice (members are chosen "
+                           f"when training holds out data.val_size=N; choices: {', '.join(CHOICES)})")
+    if results.get("rule") != rule:
+        raise SnapensError(f"chosen={chosen} was chosen for rule={results.get('rule')}; pass that rule")
+    return choice
 
 
 def distinct(how: dict) -> tuple[list[Path], torch.Tensor]:

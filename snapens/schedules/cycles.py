@@ -207,6 +207,8 @@ class FGE(Schedule):
 
     @classmethod
     def from_config(cls, c: Mapping, total: int, steps: Steps) -> "FGE":
+        _require(not c["warmup_every_cycle"], "warmup_every_cycle does not go with scheduler=fge, whose short "
+                 "cycles follow eq. 2 of arXiv 1802.10026 exactly; leave warmup_every_cycle=false")
         length = steps("cycle_length")
         length += length % 2  # whole steps, rounded up to an even number: half falling, half rising
         return cls(c["eta_max"], total, c["cycles"], length, c["alpha_1"], c["alpha_2"])

@@ -96,15 +96,20 @@ def hydra_error(error: HydraException) -> str:
     cause = error.__cause__
     key, schema = getattr(cause, "full_key", None), getattr(cause, "object_type", None)
     if key and "not in" in str(cause) and is_dataclass(schema):  # a key the group's schema does not declare
-        prefix, _, name = key.rpartition(".")
-        near = difflib.get_close_matches(name, [f.name for f in fields(schema)], n=1)
-        return f"{key} is not a key of {prefix or 'the config'}" + (f"; did you mean {prefix}.{near[0]}?" if near
-                                                                    else "")
+        return unknown_key(key, [f.name for f in fields(schema)])
     if key:
         return f"{key}: {str(cause).splitlines()[0]}"
     if isinstance(error, OverrideParseException):  # the grammar's complaint and where the grammar is explained
         return "cannot parse an override: " + " ".join(line.strip() for line in str(error).splitlines())
     return str(error).splitlines()[0]
+
+
+def unknown_key(key: str, known: list[str]) -> str:
+    """"did you mean", once: `key` (group.name) is not among the `known` names of its group."""
+    prefix, _, name = key.rpartition(".")
+    near = difflib.get_close_matches(name, known, n=1)
+    return f"{key} is not a key of {prefix or 'the config'}" + (f"; did you mean {prefix}.{near[0]}?" if near else
+                                                                f"; its keys: {', '.join(sorted(known))}")
 
 
 class ShowSweepDir(Callback):

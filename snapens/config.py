@@ -4,7 +4,6 @@ Each rule is checked once. A library class checks its own arguments (schedules.S
 snapens.build turns its ValueError into one line naming the key; `check_config` checks the rest: the choices and
 ranges of keys that only the config has, and rules that involve several keys."""
 
-import difflib
 from dataclasses import fields, is_dataclass
 from typing import Any
 
@@ -12,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from snapens.data import SOURCES
 from snapens.ensemble.rules import RULES, check_rule
+from snapens.cli import unknown_key
 from snapens.errors import SnapensError
 from snapens.schedules import SCHEDULES
 from snapens.schemas import SCHEMAS, EnsembleConfig, TrainerConfig, register_configs
@@ -86,14 +86,12 @@ def _check_known_keys(cfg: DictConfig) -> None:
         schema = schema_of(cfg, group) if group in cfg else None
         if schema is None:
             continue
-        known = {f.name for f in fields(schema)}
+        known = [f.name for f in fields(schema)]
         for key in cfg[group]:
             if key not in known:
-                near = difflib.get_close_matches(str(key), known, n=1)
                 option = f"{group}={cfg[group].name}" if "name" in cfg[group] else group
-                raise SnapensError(f"{group}.{key} is not a key of {option}"
-                                   + (f"; did you mean {group}.{near[0]}?" if near else f"; its keys: "
-                                      f"{', '.join(sorted(known))}"))
+                message = unknown_key(f"{group}.{key}", known)
+                raise SnapensError(message.replace(f" is not a key of {group}", f" is not a key of {option}", 1))
     _check_swa_keys(cfg)
 
 

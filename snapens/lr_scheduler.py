@@ -102,11 +102,16 @@ class ScheduleLR(LRScheduler):
         if saved is not None and len(saved) != len(mine):
             raise ValueError(f"this state was saved for {len(saved)} parameter groups, this optimizer has {len(mine)}")
         if saved is not None and saved != mine:  # a state without settings (older snapens): counters only
-            group, key = next(((g, k) for g, (a, b) in enumerate(zip(saved, mine)) for k in {**a, **b}
-                               if a.get(k) != b.get(k)), (0, "the number of parameter groups"))
-            raise ValueError(f"this state was saved by a scheduler with {key}={saved[group].get(key)!r} (group "
-                             f"{group}), this one has {mine[group].get(key)!r}: build it with the saved settings")
+            _refuse_other_settings(saved, mine)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "settings"})
+
+
+def _refuse_other_settings(saved: list[dict], mine: list[dict]) -> None:
+    """ValueError naming the first setting (and group) in which a saved state differs from this scheduler."""
+    group, key = next(((g, k) for g, (a, b) in enumerate(zip(saved, mine)) for k in {**a, **b}
+                       if a.get(k) != b.get(k)), (0, "the number of parameter groups"))
+    raise ValueError(f"this state was saved by a scheduler with {key}={saved[group].get(key)!r} (group "
+                     f"{group}), this one has {mine[group].get(key)!r}: build it with the saved settings")
 
 
 def _settings(schedule: Schedule) -> dict:

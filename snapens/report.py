@@ -132,17 +132,19 @@ def summarise(records: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for r in records:
         groups.setdefault(r["config"], []).append(r)
-    rows = []
-    for config, runs in groups.items():
-        single, ensemble = [r["single"] for r in runs], [r["ensemble"] for r in runs]
-        counts = [r["snapshots"] for r in runs]
-        seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
-        rows.append({"config": config, "n": len(runs), "single": mean_std(single), "ensemble": mean_std(ensemble),
-                     "values": {"single": single, "ensemble": ensemble},  # each run's, for the plot's dots
-                     "gain": mean_std([e - s for s, e in zip(single, ensemble)]),  # paired: same run, same test set
-                     "snapshots": (min(counts), max(counts)), "seconds": statistics.fmean(seconds) if seconds else None,
-                     "runs": [str(r["dir"]) for r in runs]})
-    return rows
+    return [summary_row(config, runs) for config, runs in groups.items()]
+
+
+def summary_row(config: str, runs: list[dict]) -> dict:
+    """One config's runs: mean ± sample std of single and ensemble accuracy, the gain paired by run."""
+    single, ensemble = [r["single"] for r in runs], [r["ensemble"] for r in runs]
+    counts = [r["snapshots"] for r in runs]
+    seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
+    return {"config": config, "n": len(runs), "single": mean_std(single), "ensemble": mean_std(ensemble),
+            "values": {"single": single, "ensemble": ensemble},  # each run's, for the plot's dots
+            "gain": mean_std([e - s for s, e in zip(single, ensemble)]),  # paired: same run, same test set
+            "snapshots": (min(counts), max(counts)), "seconds": statistics.fmean(seconds) if seconds else None,
+            "runs": [str(r["dir"]) for r in runs]}
 
 
 def shared_overrides(rows: list[dict]) -> list[str]:

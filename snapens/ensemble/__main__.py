@@ -49,6 +49,14 @@ def same_data(a: DictConfig, b: DictConfig) -> bool:
     return all(a.get(k) == b.get(k) for k in a.keys() | b.keys() if k not in ("root", "download"))
 
 
+def check_same_data(runs: list[Path], train_cfg: DictConfig, source) -> None:
+    """Every run trained on the data `train_cfg` (from `source`) describes."""
+    for run in runs:
+        if not same_data(load_yaml(run / ".hydra" / "config.yaml").data, train_cfg.data):
+            raise SnapensError(f"run {run} trained on other data than {source} describes (sizes, limits, "
+                               "validation split or seed differ): an ensemble is scored on one data set")
+
+
 def training_config(cfg: DictConfig) -> DictConfig:
     """The config whose data section names the images: `config=`, else the (first) run's. Every run evaluated must
     have trained on the same data, so that a val split is really held out and a test set is one test set."""
@@ -56,10 +64,7 @@ def training_config(cfg: DictConfig) -> DictConfig:
         raise SnapensError("snapshots=[...] needs config=PATH, a training config.yaml that names the data")
     runs = [Path(r) for r in ([cfg.run] if cfg.run else cfg.runs)]
     train_cfg = load_yaml(Path(cfg.config) if cfg.config else runs[0] / ".hydra" / "config.yaml")
-    for run in runs:
-        if not same_data(load_yaml(run / ".hydra" / "config.yaml").data, train_cfg.data):
-            raise SnapensError(f"run {run} trained on other data than {cfg.config or runs[0]} describes (sizes, "
-                               "limits, validation split or seed differ): an ensemble is scored on one data set")
+    check_same_data(runs, train_cfg, cfg.config or runs[0])
     if cfg.data_root:
         train_cfg.data.root = cfg.data_root
     return typed_data(train_cfg, cfg.config or runs[0] / ".hydra" / "config.yaml")

@@ -36,10 +36,12 @@ def cache_path(snapshot: Path, split_name: str) -> Path | None:
     return snapshot.parent.parent / "logits" / split_name / snapshot.name
 
 
-def read_cached(path: Path, key: dict, rows: int) -> torch.Tensor | None:
+def read_cached(path: Path | None, key: dict, rows: int) -> torch.Tensor | None:
     """The cached logits if the file exists, is readable, was made from exactly `key`, is N x C with N = `rows` and
     still holds the bytes whose SHA-256 was stored with them (an edited file, negated or NaN logits say, is
-    recomputed, never trusted); else None."""
+    recomputed, never trusted); else None (also for no path)."""
+    if path is None:
+        return None
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -53,9 +55,16 @@ def read_cached(path: Path, key: dict, rows: int) -> torch.Tensor | None:
     return logits
 
 
-def write_cached(path: Path, key: dict, logits: torch.Tensor) -> None:
+def write_cached(path: Path | None, key: dict, logits: torch.Tensor) -> None:
+    """The logits with their key and digest at `path` (nothing for None); a read-only run dir can still be
+    evaluated, just not cached (a warning)."""
+    if path is None:
+        return
     metadata = {"key": json.dumps(key, sort_keys=True), "logits_sha256": tensor_digest(logits)}
-    write_atomic(path, save({"logits": logits.contiguous()}, metadata=metadata))
+    try:
+        write_atomic(path, save({"logits": logits.contiguous()}, metadata=metadata))
+    except SnapensError as e:
+        log.warning(f"logits not cached: {e}")
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -71,25 +80,18 @@ def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name
     model is in memory at a time; with `batched`, the snapshots to compute are loaded together and run in one
     vmapped pass when they share an architecture and input statistics (snapens.ensemble.batched). Each snapshot is
     normalised with its own training statistics. precision and channels_last are as in `predict_logits`."""
-    split_sha, found, keys = split_digest(split), {}, {}
-    for path, meta in zip(paths, metas):
-        keys[path] = {"snapshot_sha256": file_digest(path), "split_sha256": split_sha,
-                      "computed_in": describe(precision, channels_last, device)}
-        cached = cache_path(path, split_name)
-        logits = read_cached(cached, keys[path], len(split)) if cached else None
-        if logits is not None:
-            found[path] = logits
+    split_sha = split_digest(split)
+    keys = {path: {"snapshot_sha256": file_digest(path), "split_sha256": split_sha,
+                   "computed_in": describe(precision, channels_last, device)} for path in paths}
+    found = {path: logits for path in paths
+             if (logits := read_cached(cache_path(path, split_name), keys[path], len(split))) is not None}
     missing = [(path, meta) for path, meta in zip(paths, metas) if path not in found]
     if missing:
         on_device = split.to(device)  # moved to the device once, for all the snapshots to compute
         found.update(zip([p for p, _ in missing], compute_logits(missing, on_device, batch_size, device, model_for,
                                                                    precision, channels_last, batched)))
         for path, _ in missing:
-            try:
-                if cache_path(path, split_name):
-                    write_cached(cache_path(path, split_name), keys[path], found[path])
-            except SnapensError as e:  # a read-only run dir can still be evaluated, just not cached
-                log.warning(f"logits not cached: {e}")
+            write_cached(cache_path(path, split_name), keys[path], found[path])
     return torch.stack([found[p] for p in paths])
 
 

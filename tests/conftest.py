@@ -3,6 +3,7 @@ CIFAR-10 copy when it is there."""
 
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from snapens.config import register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+HANG = 3600  # seconds: every subprocess's time limit, a hang guard far above any run's time on a busy machine
 
 # Named override sets, each meaning one thing everywhere. FAST: 256 synthetic 32x32 images, ResNet-8, batch 64, one
 # CPU thread: 4 updates per epoch.
@@ -55,13 +57,36 @@ def make_cfg():
     return compose_config
 
 
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"  # the project's copy, where a checkout has it
+
+
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
-    """The extracted CIFAR-10 JPEG copy: $SNAPENS_CIFAR10 (CI extracts ../shared/data there); skip when absent."""
-    root = os.environ.get("SNAPENS_CIFAR10")
-    if not root or not (Path(root) / "train").is_dir():
-        pytest.skip("set SNAPENS_CIFAR10 to the extracted cifar10-jpeg folder (see .ci/run)")
-    return Path(root).resolve()  # tests run the CLI from other folders
+    """The extracted CIFAR-10 JPEG copy: $SNAPENS_CIFAR10, else data/cifar10-jpeg (extracted here from
+    ../shared/data/cifar10-jpeg.tar.gz on first use, when that exists); the real-data tests skip, saying so, when
+    there is neither."""
+    given = os.environ.get("SNAPENS_CIFAR10")
+    if given and (Path(given) / "train").is_dir():
+        return Path(given).resolve()  # tests run the CLI from other folders
+    target = REPO / "data" / "cifar10-jpeg"
+    if not (target / "train").is_dir() and ARCHIVE.is_file():
+        extract(ARCHIVE, target)
+    if not (target / "train").is_dir():
+        pytest.skip("no CIFAR-10 copy: set SNAPENS_CIFAR10=DIR (an extracted cifar10-jpeg folder), or keep "
+                    "../shared/data/cifar10-jpeg.tar.gz beside the checkout")
+    return target
+
+
+def extract(archive: Path, target: Path) -> None:
+    """The archive's cifar10-jpeg/ folder into `target`, whole or not at all (extracted beside it, then renamed)."""
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    with tarfile.open(archive) as tar:  # the "data" filter refuses links and paths that leave the folder
+        tar.extractall(partial, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    (partial / "cifar10-jpeg").rename(target)
+    partial.rmdir()
 
 
 @pytest.fixture(scope="session")

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HANG
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def test_bench_schedule_prints_both_costs_and_their_ratio(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPTS / "bench_schedule.py")], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=HANG)
     assert result.returncode == 0, result.stderr[-2000:]
     slow, usual, ratio = (float(x) for x in re.findall(r"([\d.]+)(?:x| us/call)", result.stdout))
     assert ratio == pytest.approx(slow / usual, rel=0.01)
@@ -27,7 +29,7 @@ def test_gpu_validation_script_dry_run(tmp_path):
     short run drops its partial batch (300 images, batches of 64: 4 updates an epoch) and compiles one graph."""
     root = SCRIPTS.parent
     done = subprocess.run(["bash", str(SCRIPTS / "gpu_validate.sh"), "--dry-run"], cwd=root, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "OUT": str(tmp_path)})
+                          text=True, timeout=HANG, env={**os.environ, "OUT": str(tmp_path)})
     assert done.returncode == 0, done.stdout[-3000:]
     summary = (tmp_path / "summary.txt").read_text()
     steps = re.findall(r"^== (\w+)", summary, re.MULTILINE)

@@ -13,14 +13,14 @@ from snapens.build import build_schedule
 from snapens.errors import SnapensError
 from snapens.train import train
 
-from conftest import CONF, FAST, compose_config
+from conftest import CONF, FAST, HANG, compose_config
 
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("data", "model", "optimizer", "scheduler")}
 
 
 def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snapens.train", *overrides], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=HANG)
 
 
 def test_groups_hold_the_options_the_design_names():

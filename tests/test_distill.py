@@ -24,7 +24,7 @@ from snapens.step import StepOptions, loss_of
 from snapens.ensemble.ensemble import Ensemble
 from snapens.teacher import DistillationLoss, Teacher
 
-from conftest import CONF
+from conftest import CONF, HANG
 
 STUDENT = ["trainer.epochs=3", "trainer.checkpoint_every=1", "trainer.log_every=1"]  # 12 updates, one snapshot
 
@@ -44,7 +44,7 @@ def teacher(held_out_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def student(teacher):
     run_dir = teacher.parent / "student"
-    done = subprocess.run(command(teacher, run_dir), cwd=teacher.parent, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command(teacher, run_dir), cwd=teacher.parent, capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
 
@@ -88,7 +88,7 @@ def test_student_learns_and_is_compared_with_its_teacher(teacher, student):
     config = (student / ".hydra" / "config.yaml").read_text()
     assert "name: cosine" in config and "temperature: 4.0" in config and f"run: {teacher}" in config
     done = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={student}"], cwd=student.parent,
-                          capture_output=True, text=True, timeout=300)  # the student is a run like any other
+                          capture_output=True, text=True, timeout=HANG)  # the student is a run like any other
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((student / "ensemble/test/ensemble.json").read_text())
     assert report["ensemble"]["acc"] == pytest.approx(d["test"]["student"]["acc"], abs=1e-12)
@@ -104,9 +104,9 @@ def test_a_killed_distillation_resumes_bit_for_bit(teacher, student, tmp_path):
             path.exists() and (run_dir / "metrics.jsonl").exists()):  # past the first epoch
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
+    process.communicate(timeout=HANG)
     assert not (run_dir / "results.json").exists()  # killed in training
-    again = subprocess.run(command(teacher, run_dir), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command(teacher, run_dir), cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming {run_dir} at step" in (run_dir / "distill.log").read_text()
     assert (run_dir / "snapshots/cycle_01.safetensors").read_bytes() == \
@@ -144,7 +144,7 @@ def test_bad_input_is_refused_before_training(teacher, extra, message):
 def test_bad_input_on_the_command_line_is_one_line_and_trains_nothing(teacher, tmp_path):
     run_dir = tmp_path / "refused"
     done = subprocess.run(command(teacher, run_dir, "distill.rule=vote"), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=HANG)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("snapens: error: distill.rule=vote: a teacher needs "
                                                              "probabilities")
@@ -163,10 +163,10 @@ def test_a_changed_teacher_stops_a_resume(teacher, tmp_path):
     while process.poll() is None and time.monotonic() < deadline and not (run_dir / "metrics.jsonl").exists():
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
+    process.communicate(timeout=HANG)
     last = list_snapshots(copy)[-1]
     shutil.copy(list_snapshots(copy)[0], last)  # the teacher's last snapshot replaced
-    again = subprocess.run(command(copy, run_dir), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command(copy, run_dir), cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert again.returncode == 2 and "the config differs in distill.teacher_sha256" in again.stderr, again.stderr
 
 

@@ -23,7 +23,7 @@ from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, load_into, read_metadata, save_snapshot
 from snapens.train import train
 
-from conftest import HELD_OUT, compose_config, snapshot_logits
+from conftest import HANG, HELD_OUT, compose_config, snapshot_logits
 
 @pytest.fixture
 def run(held_out_copy):
@@ -271,9 +271,9 @@ def test_bad_input_gets_one_clear_line(run, damage, overrides, message):
 
 def test_cli(run, tmp_path):
     ok = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={run}"], cwd=tmp_path, capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=HANG)
     assert ok.returncode == 0, ok.stderr
     assert "ensemble of 3 (logits)" in ok.stdout and (run / "ensemble/test/ensemble.json").exists()
     bad = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={tmp_path / 'nope'}"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG)
     assert bad.returncode == 2 and bad.stderr.strip() == f"snapens: error: run dir {tmp_path / 'nope'} does not exist"

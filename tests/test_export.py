@@ -16,7 +16,7 @@ from snapens.errors import SnapensError
 from snapens.export import export_run
 from snapens.snapshots import list_snapshots, read_metadata
 
-from conftest import HELD_OUT, compose_config
+from conftest import HANG, HELD_OUT, compose_config
 
 
 # Runs in a fresh interpreter: torch alone loads and runs the program (and snapens is never imported).
@@ -42,13 +42,13 @@ def run(held_out_run, tmp_path_factory):
 
 def export(run, out, *extra):
     return subprocess.run([sys.executable, "-m", "snapens.export", f"run={run}", f"out={out}", *extra],
-                          cwd=run.parent, capture_output=True, text=True, timeout=300)
+                          cwd=run.parent, capture_output=True, text=True, timeout=HANG)
 
 
 def load_elsewhere(program, images, tmp_path):
     torch.save(images, tmp_path / "images.pt")
     done = subprocess.run([sys.executable, "-c", LOAD, str(program), str(tmp_path / "images.pt"),
-                           str(tmp_path / "probs.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           str(tmp_path / "probs.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=HANG,
                           env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(tmp_path / "probs.pt", weights_only=True).double(), json.loads(done.stdout)

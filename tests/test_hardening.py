@@ -21,7 +21,7 @@ from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, load_snapshot
 from snapens.train import train
 
-from conftest import EQUAL_CYCLES_2, EQUAL_CYCLES_3, FAST
+from conftest import EQUAL_CYCLES_2, EQUAL_CYCLES_3, FAST, HANG
 
 
 # ---- 1. one training per run dir --------------------------------------------------------------------------------
@@ -31,7 +31,7 @@ def test_a_second_training_into_a_locked_run_dir_stops_and_touches_nothing(make_
             train(make_cfg(*EQUAL_CYCLES_2), tmp_path)
         assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
         result = subprocess.run([sys.executable, "-m", "snapens.train", *EQUAL_CYCLES_2, f"hydra.run.dir={tmp_path}"],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                                cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert result.returncode == 2 and f"is in use by process {os.getpid()}" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "snapshots").exists() and not checkpoint_path(tmp_path).exists()
@@ -45,7 +45,7 @@ def test_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):
     jobs = [subprocess.Popen([*command, f"trainer.seed={seed}"], cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
     for job in jobs:
-        _, err = job.communicate(timeout=300)
+        _, err = job.communicate(timeout=HANG)
         assert job.returncode == 0, err
     runs = sorted(p for p in (tmp_path / "outputs" / "runs").glob("*/*") if p.is_dir())
     assert len(runs) == 2
@@ -178,7 +178,7 @@ def test_bench_ensemble_naive_never_calls_what_a_snapshot_names(tmp_path):
                   {"model_config": evil, "mean": [0.5] * 3, "std": [0.5] * 3})
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_ensemble.py"
     result = subprocess.run([sys.executable, str(script), "--naive", str(tmp_path / "run"), "--device", "cpu"],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=HANG)
     assert result.returncode != 0 and "cannot build safely" in result.stderr
     assert victim.read_text() == "precious"
 
@@ -243,7 +243,7 @@ def test_a_stop_signal_during_start_up_is_one_line(tmp_path):
     while not run_dir.exists() and process.poll() is None:  # Hydra has composed the config and made the dir
         time.sleep(0.005)
     process.send_signal(signal.SIGUSR1)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=HANG)
     assert process.returncode == 75 and len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("snapens: stop")
 

@@ -13,7 +13,7 @@ import pytest
 import snapens.lr_find as lr_find
 from snapens.errors import SnapensError
 
-from conftest import FAST, compose_config
+from conftest import FAST, HANG, compose_config
 
 OVERRIDES = re.compile(r"^scheduler\.eta_max=(\S+) scheduler\.eta_min=(\S+)$", re.MULTILINE)
 
@@ -25,7 +25,7 @@ def lr_find_cfg(*overrides: str):
 
 def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snapens.lr_find", *overrides], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=HANG)
 
 
 def test_composes_the_training_groups_and_types_its_block():

@@ -9,7 +9,7 @@ import pytest
 from snapens.build import build_schedule
 from snapens.snapshots import snapshot_steps
 
-from conftest import compose_config
+from conftest import HANG, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 782  # CIFAR-10: ceil(50,000 / 64) updates per epoch at batch 64
@@ -45,7 +45,7 @@ def test_sgdr_wrn28_10():
 def test_preset_driver_runs_sweeps_then_the_report(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_preset.py"), "se_resnet110_c10",
                              "se_resnet110_c10_single", "--seeds", "0,1", "--out", str(tmp_path), "--dry-run", "--",
-                             "data=imagefolder", "data.root=DIR"], capture_output=True, text=True, timeout=60)
+                             "data=imagefolder", "data.root=DIR"], capture_output=True, text=True, timeout=HANG)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 3
@@ -55,7 +55,7 @@ def test_preset_driver_runs_sweeps_then_the_report(tmp_path):
     assert lines[2].split()[1:] == ["-m", "snapens.report", str(tmp_path / "se_resnet110_c10"),
                                     str(tmp_path / "se_resnet110_c10_single"), "--out", str(tmp_path)]
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_preset.py"), "table9"], capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=HANG)
     assert bad.returncode == 1 and "no preset table9; choose from:" in bad.stderr
 
 

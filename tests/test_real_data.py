@@ -12,8 +12,12 @@ twenty standard errors above chance.
 """
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +28,8 @@ from snapens.batches import normalize
 from snapens.data import load_image_folder, prepare
 from snapens.snapshots import list_snapshots, load_into, read_metadata
 
+from conftest import HANG
+
 FLOOR = 0.30
 
 
@@ -33,7 +39,7 @@ def test_resnet20_sgdr_on_cifar10_subset(cifar_root, tmp_path):
     command = [sys.executable, "-m", "snapens.train", "model=resnet20", "scheduler=sgdr", "scheduler.T_0=1",
                "scheduler.T_mult=1", "trainer.epochs=3", "data=imagefolder", f"data.root={cifar_root}",
                "data.train_limit=5000", "data.test_limit=1000", f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert result.returncode == 0, result.stderr[-2000:]
 
     paths = list_snapshots(run_dir)
@@ -61,3 +67,33 @@ def test_resnet20_sgdr_on_cifar10_subset(cifar_root, tmp_path):
     assert results["ensemble"]["acc"] == pytest.approx(ensemble, abs=1e-12)
     assert results["num_images"] == 1000
     assert min(results["single"]["acc"], results["ensemble"]["acc"]) > FLOOR
+
+
+PROBE = """
+def test_probe(cifar_root):
+    assert (cifar_root / "train" / "cat" / "0.jpg").read_bytes() == b"jpeg"
+"""
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_the_test_command_works_without_shared_data(tmp_path, archive):
+    """In a checkout with no ../shared and no SNAPENS_CIFAR10, the real-data tests skip and say why; with the
+    archive beside the checkout, the conftest extracts it into data/ and they run."""
+    tests = tmp_path / "repo" / "tests"
+    tests.mkdir(parents=True)
+    shutil.copy(Path(__file__).with_name("conftest.py"), tests)
+    (tests / "test_probe.py").write_text(PROBE)
+    if archive:
+        image = tmp_path / "cifar10-jpeg" / "train" / "cat" / "0.jpg"
+        image.parent.mkdir(parents=True)
+        image.write_bytes(b"jpeg")
+        (tmp_path / "shared" / "data").mkdir(parents=True)
+        with tarfile.open(tmp_path / "shared" / "data" / "cifar10-jpeg.tar.gz", "w:gz") as tar:
+            tar.add(tmp_path / "cifar10-jpeg", "cifar10-jpeg")
+    env = {k: v for k, v in os.environ.items() if k != "SNAPENS_CIFAR10"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"], cwd=tmp_path / "repo",
+                          capture_output=True, text=True, timeout=HANG, env=env)
+    if archive:
+        assert "1 passed" in done.stdout and (tmp_path / "repo" / "data" / "cifar10-jpeg" / "train").is_dir()
+    else:
+        assert "1 skipped" in done.stdout and "no CIFAR-10 copy: set SNAPENS_CIFAR10=DIR" in done.stdout

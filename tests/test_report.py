@@ -13,7 +13,7 @@ import pytest
 
 from snapens.report import main, report
 
-from conftest import EQUAL_CYCLES_2
+from conftest import EQUAL_CYCLES_2, HANG
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -57,9 +57,9 @@ def test_multirun_round_trip(tmp_path):
     overrides = [*EQUAL_CYCLES_2, "scheduler.eta_max=0.1,0.05", "trainer.seed=0,1",
                  f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     subprocess.run([sys.executable, "-m", "snapens.train", "-m", *overrides], cwd=tmp_path, check=True,
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=HANG)
     done = subprocess.run([sys.executable, "-m", "snapens.report", "sweep"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
 

@@ -21,7 +21,7 @@ from snapens.snapshots import list_snapshots
 from snapens.cli import EXIT_INTERRUPTED
 from snapens.train import train
 
-from conftest import DOUBLING_CYCLES_7
+from conftest import DOUBLING_CYCLES_7, HANG
 
 # 4 steps per epoch, cycles end after epochs 1, 3 and 7 (steps 4, 12, 28); a checkpoint after every update
 RUN = [*DOUBLING_CYCLES_7, "trainer.checkpoint_every=1"]
@@ -32,7 +32,7 @@ def start(run_dir, *extra):
                             cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(process, ready, timeout=120):
+def wait_for(process, ready, timeout=HANG):
     """Until ready() or the process ended."""
     deadline = time.monotonic() + timeout
     while not ready() and process.poll() is None and time.monotonic() < deadline:
@@ -52,7 +52,7 @@ def snapshot_bytes(run_dir):
 def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     done = subprocess.run([sys.executable, "-m", "snapens.train", *RUN, f"hydra.run.dir={run_dir}"],
-                          cwd=run_dir.parent, capture_output=True, text=True, timeout=300)
+                          cwd=run_dir.parent, capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 0, done.stderr
     return run_dir
 
@@ -68,12 +68,12 @@ def test_kill_9_at_three_random_points_then_resume_is_bit_identical(uninterrupte
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
-        process.communicate(timeout=60)
+        process.communicate(timeout=HANG)
         for path in list_snapshots(run_dir):  # whatever is visible under a final name is whole
             snapens.snapshots.read_metadata(path)
     assert kills >= 1
     final = subprocess.run([sys.executable, "-m", "snapens.train", *RUN, "trainer.log_every=7",
-                            f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                            f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert final.returncode == 0, final.stderr
     assert not list(run_dir.rglob("*.tmp"))  # a resumed run clears what a kill left half-written
     assert snapshot_bytes(run_dir) == snapshot_bytes(uninterrupted)
@@ -92,13 +92,13 @@ def test_a_stop_signal_checkpoints_exits_75_and_resumes(uninterrupted, tmp_path,
     process = start(run_dir, "trainer.checkpoint_every=0")
     wait_for(process, epoch_logged(run_dir))  # training (and its signal handling) is under way
     process.send_signal(signum)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=HANG)
     assert process.returncode == EXIT_INTERRUPTED, stderr
     assert f"stopped by {signal.Signals(signum).name} after step" in stderr and "run the same command again" in stderr
     step = load_checkpoint(checkpoint_path(run_dir))["progress"]["step"]
     assert 4 <= step < 28
     again = subprocess.run([sys.executable, "-m", "snapens.train", *RUN, "trainer.checkpoint_every=0",
-                            f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                            f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert again.returncode == 0, again.stderr
     assert snapshot_bytes(run_dir) == snapshot_bytes(uninterrupted)
 
@@ -108,10 +108,10 @@ def test_a_run_killed_before_its_first_update_resumes(uninterrupted, tmp_path):
     process = start(run_dir)
     wait_for(process, checkpoint_path(run_dir).exists)
     process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
+    process.communicate(timeout=HANG)
     assert load_checkpoint(checkpoint_path(run_dir))["progress"]["step"] <= 28
     again = subprocess.run([sys.executable, "-m", "snapens.train", *RUN, f"hydra.run.dir={run_dir}"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                           cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert again.returncode == 0, again.stderr
     assert snapshot_bytes(run_dir) == snapshot_bytes(uninterrupted)
 
@@ -216,16 +216,16 @@ def test_campaign_kills_from_process_start_and_a_second_training_into_the_same_d
         time.sleep(rng.uniform(0, 8))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
-        process.communicate(timeout=60)
+        process.communicate(timeout=HANG)
         for path in list_snapshots(run_dir):  # whatever is visible under a final name is whole
             snapens.snapshots.read_metadata(path)
     final = subprocess.run([sys.executable, "-m", "snapens.train", *RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=HANG)
     assert final.returncode == 0, final.stderr
     assert snapshot_bytes(run_dir) == snapshot_bytes(uninterrupted)
     both = tmp_path / "both"  # two trainings started together into one new dir: one trains, the other stops at once
     jobs = [start(both) for _ in range(2)]
-    outcomes = sorted((job.wait(timeout=300), job.pid, job.communicate()[1]) for job in jobs)
+    outcomes = sorted((job.wait(timeout=HANG), job.pid, job.communicate()[1]) for job in jobs)
     (ok, winner, _), (refused, _, message) = outcomes
     assert (ok, refused) == (0, 2) and f"is in use by process {winner}" in message
     assert snapshot_bytes(both) == snapshot_bytes(uninterrupted)

@@ -15,7 +15,7 @@ from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, read_metadata
 from snapens.train import train
 
-from conftest import DOUBLING_CYCLES_3, FAST
+from conftest import DOUBLING_CYCLES_3, FAST, HANG
 
 
 
@@ -89,7 +89,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path, extra):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "snapens.train", *DOUBLING_CYCLES_3, *extra, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=HANG, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     training = json.loads((run_dir / "results.json").read_text())["training"]
     assert training["processes"] == 2
@@ -105,11 +105,11 @@ def test_a_sweep_submitted_again_leaves_finished_jobs_alone(tmp_path):
     sweep = tmp_path / "sweep"
     command = [sys.executable, "-m", "snapens.train", "-m", *DOUBLING_CYCLES_3, "trainer.seed=0,1",
                f"hydra.sweep.dir={sweep}"]
-    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert first.returncode == 0, first.stderr[-2000:]
     before = {p: p.stat().st_mtime_ns for p in sweep.rglob("*.safetensors")}
     assert len([p for p in before if p.parent.name == "snapshots"]) == 4  # 2 jobs x 2 cycles
-    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("holds a finished run; nothing to do") + \
         again.stderr.count("holds a finished run; nothing to do") == 2

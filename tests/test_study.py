@@ -13,6 +13,8 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "study.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import study as study_script  # noqa: E402  (scripts/ is not a package)
+
+from conftest import HANG
 TINY = ["data=synthetic", "data.val_size=64", "trainer.epochs=2", "trainer.batch_size=64", "trainer.device=cpu"]
 
 
@@ -20,7 +22,7 @@ TINY = ["data=synthetic", "data.val_size=64", "trainer.epochs=2", "trainer.batch
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "sweep"
     done = subprocess.run([sys.executable, str(SCRIPT), "digits", "--cycles", "1,2", "--seeds", "0,1", "--out",
-                           str(out), "--", *TINY], cwd=out.parent, capture_output=True, text=True, timeout=600)
+                           str(out), "--", *TINY], cwd=out.parent, capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout
 

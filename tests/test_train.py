@@ -15,7 +15,7 @@ from snapens.snapshots import list_snapshots, load_into, read_metadata
 from snapens.step import StepOptions, set_hyperparameters, train_step
 from snapens.train import train
 
-from conftest import DOUBLING_CYCLES_3, EQUAL_CYCLES_2, EQUAL_CYCLES_3, FAST, compose_config
+from conftest import DOUBLING_CYCLES_3, EQUAL_CYCLES_2, EQUAL_CYCLES_3, FAST, HANG, compose_config
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
@@ -191,7 +191,7 @@ def test_cli_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "snapens.train", *FAST, "scheduler=snapshot",
                              "scheduler.cycles=2", "trainer.epochs=2", f"hydra.run.dir={run_dir}"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert result.returncode == 0, result.stderr
     assert "ensemble of 2 (logits)" in result.stdout
     assert [p.name for p in list_snapshots(run_dir)] == ["cycle_01.safetensors", "cycle_02.safetensors"]

@@ -20,7 +20,7 @@ from snapens.snapshots import list_snapshots, read_metadata
 from snapens.step import StepOptions, train_step
 from snapens.train import train
 
-from conftest import EQUAL_CYCLES_3, FAST
+from conftest import EQUAL_CYCLES_3, FAST, HANG
 
 
 
@@ -87,14 +87,14 @@ def test_swa_snapshot_is_the_mean_of_the_weights_of_each_cycles_second_half(make
 def test_ensemble_tool_evaluates_the_swa_set(make_cfg, tmp_path):
     train(make_cfg(*EQUAL_CYCLES_3, "trainer.swa.start=0.5"), tmp_path / "run")
     result = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={tmp_path / 'run'}", "swa=true",
-                             "device=cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                             "device=cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "run" / "ensemble" / "test_swa" / "ensemble.json").read_text())
     assert [p.rsplit("/", 1)[-1] for p in report["ensemble"]["members"]] == [
         "cycle_01_swa.safetensors", "cycle_02_swa.safetensors", "cycle_03_swa.safetensors"]
     train(make_cfg(*EQUAL_CYCLES_3), tmp_path / "plain")
     result = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={tmp_path / 'plain'}", "swa=true",
-                             "device=cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                             "device=cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert result.returncode == 2 and "has no SWA snapshots" in result.stderr
 
 

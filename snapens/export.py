@@ -25,6 +25,7 @@ from snapens.config import check_inference_options, register_configs
 from snapens.ensemble import members as found
 from snapens.ensemble.ensemble import Ensemble
 from snapens.errors import SnapensError
+from snapens.files import refuse_to_replace
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def check_options(cfg: DictConfig) -> None:
                            "chosen=, rule=, calibrate= and out=")
     check_inference_options(cfg)
     found.check_chosen(cfg.chosen, cfg.run, cfg.members, cfg.swa)
+    refuse_to_replace(Path(cfg.out), cfg.overwrite)
 
 
 def export_run(cfg: DictConfig) -> Path:

@@ -69,3 +69,10 @@ def file_digest(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def refuse_to_replace(path: Path, overwrite: bool) -> None:
+    """A tool's output is never replaced silently: SnapensError when `path` exists and `overwrite` is False."""
+    if path.exists() and not overwrite:
+        raise SnapensError(f"{path} exists, written by an earlier call; pass out=DIR (a new place), or "
+                           "overwrite=true to replace it")

@@ -244,6 +244,7 @@ class InferenceConfig:
     chosen: Optional[str]
     calibrate: str
     out: Optional[str]
+    overwrite: bool
     format: str
     batched: bool
 
@@ -279,10 +280,17 @@ def options(group: str) -> str:
     return ("\n" + " " * 13).join(textwrap.wrap(" ".join(names), 100 - 13))  # under "  experiment "
 
 
+def keys(name: str) -> str:
+    """The top-level keys of conf/<name>.yaml (what an entry point's --help lists), wrapped at 100 characters."""
+    names = [k for k in OmegaConf.load(CONF / f"{name}.yaml") if k not in ("defaults", "hydra")]
+    return "\n  ".join(textwrap.wrap(" ".join(names), 100 - 2))  # under "  run runs ..."
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore and the `snapens_options` resolver (--help's lists of options) in
     OmegaConf; entry points call this before composing."""
     OmegaConf.register_new_resolver("snapens_options", options, replace=True)
+    OmegaConf.register_new_resolver("snapens_keys", keys, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(name="schema_ensemble", node=InferenceConfig)

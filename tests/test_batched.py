@@ -95,7 +95,8 @@ def test_the_tool_batched_gives_the_same_report_and_predictions(held_out_run, tm
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
     rows = {}
     for flag in ("false", "true"):
-        cli.evaluate(compose_config(f"run={run}", f"predict={folder}", f"batched={flag}", name="ensemble"))
+        cli.evaluate(compose_config(f"run={run}", f"predict={folder}", f"batched={flag}", "overwrite=true",
+                                    name="ensemble"))
         rows[flag] = (run / "predictions/predictions.csv").read_text().splitlines()
     assert [r.split(",")[:2] for r in rows["true"]] == [r.split(",")[:2] for r in rows["false"]]
     assert passes == [3, 3, 3]  # predict= too

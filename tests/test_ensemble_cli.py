@@ -32,7 +32,8 @@ def run(held_out_copy):
 
 
 def evaluate(*overrides: str) -> float:
-    return cli.evaluate(compose_config(*overrides, name="ensemble"))
+    """The tool as the command line runs it; these tests call it again on a run (a refusal has its own test)."""
+    return cli.evaluate(compose_config("overwrite=true", *overrides, name="ensemble"))
 
 
 def direct_logits(run_dir, split="test"):
@@ -277,3 +278,26 @@ def test_cli(run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={tmp_path / 'nope'}"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=HANG)
     assert bad.returncode == 2 and bad.stderr.strip() == f"snapens: error: run dir {tmp_path / 'nope'} does not exist"
+
+
+def test_no_output_is_replaced_silently(run, tmp_path):
+    """predict= and the report refuse to replace what an earlier call wrote, before any work; overwrite=true
+    replaces it; predictions.csv is written whole, and a class name that a spreadsheet would run as a formula is
+    kept as text."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / "a.png")
+    once = lambda *extra: cli.evaluate(compose_config(f"run={run}", f"predict={folder}", f"out={tmp_path / 'p'}",
+                                                      *extra, name="ensemble"))
+    once()
+    first = (tmp_path / "p" / "predictions.csv").read_bytes()
+    with pytest.raises(SnapensError, match=r"predictions.csv exists, written by an earlier call; pass out=DIR .* "
+                                           r"overwrite=true"):
+        once()
+    assert (tmp_path / "p" / "predictions.csv").read_bytes() == first
+    once("overwrite=true", "rule=probs")
+    assert (tmp_path / "p" / "predictions.csv").read_bytes() != first
+    cli.evaluate(compose_config(f"run={run}", f"out={tmp_path / 'r'}", name="ensemble"))
+    with pytest.raises(SnapensError, match=r"ensemble.json exists, written by an earlier call"):
+        cli.evaluate(compose_config(f"run={run}", f"out={tmp_path / 'r'}", name="ensemble"))
+    assert cli.cell("=HYPERLINK(1)") == "'=HYPERLINK(1)" and cli.cell("cat") == "cat" and cli.cell("-1") == "'-1"

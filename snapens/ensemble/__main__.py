@@ -6,6 +6,7 @@ Members are chosen by the user (members=...), never by looking at test accuracy.
 writes into snapshots/."""
 
 import csv
+import io
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, 
 from snapens.errors import SnapensError
 from snapens.models import model_from_metadata
 from snapens.schemas import DataConfig
-from snapens.files import write_atomic
+from snapens.files import refuse_to_replace, write_atomic
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -162,6 +163,11 @@ def warn_skipped(skipped: list[str]) -> None:
                     f"{', '.join(skipped[:10])}{', ...' if len(skipped) > 10 else ''}")
 
 
+def cell(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text: one starting with =, +, - or @ (a formula to it) gets a leading '."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@") else text
+
+
 def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
     """predictions.csv: path, predicted class, its probability, and every class's probability; predictions.json:
     how the members were combined. Images are read as the training data was (RGB, resized to the snapshots' image
@@ -184,11 +190,12 @@ def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
     predicted = rules.predictions(logits, cfg.rule, weights)
     classes = metas[0]["classes"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "predictions.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "class", "probability", *classes])
-        for file, k, p in zip(files, predicted.tolist(), probs.tolist()):
-            writer.writerow([str(file), classes[k], f"{p[k]:.6f}", *(f"{q:.6f}" for q in p)])
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(map(cell, ["path", "class", "probability", *classes]))
+    for file, k, p in zip(files, predicted.tolist(), probs.tolist()):
+        writer.writerow([cell(str(file)), cell(classes[k]), f"{p[k]:.6f}", *(f"{q:.6f}" for q in p)])
+    write_atomic(out_dir / "predictions.csv", table.getvalue().encode())  # whole, and never through a link
     record = {"members": [str(p) for p in how["members"]], "rule": cfg.rule, "temperature": how["temperature"],
               "weights": None if how["weights"] is None else how["weights"].tolist(), "source": how["source"]}
     write_atomic(out_dir / "predictions.json", (json.dumps(record, indent=2) + "\n").encode())
@@ -260,10 +267,13 @@ def evaluate(cfg: DictConfig) -> float | None:
     device = pick_device(cfg.device, key="device")
     precision = pick_precision(cfg.precision, device, key="precision")
     if cfg.predict:  # new images only: no report on a split
-        log.info(f"predictions: {predict(cfg, paths, metas, device, precision, report_dir(cfg, paths))}")
+        out_dir = report_dir(cfg, paths)
+        refuse_to_replace(out_dir / "predictions.csv", cfg.overwrite)
+        log.info(f"predictions: {predict(cfg, paths, metas, device, precision, out_dir)}")
         return None
     split, val = load_split(cfg, paths, metas)
     out_dir = report_dir(cfg, paths)
+    refuse_to_replace(out_dir / "ensemble.json", cfg.overwrite)
     start = time.perf_counter()
     logits = cached_logits(paths, metas, split, cfg.split, cfg.batch_size, device, model_maker(device), precision,
                            cfg.channels_last, cfg.batched)

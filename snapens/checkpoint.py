@@ -90,7 +90,7 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator, device: tor
 
 
 HARMLESS = ("trainer.device", "trainer.num_threads", "trainer.log_every", "trainer.resume", "trainer.checkpoint_every",
-            "trainer.on_nonfinite", "trainer.max_skipped", "ensemble.", "logger.")
+            "trainer.on_nonfinite", "trainer.max_skipped", "trainer.plan_only", "ensemble.", "logger.")
 
 
 def deciding_values(tree: dict, prefix: str = "") -> dict[str, Any]:

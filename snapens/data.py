@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
+from tqdm import tqdm
 
 from snapens.errors import SnapensError
 from snapens.files import write_atomic
@@ -185,7 +186,9 @@ def _load_or_decode(split: str, root: Path, classes: list[str], size: int) -> Sp
     if cached is not None:
         return cached
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # Pillow releases the GIL while decoding
-        images = _stack(list(pool.map(lambda p: read_image(p, size), paths)), paths)
+        decoded = tqdm(pool.map(lambda p: read_image(p, size), paths), total=len(paths), unit="image",
+                       desc=f"decoding {root / split} (once: cached)", disable=None)
+        images = _stack(list(decoded), paths)
     result = Split(images, torch.tensor(labels, dtype=torch.int64))
     metadata = {"classes": json.dumps(classes), "source": source, "arrays": split_digest(result)}
     try:

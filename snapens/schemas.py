@@ -184,6 +184,7 @@ class TrainerConfig:
     snapshot_every: float
     sync_bn: bool
     deterministic: bool
+    plan_only: bool
 
 
 @dataclass

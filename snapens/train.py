@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -27,10 +26,10 @@ from snapens.config import check_config, register_configs
 from snapens.data import split_digest
 from snapens.ensemble import predict_logits
 from snapens.ensemble.report import evaluate_run, format_run
-from snapens.errors import Interrupted, SnapensError
+from snapens.errors import Interrupted
 from snapens.files import write_atomic
 from snapens.monitor import Monitor, training_record
-from snapens.precision import describe
+from snapens.plan import log_plan, log_start, snapshot_every
 from snapens.run_plots import plot_lr_schedule, plot_training_of
 from snapens.snapshots import prune_snapshots, save_snapshot, snapshot_path, snapshot_steps
 from snapens.step import seconds_since, set_hyperparameters, train_step
@@ -63,6 +62,10 @@ def train(cfg: DictConfig, run_dir: str | Path, make_loss: MakeLoss | None = Non
     A run dir that holds a checkpoint is continued from it (bit-identical on CPU to a run never stopped).
     """
     check_config(cfg)
+    if cfg.trainer.plan_only:  # the plan alone: nothing trained, nothing written
+        s = setup(cfg)
+        log_plan(cfg, s, snapshot_steps(s.schedule, snapshot_every(cfg, s), cfg.scheduler.get("cycles")))
+        return None
     if cfg.logger.name == "tensorboard":
         require_tensorboard()
     run_dir = Path(run_dir)
@@ -93,10 +96,7 @@ def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict 
           make_loss: MakeLoss | None = None) -> Run:
     """Build the run and start it afresh (config and a step-0 checkpoint written) or continue the saved one."""
     s = setup(cfg, ranks, make_loss)
-    every = round(cfg.trainer.snapshot_every * s.steps_per_epoch)
-    if cfg.trainer.snapshot_every and not every:
-        raise SnapensError(f"trainer.snapshot_every={cfg.trainer.snapshot_every} epochs is shorter than one step "
-                           f"({s.steps_per_epoch} steps per epoch); give at least {1 / s.steps_per_epoch:.3g}")
+    every = snapshot_every(cfg, s)
     state = None
     if schedules.SCHEDULES[cfg.scheduler.name].adapts_to_validation:  # adaptive SGDR's decisions, checkpointed
         state = adaptive.AdaptiveState(list(adaptive.cycle_lengths(s.schedule)))
@@ -113,21 +113,12 @@ def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict 
     if ranks.main:
         plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run_dir / "lr_schedule.png",
                          cfg.scheduler.name)
+    if ranks.main and not run.resumed:
+        log_plan(cfg, s, run.snapshot_steps)
     log_start(run)
     return run
 
 
-def log_start(run: Run) -> None:
-    """One line: what trains on what, how long, where the snapshots go, on which device and how."""
-    cfg, s, ranks = run.cfg, run.setup, run.ranks
-    log.info(f"{run.metadata['model']} on {cfg.data.name} ({len(s.data.train)} train / {len(s.data.test)} test "
-             f"images), {cfg.scheduler.name}: {s.schedule.total_steps} steps, snapshots after steps "
-             f"{run.snapshot_steps}, on {s.device} ({describe(s.precision, cfg.trainer.channels_last, s.device)}, "
-             f"{torch.get_num_threads()} torch threads"
-             f"{', compiled' if cfg.trainer.compile else ''}{f', {ranks.world} processes' if ranks.parallel else ''})")
-
-
-# ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----------------------
 def loop(run: Run, stops: list[str]) -> None:
     s, progress = run.setup, run.progress
     with Monitor(run) as monitor:
@@ -286,8 +277,12 @@ def main(cfg: DictConfig) -> float:
 
     def job() -> float:
         cli.refuse_tuning_on_test(cfg)
-        log.info(f"run dir {run_dir}")
+        if not cfg.trainer.plan_only:
+            log.info(f"run dir {run_dir}")
         accuracy = train(cfg, run_dir)
+        if cfg.trainer.plan_only:
+            cli.discard_unused_run_dir()  # it holds the log alone: a plan leaves nothing behind
+            return None
         log.info(f"run dir {run_dir}: results.json, snapshots/, metrics.jsonl, training.png, lr_schedule.png")
         return accuracy
 

@@ -19,14 +19,13 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from snapens import cli
 from snapens.build import model_name, setup
 from snapens.config import check_config, register_configs
 from snapens.batches import train_batches
-from snapens.errors import SnapensError, exit_with
+from snapens.errors import SnapensError
 from snapens.files import save_figure, write_atomic
 from snapens.step import set_hyperparameters, train_step
 
@@ -37,7 +36,8 @@ register_configs()
 log = logging.getLogger(__name__)
 SKIP_START = 0.1  # fraction of the planned steps the suggestion ignores, as fastai's lr_find does
 RULE = ("eta_max: the lr where the smoothed loss falls fastest (most negative slope against log10 lr) between the "
-        "first 10% of the steps and its minimum; alternative: the lr at the minimum / 10; eta_min: eta_max / 100")
+        "first 10% of the steps and its minimum before the blow-up, at most a tenth of the lr where the loss blew up; "
+        "alternative: the lr at the minimum / 10; eta_min: eta_max / 100")
 
 
 def check_lr_find(c: DictConfig) -> None:
@@ -67,9 +67,10 @@ def endless_batches(split, batch_size: int, generator: torch.Generator, augmenta
 
 def sweep(step: Callable, optimizer: torch.optim.Optimizer, batches: Iterator, lrs: list[float], smoothing: float,
           diverge_factor: float) -> dict:
-    """One update per lr in `lrs` (step(x, y) -> loss tensor); stop once the smoothed loss diverges. The smoothed
-    loss is fastai's: an exponential moving average of the loss, divided by 1 - smoothing**(i+1) so that an average
-    started at 0 is not too low over the first steps."""
+    """One update per lr in `lrs` (step(x, y) -> loss tensor); stop once the loss diverges: the smoothed loss, or
+    the raw loss of one update (the average lags many steps behind a blow-up), above diverge_factor times the best
+    smoothed loss, or not finite. The smoothed loss is fastai's: an exponential moving average of the loss, divided
+    by 1 - smoothing**(i+1) so that an average started at 0 is not too low over the first steps."""
     losses, smoothed, average, best = [], [], 0.0, math.inf
     for i, (lr, (x, y)) in enumerate(tqdm(zip(lrs, batches), total=len(lrs), unit="step", disable=None)):
         set_hyperparameters(optimizer, lr, None)  # momentum stays as the optimizer config says
@@ -77,29 +78,40 @@ def sweep(step: Callable, optimizer: torch.optim.Optimizer, batches: Iterator, l
         average = smoothing * average + (1 - smoothing) * loss
         losses.append(loss)
         smoothed.append(average / (1 - smoothing ** (i + 1)))
-        if not math.isfinite(smoothed[-1]) or smoothed[-1] > diverge_factor * best:
-            reason = (f"at step {i} (lr {lr:.3g}) the smoothed loss {smoothed[-1]:.4g} "
-                      + (f"exceeded {diverge_factor:g} x its best {best:.4g}" if math.isfinite(smoothed[-1])
-                         else "is not finite"))
+        reason = diverged(loss, smoothed[-1], best, diverge_factor)
+        if reason:
             return {"lrs": lrs[:i + 1], "losses": losses, "smoothed": smoothed, "stopped_early": True,
-                    "stop_reason": reason}
+                    "stop_reason": f"at step {i} (lr {lr:.3g}) {reason}", "blowup_step": i}
         best = min(best, smoothed[-1])
-    return {"lrs": lrs, "losses": losses, "smoothed": smoothed, "stopped_early": False, "stop_reason": None}
+    return {"lrs": lrs, "losses": losses, "smoothed": smoothed, "stopped_early": False, "stop_reason": None,
+            "blowup_step": None}
 
 
-def suggest(lrs: list[float], smoothed: list[float], skip_start: int = 0) -> dict | None:
-    """eta_max at the steepest descent of the smoothed loss before its minimum; None if it has no descent there.
-    The slope is np.gradient against log10 lr (central differences, one-sided at the ends) over steps skip_start to
-    the minimum: a drop after the loss has blown up is never chosen, nor one in the first steps, where the average
-    holds a few batches and its noise looks like a slope (fastai skips the first 10% for this reason)."""
-    loss = np.asarray(smoothed, dtype=float)
+def diverged(loss: float, smoothed: float, best: float, factor: float) -> str | None:
+    """Why the sweep stops at this update, or None: the raw or smoothed loss not finite, or above factor x best."""
+    for name, value in (("loss", loss), ("smoothed loss", smoothed)):
+        if not math.isfinite(value):
+            return f"the {name} is not finite"
+        if value > factor * best:
+            return f"the {name} {value:.4g} exceeded {factor:g} x the best smoothed loss {best:.4g}"
+    return None
+
+
+def suggest(lrs: list[float], smoothed: list[float], skip_start: int = 0, blowup: int | None = None) -> dict | None:
+    """eta_max at the steepest descent of the smoothed loss before its minimum, and at most a tenth of the lr where
+    the loss blew up (step `blowup`, when it did); None if it has no descent there. The slope is np.gradient against
+    log10 lr (central differences, one-sided at the ends) over steps skip_start to the minimum, all before the
+    blow-up: a drop after the loss has blown up is never chosen, nor one in the first steps, where the average holds
+    a few batches and its noise looks like a slope (fastai skips the first 10% for this reason)."""
+    loss = np.asarray(smoothed[:blowup], dtype=float)
     loss = loss[:len(loss) if np.isfinite(loss).all() else int(np.argmin(np.isfinite(loss)))]
     low = int(np.argmin(loss)) if len(loss) else 0
     if low - skip_start < 1:
         return None
     slope = np.gradient(loss[skip_start:low + 1], np.log10(lrs[skip_start:low + 1]))
     steep = skip_start + int(np.argmin(slope))
-    return {"eta_max": lrs[steep], "eta_min": lrs[steep] / 100, "steepest_step": steep,
+    eta_max = lrs[steep] if blowup is None else min(lrs[steep], lrs[blowup] / 10)
+    return {"eta_max": eta_max, "eta_min": eta_max / 100, "steepest_step": steep,
             "slope_per_decade": float(slope[steep - skip_start]), "min_step": low, "lr_at_min": lrs[low],
             "lr_at_min_over_10": lrs[low] / 10}
 
@@ -156,7 +168,8 @@ def find_lr(cfg: DictConfig, run_dir: str | Path) -> dict:
     step, optimizer, batches, setting = prepare(cfg)
     lrs = [lr_at(i, sweep_cfg.start_lr, sweep_cfg.end_lr, sweep_cfg.num_steps) for i in range(sweep_cfg.num_steps)]
     result = sweep(step, optimizer, batches, lrs, sweep_cfg.smoothing, sweep_cfg.diverge_factor)
-    result["suggestion"] = suggest(result["lrs"], result["smoothed"], int(SKIP_START * sweep_cfg.num_steps))
+    result["suggestion"] = suggest(result["lrs"], result["smoothed"], int(SKIP_START * sweep_cfg.num_steps),
+                                   result["blowup_step"])
     result.update(rule=RULE, setting=setting, config={
         k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "optimizer", "trainer", "lr_find")},
                   overrides=result["suggestion"] and overrides_line(result["suggestion"], cfg.scheduler))
@@ -198,12 +211,12 @@ def summary(result: dict, run_dir: str | Path) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="lr_find")
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
-    try:
+
+    def job() -> None:
         log.info(f"run dir {run_dir}")
         log.info("\n" + summary(find_lr(cfg, run_dir), run_dir))  # in lr_find.log too
-    except (SnapensError, OmegaConfBaseException) as e:
-        cli.discard_unused_run_dir()
-        exit_with(e)
+
+    cli.run_job(job)
 
 
 if __name__ == "__main__":

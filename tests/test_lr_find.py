@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import snapens.lr_find as lr_find
 from snapens.errors import SnapensError
@@ -65,11 +66,26 @@ def test_stops_early_when_the_loss_explodes(tmp_path):
     result = lr_find.find_lr(cfg, tmp_path)
     smoothed = result["smoothed"]
     assert result["stopped_early"] and len(result["lrs"]) < n and len(smoothed) == len(result["lrs"])
-    best_before = min(smoothed[:-1])
-    assert not math.isfinite(smoothed[-1]) or smoothed[-1] > 4 * best_before  # the step that stopped it
-    assert all(s <= 4 * min(smoothed[:i + 1]) for i, s in enumerate(smoothed[:-1]))  # and none before
-    assert "smoothed loss" in result["stop_reason"]
+    best_before, last = min(smoothed[:-1]), (result["losses"][-1], smoothed[-1])
+    assert any(not math.isfinite(v) or v > 4 * best_before for v in last)  # the step that stopped it, raw or smoothed
+    assert all(max(loss, s) <= 4 * min(smoothed[:i + 1])  # and none before
+               for i, (loss, s) in enumerate(zip(result["losses"][:-1], smoothed[:-1])))
+    assert "loss" in result["stop_reason"] and result["blowup_step"] == len(smoothed) - 1
+    assert result["suggestion"]["eta_max"] <= result["lrs"][-1] / 10  # a tenth of the blow-up's lr at most
     assert json.loads((tmp_path / "lr_find.json").read_text())["stopped_early"] is True
+
+
+def test_a_raw_blow_up_stops_the_sweep_before_the_lagging_average_does():
+    """Smoothing 0.98 lags many steps behind one exploding update: the raw loss alone stops the sweep, and the
+    suggestion stays below a tenth of the lr where it blew up."""
+    losses = iter([2.3 - 0.02 * i for i in range(40)] + [9.0] * 10)  # falls for 40 updates, then explodes
+    lrs = [10.0 ** (-5 + 0.125 * i) for i in range(50)]
+    result = lr_find.sweep(lambda x, y: next(losses), torch.optim.SGD([torch.zeros(1)], lr=0.1), iter([(0, 0)] * 50),
+                           lrs, smoothing=0.98, diverge_factor=4.0)
+    assert result["blowup_step"] == 40 and result["stop_reason"].startswith("at step 40 (lr 1) the loss 9")
+    assert result["smoothed"][-1] < 4 * min(result["smoothed"][:-1])  # the average alone would have gone on
+    s = lr_find.suggest(result["lrs"], result["smoothed"], 4, result["blowup_step"])
+    assert s["eta_max"] <= lrs[40] / 10 and s["min_step"] < 40
 
 
 def test_suggestion_is_the_steepest_descent_before_the_minimum():

@@ -6,6 +6,7 @@ so inference needs nothing else. safetensors never runs code on load (unlike pic
 temporary file in the same folder that is then renamed, so a reader never sees half a file (snapens.files).
 """
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -27,13 +28,69 @@ def snapshot_path(run_dir: str | Path, cycle: int, swa: bool = False) -> Path:
     return Path(run_dir) / "snapshots" / f"cycle_{cycle:02d}{'_swa' if swa else ''}.safetensors"
 
 
-def save_snapshot(path: Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
-    """Save the model's state_dict with metadata (any JSON-serialisable values)."""
+def save_snapshot(path: Path, model: torch.nn.Module, metadata: dict[str, Any], record: bool = False) -> None:
+    """Save the model's state_dict with metadata (any JSON-serialisable values); with `record`, the file's SHA-256
+    goes into its run's manifest (`verify` checks it before any reader uses the file)."""
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     # One metadata key holding sorted JSON: safetensors writes a dict's keys in hash order, which would make the
     # bytes of two identical snapshots differ.
     meta = {METADATA_KEY: json.dumps({"format": FORMAT, **metadata}, sort_keys=True)}
-    write_atomic(path, save(state, metadata=meta))
+    data = save(state, metadata=meta)
+    write_atomic(path, data)
+    entries = read_manifest(path.parent) if record else None
+    earlier = any(f != path for f in path.parent.glob("*.safetensors"))
+    if record and (entries is not None or not earlier):  # a run begun by an older snapens stays unverified
+        write_manifest(path.parent, {**(entries or {}), path.name: hashlib.sha256(data).hexdigest()})
+
+
+# ---- the manifest: which files a run wrote, and their bytes' SHA-256 -------------------------------------------------
+# <run>/manifest.json, rewritten whole (atomically) after every snapshot of the run: a file in <run>/snapshots/
+# that it does not list was not written there by its run (a copy from another run, a rename), one whose digest
+# differs was changed (a flipped byte, a replaced file). The snapshot files themselves stay as they were, so equal
+# runs stay bit-equal.
+MANIFEST = "manifest.json"
+
+
+def manifest_path(folder: Path) -> Path | None:
+    """The manifest of a run's snapshots/ folder; None for any other folder (files outside a run)."""
+    return folder.parent / MANIFEST if folder.name == "snapshots" else None
+
+
+def read_manifest(folder: Path) -> dict[str, str] | None:
+    """file name -> SHA-256 of the snapshots the run wrote into `folder`; None when there is no manifest (not a
+    run's folder, a run of an older snapens, or files put there by hand)."""
+    path = manifest_path(folder)
+    try:
+        entries = json.loads(path.read_text())["snapshots"] if path else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        entries = []
+    if entries is not None and not isinstance(entries, dict):
+        raise SnapensError(f"{path} is damaged: the snapshots in {folder} cannot be verified; restore it from a "
+                           "copy of the run")
+    return entries
+
+
+def write_manifest(folder: Path, entries: dict[str, str]) -> None:
+    record = {"format": FORMAT, "snapshots": dict(sorted(entries.items()))}
+    write_atomic(manifest_path(folder), (json.dumps(record, indent=1) + "\n").encode())
+
+
+def verify(path: Path, digest: str) -> bool:
+    """Refuse a snapshot its run's manifest does not list with this SHA-256 (one line naming the file and the fix);
+    False when there is no manifest (unverified), True when verified."""
+    entries = read_manifest(path.parent)
+    if entries is None:
+        return False
+    if path.name not in entries:
+        raise SnapensError(f"{path} is not a snapshot its run wrote ({manifest_path(path.parent)} does not list it): a "
+                           "file copied or renamed into that folder; remove it, or give it alone with snapshots=[FILE]")
+    if entries[path.name] != digest:
+        raise SnapensError(f"{path} has changed since its run wrote it (its SHA-256 is not the one in "
+                           f"{manifest_path(path.parent)}): a damaged or replaced file; restore it from a copy or "
+                           "remove it")
+    return True
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -100,6 +157,10 @@ def prune_snapshots(run_dir: str | Path, keep: int) -> list[Path]:
         for name in (path.name, f"{path.stem}_swa.safetensors"):
             doomed += list((Path(run_dir) / "logits").glob(f"*/{name}"))
     deleted = [p for p in doomed if p.exists()]
+    entries = read_manifest(Path(run_dir) / "snapshots")
+    if entries is not None:  # the manifest first: a kill in between leaves files it no longer lists, never the reverse
+        write_manifest(Path(run_dir) / "snapshots", {k: v for k, v in entries.items() if k not in
+                                                     {p.name for p in deleted}})
     for p in deleted:
         p.unlink()
     return deleted

@@ -76,8 +76,7 @@ def load_teacher(paths: list[Path], rule: str, temperature: float, mean, std, de
                            "logits or probs")
     if not 0 < temperature < float("inf"):
         raise SnapensError(f"distill.temperature={temperature} must be > 0 (Hinton et al. use 1 to 20)")
-    for path in paths:
-        meta = found.read([path])[0]
+    for path, meta in zip(paths, found.read(paths)):  # every file verified first
         if not (_same(meta["mean"], mean) and _same(meta["std"], std)):
             raise SnapensError(f"teacher snapshot {path} normalises its inputs with other statistics than the "
                                "student's data: it was trained on other images; distil on the run's own data")

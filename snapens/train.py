@@ -209,12 +209,12 @@ def end_cycle(run: Run, lr: float) -> None:
         cycle = bisect.bisect_left(run.snapshot_steps, progress.step) + 1  # files count cycles from 1
         meta = {**run.metadata, "cycle": cycle, "step": progress.step, "epoch": progress.step / s.steps_per_epoch,
                 "lr": lr}
-        save_snapshot(snapshot_path(run.dir, cycle), s.model, meta)
+        save_snapshot(snapshot_path(run.dir, cycle), s.model, meta, record=True)
         if s.swa:
             averaged = swa.finish(s.swa, s.train_split, run.cfg.ensemble.batch_size, s.data.mean, s.data.std,
                                   trainer.channels_last)
             save_snapshot(snapshot_path(run.dir, cycle, swa=True), averaged,
-                          {**meta, "swa_start": trainer.swa.start, "swa_updates": s.swa.n_averaged})
+                          {**meta, "swa_start": trainer.swa.start, "swa_updates": s.swa.n_averaged}, record=True)
         if trainer.keep_snapshots:
             prune_snapshots(run.dir, trainer.keep_snapshots)
     if s.swa:

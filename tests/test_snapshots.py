@@ -1,16 +1,29 @@
 """Tests for snapens.snapshots: exact round trips, atomic writes, clear errors and cycle ordering."""
 
 import errno
+import json
 import os
+import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
+import snapens.ensemble.__main__ as ensemble_tool
+from snapens.ensemble.ensemble import Ensemble
 from snapens.errors import SnapensError
+from snapens.export import export_run
+from snapens.files import file_digest
 from snapens.models import CifarResNet, WideResNet
-from snapens.snapshots import list_snapshots, load_into, load_snapshot, read_metadata, save_snapshot, snapshot_path
+from snapens.snapshots import (list_snapshots, load_into, load_snapshot, read_metadata, save_snapshot, snapshot_path,
+                               verify)
+from snapens.teacher import load_teacher, teacher_paths
+from snapens.train import train
+
+from conftest import EQUAL_CYCLES_2, compose_config
 
 METADATA = {
     "cycle": 3,
@@ -197,3 +210,57 @@ def test_list_snapshots_finds_snapshot_path_files_in_cycle_order(tmp_path):
     assert listed == [snapshot_path(tmp_path, c) for c in sorted(cycles)]
     assert [read_metadata(p)["cycle"] for p in listed] == sorted(cycles)
     assert snapshot_path(tmp_path, 3).name == "cycle_03.safetensors"
+
+
+# ---- the run's manifest: every reader refuses a changed or foreign snapshot ------------------------------------------
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # inside the last tensor's bytes: the header still parses
+    path.write_bytes(bytes(data))
+
+
+def readers(run: Path, tmp_path: Path) -> dict:
+    """Every tool that reads a finished run's snapshots, each as a call."""
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    Image.new("RGB", (32, 32), (9, 99, 199)).save(folder / "a.png")
+    stats = read_metadata(run / "snapshots" / "cycle_01.safetensors")
+    tool = lambda *extra: ensemble_tool.evaluate(compose_config(f"run={run}", *extra, name="ensemble"))  # noqa: E731
+    return {
+        "report": lambda: tool(f"out={tmp_path / 'report'}"),
+        "predict=": lambda: tool(f"predict={folder}", f"out={tmp_path / 'predictions'}"),
+        "export": lambda: export_run(compose_config(f"run={run}", f"out={tmp_path / 'e.pt2'}", name="export")),
+        "Ensemble.from_run": lambda: Ensemble.from_run(run),
+        "distillation teacher": lambda: load_teacher(teacher_paths(run, "all"), "logits", 4.0, stats["mean"],
+                                                     stats["std"], torch.device("cpu"), None, False),
+    }
+
+
+def test_the_manifest_lists_every_snapshot_with_its_digest(held_out_run):
+    manifest = json.loads((held_out_run / "manifest.json").read_text())["snapshots"]
+    assert manifest == {p.name: file_digest(p) for p in list_snapshots(held_out_run)}
+    assert all(verify(p, file_digest(p)) for p in list_snapshots(held_out_run))
+
+
+def test_a_flipped_byte_is_refused_by_every_reader(held_out_copy, tmp_path):
+    flip_a_byte(held_out_copy / "snapshots" / "cycle_02.safetensors")
+    for name, read in readers(held_out_copy, tmp_path).items():
+        with pytest.raises(SnapensError, match=r"cycle_02.safetensors has changed since its run wrote it .* restore"):
+            read()
+
+
+def test_another_runs_snapshot_is_refused_by_every_reader(held_out_copy, make_cfg, tmp_path):
+    other = tmp_path / "other"
+    train(make_cfg(*EQUAL_CYCLES_2, "trainer.seed=1"), other)
+    shutil.copy(other / "snapshots" / "cycle_02.safetensors", held_out_copy / "snapshots" / "cycle_04.safetensors")
+    for name, read in readers(held_out_copy, tmp_path).items():
+        with pytest.raises(SnapensError, match=r"cycle_04.safetensors is not a snapshot its run wrote"):
+            read()
+
+
+def test_a_run_without_a_manifest_is_read_unverified(held_out_copy, tmp_path):
+    (held_out_copy / "manifest.json").unlink()  # a run of an older snapens
+    assert Ensemble.from_run(held_out_copy).probs(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 4)
+    (held_out_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(SnapensError, match=r"manifest.json is damaged"):
+        Ensemble.from_run(held_out_copy)

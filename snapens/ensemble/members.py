@@ -11,7 +11,7 @@ import torch
 
 from snapens.errors import SnapensError
 from snapens.files import file_digest
-from snapens.snapshots import list_snapshots, read_metadata
+from snapens.snapshots import list_snapshots, read_metadata, verify
 
 REQUIRED = ("classes", "mean", "std", "model_config", "image_size")  # what snapens.train writes into every snapshot
 CHOICES = ("last_m", "greedy", "weighted")  # what training chooses on validation (snapens.ensemble.selection)
@@ -79,13 +79,15 @@ def _select_cycles(paths: list[Path], cycles: list[int]) -> list[Path]:
 
 
 def read(paths: list[Path]) -> list[dict]:
-    """The members' metadata, which must be that of snapens.train; the same snapshot under two names (a copy,
-    which would count twice) is refused."""
+    """The members' metadata, which must be that of snapens.train; a file its run's manifest does not list with
+    these bytes (another run's, or a changed one) and the same snapshot under two names (a copy, which would count
+    twice) are refused."""
     seen = {}
     for path in paths:
         digest = file_digest(path)
         if digest in seen:
             raise SnapensError(f"{seen[digest]} and {path} hold the same snapshot (identical bytes); remove the copy")
+        verify(path, digest)
         seen[digest] = path
     metas = [read_metadata(p) for p in paths]
     for path, meta in zip(paths, metas):

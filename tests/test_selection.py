@@ -113,3 +113,20 @@ def test_weights_fitted_on_validation_lower_its_nll(rule):
     assert list(chosen["weighted"]["weights"]) == ["c1", "c2", "c3"]
     assert chosen["weighted"]["val"]["nll"] == pytest.approx(fitted, rel=1e-12)
     assert "weighted" not in selection.choose(logits, LABELS, logits, LABELS, ["c1", "c2", "c3"], "vote")
+
+
+def test_members_that_all_give_a_label_zero_probability_still_give_a_choice(make_cfg, tmp_path):
+    """Finding 1 of issue 24: every validation NLL infinite made greedy choose nobody and the report crash. Now
+    the choices fall back to the last member, and a run that diverged in effect still writes results.json."""
+    logits = torch.zeros(3, 4, 2, dtype=torch.float64)
+    logits[..., 1] = 1e4  # every member sure of class 1 (p = 1 exactly), every label 0: p[label] = 0
+    labels = torch.zeros(4, dtype=torch.int64)
+    assert selection.greedy(logits, labels, "logits") == [2] and selection.last_m(logits, labels, "logits") == [2]
+    chosen = selection.choose(logits, labels, logits, labels, ["c1", "c2", "c3"])
+    assert chosen["greedy"]["members"] == ["c3"] and chosen["last_m"]["members"] == ["c3"]
+    train(make_cfg(*EQUAL_CYCLES_3, "trainer.batch_size=32", "data.val_size=32", "scheduler.eta_max=10000"), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all(s["nll"] == float("inf") for s in results["val"]["snapshots"])  # the finding's degenerate run
+    assert results["chosen"]["greedy"]["members"] == ["cycle_03"]
+    assert results["verdict"]["advice"].startswith("Every snapshot gives some validation image a probability of "
+                                                   "exactly 0") and "scheduler.eta_max" in results["verdict"]["advice"]

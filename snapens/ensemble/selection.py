@@ -36,7 +36,8 @@ def last_m(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> list[int]:
 
 def greedy(logits: torch.Tensor, labels: torch.Tensor, rule: str, max_size: int | None = None) -> list[int]:
     """Caruana et al.'s forward selection with replacement on validation logits: member indices in the order they
-    were added, repeats kept; at most `max_size` (default 2M) picks."""
+    were added, repeats kept; at most `max_size` (default 2M) picks. When no member has a finite criterion (every
+    one gives some validation image a probability of exactly 0), the last member alone, as last_m chooses then."""
     chosen: list[int] = []
     best = float("inf")
     for _ in range(max_size or 2 * len(logits)):
@@ -45,7 +46,7 @@ def greedy(logits: torch.Tensor, labels: torch.Tensor, rule: str, max_size: int 
         if value >= best:
             break
         chosen, best = chosen + [pick], value
-    return chosen
+    return chosen or [len(logits) - 1]
 
 
 def weighted_probabilities(logits: torch.Tensor, weights: torch.Tensor, rule: str) -> torch.Tensor:
@@ -128,7 +129,13 @@ def verdict(result: dict, weak_by: float = 0.05) -> dict:
     out = {"trend": trend, "ensemble_gain": result["ensemble"]["acc"] - last,
            "chosen_gains": {k: c["test"]["acc"] - last for k, c in result.get("chosen", {}).items() if k != "by"},
            "advice": None}
-    if len(trend) > 1 and last - sum(trend[:-1]) / (len(trend) - 1) >= weak_by and out["ensemble_gain"] <= 0:
+    val = result.get("val", {}).get("snapshots", [])
+    if val and all(s["nll"] is not None and s["nll"] == float("inf") for s in val):
+        out["advice"] = (
+            "Every snapshot gives some validation image a probability of exactly 0 for its true class (validation "
+            "NLL infinite): the training diverged in effect, and the last m and greedy choices fell back to the last "
+            "snapshot; lower scheduler.eta_max (python -m snapens.lr_find suggests one).")
+    elif len(trend) > 1 and last - sum(trend[:-1]) / (len(trend) - 1) >= weak_by and out["ensemble_gain"] <= 0:
         out["advice"] = (
             f"The earlier snapshots are much weaker than the last (cycle 1 {100 * trend[0]:.1f}%, cycle {len(trend)} "
             f"{100 * last:.1f}%) and the ensemble of all {len(trend)} is {100 * -out['ensemble_gain']:.1f} points "

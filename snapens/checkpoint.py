@@ -224,6 +224,29 @@ def run_dir_lock(run_dir: Path):
             lock.truncate(0)  # an empty lock file: nobody is training here (a killed holder leaves its PID behind)
 
 
+def training_holder(run_dir: Path) -> str | None:
+    """The process training into `run_dir` now (the holder of its lock, as `run_dir_lock` wrote it), or None."""
+    try:
+        with open(run_dir / ".lock") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as e:
+                return lock.read().strip() or "another process" if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) \
+                    else None
+    except OSError:  # no lock file: never trained by this snapens, or not a run dir
+        return None
+    return None
+
+
+def refuse_while_training(run_dirs: list) -> None:
+    """A run still training is not reported on as if it had finished: one line naming it and the fix."""
+    for run_dir in run_dirs:
+        holder = training_holder(Path(run_dir))
+        if holder:
+            raise SnapensError(f"run dir {run_dir} is still training (process {holder} holds its lock): its snapshots "
+                               "are not all there yet; run this again once its training has ended")
+
+
 @dataclass
 class Progress:
     """Where the loop stands; saved in every checkpoint (as a dict)."""

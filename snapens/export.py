@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from snapens import cli
+from snapens.checkpoint import refuse_while_training
 from snapens.config import check_inference_options, register_configs
 from snapens.ensemble import members as found
 from snapens.ensemble.ensemble import Ensemble
@@ -44,6 +45,7 @@ def check_options(cfg: DictConfig) -> None:
                            "chosen=, rule=, calibrate= and out=")
     check_inference_options(cfg)
     found.check_chosen(cfg.chosen, cfg.run, cfg.members, cfg.swa)
+    refuse_while_training([cfg.run] if cfg.run else cfg.runs)
     refuse_to_replace(Path(cfg.out), cfg.overwrite)
 
 

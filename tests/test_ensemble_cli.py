@@ -3,6 +3,7 @@ on new images, and one clear line for every bad input."""
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -301,3 +302,16 @@ def test_no_output_is_replaced_silently(run, tmp_path):
     with pytest.raises(SnapensError, match=r"ensemble.json exists, written by an earlier call"):
         cli.evaluate(compose_config(f"run={run}", f"out={tmp_path / 'r'}", name="ensemble"))
     assert cli.cell("=HYPERLINK(1)") == "'=HYPERLINK(1)" and cli.cell("cat") == "cat" and cli.cell("-1") == "'-1"
+
+
+def test_a_run_still_training_is_not_reported_on(run, tmp_path):
+    """Finding 7 of issue 24: while a training holds the run's lock, the tool and predict= refuse (nothing written
+    into the run dir); once it has ended, they work."""
+    from snapens.checkpoint import run_dir_lock
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with run_dir_lock(run):
+        for extra in ([], [f"predict={run / 'lr_schedule.png'}"]):
+            with pytest.raises(SnapensError, match=rf"run dir {run} is still training \(process {os.getpid()} holds"):
+                cli.evaluate(compose_config(f"run={run}", *extra, name="ensemble"))
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert cli.evaluate(compose_config(f"run={run}", name="ensemble")) > 0

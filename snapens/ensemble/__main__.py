@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from snapens import cli
 from snapens.build import build_data, pick_device, pick_precision
+from snapens.checkpoint import refuse_while_training
 from snapens.config import check_inference_options, register_configs, schema_of
 from snapens.data import IMAGE_EXTENSIONS, Split, read_image
 from snapens.ensemble import calibration, members as found, metrics, rules, selection
@@ -262,6 +263,7 @@ def evaluate(cfg: DictConfig) -> float | None:
         raise SnapensError(f"chosen={cfg.chosen} is for predict=IMAGES (and snapens.export); the report already "
                            "scores every choice")
     found.check_chosen(cfg.chosen, cfg.run, cfg.members, cfg.swa)
+    refuse_while_training([cfg.run] if cfg.run else cfg.runs)
     paths = [p for group in found.find(cfg.run, cfg.runs, cfg.snapshots, cfg.members, cfg.swa) for p in group]
     metas = found.read(paths)
     device = pick_device(cfg.device, key="device")

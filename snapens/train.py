@@ -259,7 +259,8 @@ def report(run: Run) -> float | None:
     if not run.ranks.main:
         return None
     result = {**evaluate_run(run.dir, s.data.test, s.data.val, run.cfg.ensemble.rule, run.cfg.ensemble.batch_size,
-                             s.device, lambda *_: s.model, s.precision, trainer.channels_last), "training": training}
+                             s.device, lambda *_: s.model, s.precision, trainer.channels_last,
+                             restarts=len(s.schedule.cycle_ends()) > 1), "training": training}
     write_atomic(run.dir / "results.json", (json.dumps(result, indent=2) + "\n").encode())
     plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run.dir / "lr_schedule.png",
                      run.cfg.scheduler.name)  # final

@@ -23,7 +23,7 @@ from snapens.build import build_data, pick_device, pick_precision
 from snapens.checkpoint import refuse_while_training
 from snapens.config import check_inference_options, register_configs, schema_of
 from snapens.data import IMAGE_EXTENSIONS, Split, read_image
-from snapens.ensemble import calibration, members as found, metrics, rules, selection
+from snapens.ensemble import calibration, members as found, metrics, rules, selection, uncertainty
 from snapens.ensemble.cache import cached_logits, compute_logits
 from snapens.ensemble.report import build_report, format_report
 from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, plot_reliability
@@ -115,6 +115,7 @@ def report(cfg, paths, metas, logits, labels, out_dir: Path, logits_seconds: flo
               "why": f"members={cfg.members} as given; nothing was chosen by looking at {cfg.split} results",
               "curves": metrics.curves(logits, labels, bins=cfg.bins),
               "disagreement": metrics.disagreement(logits).tolist(),
+              "gains": uncertainty.gains(logits, labels, cfg.rule, fitted.get("chosen", {}), found.names(paths)),
               "logits_seconds": logits_seconds}  # wall time of reading or computing every member's logits
     result.update(fitted)
     write_atomic(out_dir / "ensemble.json", (json.dumps(result, indent=2) + "\n").encode())

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from snapens.data import Split
-from snapens.ensemble import calibration, metrics, selection
+from snapens.ensemble import calibration, metrics, selection, uncertainty
 from snapens.ensemble.cache import cached_logits
 from snapens.snapshots import list_snapshots, read_metadata
 
@@ -67,10 +67,11 @@ def format_report(report: dict) -> str:
 
 def evaluate_run(run_dir: Path, test: Split, val: Split | None, rule: str, batch_size: int, device: torch.device,
                  model_for: Callable[[Path, dict], torch.nn.Module], precision: torch.dtype | None = None,
-                 channels_last: bool = False) -> dict:
+                 channels_last: bool = False, restarts: bool = True) -> dict:
     """Every snapshot of the run read back from its file (its logits kept in logits/<split>/) and `build_report`
     on test; with a validation split also the report on it, the members chosen on it (selection.choose) and the
-    temperatures fitted on it (calibration), each only then scored on test; and the verdict."""
+    temperatures fitted on it (calibration), each only then scored on test; each gain's paired interval
+    (uncertainty); and the verdict (`restarts`: whether the schedule restarts, which the advice depends on)."""
     paths = list_snapshots(run_dir)
     metas = [read_metadata(p) for p in paths]
     logits = {name: cached_logits(paths, metas, split, name, batch_size, device, model_for, precision, channels_last)
@@ -83,7 +84,9 @@ def evaluate_run(run_dir: Path, test: Split, val: Split | None, rule: str, batch
         fitted = calibration.calibrate_run(logits["val"], val.labels, logits["test"], test.labels, rule)
         if fitted:  # a temperature per model, fitted on validation (Guo et al. 2017); predict= applies it
             result["calibration"] = fitted
-    result["verdict"] = selection.verdict(result)
+    result["gains"] = uncertainty.gains(logits["test"], test.labels, rule, result.get("chosen", {}),
+                                        [p.stem for p in paths])
+    result["verdict"] = selection.verdict(result, restarts=restarts)
     return result
 
 

@@ -119,16 +119,18 @@ def format_choice(chosen: dict) -> str:
     return "\n".join(lines)
 
 
-def verdict(result: dict, weak_by: float = 0.05) -> dict:
+def verdict(result: dict, weak_by: float = 0.05, restarts: bool = True) -> dict:
     """What a finished run's numbers say about its ensemble, from results.json's own numbers (nothing is chosen by
     it): each snapshot's test accuracy in cycle order, the all-snapshot ensemble's gain over the last snapshot, the
-    chosen ones' gains, and, when the earlier snapshots average `weak_by` or more below the last and averaging them
-    in did not help, one plain sentence on why and what to try."""
+    chosen ones' gains (with their intervals, results.json's "gains"), and one plain sentence built from the run's
+    facts when something went wrong: a run that diverged in effect, or earlier snapshots `weak_by` or more below the
+    last that averaging in did not help, said for a schedule with restarts (`restarts`) or without, and for a run
+    with members chosen on validation or without one."""
     trend = [s["acc"] for s in result["snapshots"]]
     last = result["single"]["acc"]
     out = {"trend": trend, "ensemble_gain": result["ensemble"]["acc"] - last,
            "chosen_gains": {k: c["test"]["acc"] - last for k, c in result.get("chosen", {}).items() if k != "by"},
-           "advice": None}
+           "advice": None, "intervals": result.get("gains")}
     val = result.get("val", {}).get("snapshots", [])
     if val and all(s["nll"] is not None and s["nll"] == float("inf") for s in val):
         out["advice"] = (
@@ -136,19 +138,41 @@ def verdict(result: dict, weak_by: float = 0.05) -> dict:
             "NLL infinite): the training diverged in effect, and the last m and greedy choices fell back to the last "
             "snapshot; lower scheduler.eta_max (python -m snapens.lr_find suggests one).")
     elif len(trend) > 1 and last - sum(trend[:-1]) / (len(trend) - 1) >= weak_by and out["ensemble_gain"] <= 0:
-        out["advice"] = (
-            f"The earlier snapshots are much weaker than the last (cycle 1 {100 * trend[0]:.1f}%, cycle {len(trend)} "
-            f"{100 * last:.1f}%) and the ensemble of all {len(trend)} is {100 * -out['ensemble_gain']:.1f} points "
-            "below the last snapshot: the cycles look too short for this model and data. Huang et al. (arXiv "
-            "1704.00109) give each CIFAR cycle 40-50 epochs; try fewer cycles (scheduler.cycles=M) or a larger "
-            "trainer.epochs, and hold out data.val_size=N to have members chosen on validation.")
+        out["advice"] = weak_early_snapshots(result, trend, -out["ensemble_gain"], restarts)
     return out
 
 
+def weak_early_snapshots(result: dict, trend: list[float], loss: float, restarts: bool) -> str:
+    """The advice when the earlier snapshots drag the ensemble down, from the run's own facts."""
+    head = (f"The earlier snapshots are much weaker than the last (cycle 1 {100 * trend[0]:.1f}%, cycle {len(trend)} "
+            f"{100 * trend[-1]:.1f}%) and the ensemble of all {len(trend)} is {100 * loss:.1f} points below the last "
+            "snapshot: ")
+    why = ("the cycles look too short for this model and data. Huang et al. (arXiv 1704.00109) give each CIFAR cycle "
+           "40-50 epochs; try fewer cycles (scheduler.cycles=M) or a larger trainer.epochs" if restarts else
+           "this schedule has no restarts, so the earlier snapshots were taken at a high learning rate, far from any "
+           "minimum; a snapshot ensemble needs cycles that each end at a minimum (scheduler=sgdr or snapshot)")
+    chosen = result.get("chosen", {}).get("greedy")
+    after = (f". Chosen on validation (greedy): {' '.join(chosen['members'])}." if chosen else
+             ", and hold out data.val_size=N to have members chosen on validation.")
+    return head + why + after
+
+
 def format_verdict(v: dict) -> str:
-    """The verdict's lines for the log."""
-    gains = ", ".join(f"{name} {100 * g:+.2f}" for name, g in {"all snapshots": v["ensemble_gain"],
-                                                               **v["chosen_gains"]}.items())
+    """The verdict's lines for the log: each gain over the last snapshot with its paired 95% interval on the test
+    images (snapens.ensemble.uncertainty) where the report has one, and the advice."""
+    intervals = {k: g for k, g in (v.get("intervals") or {}).items() if isinstance(g, dict)}
+    if intervals:
+        acc = ", ".join(f"{name} {_interval(g['acc'], 100, '.2f')}" for name, g in intervals.items())
+        nll = ", ".join(f"{name} {_interval(g['nll'], 1, '.3f')}" for name, g in intervals.items() if "nll" in g)
+        gains = f"{acc}; NLL change: {nll or '-'} (paired 95% intervals on the test images)"
+    else:
+        gains = ", ".join(f"{name} {100 * g:+.2f}" for name, g in {"all snapshots": v["ensemble_gain"],
+                                                                   **v["chosen_gains"]}.items())
     lines = [f"test accuracy by cycle: {' '.join(f'{100 * a:.1f}' for a in v['trend'])} (%); ensemble gain over "
              f"the last snapshot (points): {gains}"]
     return "\n".join(lines + ([v["advice"]] if v["advice"] else []))
+
+
+def _interval(g: dict, scale: float, form: str) -> str:
+    shown = f"{scale * g['gain']:+{form}} [{scale * g['low']:+{form}}, {scale * g['high']:+{form}}]"
+    return shown if g["distinguishable"] else f"{shown} (not distinguishable from zero)"

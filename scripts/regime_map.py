@@ -19,10 +19,16 @@ first, then SWA and FGE.
 """
 
 import argparse
+import csv
+import io
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a file from anywhere: snapens is importable without an install too
 
 DEPTHS = (8, 20)
 # epochs that give about 2,500 and 10,000 updates at batch 32 for each training-set size
@@ -66,15 +72,103 @@ def run(root: Path, out: Path) -> None:
         print(f"{time.strftime('%H:%M:%S')} {name}: exit {done.returncode}", flush=True)
 
 
+def test_logits(run: Path):
+    """M x N x C: the run's snapshots' test logits, as its training cached them (logits/test/)."""
+    import torch
+    from safetensors import safe_open
+
+    out = []
+    for path in sorted((run / "logits" / "test").glob("cycle_??.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            out.append(f.get_tensor("logits"))
+    return torch.stack(out).double()
+
+
+def train_accuracy(run: Path, steps: list[int]) -> list[float]:
+    """The running training accuracy of the epoch each snapshot ends (metrics.jsonl; augmented batches)."""
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [next(e["train_acc"] for e in epochs if e["step"] >= step) for step in steps]
+
+
+def summarise_cell(cell: str, out: Path, labels) -> dict | None:
+    """One cell's M4 run against its M1 run, paired on the test images (snapens.ensemble.uncertainty)."""
+    from snapens.ensemble import rules, uncertainty
+
+    runs = {arm: out / f"{cell}_{arm}" for arm in ("M1", "M4")}
+    if not all((r / "results.json").exists() for r in runs.values()):
+        return None
+    results = {arm: json.loads((r / "results.json").read_text()) for arm, r in runs.items()}
+    z1, z4 = test_logits(runs["M1"]), test_logits(runs["M4"])
+    one = uncertainty.per_image(rules.probabilities(z1), z1[0].argmax(-1), labels)
+    steps = [s["step"] for s in results["M4"]["snapshots"]]
+    row = {"cell": cell, "updates_per_cycle": steps[0], "M1_acc": results["M1"]["single"]["acc"],
+           "M1_nll": results["M1"]["single"]["nll"],
+           "M1_train_acc": train_accuracy(runs["M1"], [results["M1"]["snapshots"][-1]["step"]])[0],
+           "M4_train_acc": train_accuracy(runs["M4"], steps), "M4_snapshot_acc": [s["acc"] for s in
+                                                                                  results["M4"]["snapshots"]],
+           "M4_last_acc": results["M4"]["single"]["acc"], "M4_all_acc": results["M4"]["ensemble"]["acc"],
+           "M4_all_nll": results["M4"]["ensemble"]["nll"]}
+    members = {"all": list(range(len(z4))), "greedy": [int(n[-2:]) - 1 for n in
+                                                         results["M4"]["chosen"]["greedy"]["members"]]}
+    for name, picks in members.items():
+        combined = uncertainty.per_image(rules.probabilities(z4[picks]), rules.predictions(z4[picks]), labels)
+        row[f"{name}_vs_M1"] = uncertainty.gain(combined, one)
+    return row
+
+
+def summarise(root: Path, out: Path, to: Path) -> None:
+    """regime.md and regime.csv in `to`: every finished cell's M4 against its M1 run (1 seed)."""
+    from snapens.data import load_image_folder
+
+    labels = load_image_folder(str(root))[1].labels  # the whole test set, in the order every run scored it
+    cells = dict.fromkeys(name.rsplit("_", 1)[0] for name, _ in cells_in_order())
+    rows = [r for cell in cells if (r := summarise_cell(cell, out, labels))]
+    table = ["| cell | updates per cycle | train acc at each M4 snapshot (%) | M1 test acc (%) | M4 last | M4 all "
+             "| all vs M1 (pp, 95%) | greedy (val) vs M1 (pp, 95%) | NLL: all vs M1 (95%) |",
+             "| --- | ---: | --- | ---: | ---: | ---: | --- | --- | --- |"]
+    for r in rows:
+        acc = lambda g: f"{100 * g['gain']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}]"  # noqa: E731
+        nll = r["all_vs_M1"].get("nll")
+        table.append(f"| {r['cell']} | {r['updates_per_cycle']} | "
+                     f"{' '.join(f'{100 * a:.0f}' for a in r['M4_train_acc'])} | {100 * r['M1_acc']:.2f} | "
+                     f"{100 * r['M4_last_acc']:.2f} | {100 * r['M4_all_acc']:.2f} | {acc(r['all_vs_M1']['acc'])} | "
+                     f"{acc(r['greedy_vs_M1']['acc'])} | "
+                     + (f"{nll['gain']:+.3f} [{nll['low']:+.3f}, {nll['high']:+.3f}] |" if nll else "- |"))
+    to.mkdir(parents=True, exist_ok=True)
+    (to / "regime.md").write_text("\n".join(table) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["cell", "updates_per_cycle", "M1_acc", "M1_nll", "M1_train_acc", "M4_last_acc", "M4_all_acc",
+                     "M4_all_nll", "M4_train_acc", "M4_snapshot_acc", "all_vs_M1_acc", "all_vs_M1_acc_low",
+                     "all_vs_M1_acc_high", "all_vs_M1_nll", "greedy_vs_M1_acc", "greedy_vs_M1_acc_low",
+                     "greedy_vs_M1_acc_high"])
+    for r in rows:
+        a, g, n = r["all_vs_M1"]["acc"], r["greedy_vs_M1"]["acc"], r["all_vs_M1"].get("nll", {})
+        writer.writerow([r["cell"], r["updates_per_cycle"], r["M1_acc"], r["M1_nll"], r["M1_train_acc"],
+                         r["M4_last_acc"], r["M4_all_acc"], r["M4_all_nll"], " ".join(map(str, r["M4_train_acc"])),
+                         " ".join(map(str, r["M4_snapshot_acc"])), a["gain"], a["low"], a["high"], n.get("gain"),
+                         g["gain"], g["low"], g["high"]])
+    (to / "regime.csv").write_text(buffer.getvalue())
+    print("\n".join(table))
+
+
+def cells_in_order():
+    return cells()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("run", "list"))
+    parser.add_argument("action", choices=("run", "list", "summarise"))
+    parser.add_argument("--to", type=Path, default=Path("docs"), help="summarise: where regime.md/.csv go")
     parser.add_argument("--root", type=Path, default=Path("data/cifar10-jpeg"), help="the CIFAR-10 ImageFolder")
     parser.add_argument("--out", type=Path, default=Path("outputs/regime"), help="one run dir per cell here")
     args = parser.parse_args()
     if args.action == "list":
         for name, overrides in cells():
             print(" ".join(command(name, overrides, args.root, args.out)[1:]))
+        return
+    if args.action == "summarise":
+        summarise(args.root, args.out, args.to)
         return
     run(args.root.resolve(), args.out.resolve())
 

@@ -45,8 +45,8 @@ def save_snapshot(path: Path, model: torch.nn.Module, metadata: dict[str, Any], 
 
 # ---- the manifest: which files a run wrote, and their bytes' SHA-256 -------------------------------------------------
 # <run>/manifest.json, rewritten whole (atomically) after every snapshot of the run: a file in <run>/snapshots/
-# that it does not list was not written there by its run (a copy from another run, a rename), one whose digest
-# differs was changed (a flipped byte, a replaced file). The snapshot files themselves stay as they were, so equal
+# whose bytes it does not list was not written by its run (a copy from another run) or was changed since (a flipped
+# byte, a replaced file). The snapshot files themselves stay as they were, so equal
 # runs stay bit-equal.
 MANIFEST = "manifest.json"
 
@@ -78,11 +78,12 @@ def write_manifest(folder: Path, entries: dict[str, str]) -> None:
 
 
 def verify(path: Path, digest: str) -> bool:
-    """Refuse a snapshot its run's manifest does not list with this SHA-256 (one line naming the file and the fix);
-    False when there is no manifest (unverified), True when verified."""
+    """Refuse a snapshot whose bytes its run's manifest does not list (one line naming the file and the fix; a file
+    the run wrote keeps its digest under another name, so a rename is no change); False when there is no manifest
+    (unverified), True when verified."""
     entries = read_manifest(path.parent)
-    if entries is None:
-        return False
+    if entries is None or digest in entries.values():
+        return entries is not None
     if path.name not in entries:
         raise SnapensError(f"{path} is not a snapshot its run wrote ({manifest_path(path.parent)} does not list it): a "
                            "file copied or renamed into that folder; remove it, or give it alone with snapshots=[FILE]")

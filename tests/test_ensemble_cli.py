@@ -103,11 +103,12 @@ def test_results_json_ensemble_json_and_evaluate_share_one_shape(run):
         ensemble.add(model)
     evaluated = ensemble.evaluate([(x[i:i + 64], data.test.labels[i:i + 64]) for i in range(0, len(x), 64)])
 
-    assert set(results) == SHAPE | {"training", "val", "chosen", "calibration", "verdict"}  # with a validation split
+    assert set(results) == SHAPE | {"training", "val", "chosen", "calibration", "verdict", "gains"}  # with val
     assert set(results["val"]) == SHAPE and results["val"]["split"] == "val"
-    assert set(report) == SHAPE | {"why", "curves", "disagreement", "logits_seconds", "chosen", "calibration"}
+    assert set(report) == SHAPE | {"why", "curves", "disagreement", "logits_seconds", "chosen", "calibration", "gains"}
     assert report["chosen"] == results["chosen"]  # chosen on the same cached validation logits, alike
     assert report["calibration"] == results["calibration"]
+    assert report["gains"] == results["gains"]  # the same intervals, from the same logits and seed
     assert set(evaluated) == SHAPE
     entry = {"file", "name", "cycle", "step", "acc", "nll", "ece"}
     for r in (results, report, evaluated):
@@ -136,7 +137,7 @@ def test_logits_are_cached_and_recomputed_only_when_their_inputs_change(run, mon
     assert calls == []  # every snapshot's logits came from the cache
     path = list_snapshots(run)[1]  # a retrained snapshot: different weights, same name
     model = instantiate(read_metadata(path)["model_config"])
-    save_snapshot(path, model, read_metadata(path))
+    save_snapshot(path, model, read_metadata(path), record=True)
     evaluate(f"run={run}")
     assert calls == [1, 1]  # its test logits, and its validation logits for the members chosen on validation
     evaluate(f"run={run}", "split=val")  # the validation cache is fresh again
@@ -217,13 +218,13 @@ def not_fitting(run):
     """A snapshot whose tensors come from a deeper model than its metadata says."""
     path = list_snapshots(run)[0]
     meta = read_metadata(path)
-    save_snapshot(path, instantiate({**meta["model_config"], "depth": 14}), meta)
+    save_snapshot(path, instantiate({**meta["model_config"], "depth": 14}), meta, record=True)  # as if the run did
 
 
 def other_classes(run):
     path = list_snapshots(run)[2]
     save_snapshot(path, instantiate(read_metadata(path)["model_config"]),
-                  {**read_metadata(path), "classes": ["a", "b", "c", "d"]})
+                  {**read_metadata(path), "classes": ["a", "b", "c", "d"]}, record=True)
 
 
 def code_in_metadata(run):
@@ -232,7 +233,8 @@ def code_in_metadata(run):
     meta = read_metadata(path)
     evil = {"_target_": "os.system", "_args_": [f"touch {run / 'PWNED'}"]}
     save_snapshot(path, instantiate(meta["model_config"]), {**meta, "model_config": {**meta["model_config"],
-                                                                                     "num_classes": evil}})
+                                                                                     "num_classes": evil}},
+                  record=True)  # a crafted run, manifest and all: the allow-list still stops it
 
 
 def other_data_config(run):

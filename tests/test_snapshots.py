@@ -258,6 +258,11 @@ def test_another_runs_snapshot_is_refused_by_every_reader(held_out_copy, make_cf
             read()
 
 
+def test_a_renamed_snapshot_of_the_run_still_verifies(held_out_copy):
+    (held_out_copy / "snapshots" / "cycle_02.safetensors").rename(held_out_copy / "snapshots" / "cycle_07.safetensors")
+    assert len(Ensemble.from_run(held_out_copy).members) == 3  # its bytes are the ones the run wrote
+
+
 def test_a_run_without_a_manifest_is_read_unverified(held_out_copy, tmp_path):
     (held_out_copy / "manifest.json").unlink()  # a run of an older snapens
     assert Ensemble.from_run(held_out_copy).probs(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 4)

@@ -82,13 +82,13 @@ def read(paths: list[Path]) -> list[dict]:
     """The members' metadata, which must be that of snapens.train; a file its run's manifest does not list with
     these bytes (another run's, or a changed one) and the same snapshot under two names (a copy, which would count
     twice) are refused."""
-    seen = {}
-    for path in paths:
-        digest = file_digest(path)
+    seen, digests = {}, [file_digest(path) for path in paths]
+    for path, digest in zip(paths, digests):
         if digest in seen:
             raise SnapensError(f"{seen[digest]} and {path} hold the same snapshot (identical bytes); remove the copy")
-        verify(path, digest)
         seen[digest] = path
+    for path, digest in zip(paths, digests):
+        verify(path, digest)
     metas = [read_metadata(p) for p in paths]
     for path, meta in zip(paths, metas):
         missing = [k for k in REQUIRED if k not in meta]

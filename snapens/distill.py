@@ -156,6 +156,9 @@ def main(cfg: DictConfig) -> float | None:
                  f"{student.distill.rule}) into {student.model.get('_target_', 'a model').rsplit('.', 1)[-1]}, "
                  f"T={student.distill.temperature:g}, alpha={student.distill.alpha:g}")
         accuracy = train(student, run_dir, make_loss=distillation_loss(student))
+        if student.trainer.plan_only:  # the plan alone: nothing trained to compare
+            cli.discard_unused_run_dir()
+            return None
         results_path = run_dir / "results.json"
         results = json.loads(results_path.read_text())
         results["distillation"] = compare(student, run_dir)

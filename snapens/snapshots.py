@@ -60,13 +60,13 @@ def read_manifest(folder: Path) -> dict[str, str] | None:
     """file name -> SHA-256 of the snapshots the run wrote into `folder`; None when there is no manifest (not a
     run's folder, a run of an older snapens, or files put there by hand)."""
     path = manifest_path(folder)
-    try:
-        entries = json.loads(path.read_text())["snapshots"] if path else None
-    except FileNotFoundError:
+    if path is None or not path.exists():
         return None
+    try:
+        entries = json.loads(path.read_text())["snapshots"]
     except (OSError, ValueError, KeyError, TypeError):
-        entries = []
-    if entries is not None and not isinstance(entries, dict):
+        entries = None
+    if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
         raise SnapensError(f"{path} is damaged: the snapshots in {folder} cannot be verified; restore it from a "
                            "copy of the run")
     return entries
@@ -78,19 +78,23 @@ def write_manifest(folder: Path, entries: dict[str, str]) -> None:
 
 
 def verify(path: Path, digest: str) -> bool:
-    """Refuse a snapshot whose bytes its run's manifest does not list (one line naming the file and the fix; a file
-    the run wrote keeps its digest under another name, so a rename is no change); False when there is no manifest
-    (unverified), True when verified."""
+    """Refuse a snapshot whose bytes its run's manifest does not list under its name (or, for a file the run wrote
+    and that was renamed since, under a name no file has any more): one line naming the file and the fix. False when
+    there is no manifest (unverified), True when verified."""
     entries = read_manifest(path.parent)
-    if entries is None or digest in entries.values():
-        return entries is not None
-    if path.name not in entries:
-        raise SnapensError(f"{path} is not a snapshot its run wrote ({manifest_path(path.parent)} does not list it): a "
-                           "file copied or renamed into that folder; remove it, or give it alone with snapshots=[FILE]")
-    if entries[path.name] != digest:
-        raise SnapensError(f"{path} has changed since its run wrote it (its SHA-256 is not the one in "
-                           f"{manifest_path(path.parent)}): a damaged or replaced file; restore it from a copy or "
-                           "remove it")
+    if entries is None:
+        return False
+    if path.name in entries:
+        if entries[path.name] != digest:
+            raise SnapensError(f"{path} has changed since its run wrote it (its SHA-256 is not the one in "
+                               f"{manifest_path(path.parent)}): a damaged or replaced file; restore it from a copy or "
+                               "remove it")
+        return True
+    renamed = [name for name, d in entries.items() if d == digest and not (path.parent / name).exists()]
+    if not renamed:
+        raise SnapensError(f"{path} is not a snapshot its run wrote ({manifest_path(path.parent)} does not list it): "
+                           "a file copied into that folder; remove it, or move it out of snapshots/ and give it "
+                           "with snapshots=[FILE]")
     return True
 
 

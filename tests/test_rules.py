@@ -4,6 +4,7 @@ distillation teacher at T = 1, temperature scaling's formula and SnapshotEnsembl
 
 import csv
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +126,25 @@ def test_every_path_gives_the_same_probabilities(run, tmp_path, case):
     for name, probs in paths.items():
         assert (probs - expected).abs().max().item() < 1e-5, name
     assert (teacher - pooled).abs().max().item() < 1e-5  # the teacher at T = 1: the pooled, unscaled distribution
+
+
+def test_weighted_votes_count_repeated_picks_as_repeats_do():
+    """Greedy selection's repeats as weights (6 and 5 picks of two members) predict what the repeated stack does."""
+    z = torch.zeros(2, 3, 2)
+    z[0, :, 0], z[1, :, 1] = 1.0, 1.0
+    z[1, 2] = torch.tensor([0.0, 0.9])  # image 2: the lighter member less sure
+    repeated = torch.cat([z[:1]] * 6 + [z[1:]] * 5)
+    weights = torch.tensor([6 / 11, 5 / 11], dtype=torch.float64)
+    assert torch.equal(rules.predictions(z, "vote", weights), rules.predictions(repeated, "vote"))
+    assert torch.allclose(rules.probabilities(z.double(), "vote", weights), rules.probabilities(repeated.double(), "vote"))
+
+
+def test_member_weights_of_the_wrong_length_are_refused():
+    with pytest.raises(ValueError, match="weights must be 3 numbers, one per member"):
+        members.distinct({"members": ["a", "b", "c"], "weights": torch.tensor([0.5, 0.5])})
+
+
+def test_member_names_tell_runs_with_the_same_dir_name_apart():
+    paths = [Path(f"/x/sweep{s}/0/snapshots/cycle_0{c}.safetensors") for s in "AB" for c in (1, 2)]
+    assert members.names(paths) == ["sweepA/0/cycle_01", "sweepA/0/cycle_02", "sweepB/0/cycle_01", "sweepB/0/cycle_02"]
+    assert members.names(paths[:2]) == ["cycle_01", "cycle_02"]

@@ -269,3 +269,10 @@ def test_a_run_without_a_manifest_is_read_unverified(held_out_copy, tmp_path):
     (held_out_copy / "manifest.json").write_text("{not json")
     with pytest.raises(SnapensError, match=r"manifest.json is damaged"):
         Ensemble.from_run(held_out_copy)
+
+
+def test_a_snapshot_copied_over_another_of_its_run_is_refused(held_out_copy):
+    """Its bytes are the run's, but not under this name while their own file is still there: a replaced file."""
+    shutil.copy(held_out_copy / "snapshots" / "cycle_01.safetensors", held_out_copy / "snapshots" / "cycle_03.safetensors")
+    with pytest.raises(SnapensError, match=r"cycle_03.safetensors has changed since its run wrote it"):
+        Ensemble.from_run(held_out_copy, members="last:2")  # the copy sorts by its metadata, cycle 1

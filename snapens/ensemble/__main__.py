@@ -115,7 +115,8 @@ def report(cfg, paths, metas, logits, labels, out_dir: Path, logits_seconds: flo
               "why": f"members={cfg.members} as given; nothing was chosen by looking at {cfg.split} results",
               "curves": metrics.curves(logits, labels, bins=cfg.bins),
               "disagreement": metrics.disagreement(logits).tolist(),
-              "gains": uncertainty.gains(logits, labels, cfg.rule, fitted.get("chosen", {}), found.names(paths)),
+              "gains": uncertainty.gains(logits, labels, cfg.rule, fitted.get("chosen", {}), found.names(paths),
+                                         cfg.split),
               "logits_seconds": logits_seconds}  # wall time of reading or computing every member's logits
     result.update(fitted)
     write_atomic(out_dir / "ensemble.json", (json.dumps(result, indent=2) + "\n").encode())
@@ -176,6 +177,7 @@ def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
     size when they differ) and normalised with each snapshot's own training statistics, then combined with the
     configured rule (see `combination` for chosen members, weights and the temperature)."""
     files = image_files(Path(cfg.predict))
+    found.check_same_classes(paths, metas)  # one class list names the columns
     how = found.combination(paths, cfg.run, cfg.rule, cfg.calibrate, cfg.chosen)
     height, width = metas[0]["image_size"]
     images = []
@@ -188,12 +190,15 @@ def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
     computed = compute_logits([(p, metas[paths.index(p)]) for p in members], split, cfg.batch_size, device,
                               model_maker(device), precision, cfg.channels_last, cfg.batched)
     logits, weights = torch.stack(computed), None if uniform else weights
-    probs = rules.probabilities(logits.double(), cfg.rule, weights, how["temperature"])
+    try:  # weights and a temperature read from a file: checked where they are applied
+        probs = rules.probabilities(logits.double(), cfg.rule, weights, how["temperature"])
+    except ValueError as e:
+        raise SnapensError(f"{how['source']}: {e}; train or evaluate the run again to store new ones") from None
     predicted = rules.predictions(logits, cfg.rule, weights)
     classes = metas[0]["classes"]
     out_dir.mkdir(parents=True, exist_ok=True)
     table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
+    writer = csv.writer(table)
     writer.writerow(map(cell, ["path", "class", "probability", *classes]))
     for file, k, p in zip(files, predicted.tolist(), probs.tolist()):
         writer.writerow([cell(str(file)), cell(classes[k]), f"{p[k]:.6f}", *(f"{q:.6f}" for q in p)])

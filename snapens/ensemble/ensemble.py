@@ -67,7 +67,7 @@ class Ensemble(torch.nn.Module):
         """The snapshots at `paths` (written by snapens.train: one class list, one kind of input), each rebuilt
         through the models' allow-list and put on `device` in the given layout; a file named twice counts as often
         (its weights are added)."""
-        unique, summed = found.distinct({"members": list(paths), "weights": weights})
+        unique, summed = found.distinct({"members": [Path(p) for p in paths], "weights": weights})
         metas = found.read(unique)
         found.check_same_classes(unique, metas)
         found.check_same_inputs(unique, metas)
@@ -77,8 +77,9 @@ class Ensemble(torch.nn.Module):
             load_into(model, path)
             models.append(model.to(device, memory_format=layout(channels_last)))
         uniform = weights is None and len(unique) == len(paths)
-        return cls(models, metas[0]["mean"], metas[0]["std"], rule, None if uniform else summed, temperature,
-                   classes=metas[0]["classes"], image_size=tuple(metas[0]["image_size"]), **options)
+        ensemble = cls(models, metas[0]["mean"], metas[0]["std"], rule, None if uniform else summed, temperature,
+                       classes=metas[0]["classes"], image_size=tuple(metas[0]["image_size"]), **options)
+        return ensemble.to(device)  # the normalisation's statistics beside the members
 
     @classmethod
     def from_run(cls, run: str | Path, members="all", chosen: str | None = None, swa: bool = False,

@@ -82,6 +82,9 @@ def read(paths: list[Path]) -> list[dict]:
     """The members' metadata, which must be that of snapens.train; a file its run's manifest does not list with
     these bytes (another run's, or a changed one) and the same snapshot under two names (a copy, which would count
     twice) are refused."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise SnapensError(f"snapshot {missing[0]} does not exist")
     seen, digests = {}, [file_digest(path) for path in paths]
     for path, digest in zip(paths, digests):
         if digest in seen:
@@ -119,9 +122,15 @@ def check_same_inputs(paths: list[Path], metas: list[dict]) -> None:
 
 
 def names(paths: list[Path]) -> list[str]:
-    """cycle_XX, or run/cycle_XX when the members come from several runs."""
-    several = len({p.parent for p in paths}) > 1
-    return [f"{p.parent.parent.name}/{p.stem}" if several else p.stem for p in paths]
+    """cycle_XX, or run/cycle_XX when the members come from several runs, with as many of the run dir's parents as
+    it takes to tell the runs apart (two sweeps' job 0: sweepA/0/cycle_01, sweepB/0/cycle_01)."""
+    if len({p.parent for p in paths}) == 1:
+        return [p.stem for p in paths]
+    for depth in range(1, max(len(p.parts) for p in paths)):
+        named = ["/".join(p.parent.parent.parts[-depth:] + (p.stem,)) for p in paths]
+        if len(set(named)) == len(named):
+            return named
+    return [str(p) for p in paths]
 
 
 def check_chosen(chosen: str | None, run, members="all", swa: bool = False) -> None:
@@ -203,7 +212,10 @@ def distinct(how: dict) -> tuple[list[Path], torch.Tensor]:
     chosen twice by greedy selection weighs twice)."""
     unique = list(dict.fromkeys(how["members"]))
     count = len(how["members"])
-    per_pick = how["weights"] if how["weights"] is not None else torch.full((count,), 1 / count, dtype=torch.float64)
+    per_pick = torch.full((count,), 1 / count, dtype=torch.float64) if how["weights"] is None else \
+        torch.as_tensor(how["weights"], dtype=torch.float64)
+    if per_pick.shape != (count,):
+        raise ValueError(f"weights must be {count} numbers, one per member, got {per_pick.tolist()}")
     weights = torch.zeros(len(unique), dtype=torch.float64)
     for path, w in zip(how["members"], per_pick.tolist()):
         weights[unique.index(path)] += w

@@ -52,11 +52,17 @@ def _pool(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     return (weights.to(values.dtype).view(-1, *[1] * (values.dim() - 1)) * values).sum(0)
 
 
+def _one_hot(logits: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1])
+
+
 def votes(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """N x C: how many members predict each class by the argmax of their logits (int64), or, with weights, the
-    weight of the members that do (float64)."""
-    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1])
-    return one_hot.sum(0) if weights is None else _pool(one_hot.double(), weights) * len(logits)
+    """N x C: how many members predict each class by the argmax of their logits (int64); with weights, their
+    weight in units of the lightest member's (float64), so members repeated by greedy selection count as often as
+    they were picked, and the tie-break (half a probability) never outweighs the lightest vote."""
+    if weights is None:
+        return _one_hot(logits).sum(0)
+    return _pool(_one_hot(logits).double(), weights) / weights[weights > 0].min().double()
 
 
 # A rule is one entry here; everything that takes a rule= (the config, the tools, export) takes these names.
@@ -64,7 +70,7 @@ RULES: dict[str, Rule] = {
     "logits": Rule(lambda z, w: _pool(z, w).softmax(-1), scores=_pool),
     "probs": Rule(lambda z, w: _pool(z.softmax(-1), w)),
     # votes, plus half the mean probability: ties broken by confidence, which can never outweigh a vote
-    "vote": Rule(lambda z, w: votes(z, w).to(z.dtype) / len(z),
+    "vote": Rule(lambda z, w: _pool(_one_hot(z).to(z.dtype), w),  # the (weighted) share of the members' votes
                  scores=lambda z, w: votes(z, w) + 0.5 * _pool(z.softmax(-1), w), calibrated=False),
 }
 

@@ -133,10 +133,11 @@ def verdict(result: dict, weak_by: float = 0.05, restarts: bool = True) -> dict:
            "advice": None, "intervals": result.get("gains")}
     val = result.get("val", {}).get("snapshots", [])
     if val and all(s["nll"] is not None and s["nll"] == float("inf") for s in val):
+        greedy = result.get("chosen", {}).get("greedy", {}).get("members", [])
         out["advice"] = (
             "Every snapshot gives some validation image a probability of exactly 0 for its true class (validation "
-            "NLL infinite): the training diverged in effect, and the last m and greedy choices fell back to the last "
-            "snapshot; lower scheduler.eta_max (python -m snapens.lr_find suggests one).")
+            f"NLL infinite): the training diverged in effect (chosen on validation, greedy: {' '.join(greedy)}); "
+            "lower scheduler.eta_max (python -m snapens.lr_find suggests one).")
     elif len(trend) > 1 and last - sum(trend[:-1]) / (len(trend) - 1) >= weak_by and out["ensemble_gain"] <= 0:
         out["advice"] = weak_early_snapshots(result, trend, -out["ensemble_gain"], restarts)
     return out

@@ -44,13 +44,15 @@ def per_image(probs: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor
     return (predicted == labels).double(), -p.log()
 
 
-def gain(ensemble: tuple[torch.Tensor, torch.Tensor], last: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    """The paired gain of `ensemble` over `last` (each per_image's pair): accuracy and NLL, each with its interval,
-    McNemar's p for accuracy, and whether each interval spans 0 ("distinguishable": False)."""
+def gain(ensemble: tuple[torch.Tensor, torch.Tensor], last: tuple[torch.Tensor, torch.Tensor],
+         with_nll: bool = True) -> dict:
+    """The paired gain of `ensemble` over `last` (each per_image's pair): accuracy and (with_nll, and where every
+    image's NLL is finite) NLL, each with its interval, McNemar's p for accuracy, and whether each interval spans 0
+    ("distinguishable": False)."""
     right, nll = ensemble[0] - last[0], ensemble[1] - last[1]
     out = {"acc": dict(zip(("gain", "low", "high"), paired_interval(right))),
            "mcnemar_p": mcnemar(int((right > 0).sum()), int((right < 0).sum()))}
-    if torch.isfinite(nll).all():
+    if with_nll and torch.isfinite(nll).all():
         out["nll"] = dict(zip(("gain", "low", "high"), paired_interval(nll)))
     for key in ("acc", "nll"):
         if key in out:
@@ -58,9 +60,11 @@ def gain(ensemble: tuple[torch.Tensor, torch.Tensor], last: tuple[torch.Tensor, 
     return out
 
 
-def gains(logits: torch.Tensor, labels: torch.Tensor, rule: str, chosen: dict, names: list[str]) -> dict:
+def gains(logits: torch.Tensor, labels: torch.Tensor, rule: str, chosen: dict, names: list[str],
+          split: str = "test") -> dict:
     """results.json's "gains": every ensemble the report scores (all snapshots; last m, greedy and weighted chosen on
-    validation, when there are) against the last snapshot, on the test split (M x N x C logits)."""
+    validation, when there are) against the last snapshot, on the images of `split` (M x N x C logits; no NLL for
+    a rule without probabilities)."""
     logits = logits.double()
     last = per_image(rules.probabilities(logits[-1:]), logits[-1].argmax(-1), labels)
     combos = {"all snapshots": (list(range(len(logits))), None)}
@@ -68,10 +72,12 @@ def gains(logits: torch.Tensor, labels: torch.Tensor, rule: str, chosen: dict, n
         if name in chosen:
             combos[name] = ([names.index(n) for n in chosen[name]["members"]], None)
     if "weighted" in chosen:
-        combos["weighted"] = (list(range(len(logits))), torch.tensor(list(chosen["weighted"]["weights"].values())))
+        combos["weighted"] = (list(range(len(logits))), torch.tensor(list(chosen["weighted"]["weights"].values()),
+                                                                     dtype=torch.float64))
     out = {}
     for name, (members, weights) in combos.items():
         probs = rules.probabilities(logits[members], rule, weights)
-        out[name] = gain(per_image(probs, rules.predictions(logits[members], rule, weights), labels), last)
-    return {"against": "the last snapshot, paired on the test images", "level": LEVEL, "resamples": RESAMPLES,
+        out[name] = gain(per_image(probs, rules.predictions(logits[members], rule, weights), labels), last,
+                         rules.gives_probabilities(rule))
+    return {"against": f"the last snapshot, paired on the {split} images", "level": LEVEL, "resamples": RESAMPLES,
             **out}

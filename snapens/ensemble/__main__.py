@@ -171,6 +171,15 @@ def cell(text: str) -> str:
     return f"'{text}" if text[:1] in ("=", "+", "-", "@") else text
 
 
+def stored_probabilities(logits: torch.Tensor, rule: str, weights, how: dict) -> torch.Tensor:
+    """The members' probabilities with weights and a temperature read from a file: checked where they are applied,
+    a bad one said in one line naming where it came from."""
+    try:
+        return rules.probabilities(logits.double(), rule, weights, how["temperature"])
+    except ValueError as e:
+        raise SnapensError(f"{how['source']}: {e}; train or evaluate the run again to store new ones") from None
+
+
 def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
     """predictions.csv: path, predicted class, its probability, and every class's probability; predictions.json:
     how the members were combined. Images are read as the training data was (RGB, resized to the snapshots' image
@@ -190,10 +199,7 @@ def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
     computed = compute_logits([(p, metas[paths.index(p)]) for p in members], split, cfg.batch_size, device,
                               model_maker(device), precision, cfg.channels_last, cfg.batched)
     logits, weights = torch.stack(computed), None if uniform else weights
-    try:  # weights and a temperature read from a file: checked where they are applied
-        probs = rules.probabilities(logits.double(), cfg.rule, weights, how["temperature"])
-    except ValueError as e:
-        raise SnapensError(f"{how['source']}: {e}; train or evaluate the run again to store new ones") from None
+    probs = stored_probabilities(logits, cfg.rule, weights, how)
     predicted = rules.predictions(logits, cfg.rule, weights)
     classes = metas[0]["classes"]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -82,15 +82,7 @@ def read(paths: list[Path]) -> list[dict]:
     """The members' metadata, which must be that of snapens.train; a file its run's manifest does not list with
     these bytes (another run's, or a changed one) and the same snapshot under two names (a copy, which would count
     twice) are refused."""
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise SnapensError(f"snapshot {missing[0]} does not exist")
-    seen, digests = {}, [file_digest(path) for path in paths]
-    for path, digest in zip(paths, digests):
-        if digest in seen:
-            raise SnapensError(f"{seen[digest]} and {path} hold the same snapshot (identical bytes); remove the copy")
-        seen[digest] = path
-    for path, digest in zip(paths, digests):
+    for path, digest in zip(paths, unique_digests(paths)):
         verify(path, digest)
     metas = [read_metadata(p) for p in paths]
     for path, meta in zip(paths, metas):
@@ -99,6 +91,20 @@ def read(paths: list[Path]) -> list[dict]:
             raise SnapensError(f"snapshot {path} lacks {', '.join(missing)} in its metadata: it was not written by "
                                "snapens.train")
     return metas
+
+
+def unique_digests(paths: list[Path]) -> list[str]:
+    """Each file's SHA-256; a missing file, and the same snapshot under two names (a copy, which would count twice),
+    refused in one line."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise SnapensError(f"snapshot {missing[0]} does not exist")
+    seen, digests = {}, [file_digest(path) for path in paths]
+    for path, digest in zip(paths, digests):
+        if digest in seen:
+            raise SnapensError(f"{seen[digest]} and {path} hold the same snapshot (identical bytes); remove the copy")
+        seen[digest] = path
+    return digests
 
 
 def check_same_classes(paths: list[Path], metas: list[dict], classes: list[str] | None = None) -> None:

@@ -131,8 +131,7 @@ def verdict(result: dict, weak_by: float = 0.05, restarts: bool = True) -> dict:
     out = {"trend": trend, "ensemble_gain": result["ensemble"]["acc"] - last,
            "chosen_gains": {k: c["test"]["acc"] - last for k, c in result.get("chosen", {}).items() if k != "by"},
            "advice": None, "intervals": result.get("gains")}
-    val = result.get("val", {}).get("snapshots", [])
-    if val and all(s["nll"] is not None and s["nll"] == float("inf") for s in val):
+    if diverged(result):
         greedy = result.get("chosen", {}).get("greedy", {}).get("members", [])
         out["advice"] = (
             "Every snapshot gives some validation image a probability of exactly 0 for its true class (validation "
@@ -141,6 +140,12 @@ def verdict(result: dict, weak_by: float = 0.05, restarts: bool = True) -> dict:
     elif len(trend) > 1 and last - sum(trend[:-1]) / (len(trend) - 1) >= weak_by and out["ensemble_gain"] <= 0:
         out["advice"] = weak_early_snapshots(result, trend, -out["ensemble_gain"], restarts)
     return out
+
+
+def diverged(result: dict) -> bool:
+    """Every snapshot's validation NLL infinite: some validation label got probability 0 from each."""
+    val = result.get("val", {}).get("snapshots", [])
+    return bool(val) and all(s["nll"] is not None and s["nll"] == float("inf") for s in val)
 
 
 def weak_early_snapshots(result: dict, trend: list[float], loss: float, restarts: bool) -> str:
@@ -162,16 +167,17 @@ def format_verdict(v: dict) -> str:
     """The verdict's lines for the log: each gain over the last snapshot with its paired 95% interval on the test
     images (snapens.ensemble.uncertainty) where the report has one, and the advice."""
     intervals = {k: g for k, g in (v.get("intervals") or {}).items() if isinstance(g, dict)}
-    if intervals:
-        acc = ", ".join(f"{name} {_interval(g['acc'], 100, '.2f')}" for name, g in intervals.items())
-        nll = ", ".join(f"{name} {_interval(g['nll'], 1, '.3f')}" for name, g in intervals.items() if "nll" in g)
-        gains = f"{acc}; NLL change: {nll or '-'} (paired 95% intervals on the test images)"
-    else:
-        gains = ", ".join(f"{name} {100 * g:+.2f}" for name, g in {"all snapshots": v["ensemble_gain"],
-                                                                   **v["chosen_gains"]}.items())
+    gains = _with_intervals(intervals) if intervals else ", ".join(
+        f"{name} {100 * g:+.2f}" for name, g in {"all snapshots": v["ensemble_gain"], **v["chosen_gains"]}.items())
     lines = [f"test accuracy by cycle: {' '.join(f'{100 * a:.1f}' for a in v['trend'])} (%); ensemble gain over "
              f"the last snapshot (points): {gains}"]
     return "\n".join(lines + ([v["advice"]] if v["advice"] else []))
+
+
+def _with_intervals(intervals: dict) -> str:
+    acc = ", ".join(f"{name} {_interval(g['acc'], 100, '.2f')}" for name, g in intervals.items())
+    nll = ", ".join(f"{name} {_interval(g['nll'], 1, '.3f')}" for name, g in intervals.items() if "nll" in g)
+    return f"{acc}; NLL change: {nll or '-'} (paired 95% intervals on the test images)"
 
 
 def _interval(g: dict, scale: float, form: str) -> str:

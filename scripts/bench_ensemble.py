@@ -238,7 +238,8 @@ def main() -> None:
         work = Path(args.workdir or tmp).resolve()
         run, n = make_run(args, work)
         snap = ["snapens.ensemble", f"run={run}", f"device={args.device}", f"batch_size={args.batch_size}",
-                f"precision={args.precision}", f"channels_last={args.channels_last}"]
+                f"precision={args.precision}", f"channels_last={args.channels_last}",
+                "overwrite=true"]  # each repeat writes the same report again
         naive_argv = [str(Path(__file__).resolve()), "--naive", str(run), "--device", args.device,
                       "--batch-size", str(args.batch_size), "--precision", args.precision] + \
             ([] if args.channels_last else ["--no-channels-last"])

@@ -121,8 +121,8 @@ def summarise(root: Path, out: Path, to: Path) -> None:
     from snapens.data import load_image_folder
 
     labels = load_image_folder(str(root))[1].labels  # the whole test set, in the order every run scored it
-    cells = dict.fromkeys(name.rsplit("_", 1)[0] for name, _ in cells_in_order())
-    rows = [r for cell in cells if (r := summarise_cell(cell, out, labels))]
+    groups = dict.fromkeys(name.rsplit("_", 1)[0] for name, _ in cells())  # a cell's M1 and M4 runs, in run order
+    rows = [r for cell in groups if (r := summarise_cell(cell, out, labels))]
     table = ["| cell | updates per cycle | train acc at each M4 snapshot (%) | M1 test acc (%) | M4 last | M4 all "
              "| all vs M1 (pp, 95%) | greedy (val) vs M1 (pp, 95%) | NLL: all vs M1 (95%) |",
              "| --- | ---: | --- | ---: | ---: | ---: | --- | --- | --- |"]
@@ -150,10 +150,6 @@ def summarise(root: Path, out: Path, to: Path) -> None:
                          g["gain"], g["low"], g["high"]])
     (to / "regime.csv").write_text(buffer.getvalue())
     print("\n".join(table))
-
-
-def cells_in_order():
-    return cells()
 
 
 def main() -> None:

@@ -119,6 +119,17 @@ def read_image(path: Path, size: int | tuple[int, int]) -> torch.Tensor:
         raise SnapensError(f"cannot read image {path}: {e}; replace or remove the file") from None
 
 
+def read_images(files: list[Path], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """uint8 N x 3 x H x W: image files read as the training data was (RGB), each resized to `size` (H, W) only
+    when it differs (None: as they are, which must agree)."""
+    images = []
+    for f in files:
+        image = read_image(f, 0)
+        same = size is None or tuple(image.shape[1:]) == tuple(size)
+        images.append(image if same else read_image(f, tuple(size)))
+    return torch.stack(images)
+
+
 def to_8_bits(image: Image.Image, path: Path) -> Image.Image:
     """A 16-bit grey image (PNG, TIFF) scaled to 8 bits: Pillow's convert("RGB") would clip every value above 255,
     turning almost the whole image white. 0..65535 maps to 0..255, rounded; 32-bit integer images are refused."""

@@ -22,7 +22,7 @@ from snapens import cli
 from snapens.build import build_data, pick_device, pick_precision
 from snapens.checkpoint import refuse_while_training
 from snapens.config import check_inference_options, register_configs, schema_of
-from snapens.data import IMAGE_EXTENSIONS, Split, read_image
+from snapens.data import IMAGE_EXTENSIONS, Split, read_images
 from snapens.ensemble import calibration, members as found, metrics, rules, selection, uncertainty
 from snapens.ensemble.cache import cached_logits, compute_logits
 from snapens.ensemble.report import build_report, format_report
@@ -189,11 +189,8 @@ def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
     found.check_same_classes(paths, metas)  # one class list names the columns
     how = found.combination(paths, cfg.run, cfg.rule, cfg.calibrate, cfg.chosen)
     height, width = metas[0]["image_size"]
-    images = []
-    for f in files:
-        image = read_image(f, 0)
-        images.append(image if tuple(image.shape[1:]) == (height, width) else read_image(f, (height, width)))
-    split = Split(torch.stack(images), torch.zeros(len(files), dtype=torch.long)).to(device)  # once, all members
+    images = read_images(files, (height, width))
+    split = Split(images, torch.zeros(len(files), dtype=torch.long)).to(device)  # once, all members
     members, weights = found.distinct(how)  # each file once, weighing as often as it was chosen
     uniform = how["weights"] is None and len(members) == len(how["members"])
     computed = compute_logits([(p, metas[paths.index(p)]) for p in members], split, cfg.batch_size, device,

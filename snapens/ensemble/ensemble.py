@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from snapens.batches import normalize
-from snapens.data import read_image
+from snapens.data import read_images
 from snapens.ensemble import members as found, rules
 from snapens.ensemble.batched import StackedMembers, same_architecture
 from snapens.files import write_atomic
@@ -122,12 +122,7 @@ class Ensemble(torch.nn.Module):
     def read_images(self, files: list[Path]) -> torch.Tensor:
         """uint8 N x 3 x H x W: the image files read as the training data was (RGB), resized to the members'
         image size when they differ."""
-        images = []
-        for f in files:
-            image = read_image(f, 0)
-            same = self.image_size is None or tuple(image.shape[1:]) == self.image_size
-            images.append(image if same else read_image(f, self.image_size))
-        return torch.stack(images)
+        return read_images(files, self.image_size)
 
     def export(self, path: Path, extra_files: dict[str, str] | None = None) -> torch.export.ExportedProgram:
         """This ensemble as an ExportedProgram for uint8 batches of any size, saved to `path` (a .pt2, written whole

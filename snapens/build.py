@@ -200,8 +200,21 @@ def _check_budget(schedule: schedules.Schedule, epochs: float, steps_per_epoch: 
                            "set trainer.epochs to one of them")
 
 
-# make_loss(data, device, precision, channels_last) -> loss(logits, inputs, labels): a loss handed in
-MakeLoss = Callable[[Dataset, torch.device, torch.dtype | None, bool], Callable]
+@dataclass(frozen=True)
+class Loss:
+    """A training loss other than the labels' cross-entropy, handed in by a recipe (snapens.distill's): `make(data,
+    device, precision, channels_last)` builds `loss(logits, inputs, labels)` on the run's data and device; `record`
+    holds what decides it beyond the config (a distillation's teacher files and numbers), for `recipe`."""
+
+    make: Callable[[Dataset, torch.device, torch.dtype | None, bool], Callable]
+    record: dict
+
+
+def recipe(cfg: DictConfig, loss: Loss | None = None) -> dict:
+    """What decides a run's result: the config's values and its loss's record. A checkpoint keeps it (a resume must
+    match it) and config_hash hashes it. Cross-entropy's record is `distill: None`, the key every config held until
+    distillation left the training schema: hashes and checkpoints of earlier runs stay valid."""
+    return {**OmegaConf.to_container(cfg, resolve=True), **(loss.record if loss else {"distill": None})}
 
 
 # ---- the one setup every entry point that trains uses (train, lr_find, the benchmarks) ----------------------------
@@ -226,9 +239,9 @@ class Setup:
     step_options: StepOptions  # how each update is made
 
 
-def setup(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks(), make_loss: MakeLoss | None = None) -> Setup:
-    """Build what `cfg` (the training config) describes, for this process of `ranks`; with `make_loss`, the loss
-    it returns replaces the cross-entropy."""
+def setup(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks(), loss: Loss | None = None) -> Setup:
+    """Build what `cfg` (the training config) describes, for this process of `ranks`; a `loss` handed in replaces
+    the cross-entropy."""
     trainer = cfg.trainer
     make_deterministic(trainer.deterministic)
     device = distributed.device_for(pick_device(trainer.device), ranks)
@@ -255,8 +268,8 @@ def setup(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks(), make_
     optimizer = build_optimizer(model, cfg.optimizer, schedule.lr(0))
     options = StepOptions(trainer.grad_clip, trainer.clip_mode, precision, trainer.on_nonfinite == "skip",
                           trainer.accumulate, trainer.label_smoothing)
-    if make_loss is not None:  # a loss handed in (snapens.distill's), built on the data and device
-        options = replace(options, loss=make_loss(data, device, precision, trainer.channels_last))
+    if loss is not None:  # a loss handed in (snapens.distill's), built on the data and device
+        options = replace(options, loss=loss.make(data, device, precision, trainer.channels_last))
     check_fits(data.train, device)
     return Setup(device, precision, model, forward, swa, data, data.train.to(device), schedule, optimizer,
                  torch.Generator(device).manual_seed(trainer.seed), build_augmentation(cfg.data), steps_per_epoch,
@@ -276,17 +289,17 @@ def check_fits(split: Split, device: torch.device) -> None:
                            "(data.train_limit=N) or smaller (data.image_size=N) images, or free the GPU")
 
 
-def snapshot_metadata(cfg: DictConfig, data: Dataset) -> dict:
+def snapshot_metadata(cfg: DictConfig, data: Dataset, loss: Loss | None = None) -> dict:
     """What every snapshot of the run carries besides its cycle, step, epoch and lr: enough to rebuild the model
     and its input normalisation without the run dir."""
     return {"model": model_name(cfg.model), "model_config": OmegaConf.to_container(cfg.model, resolve=True),
             "num_classes": len(data.classes), "classes": data.classes,
             "image_size": list(data.train.images.shape[2:]), "mean": list(data.mean), "std": list(data.std),
-            "config_hash": config_hash(cfg)}
+            "config_hash": config_hash(recipe(cfg, loss))}
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """First 16 hex digits of the SHA-256 of the config's values that decide the result (device, threads and logging
+def config_hash(recipe: dict) -> str:
+    """First 16 hex digits of the SHA-256 of a recipe's values that decide the result (device, threads and logging
     left out, as on resume): tells whether two snapshots come from the same setting."""
-    values = deciding_values(OmegaConf.to_container(cfg, resolve=True))
+    values = deciding_values(recipe)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

@@ -161,8 +161,9 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
         write_atomic(run_dir / ".hydra" / "overrides.yaml", overrides.encode())
 
 
-def resume_state(cfg: DictConfig, run_dir: Path, main: bool = True) -> dict | None:
-    """The checkpoint to continue from (None for a new run), after checking that resuming is allowed and sound."""
+def resume_state(cfg: DictConfig, recipe: dict, run_dir: Path, main: bool = True) -> dict | None:
+    """The checkpoint to continue from (None for a new run), after checking that resuming is allowed and sound:
+    the checkpoint's recipe (snapens.build.recipe: the config and the loss's record) must be `recipe`."""
     path = checkpoint_path(run_dir)
     if not path.exists():
         check_run_dir(run_dir, cfg)
@@ -177,7 +178,7 @@ def resume_state(cfg: DictConfig, run_dir: Path, main: bool = True) -> dict | No
     if missing:
         raise SnapensError(f"checkpoint {path} lacks {', '.join(missing)}: it was not written by snapens.train; "
                            "start the run again in a new hydra.run.dir=DIR")
-    changed = differing_keys(state["config"], OmegaConf.to_container(cfg, resolve=True))
+    changed = differing_keys(state["config"], recipe)
     if changed:
         raise SnapensError(f"cannot resume {run_dir}: the config differs in {', '.join(changed)}; run with the "
                            "original values, or pass a new hydra.run.dir=DIR")
@@ -302,7 +303,7 @@ def save_progress(run: "Run") -> None:
         return
     save_checkpoint(checkpoint_path(run.dir), {
         "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "rng": rng,
-        "progress": asdict(run.progress), "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "progress": asdict(run.progress), "config": run.recipe,
         "device": s.device.type, "snapshots": [p.name for p in list_snapshots(run.dir)],
         "swa": s.swa.state_dict() if s.swa else None,
         "adaptive": asdict(run.adaptive) if run.adaptive else None, "data": run.data_digests})

@@ -3,9 +3,11 @@
 The student is trained by snapens.train itself (the same loop, schedule, clipping, checkpoints, bit-identical
 resume and progress bar) on the teacher run's own training split, against a mix of the labels and the ensemble's
 soft targets on the same augmented batch (Hinton et al. 2015, arXiv 1503.02531; snapens.teacher, snapens.step).
-Its config is the teacher run's (its overrides, then `scheduler=cosine scheduler.cycles=1`: one cosine over the
-same budget and one snapshot, the student), then the command line's; the data are the teacher run's, verbatim, and
-the model too unless `model=` says otherwise. distill.temperature and distill.alpha are fixed in advance (Hinton et
+Hydra composes its config from the teacher run's saved one (as options named `teacher`), then `scheduler=cosine
+scheduler.cycles=1` (one cosine over the same budget and one snapshot, the student), then the command line's; the
+data are the teacher run's, verbatim, and the model too unless `model=` says otherwise. The training config has no
+distillation keys: the loss is handed to snapens.train (build.Loss) with its record, the teacher's snapshot digests,
+which a resume must match. distill.temperature and distill.alpha are fixed in advance (Hinton et
 al.'s range), never chosen on test.
 
 Output: a run dir like any other (snapshots/cycle_01.safetensors is the student, so `python -m snapens.ensemble
@@ -21,11 +23,12 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from snapens import cli
-from snapens.build import build_data, pick_device, pick_precision
+from snapens.build import Loss, build_data, pick_device, pick_precision
 from snapens.config import register_configs
 from snapens.ensemble import calibration, metrics
 from snapens.ensemble.cache import cached_logits
@@ -38,17 +41,44 @@ from snapens.train import train
 
 register_configs()
 log = logging.getLogger(__name__)
-STUDENT = ["scheduler=cosine", "scheduler.cycles=1"]  # one cosine over the budget, one snapshot: the student
+TEACHERS = ("data", "model", "optimizer", "logger")  # the groups whose option the student takes from the teacher
+# One cosine over the budget and one snapshot, neither SWA's nor a mid-cycle one: the student.
+STUDENT = ["scheduler=cosine", "scheduler.cycles=1", "trainer.snapshot_every=0", "trainer.keep_snapshots=0",
+           "trainer.swa.start=null"]
 
 
 def key_of(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def later_wins(overrides: list[str]) -> list[str]:
+    """Hydra overrides with each key once: a later one replaces an earlier one of its key, and a group's
+    (`model=wrn16_4`) drops the earlier ones inside it (`model.depth=8`), which belonged to the option replaced."""
+    kept: dict[str, str] = {}
+    for override in overrides:
+        key = key_of(override)
+        kept = {k: o for k, o in kept.items() if k != key and not k.startswith(f"{key}.")}
+        kept[key] = override
+    return list(kept.values())
+
+
+def teacher_options(teacher_dir: Path) -> list[str]:
+    """The teacher run's saved config (.hydra/config.yaml) as options named `teacher` in Hydra's ConfigStore, one per
+    training group and its trainer and ensemble keys as `+teacher=run`; returns the overrides that choose them."""
+    saved = OmegaConf.load(teacher_dir / ".hydra" / "config.yaml")
+    store = ConfigStore.instance()
+    for group in TEACHERS:
+        store.store(group=group, name="teacher", node=saved[group])
+    store.store(group="teacher", name="run", node={"trainer": saved.trainer, "ensemble": saved.ensemble},
+                package="_global_")
+    return [*(f"{group}=teacher" for group in TEACHERS), "+teacher=run", f"scheduler.eta_max={saved.scheduler.eta_max}"]
+
+
 def student_config(cfg: DictConfig, given: list[str]) -> DictConfig:
-    """The student's training config: the teacher run's saved config, with `scheduler=cosine scheduler.cycles=1`
-    at the teacher's eta_max, then the command line's overrides `given`: GROUP=OPTION swaps that section for the
-    option's, KEY=VALUE sets the key. Data stay the teacher's (data.root may move); `distill` gets the rule."""
+    """The student's training config, composed by Hydra: the teacher run's saved config (its data,
+    model, optimizer, logger, trainer and ensemble, as options named `teacher`), then `scheduler=cosine
+    scheduler.cycles=1` at the teacher's eta_max (STUDENT), then the command line's `given`, each replacing the
+    earlier ones of its key (later_wins). Data stay the teacher's (data.root may move)."""
     teacher_dir = Path(cfg.distill.run)
     teacher_paths(teacher_dir, cfg.distill.members)  # a run dir with snapshots, the members allowed
     if not 0 <= cfg.distill.alpha <= 1:
@@ -59,53 +89,35 @@ def student_config(cfg: DictConfig, given: list[str]) -> DictConfig:
     if any(key_of(o).startswith("data") and key_of(o) != "data.root" for o in given):
         raise SnapensError("the student learns on the teacher run's own data (its .hydra/config.yaml); leave out "
                            "data overrides (data.root=DIR alone may say where those files are now)")
-    keyed = {key_of(o): o for o in [*STUDENT, *given]}  # the command line's replace STUDENT's of the same key
-    fresh = hydra.compose(config_name="config", overrides=list(keyed.values()))
-    teacher = OmegaConf.load(teacher_dir / ".hydra" / "config.yaml")
-    student = fresh.copy()
-    for section in ("data", "model", "optimizer", "logger"):  # whole sections: each option has its own schema
-        if section not in keyed:
-            student[section] = teacher[section]
-    for section in ("trainer", "ensemble"):  # one schema each, every key in the teacher's
-        student[section] = OmegaConf.merge(student[section], teacher[section])
-    for key in keyed:  # the command line's values, parsed and typed by the composition
-        if "." in key and key.split(".")[0] != "scheduler":
-            OmegaConf.update(student, key, OmegaConf.select(fresh, key), merge=False)
-    if "scheduler.eta_max" not in keyed:
-        student.scheduler.eta_max = teacher.scheduler.eta_max
-    one_snapshot = {"trainer.snapshot_every": 0, "trainer.keep_snapshots": 0, "trainer.swa.start": None}
-    for key, value in one_snapshot.items():  # the teacher's would give the student several snapshots, or SWA ones
-        if key not in keyed:
-            OmegaConf.update(student, key, value, merge=False)
-    rule = cfg.distill.rule or student.ensemble.rule
-    digests = [file_digest(p) for p in teacher_paths(teacher_dir, cfg.distill.members)]  # in the saved config, so
-    # a resumed student whose teacher's snapshots changed is refused (snapens.checkpoint.resume_state)
-    student.distill = OmegaConf.merge(cfg.distill, {"run": str(teacher_dir), "rule": rule, "teacher_sha256": digests})
-    return student
+    return hydra.compose("config", overrides=later_wins([*STUDENT, *teacher_options(teacher_dir), *given]))
 
 
-def distillation_loss(student: DictConfig):
-    """make_loss for snapens.train: the teacher run's ensemble on the student's device, softening each member at
-    distill.temperature, mixed with the labels' cross-entropy by distill.alpha (snapens.teacher)."""
-    d = student.distill
+def distillation_loss(cfg: DictConfig, student: DictConfig) -> Loss:
+    """The loss for snapens.train: the teacher run's ensemble on the student's device, softening each member at
+    distill.temperature, mixed with the labels' cross-entropy by distill.alpha (snapens.teacher). Its record (the
+    teacher's rule and snapshot digests) is checked on resume: a changed teacher stops it."""
+    d = OmegaConf.to_container(cfg.distill)
+    d["rule"] = d["rule"] or student.ensemble.rule
+    paths = teacher_paths(d["run"], d["members"])
+    d["teacher_sha256"] = [file_digest(p) for p in paths]
 
     def make(data, device, precision, channels_last) -> DistillationLoss:
-        teacher = load_teacher(teacher_paths(d.run, d.members), d.rule, d.temperature, data.mean, data.std, device,
-                               precision, channels_last, d.batched)
-        return DistillationLoss(teacher, d.alpha, student.trainer.label_smoothing)
+        teacher = load_teacher(paths, d["rule"], d["temperature"], data.mean, data.std, device, precision,
+                               channels_last, d["batched"])
+        return DistillationLoss(teacher, d["alpha"], student.trainer.label_smoothing)
 
-    return make
+    return Loss(make, {"distill": d})
 
 
-def compare(student: DictConfig, run_dir: Path) -> dict:
+def compare(student: DictConfig, d: dict, run_dir: Path) -> dict:
     """results.json's `distillation`: the student (the run's last snapshot) against the teacher's last snapshot and
     its ensemble on the test split, from each snapshot's cached logits, with temperatures fitted on validation."""
     data = build_data(student.data)
     device = pick_device(student.trainer.device)
     precision = pick_precision(student.trainer.precision, device)
-    rule = student.distill.rule
+    rule = d["rule"]
     members = {"student": list_snapshots(run_dir)[-1:],
-               "teacher": teacher_paths(student.distill.run, student.distill.members)}
+               "teacher": teacher_paths(d["run"], d["members"])}
     splits = {"test": data.test, "val": data.val} if data.val is not None else {"test": data.test}
 
     def make(path: Path, meta: dict) -> torch.nn.Module:
@@ -117,8 +129,9 @@ def compare(student: DictConfig, run_dir: Path) -> dict:
               for who, paths in members.items() for name, split in splits.items()}
     models = {"student": ("student", slice(-1, None), "logits"), "teacher_last": ("teacher", slice(-1, None), "logits"),
               "teacher_ensemble": ("teacher", slice(None), rule)}
-    out = {"teacher": {"run": student.distill.run, "members": [p.name for p in members["teacher"]], "rule": rule},
-           "temperature": student.distill.temperature, "alpha": student.distill.alpha, "test": {}, "cost": {}}
+    out = {"teacher": {"run": d["run"], "members": [p.name for p in members["teacher"]], "rule": rule,
+                       "sha256": d["teacher_sha256"]},
+           "temperature": d["temperature"], "alpha": d["alpha"], "test": {}, "cost": {}}
     for name, (who, take, how) in models.items():
         out["test"][name] = metrics.scores(logits[who, "test"][take], data.test.labels, how)
         paths = members[who][take]
@@ -152,16 +165,18 @@ def main(cfg: DictConfig) -> float | None:
 
     def job() -> float | None:
         student = student_config(cfg, given)
-        log.info(f"run dir {run_dir}: distilling {student.distill.run} ({student.distill.members}, "
-                 f"{student.distill.rule}) into {student.model.get('_target_', 'a model').rsplit('.', 1)[-1]}, "
-                 f"T={student.distill.temperature:g}, alpha={student.distill.alpha:g}")
-        accuracy = train(student, run_dir, make_loss=distillation_loss(student))
+        loss = distillation_loss(cfg, student)
+        d = loss.record["distill"]
+        log.info(f"run dir {run_dir}: distilling {d['run']} ({d['members']}, {d['rule']}) into "
+                 f"{student.model.get('_target_', 'a model').rsplit('.', 1)[-1]}, T={d['temperature']:g}, "
+                 f"alpha={d['alpha']:g}")
+        accuracy = train(student, run_dir, loss)
         if student.trainer.plan_only:  # the plan alone: nothing trained to compare
             cli.discard_unused_run_dir()
             return None
         results_path = run_dir / "results.json"
         results = json.loads(results_path.read_text())
-        results["distillation"] = compare(student, run_dir)
+        results["distillation"] = compare(student, d, run_dir)
         write_atomic(results_path, (json.dumps(results, indent=2) + "\n").encode())
         log.info(f"\n{format_comparison(results['distillation'])}\nrun dir {run_dir}: the student is "
                  "snapshots/cycle_01.safetensors")

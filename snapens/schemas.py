@@ -208,7 +208,6 @@ class DistillConfig:
     temperature: float
     alpha: float
     batched: bool
-    teacher_sha256: list[str]
 
 
 @dataclass
@@ -220,7 +219,6 @@ class Config:
     logger: Any
     trainer: TrainerConfig
     ensemble: EnsembleConfig
-    distill: Optional[DistillConfig] = None  # set only by snapens.distill
 
 
 @dataclass
@@ -296,6 +294,7 @@ def register_configs() -> None:
     cs.store(name="schema", node=Config)
     cs.store(name="schema_ensemble", node=InferenceConfig)
     cs.store(group="schema", name="lr_find", node=LRFindConfig)
+    cs.store(group="schema", name="distill", node=DistillConfig)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(group=f"schema/{group}", name=name, node=node)

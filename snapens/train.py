@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from snapens import adaptive, cli, distributed, schedules, swa
 from snapens.batches import epoch_order, train_batches
-from snapens.build import MakeLoss, Setup, make_deterministic, pick_device, setup, snapshot_metadata
+from snapens.build import Loss, Setup, make_deterministic, pick_device, recipe, setup, snapshot_metadata
 from snapens.checkpoint import Progress, resume_state, restore, run_dir_lock, save_config, save_progress, stop_requests
 from snapens.config import check_config, register_configs
 from snapens.data import split_digest
@@ -50,14 +50,15 @@ class Run:
     progress: Progress
     adaptive: adaptive.AdaptiveState | None
     snapshot_steps: list[int]  # the updates after which a snapshot is taken (adaptive SGDR moves them)
+    recipe: dict  # the config's values and the loss's record (build.recipe): what a resume must match
     metadata: dict  # what every snapshot carries besides its cycle, step, epoch and lr
     data_digests: dict[str, str]  # SHA-256 of each split's images and labels: a resumed run must see the same
     resumed: bool = False
 
 
-def train(cfg: DictConfig, run_dir: str | Path, make_loss: MakeLoss | None = None) -> float | None:
+def train(cfg: DictConfig, run_dir: str | Path, loss: Loss | None = None) -> float | None:
     """Train as `cfg` says, write snapshots, metrics.jsonl and results.json to `run_dir`; return ensemble accuracy
-    (None on the ranks other than 0 under torchrun, which write nothing). `make_loss`: see `build.setup`.
+    (None on the ranks other than 0 under torchrun, which write nothing). `loss`: see `build.Loss`.
 
     A run dir that holds a checkpoint is continued from it (bit-identical on CPU to a run never stopped).
     """
@@ -73,7 +74,7 @@ def train(cfg: DictConfig, run_dir: str | Path, make_loss: MakeLoss | None = Non
     ranks = distributed.start(pick_device(cfg.trainer.device).type)
     try:  # a stop signal from here on, even during setup, ends the run with a checkpoint (Interrupted)
         with stop_requests() as stops, run_dir_lock(run_dir) if ranks.main else nullcontext():
-            saved = resume_state(cfg, run_dir, ranks.main)
+            saved = resume_state(cfg, recipe(cfg, loss), run_dir, ranks.main)
             distributed.barrier(ranks)  # every rank has read the run dir before rank 0 writes into it
             if saved is not None and (run_dir / "results.json").exists():
                 log.info(f"run dir {run_dir} holds a finished run; nothing to do (results.json has its numbers)")
@@ -85,7 +86,7 @@ def train(cfg: DictConfig, run_dir: str | Path, make_loss: MakeLoss | None = Non
                     again = begin(cfg, run_dir, distributed.Ranks(), redraw)
                     plot_training_of(run_dir, again.snapshot_steps, again.setup.steps_per_epoch)
                 return cli.returned_accuracy(json.loads((run_dir / "results.json").read_text()))
-            run = begin(cfg, run_dir, ranks, saved, make_loss)
+            run = begin(cfg, run_dir, ranks, saved, loss)
             loop(run, stops)
             return report(run)  # a signal now waits for results.json rather than losing it
     finally:
@@ -93,16 +94,17 @@ def train(cfg: DictConfig, run_dir: str | Path, make_loss: MakeLoss | None = Non
 
 
 def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict | None,
-          make_loss: MakeLoss | None = None) -> Run:
+          loss: Loss | None = None) -> Run:
     """Build the run and start it afresh (config and a step-0 checkpoint written) or continue the saved one."""
-    s = setup(cfg, ranks, make_loss)
+    s = setup(cfg, ranks, loss)
     every = snapshot_every(cfg, s)
     state = None
     if schedules.SCHEDULES[cfg.scheduler.name].adapts_to_validation:  # adaptive SGDR's decisions, checkpointed
         state = adaptive.AdaptiveState(list(adaptive.cycle_lengths(s.schedule)))
     splits = {"train": s.data.train, "val": s.data.val, "test": s.data.test}
     digests = {name: split_digest(split) for name, split in splits.items() if split is not None}
-    run = Run(cfg, run_dir, ranks, s, Progress(), state, [], snapshot_metadata(cfg, s.data), digests)
+    run = Run(cfg, run_dir, ranks, s, Progress(), state, [], recipe(cfg, loss), snapshot_metadata(cfg, s.data, loss),
+              digests)
     if saved is None:
         if ranks.main:
             save_config(cfg, run_dir)

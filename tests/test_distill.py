@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from snapens.checkpoint import checkpoint_path
 from snapens.config import register_configs
-from snapens.distill import student_config
+from snapens.distill import distillation_loss, later_wins, student_config
+from snapens.files import file_digest
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots
 from snapens.step import StepOptions, loss_of
@@ -85,8 +86,10 @@ def test_student_learns_and_is_compared_with_its_teacher(teacher, student):
     assert d["cost"]["teacher_ensemble"] == {"forward_passes_per_image": 3,
                                              "parameters": 3 * d["cost"]["student"]["parameters"]}
     assert set(d["calibration"]) == {"student", "teacher_last", "teacher_ensemble"}
-    config = (student / ".hydra" / "config.yaml").read_text()
-    assert "name: cosine" in config and "temperature: 4.0" in config and f"run: {teacher}" in config
+    assert (d["teacher"]["run"], d["temperature"]) == (str(teacher), 4.0)
+    assert d["teacher"]["sha256"] == [file_digest(p) for p in list_snapshots(teacher)]
+    config = OmegaConf.load(student / ".hydra" / "config.yaml")
+    assert config.scheduler.name == "cosine" and "distill" not in config  # a training config like any other
     done = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={student}"], cwd=student.parent,
                           capture_output=True, text=True, timeout=HANG)  # the student is a run like any other
     assert done.returncode == 0, done.stderr[-2000:]
@@ -127,7 +130,22 @@ def test_the_students_config_is_the_teachers_then_the_command_lines(teacher):
     assert student.optimizer.momentum == 0.5 and student.optimizer.weight_decay == theirs.optimizer.weight_decay
     assert (student.scheduler.name, student.scheduler.cycles) == ("cosine", 1)
     assert student.scheduler.eta_max == theirs.scheduler.eta_max and student.trainer.seed == theirs.trainer.seed
-    assert student.distill.rule == "logits" and len(student.distill.teacher_sha256) == 3
+    assert "distill" not in student  # the training schema has no distillation keys: the loss carries them
+    assert (student.trainer.snapshot_every, student.trainer.swa.start) == (0, None)
+
+
+def test_the_loss_records_the_teacher(teacher):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("distill", overrides=[f"distill.run={teacher}"])
+        record = distillation_loss(cfg, student_config(cfg, [])).record["distill"]
+    assert record["rule"] == "logits"  # the teacher run's ensemble.rule
+    assert record["teacher_sha256"] == [file_digest(p) for p in list_snapshots(teacher)]
+
+
+def test_later_overrides_replace_earlier_ones_of_their_key():
+    assert later_wins(["model=teacher", "model.depth=8", "scheduler.cycles=1", "model=wrn16_4", "scheduler.cycles=2",
+                       "+teacher=run"]) == ["model=wrn16_4", "scheduler.cycles=2", "+teacher=run"]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -3,13 +3,14 @@ CIFAR-10 copy when it is there."""
 
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-
 from snapens.config import register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -110,7 +111,6 @@ def snapshot_logits(run_dir: Path, images: torch.Tensor) -> torch.Tensor:
     """float64 M x N x C: each snapshot of a HELD_OUT run on uint8 images, computed here from the files and the
     data's statistics, without the ensemble tool's code."""
     from hydra.utils import instantiate
-
     from snapens.build import build_data
     from snapens.snapshots import list_snapshots, load_into
 
@@ -124,3 +124,37 @@ def snapshot_logits(run_dir: Path, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             out.append(model(x))
     return torch.stack(out).double()
+
+
+def run_cli(module: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_image_folder(root, seed: int = 0):
+    """make_synthetic's images as PNG files in root/{train,test}/<class>/."""
+    from PIL import Image
+    from snapens.data import make_synthetic
+
+    train_split, test_split, classes = make_synthetic(4, 64, 16, 32, seed=seed)
+    for name, split in (("train", train_split), ("test", test_split)):
+        for i, (image, label) in enumerate(zip(split.images, split.labels.tolist())):
+            (root / name / classes[label]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / name / classes[label] / f"{i:03d}.png")
+
+
+def record_steps(monkeypatch, before=None, after=None):
+    """Wrap train_step to call before(model, optimizer) and after(model, optimizer) around every update."""
+    import snapens.train
+
+    real = snapens.train.train_step
+
+    def step(model, optimizer, *args, **kwargs):
+        if before:
+            before(model, optimizer)
+        out = real(model, optimizer, *args, **kwargs)
+        if after:
+            after(model, optimizer)
+        return out
+
+    monkeypatch.setattr(snapens.train, "train_step", step)

@@ -60,3 +60,21 @@ def test_gpu_validation_script_dry_run(tmp_path):
     assert probe["swa_update_syncs"]["WeightAverage"] == "no sync"
     training = json.loads((tmp_path / "c10_short" / "results.json").read_text())["training"]
     assert training["steps"] == 12 and training["compiled_graphs"] == 1
+
+
+# ---- 5. the benchmark's naive contender builds models only through the allow-list ---------------------------------
+def test_bench_ensemble_naive_never_calls_what_a_snapshot_names(tmp_path):
+    from snapens.models import CifarResNet
+    from snapens.snapshots import save_snapshot
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text(f"data:\n  root: {tmp_path}\n")
+    evil = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+    save_snapshot(tmp_path / "run" / "snapshots" / "cycle_01.safetensors", CifarResNet(depth=8),
+                  {"model_config": evil, "mean": [0.5] * 3, "std": [0.5] * 3})
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_ensemble.py"
+    result = subprocess.run([sys.executable, str(script), "--naive", str(tmp_path / "run"), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=HANG)
+    assert result.returncode != 0 and "cannot build safely" in result.stderr
+    assert victim.read_text() == "precious"

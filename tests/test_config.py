@@ -1,5 +1,6 @@
 """Config: every group option composes, and every bad value fails before training with one line naming the key."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,12 +9,13 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
+from PIL import Image
 from snapens.build import build_schedule
+from snapens.checkpoint import checkpoint_path, load_checkpoint
 from snapens.errors import SnapensError
 from snapens.train import train
 
-from conftest import CONF, FAST, HANG, compose_config
+from conftest import CONF, EQUAL_CYCLES_2, EQUAL_CYCLES_3, FAST, HANG, compose_config
 
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("data", "model", "optimizer", "scheduler")}
 
@@ -245,7 +247,6 @@ def test_offline_cifar_without_files_says_what_to_put_where(make_cfg, tmp_path):
 
 
 def test_class_count_must_match_the_folders(make_cfg, tmp_path):
-    from PIL import Image
 
     for split in ("train", "test"):
         for name in ("cat", "dog", "emu"):
@@ -280,3 +281,46 @@ def test_c10_fast_preset_only_overrides(make_cfg):
     assert build_schedule(cfg.scheduler, cfg.trainer.epochs, steps_per_epoch=196).cycle_ends() == [1960, 3920, 5880]
     assert cfg.trainer.seed == plain.trainer.seed and cfg.ensemble == plain.ensemble
     assert cfg.optimizer.nesterov and cfg.optimizer.momentum == plain.optimizer.momentum
+
+
+def test_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):
+    command = [sys.executable, "-m", "snapens.train", *FAST, "trainer.epochs=1", "scheduler=cosine",
+               "data.train_size=64", "data.test_size=16"]
+    jobs = [subprocess.Popen([*command, f"trainer.seed={seed}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
+    for job in jobs:
+        _, err = job.communicate(timeout=HANG)
+        assert job.returncode == 0, err
+    runs = sorted(p for p in (tmp_path / "outputs" / "runs").glob("*/*") if p.is_dir())
+    assert len(runs) == 2
+    seeds = {load_checkpoint(checkpoint_path(run))["config"]["trainer"]["seed"] for run in runs}
+    assert seeds == {0, 1}
+
+
+# ---- 8. keys that do not exist, even appended with + ---------------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("+trainer.epoch=3", "trainer.epoch is not a key of trainer; did you mean trainer.epochs?"),
+    ("+data.trainlimit=5", "data.trainlimit is not a key of data=synthetic; did you mean data.train_limit?"),
+    ("+scheduler.T0=3", "scheduler.T0 is not a key of scheduler=sgdr; did you mean scheduler.T_0?"),
+    ("+trainer.swa.begin=0.5", "trainer.swa.begin is not a key of trainer.swa; did you mean trainer.swa.start?"),
+])
+def test_unknown_keys_are_refused_even_with_plus(make_cfg, tmp_path, override, message):
+    with pytest.raises(SnapensError, match=re.escape(message)):
+        train(make_cfg(*EQUAL_CYCLES_2, override), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.swa.start=1.0", "trainer.swa.start=1.0 must be a fraction"),
+    ("trainer.label_smoothing=1.0", "trainer.label_smoothing=1.0 must be in"),
+    ("trainer.accumulate=0", "trainer.accumulate=0 must be a finite number > 0"),
+    ("trainer.keep_snapshots=-1", "trainer.keep_snapshots=-1 must be a finite number >= 0"),
+    ("scheduler=adaptive_sgdr data.val_size=32 scheduler.warmup_every_cycle=true",
+     "scheduler.warmup_every_cycle does not go with scheduler=adaptive_sgdr"),
+    ("scheduler=adaptive_sgdr data.val_size=32 scheduler.extension_factor=1.0",
+     "scheduler.extension_factor=1.0 must be > 1"),
+    ("scheduler=adaptive_sgdr data.val_size=32 scheduler.patience=0", "scheduler.patience=0 must be a finite number"),
+])
+def test_bad_option_values(make_cfg, tmp_path, override, message):
+    with pytest.raises(SnapensError, match=message):
+        train(make_cfg(*EQUAL_CYCLES_3, *override.split()), tmp_path)

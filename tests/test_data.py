@@ -1,23 +1,40 @@
 """Tests for snapens.data: augmentation invariants, loaders, subsets, statistics and the image-folder cache."""
 
 import os
-import shutil
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import snapens.data
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
+from snapens.batches import (
+    Augmentation,
+    cutout,
+    eval_batches,
+    normalize,
+    random_crop,
+    random_flip,
+    train_batches,
+)
+from snapens.data import (
+    Split,
+    balanced_subset,
+    channel_stats,
+    load_cifar,
+    load_image_folder,
+    make_synthetic,
+    prepare,
+    read_image,
+)
+from snapens.errors import SnapensError
 from torchvision.io import encode_png, write_jpeg, write_png
 
-import snapens.data
-from snapens.batches import (Augmentation, cutout, eval_batches, normalize, random_crop, random_flip,
-                             train_batches)
-from snapens.data import (Split, balanced_subset, channel_stats, load_cifar, load_image_folder, make_synthetic,
-                          prepare)
-from snapens.errors import SnapensError
+from conftest import write_image_folder
 
 # The tests write their image files with torchvision.io, which warns that it is deprecated (torchcodec replaces it).
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
@@ -662,3 +679,56 @@ def test_load_image_folder_train_and_test_sizes_must_agree(tmp_path):
         load_image_folder(str(tmp_path))
     train, test, _ = load_image_folder(str(tmp_path), image_size=10)
     assert train.images.shape[2:] == test.images.shape[2:] == (10, 10)
+
+
+# ---- 2. resume checks its data ----------------------------------------------------------------------------------
+
+
+# ---- 9. 16-bit images ---------------------------------------------------------------------------------------------
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    pixels = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(pixels).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as image:
+        assert image.mode.startswith("I;16")  # Pillow keeps the 16 bits
+    image = read_image(tmp_path / "grey16.png", 0)
+    expected = torch.from_numpy((pixels.astype(np.int64) * 255 + 32767) // 65535).to(torch.uint8)
+    assert image.shape == (3, 32, 32) and all(torch.equal(channel, expected) for channel in image)
+    Image.fromarray(np.full((4, 4), 70000, dtype=np.int32), mode="I").save(tmp_path / "wide.tif")
+    with pytest.raises(SnapensError, match="pixels beyond 16 bits"):
+        read_image(tmp_path / "wide.tif", 0)
+
+
+def test_a_dangling_link_among_the_images_is_one_line(tmp_path):
+    from snapens.data import load_image_folder
+    write_image_folder(tmp_path)
+    (tmp_path / "train" / "class0" / "zz.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(SnapensError, match="zz.png is a link to a file that does not exist"):
+        load_image_folder(str(tmp_path))
+
+
+# ---- 11. unwritable places ------------------------------------------------------------------------------------------
+def test_unwritable_data_folder_and_home_decode_without_a_cache(tmp_path, monkeypatch):
+    from snapens.data import load_image_folder
+    write_image_folder(tmp_path / "images")
+    train_split, _, _ = load_image_folder(str(tmp_path / "images"))
+    (tmp_path / "home").write_text("a file where the home folder should be: nothing can be made below it")
+    monkeypatch.setattr(Path, "home", lambda: tmp_path / "home")
+    monkeypatch.setattr(os, "access", lambda *args: False)  # the data folder is read-only (as root: pretended)
+    again, _, _ = load_image_folder(str(tmp_path / "images"))
+    assert torch.equal(again.images, train_split.images) and torch.equal(again.labels, train_split.labels)
+
+
+def test_read_image_resizes_to_a_non_square_size(tmp_path):
+    Image.new("RGB", (10, 10), (9, 99, 199)).save(tmp_path / "square.png")
+    image = read_image(tmp_path / "square.png", (6, 8))  # what predict= asks for a model trained on 6 x 8 images
+    assert image.shape == (3, 6, 8) and image[:, 0, 0].tolist() == [9, 99, 199]
+
+
+def test_a_changed_image_leaves_one_cache_file_per_split(tmp_path):
+    from snapens.data import load_image_folder
+    write_image_folder(tmp_path)
+    load_image_folder(str(tmp_path))
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(sorted((tmp_path / "train").rglob("*.png"))[0])
+    load_image_folder(str(tmp_path))
+    names = sorted(p.name.split("-")[0] for p in (tmp_path / ".snapens_cache").glob("*.safetensors"))
+    assert names == ["test", "train"]  # the stale train cache is gone, not piled up

@@ -10,21 +10,35 @@ import sys
 from pathlib import Path
 
 import pytest
+import snapens
+import snapens.ensemble.__main__ as cli
+import snapens.ensemble.cache as cache
+import snapens.train
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
-
-import snapens
-import snapens.ensemble.__main__ as cli
-import snapens.ensemble.cache as cache
-from snapens.ensemble import metrics
 from snapens.build import build_data
+from snapens.checkpoint import run_dir_lock
+from snapens.ensemble import metrics
 from snapens.errors import SnapensError
-from snapens.snapshots import list_snapshots, load_into, read_metadata, save_snapshot
+from snapens.snapshots import (
+    list_snapshots,
+    load_into,
+    read_metadata,
+    save_snapshot,
+)
 from snapens.train import train
 
-from conftest import HANG, HELD_OUT, compose_config, snapshot_logits
+from conftest import (
+    EQUAL_CYCLES_2,
+    EQUAL_CYCLES_3,
+    HANG,
+    HELD_OUT,
+    compose_config,
+    snapshot_logits,
+)
+
 
 @pytest.fixture
 def run(held_out_copy):
@@ -309,7 +323,6 @@ def test_no_output_is_replaced_silently(run, tmp_path):
 def test_a_run_still_training_is_not_reported_on(run, tmp_path):
     """Finding 7 of issue 24: while a training holds the run's lock, the tool and predict= refuse (nothing written
     into the run dir); once it has ended, they work."""
-    from snapens.checkpoint import run_dir_lock
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     with run_dir_lock(run):
         for extra in ([], [f"predict={run / 'lr_schedule.png'}"]):
@@ -317,3 +330,40 @@ def test_a_run_still_training_is_not_reported_on(run, tmp_path):
                 cli.evaluate(compose_config(f"run={run}", *extra, name="ensemble"))
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     assert cli.evaluate(compose_config(f"run={run}", name="ensemble")) > 0
+
+
+def test_ensemble_out_inside_the_snapshots_folder_is_refused(make_cfg, tmp_path):
+    import snapens.ensemble.__main__ as cli
+
+    from conftest import compose_config
+    train(make_cfg(*EQUAL_CYCLES_2), tmp_path / "run")
+    before = sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir())
+    with pytest.raises(SnapensError, match="lies inside the snapshots' folder"):
+        cli.evaluate(compose_config(f"run={tmp_path / 'run'}", f"out={tmp_path / 'run' / 'snapshots' / 'r'}",
+                                    "device=cpu", name="ensemble"))
+    assert sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir()) == before
+
+
+def test_a_hand_edited_run_config_is_one_line_in_the_ensemble_tool(make_cfg, tmp_path):
+    import snapens.ensemble.__main__ as cli
+
+    from conftest import compose_config
+    train(make_cfg(*EQUAL_CYCLES_2), tmp_path / "run")
+    config = tmp_path / "run" / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("train_limit: 0", "train_limit: abc"))
+    with pytest.raises(SnapensError, match="config.yaml: data.train_limit: Value 'abc' of type 'str' could not"):
+        cli.evaluate(compose_config(f"run={tmp_path / 'run'}", "device=cpu", name="ensemble"))
+
+
+def test_ensemble_tool_evaluates_the_swa_set(make_cfg, tmp_path):
+    train(make_cfg(*EQUAL_CYCLES_3, "trainer.swa.start=0.5"), tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={tmp_path / 'run'}", "swa=true",
+                             "device=cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "run" / "ensemble" / "test_swa" / "ensemble.json").read_text())
+    assert [p.rsplit("/", 1)[-1] for p in report["ensemble"]["members"]] == [
+        "cycle_01_swa.safetensors", "cycle_02_swa.safetensors", "cycle_03_swa.safetensors"]
+    train(make_cfg(*EQUAL_CYCLES_3), tmp_path / "plain")
+    result = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={tmp_path / 'plain'}", "swa=true",
+                             "device=cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
+    assert result.returncode == 2 and "has no SWA snapshots" in result.stderr

@@ -1,13 +1,17 @@
 """Tests for snapens.models: parameter counts derived from the layer shapes, output shapes, depth checks, configs."""
 
+import re
 from pathlib import Path
 
 import hydra.utils
 import pytest
 import torch
+from snapens.errors import SnapensError
+from snapens.models import CifarResNet, WideResNet, model_from_metadata
+from snapens.train import train
 from torch import nn
 
-from snapens.models import CifarResNet, WideResNet
+from conftest import EQUAL_CYCLES_2
 
 MODEL_CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
 
@@ -139,3 +143,40 @@ def test_model_config_instantiates(make_cfg, name, data, num_classes):
         return
     with torch.no_grad():  # 8x8 inputs keep ResNet-110 cheap; 32x32 shapes are checked in test_output_shape
         assert model.eval()(torch.zeros(2, 3, 8, 8)).shape == (2, num_classes)
+
+
+# ---- 6. model configs read from files are bounded -----------------------------------------------------------------
+@pytest.mark.parametrize("config, message", [
+    ({"depth": 28, "widen_factor": -1}, "model.widen_factor must be between 1 and 32"),
+    ({"depth": 28, "widen_factor": 4, "dropout": float("nan")}, "model.dropout must be a probability in [0, 1)"),
+    ({"depth": 600004, "widen_factor": 1}, "model.depth must be 6n+4 between 10 and 1000"),
+    ({"_target_": "snapens.models.CifarResNet", "depth": 20, "num_classes": 10**13},
+     "model.num_classes must be between 1 and 100,000"),
+    ({"_target_": "snapens.models.CifarResNet", "depth": 600002}, "model.depth must be 6n+2 between 8 and 1202"),
+])
+def test_tampered_model_metadata_is_refused_before_anything_is_built(config, message):
+    config = {"_target_": "snapens.models.WideResNet", "num_classes": 10, **config}
+    with pytest.raises(SnapensError, match=re.escape(f"snapshot x: {message}")):
+        model_from_metadata(config, "snapshot x")
+
+
+def test_a_blocked_model_target_is_one_whole_line(make_cfg, tmp_path):
+    with pytest.raises(SnapensError) as info:
+        train(make_cfg(*EQUAL_CYCLES_2, "model._target_=os.system"), tmp_path)
+    message = str(info.value)
+    assert message.startswith("model=os.system: Target 'os.system' is blocklisted") and "\n" not in message
+    assert message.endswith("HYDRA_INSTANTIATE_ALLOWLIST_OVERRIDE.")  # not cut off after its first line
+
+
+def test_the_classifier_head_runs_in_fp32_under_bf16_autocast():
+    """Logits under bf16 autocast come from an fp32 head: not quantised to bf16's ~8 significant bits."""
+    torch.manual_seed(0)
+    model = CifarResNet(depth=8, num_classes=10).eval()
+    features = []
+    model.fc.register_forward_hook(lambda module, args, out: features.append(args[0]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(16, 3, 32, 32))
+    assert logits.dtype == torch.float32 and features[0].dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(logits, torch.nn.functional.linear(features[0], model.fc.weight, model.fc.bias))
+    assert not torch.equal(logits, logits.bfloat16().float())

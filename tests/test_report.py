@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+from snapens.errors import SnapensError
 from snapens.report import main, report
 
-from conftest import EQUAL_CYCLES_2, HANG
+from conftest import EQUAL_CYCLES_2, HANG, run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -209,3 +209,23 @@ def test_tuning_sweep_in_a_date_dir_reads_test_once(tmp_path, capsys):
     assert "chosen on validation by optuna: scheduler.eta_max=5e-05 (validation ensemble 80.00%" in out
     assert "its test accuracy, read once: single 50.00%, ensemble 70.00%" in out
     assert "90.00" not in out  # the other trial's test number is never shown
+
+
+def test_report_refuses_a_results_json_with_nan(tmp_path):
+    from snapens.report import read_run
+    (tmp_path / "results.json").write_text(json.dumps({"single": {"acc": float("nan")}, "ensemble": {
+        "acc": 0.5, "members": ["a"]}}))
+    with pytest.raises(SnapensError, match="cannot read .*results.json: ValueError: accuracies nan and 0.5"):
+        read_run(tmp_path, "trainer.seed")
+
+
+def test_report_takes_a_date_dir_and_out(tmp_path):
+    day = tmp_path / "multirun" / "2026-11-30"
+    for sweep in ("10-00-00", "11-00-00"):
+        done = run_cli("snapens.train", "-m", *EQUAL_CYCLES_2, "trainer.seed=0", f"hydra.sweep.dir={day / sweep}",
+                       cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+    shown = run_cli("snapens.report", str(day), f"out={tmp_path / 'report'}", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    rows = (tmp_path / "report" / "report.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].split(",")[1] == "2"  # one config, both sweeps' runs

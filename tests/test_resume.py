@@ -9,19 +9,25 @@ import sys
 import time
 
 import pytest
-import torch
-import torch.nn.functional as F
-
 import snapens.files
 import snapens.snapshots
 import snapens.train
+import torch
+import torch.nn.functional as F
+from PIL import Image
 from snapens.checkpoint import checkpoint_path, load_checkpoint
+from snapens.cli import EXIT_INTERRUPTED
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots
-from snapens.cli import EXIT_INTERRUPTED
 from snapens.train import train
 
-from conftest import DOUBLING_CYCLES_7, HANG
+from conftest import (
+    DOUBLING_CYCLES_7,
+    EQUAL_CYCLES_2,
+    EQUAL_CYCLES_3,
+    HANG,
+    write_image_folder,
+)
 
 # 4 steps per epoch, cycles end after epochs 1, 3 and 7 (steps 4, 12, 28); a checkpoint after every update
 RUN = [*DOUBLING_CYCLES_7, "trainer.checkpoint_every=1"]
@@ -231,3 +237,81 @@ def test_campaign_kills_from_process_start_and_a_second_training_into_the_same_d
     assert snapshot_bytes(both) == snapshot_bytes(uninterrupted)
     assert json.loads((both / "results.json").read_text())["ensemble"] == \
         json.loads((uninterrupted / "results.json").read_text())["ensemble"]
+
+
+# ---- 2. resume checks its data ----------------------------------------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+def killed_after(monkeypatch, updates: int):
+    """train_step raises Killed once `updates` updates are done (as kill -9 would end the process there)."""
+    import snapens.train
+    real, count = snapens.train.train_step, [0]
+
+    def step(*args, **kwargs):
+        if count[0] == updates:
+            raise Killed()
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(snapens.train, "train_step", step)
+
+
+def test_resume_refuses_data_that_changed_under_the_same_names(make_cfg, tmp_path, monkeypatch):
+    root = tmp_path / "images"
+    write_image_folder(root)
+    overrides = [*EQUAL_CYCLES_3, "data=imagefolder", f"data.root={root}", "data.num_classes=4",
+                 "trainer.batch_size=16", "trainer.checkpoint_every=1"]
+    killed_after(monkeypatch, 5)
+    with pytest.raises(Killed):
+        train(make_cfg(*overrides), tmp_path / "run")
+    monkeypatch.undo()
+    first = sorted((root / "train").rglob("*.png"))[0]
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(first)  # same name, same count, other pixels
+    with pytest.raises(SnapensError, match="cannot resume .*: the train images differ from those it started with"):
+        train(make_cfg(*overrides), tmp_path / "run")
+    first.unlink()  # one image fewer
+    with pytest.raises(SnapensError, match="the train images differ"):
+        train(make_cfg(*overrides), tmp_path / "run")
+    assert load_checkpoint(checkpoint_path(tmp_path / "run"))["progress"]["step"] == 5  # nothing was changed
+
+
+# ---- 4. a run killed before its first checkpoint ----------------------------------------------------------------
+def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(make_cfg, tmp_path, monkeypatch):
+    import snapens.train
+    train(make_cfg(*EQUAL_CYCLES_2), tmp_path / "whole")
+
+    def killed(run):
+        raise Killed()
+
+    monkeypatch.setattr(snapens.train, "save_progress", killed)  # dies right after writing .hydra/config.yaml
+    with pytest.raises(Killed):
+        train(make_cfg(*EQUAL_CYCLES_2), tmp_path / "run")
+    monkeypatch.undo()
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").exists() and not checkpoint_path(tmp_path / "run").exists()
+    with pytest.raises(SnapensError, match="holds the config of a run that never started .* values of trainer.seed"):
+        train(make_cfg(*EQUAL_CYCLES_2, "trainer.seed=1"), tmp_path / "run")
+    train(make_cfg(*EQUAL_CYCLES_2), tmp_path / "run")
+    for a, b in zip(list_snapshots(tmp_path / "whole"), list_snapshots(tmp_path / "run"), strict=True):
+        assert a.read_bytes() == b.read_bytes()
+
+
+# ---- 13. smaller ones ---------------------------------------------------------------------------------------------
+def test_a_stop_signal_during_setup_ends_with_a_checkpoint(make_cfg, tmp_path, monkeypatch):
+    import signal
+
+    import snapens.train
+    real = snapens.train.setup
+
+    def setup_then_signal(*args):
+        built = real(*args)
+        os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning arrives while the data is still loading
+        return built
+
+    monkeypatch.setattr(snapens.train, "setup", setup_then_signal)
+    with pytest.raises(snapens.train.Interrupted, match="stopped by SIGUSR1 after step 1 with a checkpoint"):
+        train(make_cfg(*EQUAL_CYCLES_2), tmp_path)
+    assert load_checkpoint(checkpoint_path(tmp_path))["progress"]["step"] == 1

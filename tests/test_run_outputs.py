@@ -8,15 +8,13 @@ import sys
 
 import pytest
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from snapens.build import build_schedule
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, read_metadata
 from snapens.train import train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import DOUBLING_CYCLES_3, FAST, HANG
-
+from conftest import DOUBLING_CYCLES_3, EQUAL_CYCLES_2, FAST, HANG
 
 
 def test_plots_are_written(make_cfg, tmp_path):
@@ -114,3 +112,31 @@ def test_a_sweep_submitted_again_leaves_finished_jobs_alone(tmp_path):
     assert again.stdout.count("holds a finished run; nothing to do") + \
         again.stderr.count("holds a finished run; nothing to do") == 2
     assert {p: p.stat().st_mtime_ns for p in sweep.rglob("*.safetensors")} == before
+
+
+def test_a_finished_run_with_a_lost_plot_draws_it_again(make_cfg, tmp_path):
+    train(make_cfg(*EQUAL_CYCLES_2), tmp_path)
+    results = (tmp_path / "results.json").read_bytes()
+    (tmp_path / "training.png").write_bytes(b"")  # what a full disk left
+    (tmp_path / "lr_schedule.png").unlink()
+    train(make_cfg(*EQUAL_CYCLES_2), tmp_path)
+    for name in ("training.png", "lr_schedule.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG"
+    assert (tmp_path / "results.json").read_bytes() == results
+
+
+def test_a_plot_on_a_full_disk_is_one_line_and_never_an_empty_file(tmp_path, monkeypatch):
+    import snapens.files
+    from snapens.run_plots import plot_training
+    records = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.1 * e} for e in (1, 2, 3)]
+    plot_training(records, [1.0, 3.0], tmp_path / "training.png")
+    before = (tmp_path / "training.png").read_bytes()
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(snapens.files.os, "replace", full)
+    with pytest.raises(SnapensError, match="cannot write .*training.png: No space left on device; the earlier file"):
+        plot_training(records[:2], [1.0], tmp_path / "training.png")
+    assert (tmp_path / "training.png").read_bytes() == before and not list(tmp_path.glob(".*.tmp"))

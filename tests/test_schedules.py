@@ -10,19 +10,26 @@ import sys
 
 import pytest
 import torch
-
+from snapens import build, schedules
+from snapens.build import build_schedule
+from snapens.errors import SnapensError
 from snapens.schedules import (
     FGE,
     SGDR,
     Constant,
     Cosine,
+    CosineCycles,
     Cyclic,
     OneCycle,
     Schedule,
     Snapshot,
     StepDecay,
     Warmup,
+    geometric_lengths,
 )
+from snapens.snapshots import snapshot_steps
+
+from conftest import FAST
 
 SNAPENS = pathlib.Path(__file__).resolve().parents[1] / "snapens"
 SCHEDULE_FILES = [*(SNAPENS / "schedules").glob("*.py"), SNAPENS / "adaptive.py"]  # what `import snapens.schedules` runs
@@ -431,3 +438,80 @@ def test_module_loads_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_geometric_lengths_fill_the_budget(make_cfg):
+    assert geometric_lengths(48, 4, 2) == (3, 7, 12, 26)  # ends round(48 * (1, 3, 7, 15) / 15)
+    assert geometric_lengths(12, 3, 1) == (4, 4, 4)
+    assert sum(geometric_lengths(18573, 4, 2)) == 18573
+    with pytest.raises(ValueError, match=r"cycles=5 with T_mult=3 leaves a first cycle shorter"):
+        geometric_lengths(20, 5, 3)
+    cfg = make_cfg(*FAST, "scheduler=sgdr", "scheduler.cycles=5", "scheduler.T_mult=3", "trainer.epochs=5")
+    with pytest.raises(SnapensError, match=r"scheduler.cycles=5 with T_mult=3 leaves a first cycle shorter"):
+        build.build_schedule(cfg.scheduler, 5, 4)
+
+
+@pytest.mark.parametrize("name, extra, lengths", [
+    ("sgdr", [], (3, 7, 12, 26)), ("adaptive_sgdr", ["data.val_size=10"], (3, 7, 12, 26)),
+    ("snapshot", [], (12, 12, 12, 12)), ("cyclic", [], (12, 12, 12, 12)),
+    ("fge", ["scheduler.cycle_length=0.4"], (30, 6, 6, 6))])  # 4.8 steps, rounded up to 6; ordinary training 27
+def test_cycles_key_sets_every_cyclic_schedule(make_cfg, name, extra, lengths):
+    cfg = make_cfg(f"scheduler={name}", "scheduler.cycles=4", "trainer.epochs=4", *extra)
+    schedule = build.build_schedule(cfg.scheduler, 4, 12)
+    ends = schedule.cycle_ends()
+    assert tuple(b - a for a, b in zip([0, *ends], ends)) == lengths
+    assert schedule.total_steps == 48
+    if name in ("sgdr", "adaptive_sgdr"):
+        assert isinstance(schedule, CosineCycles) and schedule.lr(47) < schedule.lr(26)
+
+
+@pytest.mark.parametrize("name", ["cosine", "step", "constant", "onecycle"])
+def test_cycles_key_spaces_snapshots_of_one_shot_schedules(make_cfg, name):
+    cfg = make_cfg(f"scheduler={name}", "scheduler.cycles=3", "trainer.epochs=4")
+    schedule = build.build_schedule(cfg.scheduler, 4, 10)
+    assert snapshot_steps(schedule, 0, cfg.scheduler.cycles) == [13, 26, 40]  # k * 40 // 3
+    assert snapshot_steps(schedule) == [40]
+
+
+def test_step_milestones_are_fractions_of_the_budget(make_cfg):
+    cfg = make_cfg("scheduler=step", "trainer.epochs=4")
+    schedule = build.build_schedule(cfg.scheduler, 4, 10)
+    assert [schedule.lr(t) for t in (19, 20, 29, 30)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["scheduler=cyclic", "scheduler.cycles=5"], "scheduler.cycles=5 does not split the budget of 48 steps"),
+    (["scheduler=sgdr", "scheduler.cycles=49"], "scheduler.cycles=49 exceeds the budget's 48 steps"),
+    (["scheduler=cosine", "scheduler.cycles=0"], "scheduler.cycles=0 must be a finite number > 0"),
+    (["scheduler=cosine", "scheduler.cycles=2", "trainer.snapshot_every=1"],
+     "scheduler.cycles=2 and trainer.snapshot_every=1.0 both say where snapshots go"),
+    (["scheduler=snapshot", "scheduler.cycles=null"], "scheduler.cycles=None"),
+])
+def test_cycles_key_errors(make_cfg, overrides, message):
+    from snapens.config import check_config
+    cfg = make_cfg(*overrides, "trainer.epochs=4")
+    with pytest.raises(SnapensError, match=message.replace(".", r"\.")):
+        check_config(cfg)
+        build.build_schedule(cfg.scheduler, 4, 12)
+
+
+def test_warmup_every_cycle():
+    sgdr = schedules.SGDR(0.1, T_0=4, total_steps=12)
+    once, every = schedules.Warmup(sgdr, 2), schedules.Warmup(sgdr, 2, every_cycle=True)
+    for start in (0, 4, 8):
+        for k in range(4):
+            t = start + k
+            expected = sgdr.lr(start + 2) * (k + 1) / 3 if k < 2 else sgdr.lr(t)
+            assert every.lr(t) == pytest.approx(expected, abs=1e-15)
+            assert once.lr(t) == (expected if start == 0 else sgdr.lr(t))
+    with pytest.raises(ValueError, match="shorter than every cycle"):
+        schedules.Warmup(sgdr, 4, every_cycle=True)
+
+
+def test_warmup_every_cycle_from_the_config(make_cfg):
+    cfg = make_cfg("scheduler=sgdr", "scheduler.T_0=2", "scheduler.T_mult=1", "scheduler.warmup=1",
+                   "scheduler.warmup_every_cycle=true")
+    schedule = build_schedule(cfg.scheduler, 6, steps_per_epoch=5)
+    assert [schedule.lr(t) for t in (10, 11, 12, 15)] == [pytest.approx(v) for v in (
+        schedule.inner.lr(15) / 6, 2 * schedule.inner.lr(15) / 6, 3 * schedule.inner.lr(15) / 6,
+        schedule.inner.lr(15))]

@@ -8,22 +8,28 @@ import stat
 from pathlib import Path
 
 import pytest
+import snapens.ensemble.__main__ as ensemble_tool
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-
-import snapens.ensemble.__main__ as ensemble_tool
 from snapens.ensemble.ensemble import Ensemble
 from snapens.errors import SnapensError
 from snapens.export import export_run
 from snapens.files import file_digest
 from snapens.models import CifarResNet, WideResNet
-from snapens.snapshots import (list_snapshots, load_into, load_snapshot, read_metadata, save_snapshot, snapshot_path,
-                               verify)
+from snapens.snapshots import (
+    list_snapshots,
+    load_into,
+    load_snapshot,
+    read_metadata,
+    save_snapshot,
+    snapshot_path,
+    verify,
+)
 from snapens.teacher import load_teacher, teacher_paths
 from snapens.train import train
 
-from conftest import EQUAL_CYCLES_2, compose_config
+from conftest import EQUAL_CYCLES_2, EQUAL_CYCLES_3, compose_config
 
 METADATA = {
     "cycle": 3,
@@ -276,3 +282,11 @@ def test_a_snapshot_copied_over_another_of_its_run_is_refused(held_out_copy):
     shutil.copy(held_out_copy / "snapshots" / "cycle_01.safetensors", held_out_copy / "snapshots" / "cycle_03.safetensors")
     with pytest.raises(SnapensError, match=r"cycle_03.safetensors has changed since its run wrote it"):
         Ensemble.from_run(held_out_copy, members="last:2")  # the copy sorts by its metadata, cycle 1
+
+
+def test_keep_only_the_newest_snapshots(make_cfg, tmp_path):
+    train(make_cfg(*EQUAL_CYCLES_3, "trainer.epochs=4", "trainer.keep_snapshots=2", "trainer.swa.start=0.5"), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == [
+        "cycle_03.safetensors", "cycle_03_swa.safetensors", "cycle_04.safetensors", "cycle_04_swa.safetensors"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["ensemble"]["members"] == ["cycle_03.safetensors", "cycle_04.safetensors"]

@@ -1,0 +1,101 @@
+"""snapens.cli and the entry points' shared behaviour: jobs return validation numbers, a sweeper may not tune on test
+(the Optuna example tunes on validation), a refused config leaves no run dir, a stop signal at start-up is one line,
+--help lists every option."""
+
+
+import json
+import subprocess
+import sys
+
+import pytest
+from snapens.train import train
+
+from conftest import CONF, EQUAL_CYCLES_2, FAST, HANG, run_cli
+
+
+def test_a_stop_signal_during_start_up_is_one_line(tmp_path):
+    import signal
+    import time
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "snapens.train", *EQUAL_CYCLES_2, f"hydra.run.dir={run_dir}"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not run_dir.exists() and process.poll() is None:  # Hydra has composed the config and made the dir
+        time.sleep(0.005)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=HANG)
+    assert process.returncode == 75 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("snapens: stop")
+
+
+# ---- tuning on validation, never on test -----------------------------------------------------------------------
+def test_job_returns_validation_accuracy(make_cfg, tmp_path):
+    returned = train(make_cfg(*EQUAL_CYCLES_2, "data.val_size=64"), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert returned == results["val"]["ensemble"]["acc"]
+    assert results["val"]["num_images"] == 64 and results["num_images"] == 128  # the test numbers stay
+    assert train(make_cfg(*EQUAL_CYCLES_2, "data.val_size=64"), tmp_path) == returned  # the finished run: same
+
+
+def test_sweeper_may_not_tune_on_test(tmp_path):
+    done = run_cli("snapens.train", "-m", *EQUAL_CYCLES_2, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1",
+                   "scheduler.eta_max=interval(0.05,0.1)", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert done.returncode == 2
+    assert ("OptunaSweeper optimises what each job returns, which without a validation split is the test accuracy"
+            in done.stderr)
+    assert not (tmp_path / "s" / "0").exists()  # refused before any run dir was kept
+
+
+@pytest.mark.slow
+def test_optuna_example_tunes_on_validation(tmp_path):
+    """README's experiment=tune_demo at a smaller size: 2 trials on validation, then report reads the chosen
+    trial's test numbers once."""
+    sweep = tmp_path / "tune"
+    done = run_cli("snapens.train", "-m", "experiment=tune_demo", "hydra.sweeper.n_trials=2", "trainer.epochs=2",
+                   "trainer.num_threads=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    best = (sweep / "optimization_results.yaml").read_text()
+    vals = {json.loads((sweep / j / "results.json").read_text())["val"]["ensemble"]["acc"] for j in ("0", "1")}
+    assert f"best_value: {max(vals)}" in best
+    shown = run_cli("snapens.report", str(sweep), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    chosen = [line for line in shown.stdout.splitlines() if line.startswith("chosen on validation by optuna")]
+    assert len(chosen) == 1 and f"validation ensemble {100 * max(vals):.2f}%" in chosen[0]
+    assert "Accuracies on the validation split" in shown.stdout  # the trials' table: no test number but the chosen
+    rows = (sweep / "report.csv").read_text().splitlines()[1:]
+    assert sorted(float(row.split(",")[4]) for row in rows) == sorted(vals)  # ensemble_mean: validation
+
+
+# ---- where things go ---------------------------------------------------------------------------------------------
+def test_refused_config_leaves_no_run_dir(tmp_path):
+    done = run_cli("snapens.train", *FAST, "trainer.epochs=-1", f"hydra.run.dir={tmp_path / '2026-11-30' / 'run'}",
+                   cwd=tmp_path)
+    assert done.returncode == 2 and "trainer.epochs=-1.0 must be a finite number > 0" in done.stderr
+    assert not (tmp_path / "2026-11-30").exists()  # the default layout's date folder, left empty: removed too
+    (tmp_path / "exp").mkdir()  # a folder of the user's own stays, even empty
+    run_cli("snapens.train", *FAST, "trainer.epochs=-1", f"hydra.run.dir={tmp_path / 'exp' / 'run1'}", cwd=tmp_path)
+    assert (tmp_path / "exp").is_dir() and not (tmp_path / "exp" / "run1").exists()
+    kept = tmp_path / "mine"  # a dir that holds anything else is never touched
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    run_cli("snapens.train", *FAST, "trainer.epochs=-1", f"hydra.run.dir={kept}", cwd=tmp_path)
+    assert (kept / "notes.txt").read_text() == "mine"
+
+
+# ---- --help -------------------------------------------------------------------------------------------------------
+def test_help_lists_every_option(tmp_path):
+    shown = run_cli("snapens.train", "--help", cwd=tmp_path).stdout
+    assert "schema" not in shown and "Examples:" in shown
+    groups: dict[str, list[str]] = {}
+    for line in shown.split("Groups (")[1].split("\n\n")[0].splitlines()[1:]:
+        if line[2] != " ":  # "  group  option option": a group; a deeper indent continues the one before
+            group, line = line.split(maxsplit=1)
+        groups.setdefault(group, []).extend(line.split())
+    assert sorted(groups) == ["data", "experiment", "logger", "model", "optimizer", "scheduler"]
+    for group, listed in groups.items():
+        assert sorted(listed) == sorted(p.stem for p in (CONF / group).glob("*.yaml")), group
+    ensemble = run_cli("snapens.ensemble", "--help", cwd=tmp_path).stdout
+    keys = ensemble.split("Keys (conf/ensemble.yaml says what each means):\n")[1].split("\n\n")[0].split()
+    assert sorted(keys) == sorted(line.split(":")[0] for line in (CONF / "ensemble.yaml").read_text().splitlines()
+                                  if line and line[0].isalpha() and ":" in line and not line.startswith(
+                                      ("defaults", "hydra")))
+    assert "scheduler" not in ensemble

@@ -113,6 +113,9 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, lr: float) -> torch
 
 
 UNITS = {"epoch": "epochs", "step": "steps", "budget": "fractions of the budget"}  # scheduler.unit, as said
+# A bound on the budget, so that no typo (trainer.epochs=1e30) makes the schedule walk its cycle ends for ever: 10
+# million updates is 85 times ImageNet's 90 epochs of ResNet-50 at batch 256.
+MAX_STEPS = 10_000_000
 
 
 def build_schedule(cfg: DictConfig, epochs: float, steps_per_epoch: int) -> schedules.Schedule:
@@ -125,6 +128,9 @@ def build_schedule(cfg: DictConfig, epochs: float, steps_per_epoch: int) -> sche
     total = round(epochs * steps_per_epoch)
     if total < 1:
         raise SnapensError(f"trainer.epochs={epochs:g} is less than one step ({steps_per_epoch} steps per epoch)")
+    if total > MAX_STEPS:
+        raise SnapensError(f"trainer.epochs={epochs:g} is {total:.3g} updates ({steps_per_epoch} per epoch), more than "
+                           f"the {MAX_STEPS:,} snapens takes (months of training on any GPU): lower trainer.epochs")
 
     def steps(key: str, value: float | None = None) -> int:
         """A length of the scheduler group in optimizer steps; one <= 0 is left for the schedule class to refuse."""

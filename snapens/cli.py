@@ -124,14 +124,17 @@ class ShowSweepDir(Callback):
 
 
 def discard_unused_run_dir() -> None:
-    """After an error: a run dir that holds nothing but this job's Hydra log (the config was refused before anything
-    was written) is removed with the log, so a rejected command leaves no run dir behind. Only that log file is
-    deleted and only empty folders are removed: nothing else is touched."""
+    """After an error: a run dir that holds nothing but this job's Hydra log and an empty lock file (the config was
+    refused before anything was written; snapens.checkpoint.run_dir_lock empties its lock as it lets go) is removed
+    with them, so a rejected command leaves no run dir behind. Only those two files are deleted and only empty
+    folders are removed: nothing else is touched."""
     hydra = HydraConfig.get()
     folder = Path(hydra.runtime.output_dir)
-    log_file = folder / f"{hydra.job.name}.log"
-    if not folder.is_dir() or any(p != log_file for p in folder.iterdir()):
+    log_file, lock = folder / f"{hydra.job.name}.log", folder / ".lock"
+    if not folder.is_dir() or any(p not in (log_file, lock) for p in folder.iterdir()) or (
+            lock.exists() and lock.stat().st_size):
         return
+    lock.unlink(missing_ok=True)
     for handler in logging.getLogger().handlers[:]:  # Hydra's file handler holds the log open
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == log_file.absolute():
             handler.close()

@@ -4,6 +4,7 @@ Each rule is checked once. A library class checks its own arguments (schedules.S
 snapens.build turns its ValueError into one line naming the key; `check_config` checks the rest: the choices and
 ranges of keys that only the config has, and rules that involve several keys."""
 
+import os
 from dataclasses import fields, is_dataclass
 from typing import Any
 
@@ -134,6 +135,18 @@ def _check_related_keys(cfg: DictConfig) -> None:
     if _get(cfg, "optimizer.nesterov") and not cfg.optimizer.momentum:
         raise SnapensError("optimizer.nesterov=true needs momentum: set optimizer.momentum > 0 (e.g. 0.9)")
     _check_snapshot_keys(cfg)
+    _check_machine_keys(cfg)
+
+
+def _check_machine_keys(cfg: DictConfig) -> None:
+    """Keys that must fit this machine and this launch: threads it has, and processes to synchronise."""
+    cpus = os.cpu_count() or 1
+    if cfg.trainer.num_threads > cpus:
+        raise SnapensError(f"trainer.num_threads={cfg.trainer.num_threads} is more than this machine's {cpus} CPU "
+                           f"threads: give at most {cpus} (0 keeps torch's default)")
+    if cfg.trainer.sync_bn and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # torchrun sets WORLD_SIZE
+        raise SnapensError("trainer.sync_bn=true synchronises BatchNorm across torchrun's processes, and this run "
+                           "has one: leave it false, or launch with torchrun --nproc_per_node=N (docs/distributed.md)")
 
 
 def _check_snapshot_keys(cfg: DictConfig) -> None:

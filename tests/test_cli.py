@@ -71,6 +71,9 @@ def test_refused_config_leaves_no_run_dir(tmp_path):
                    cwd=tmp_path)
     assert done.returncode == 2 and "trainer.epochs=-1.0 must be a finite number > 0" in done.stderr
     assert not (tmp_path / "2026-11-30").exists()  # the default layout's date folder, left empty: removed too
+    late = run_cli("snapens.train", *FAST, "trainer.epochs=1e30", f"hydra.run.dir={tmp_path / 'late'}", cwd=tmp_path)
+    assert late.returncode == 2 and "lower trainer.epochs" in late.stderr  # refused after the run dir's lock
+    assert not (tmp_path / "late").exists()  # its lock file and log removed with the dir
     (tmp_path / "exp").mkdir()  # a folder of the user's own stays, even empty
     run_cli("snapens.train", *FAST, "trainer.epochs=-1", f"hydra.run.dir={tmp_path / 'exp' / 'run1'}", cwd=tmp_path)
     assert (tmp_path / "exp").is_dir() and not (tmp_path / "exp" / "run1").exists()

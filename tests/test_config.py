@@ -320,6 +320,9 @@ def test_unknown_keys_are_refused_even_with_plus(make_cfg, tmp_path, override, m
     ("scheduler=adaptive_sgdr data.val_size=32 scheduler.extension_factor=1.0",
      "scheduler.extension_factor=1.0 must be > 1"),
     ("scheduler=adaptive_sgdr data.val_size=32 scheduler.patience=0", "scheduler.patience=0 must be a finite number"),
+    ("trainer.num_threads=100000", "trainer.num_threads=100000 is more than this machine's .* give at most"),
+    ("trainer.sync_bn=true", "trainer.sync_bn=true .* this run has one: leave it false, or launch with torchrun"),
+    ("trainer.epochs=1e30", r"trainer.epochs=1e\+30 is .* more than the 10,000,000 .* lower trainer.epochs"),
 ])
 def test_bad_option_values(make_cfg, tmp_path, override, message):
     with pytest.raises(SnapensError, match=message):

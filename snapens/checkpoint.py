@@ -113,8 +113,9 @@ def differing_keys(saved: dict, current: dict) -> list[str]:
 
 @contextmanager
 def stop_requests():
-    """While inside, SIGTERM, SIGINT and SIGUSR1 (SLURM's warning before preemption) do not kill the process: their
-    names collect in the yielded list, which the loop checks after each update, to checkpoint and exit cleanly."""
+    """While inside, SIGTERM, SIGINT, SIGHUP (a closed terminal) and SIGUSR1 (SLURM's warning before preemption) do
+    not stop the process at once: their names collect in the yielded list, which the loop checks after each update,
+    to checkpoint and exit cleanly."""
     received: list[str] = []
 
     def note(signum, frame):
@@ -122,7 +123,7 @@ def stop_requests():
         if signum == signal.SIGINT:  # a second Ctrl-C is not held back: it interrupts (a hung setup, say)
             signal.signal(signum, previous[signum])
 
-    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)}
     try:
         yield received
     finally:

@@ -26,15 +26,31 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class Stopped(BaseException):
+    """A stop signal outside training (SIGTERM, SIGHUP, SIGUSR1), raised where the process is, like Ctrl-C's
+    KeyboardInterrupt: during training snapens.checkpoint.stop_requests takes these signals over."""
+
+
+def _stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
 def run(main) -> None:
-    """Call a @hydra.main function as the command line's entry point."""
+    """Call a @hydra.main function as the command line's entry point. A stop signal outside training ends it in one
+    line: status EXIT_INTERRUPTED when the run dir holds a checkpoint to continue from, else 128 + the signal's
+    number (130 for SIGINT, 143 for SIGTERM), as a shell reports a process the signal ended."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors reach us instead of being printed in many lines
-    signal.signal(signal.SIGUSR1, signal.default_int_handler)  # until training takes over: like Ctrl-C, not death
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(s, _stop)
     try:
         check_writable(sys.argv[1:])
         main()
-    except KeyboardInterrupt:  # SIGINT or SIGUSR1 before training began: nothing was written
-        fail("stopped during start-up, before training began; run the same command again", EXIT_INTERRUPTED)
+    except (KeyboardInterrupt, Stopped) as e:  # before training began or after it ended: nothing half-written
+        name = str(e) if isinstance(e, Stopped) else "SIGINT"
+        resumable = any(Path(a.split("=", 1)[1], "checkpoints", "last.ckpt").is_file()  # checkpoint.checkpoint_path
+                        for a in sys.argv[1:] if a.startswith("hydra.run.dir="))
+        fail(f"stopped by {name} outside training; run the same command again to go on",
+             EXIT_INTERRUPTED if resumable else 128 + signal.Signals[name])
     except HydraException as e:
         fail(hydra_error(e), 2)
 

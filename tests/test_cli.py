@@ -21,10 +21,34 @@ def test_a_stop_signal_during_start_up_is_one_line(tmp_path):
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not run_dir.exists() and process.poll() is None:  # Hydra has composed the config and made the dir
         time.sleep(0.005)
-    process.send_signal(signal.SIGUSR1)
+    process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=HANG)
-    assert process.returncode == 75 and len(stderr.strip().splitlines()) == 1, stderr
-    assert stderr.startswith("snapens: stop")
+    assert process.returncode == 143 and len(stderr.strip().splitlines()) == 1, stderr  # 128 + 15, as a shell says
+    assert stderr.startswith("snapens: stopped by SIGTERM")
+
+
+@pytest.mark.parametrize("name, status, resumable", [("SIGINT", 130, False), ("SIGTERM", 143, False),
+                                                     ("SIGHUP", 129, False), ("SIGUSR1", 75, True)])
+def test_a_stop_outside_training_says_whether_there_is_a_checkpoint(tmp_path, monkeypatch, capsys, name, status,
+                                                                     resumable):
+    import os
+    import signal
+
+    from snapens import cli
+    if resumable:  # a run dir with a checkpoint to continue from: the stop is a pause (EX_TEMPFAIL, requeue)
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    monkeypatch.setattr(sys, "argv", ["snapens.train", f"hydra.run.dir={tmp_path}"])
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)}
+    try:
+        with pytest.raises(SystemExit) as stop:
+            cli.run(lambda: os.kill(os.getpid(), signal.Signals[name]))
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert stop.value.code == status
+    assert capsys.readouterr().err.splitlines() == [f"snapens: stopped by {name} outside training; run the same "
+                                                    "command again to go on"]
 
 
 # ---- tuning on validation, never on test -----------------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_kill_9_at_three_random_points_then_resume_is_bit_identical(uninterrupte
         json.loads((uninterrupted / "results.json").read_text())["ensemble"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1])
 def test_a_stop_signal_checkpoints_exits_75_and_resumes(uninterrupted, tmp_path, signum):
     run_dir = tmp_path / "run"
     process = start(run_dir, "trainer.checkpoint_every=0")

@@ -4,6 +4,7 @@ validation. Plain arguments, no config: the ensemble tool, predict=, export, the
 `Ensemble.from_run` all call these."""
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from snapens.files import file_digest
 from snapens.snapshots import list_snapshots, read_metadata, verify
 
 REQUIRED = ("classes", "mean", "std", "model_config", "image_size")  # what snapens.train writes into every snapshot
+MAX_SIDE = 4096  # pixels: data.image_size's bound (snapens.config), so no file makes predict= resize beyond it
 CHOICES = ("last_m", "greedy", "weighted")  # what training chooses on validation (snapens.ensemble.selection)
 
 
@@ -43,8 +45,11 @@ def run_snapshots(run_dir: Path, swa: bool = False) -> list[Path]:
     if not paths:
         raise SnapensError(f"run dir {run_dir} has no snapshots (snapshots/cycle_XX.safetensors): "
                            "its training has not finished a cycle")
-    order = {p: (read_metadata(p).get("cycle", 0), read_metadata(p).get("step", 0)) for p in paths}
-    return sorted(paths, key=order.get)  # a renamed file keeps its place
+    metas = {p: read_metadata(p) for p in paths}
+    for path, meta in metas.items():
+        check_metadata(path, meta)
+    return sorted(paths, key=lambda p: (metas[p].get("cycle", 0), metas[p].get("step", 0)))  # a renamed file keeps
+    # its place
 
 
 def select(paths: list[Path], spec="all") -> list[Path]:
@@ -90,7 +95,36 @@ def read(paths: list[Path]) -> list[dict]:
         if missing:
             raise SnapensError(f"snapshot {path} lacks {', '.join(missing)} in its metadata: it was not written by "
                                "snapens.train")
+        check_metadata(path, meta)
     return metas
+
+
+def check_metadata(path: Path, meta: dict) -> None:
+    """The metadata's values typed and bounded before anything is built or resized from them (a file may come from
+    anyone): distinct class names, one per model output; finite statistics, std > 0; an image size of at most
+    MAX_SIDE pixels a side; whole cycle and step numbers. Keys absent are left to `read`'s REQUIRED."""
+    def number(x) -> bool:
+        return type(x) in (int, float) and math.isfinite(x)
+
+    model = meta.get("model_config")
+    outputs = model.get("num_classes") if isinstance(model, dict) else None
+    rules = {
+        "classes": (lambda c: isinstance(c, list) and 0 < len(c) == len(set(c)) and all(type(n) is str for n in c)
+                    and outputs in (None, len(c)), "distinct class names, one per model output"),
+        "mean": (lambda m: isinstance(m, list) and 0 < len(m) <= 4 and all(map(number, m)),
+                 "finite numbers, one per channel"),
+        "std": (lambda s: isinstance(s, list) and len(s) == len(meta.get("mean") or []) and all(map(number, s))
+                and min(s) > 0, "numbers > 0, one per channel of mean"),
+        "image_size": (lambda s: isinstance(s, list) and len(s) == 2 and all(type(n) is int and 0 < n <= MAX_SIDE
+                                                                           for n in s),
+                       f"[height, width], each 1 to {MAX_SIDE} pixels"),
+        "cycle": (lambda n: type(n) is int and n >= 0, "a whole number >= 0"),
+        "step": (lambda n: type(n) is int and n >= 0, "a whole number >= 0"),
+    }
+    for key, (valid, need) in rules.items():
+        if key in meta and not valid(meta[key]):
+            raise SnapensError(f"snapshot {path} has {key}={str(meta[key])[:80]} in its metadata, where snapens.train "
+                               f"writes {need}: the file was changed or not written by snapens")
 
 
 def unique_digests(paths: list[Path]) -> list[str]:
@@ -184,8 +218,21 @@ def _stored_temperature(paths: list[Path], rule: str, stored: list[tuple[Path, d
         fitted = result.get("calibration")
         stored_files = [Path(f).name for f in result.get("ensemble", {}).get("members", [])]
         if fitted and result.get("rule") == rule and stored_files == files:
+            check_stored(path, fitted["ensemble"]["temperature"])
             return path, fitted["ensemble"]["temperature"]
     return None
+
+
+def check_stored(path: Path, temperature=None, weights: torch.Tensor | None = None) -> None:
+    """A temperature (finite, > 0) and weights (finite, >= 0, summing to 1) read from a run's file, checked before
+    use: a negative T would turn each prediction's order around, NaN weights every probability."""
+    if temperature is not None and not (type(temperature) in (int, float) and 0 < temperature < math.inf):
+        raise SnapensError(f"{path} holds temperature {temperature}, which must be a finite number > 0: the file was "
+                           "changed; train again, or pass calibrate=none")
+    if weights is not None and not (bool(torch.isfinite(weights).all()) and bool((weights >= 0).all())
+                                    and abs(float(weights.sum()) - 1) < 1e-6):
+        raise SnapensError(f"{path} holds weights {weights.tolist()}, which must be finite, >= 0 and sum to 1: the "
+                           "file was changed; train again, or leave out chosen=")
 
 
 def _chosen_combination(paths: list[Path], run: Path, rule: str, calibrate: str, chosen: str,
@@ -198,6 +245,7 @@ def _chosen_combination(paths: list[Path], run: Path, rule: str, calibrate: str,
         raise SnapensError(f"chosen={chosen} names {missing[0]}, which {run}/snapshots/ no longer holds")
     weights = torch.tensor(list(choice["weights"].values()), dtype=torch.float64) if "weights" in choice else None
     temperature = choice.get("temperature") if calibrate == "val" else None
+    check_stored(run / "results.json", temperature, weights)
     return {"members": [by_name[n] for n in picked], "weights": weights, "temperature": temperature,
             "source": f"chosen={chosen} from {run}/results.json"
                       + (", with its temperature fitted on validation" if temperature else ", uncalibrated")}

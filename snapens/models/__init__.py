@@ -9,6 +9,9 @@ from snapens.models.wrn import WideResNet
 
 MODEL_CLASSES = {"snapens.models.CifarResNet": CifarResNet, "snapens.models.WideResNet": WideResNet}
 MODEL_ARGS = {"depth": int, "widen_factor": int, "dropout": float, "num_classes": int}
+# A file's model is counted before it is built: 1 billion parameters is 27 times WRN-28-10 (36.5 million), and bounds
+# the memory a crafted file can take (a WRN of depth 994 and width 32 would be 12 billion).
+MAX_PARAMETERS = 1_000_000_000
 
 
 def model_from_metadata(config: dict, source: str) -> torch.nn.Module:
@@ -22,6 +25,11 @@ def model_from_metadata(config: dict, source: str) -> torch.nn.Module:
         raise SnapensError(f"{source} names a model snapens cannot build safely ({config or 'no model config'}); "
                            f"only {', '.join(MODEL_CLASSES)} with numeric {', '.join(MODEL_ARGS)}")
     try:
+        with torch.device("meta"):  # shapes only, no memory: the size is known before anything is allocated
+            size = sum(p.numel() for p in cls(**config).parameters())
+        if size > MAX_PARAMETERS:
+            raise SnapensError(f"{source} names a model of {size:,} parameters, more than the {MAX_PARAMETERS:,} "
+                               "snapens builds from a file")
         return cls(**config)
     except (TypeError, ValueError) as e:
         raise SnapensError(f"{source}: {e}") from None

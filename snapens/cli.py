@@ -19,6 +19,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from snapens import files
 from snapens.errors import Interrupted, SnapensError, exit_with
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL (sysexits.h): try again later, e.g. requeue the job
@@ -94,14 +95,17 @@ def fail(message: str, status: int) -> None:
 
 
 def check_writable(args: list[str]) -> None:
-    """The run dir (hydra.run.dir=, hydra.sweep.dir= with -m, or outputs/ here by default) must be writable: checked
-    before Hydra makes it and opens its log there, which would fail with a traceback."""
-    key = "hydra.sweep.dir=" if {"-m", "--multirun"} & set(args) else "hydra.run.dir="
-    given = [a.split("=", 1)[1] for a in args if a.startswith(key)]
-    target = Path(given[-1] if given else "outputs").absolute()
-    existing = next(p for p in (target, *target.parents) if p.exists())
-    if not os.access(existing, os.W_OK):
-        fail(f"cannot write {target}: {existing} is not writable; pass a writable {key}DIR", 2)
+    """Where the command writes must be writable: its run dir (hydra.run.dir=, hydra.sweep.dir= with -m, or
+    outputs/ here by default) and a tool's out=, checked before Hydra makes the dir and opens its log there, which
+    would fail with a traceback."""
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(args) else "hydra.run.dir"
+    given = dict(a.split("=", 1) for a in args if "=" in a)
+    try:
+        files.check_writable(Path(given.get(key, "outputs")), f"{key}=DIR")
+        if given.get("out"):  # the ensemble tool's folder or export's file
+            files.check_writable(Path(given["out"]), "out=")
+    except SnapensError as e:
+        fail(str(e), 2)
 
 
 def hydra_error(error: HydraException) -> str:

@@ -26,7 +26,7 @@ from snapens.config import check_inference_options, register_configs
 from snapens.ensemble import members as found
 from snapens.ensemble.ensemble import Ensemble
 from snapens.errors import SnapensError
-from snapens.files import refuse_to_replace
+from snapens.files import refuse_to_replace, sweep_leftovers
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def export_run(cfg: DictConfig) -> Path:
               "output": "float32 N x C probabilities", "members": [str(p) for p in members],
               "weights": weights.tolist(), "rule": cfg.rule, "temperature": how["temperature"], "source": how["source"]}
     out = Path(cfg.out)
+    sweep_leftovers(out.parent)  # the partial files of an export killed there before
     try:
         program = ensemble.export(out, {"snapens.json": json.dumps(record)})
     except ValueError as e:

@@ -9,6 +9,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` all or nothing, even on a crash; a failure leaves the earlier file intact."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     except OSError as e:
         raise SnapensError(f"cannot write {path}: {e.strerror or e}; make the folder writable") from None
     try:
@@ -41,6 +42,49 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def partial_name(path: Path, suffix: str) -> Path:
+    """Where a writer that cannot take write_atomic's bytes (torch.export.save wants a path ending in `suffix`) puts
+    its file before renaming it: hidden, beside `path`, named with this process's id for `sweep_leftovers`."""
+    return path.with_name(f".{path.stem}.{os.getpid()}.partial{suffix}")
+
+
+# write_atomic's and partial_name's temporary files: the id of the process writing them is the number in the name.
+LEFTOVER = re.compile(r"^\..+\.(\d+)\.(?:\w+\.tmp|partial\.\w+)$")
+
+
+def sweep_leftovers(folder: Path) -> list[Path]:
+    """Remove the temporary files in `folder` that a killed snapens process left (its id is in their names and no
+    such process runs any more): a tool sweeps its output folder at its next start. Files of running processes,
+    and every other file, are left alone. Returns what was removed."""
+    removed = []
+    for path in Path(folder).glob(".*") if Path(folder).is_dir() else ():
+        match = LEFTOVER.match(path.name)
+        if match and not _running(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def check_writable(target: Path, fix: str) -> None:
+    """`target` (a folder, or a file to write) can be made or replaced: the folder it is in, or the nearest one that
+    exists, is writable. Else SnapensError, before any work is done, saying `fix` (the key to change)."""
+    target = Path(target).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SnapensError(f"cannot write {target}: {folder} is not writable; pass a writable {fix}")
 
 
 def save_figure(figure, path: Path, dpi: int = 120) -> None:

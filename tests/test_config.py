@@ -205,6 +205,11 @@ def test_cli_refuses_an_unwritable_run_dir_in_one_line(tmp_path):
             assert result.returncode == 2 and result.stderr.strip().splitlines() == [
                 f"snapens: error: cannot write {run_dir}: {run_dir if run_dir.exists() else mount} is not writable; "
                 "pass a writable hydra.run.dir=DIR"]
+        for module, out in (("snapens.ensemble", mount / "report"), ("snapens.export", mount / "e.pt2")):
+            result = subprocess.run([sys.executable, "-m", module, f"run={tmp_path}", f"out={out}"], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=HANG)
+            assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+                f"snapens: error: cannot write {out}: {mount} is not writable; pass a writable out="]
     finally:
         subprocess.run(["umount", str(mount)])
 

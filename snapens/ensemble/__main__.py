@@ -30,7 +30,7 @@ from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, 
 from snapens.errors import SnapensError
 from snapens.models import model_from_metadata
 from snapens.schemas import DataConfig
-from snapens.files import refuse_to_replace, write_atomic
+from snapens.files import refuse_to_replace, write_atomic, sweep_leftovers
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -241,14 +241,17 @@ OmegaConf.register_new_resolver("snapens_report_dir", default_dir, replace=True)
 
 
 def report_dir(cfg: DictConfig, paths: list[Path]) -> Path:
-    """The folder the report goes to (`default_dir`); out= inside the snapshots' folder is refused."""
+    """The folder the report goes to (`default_dir`), swept of the temporary files a killed call left there; out=
+    inside the snapshots' folder is refused."""
     if cfg.out:
         out, folders = Path(cfg.out).resolve(), {p.parent.resolve() for p in paths}
         if folders & {out, *out.parents}:
             raise SnapensError(f"out={cfg.out} lies inside the snapshots' folder, which only training writes; give "
                                "another out=DIR")
-    return Path(default_dir(cfg.out, cfg.run, cfg.split, cfg.swa, cfg.predict, "")
-                or HydraConfig.get().runtime.output_dir)
+    folder = Path(default_dir(cfg.out, cfg.run, cfg.split, cfg.swa, cfg.predict, "")
+                  or HydraConfig.get().runtime.output_dir)
+    sweep_leftovers(folder)
+    return folder
 
 
 def fit_on_validation(cfg, paths, metas, val: Split | None, logits, labels, device, precision) -> dict:

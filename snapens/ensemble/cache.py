@@ -21,7 +21,7 @@ from snapens.data import Split, split_digest
 from snapens.ensemble import predict_logits
 from snapens.ensemble.batched import same_architecture, stacked_logits
 from snapens.errors import SnapensError
-from snapens.files import file_digest, write_atomic
+from snapens.files import file_digest, sweep_leftovers, write_atomic
 from snapens.precision import describe
 from snapens.snapshots import load_into
 
@@ -90,6 +90,8 @@ def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name
         on_device = split.to(device)  # moved to the device once, for all the snapshots to compute
         found.update(zip([p for p, _ in missing], compute_logits(missing, on_device, batch_size, device, model_for,
                                                                    precision, channels_last, batched)))
+        for folder in {cache.parent for path, _ in missing if (cache := cache_path(path, split_name))}:
+            sweep_leftovers(folder)  # a killed call's half-written caches
         for path, _ in missing:
             write_cached(cache_path(path, split_name), keys[path], found[path])
     return torch.stack([found[p] for p in paths])

@@ -20,7 +20,7 @@ from snapens.batches import normalize
 from snapens.data import read_images
 from snapens.ensemble import members as found, rules
 from snapens.ensemble.batched import StackedMembers, same_architecture
-from snapens.files import write_atomic
+from snapens.files import partial_name, write_atomic
 from snapens.models import model_from_metadata
 from snapens.precision import autocast, layout
 from snapens.snapshots import load_into
@@ -136,8 +136,10 @@ class Ensemble(torch.nn.Module):
                                       dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.partial.pt2")  # torch.export.save wants the .pt2 suffix
-        torch.export.save(program, tmp, extra_files=extra_files)
-        write_atomic(path, tmp.read_bytes())
-        tmp.unlink()
+        tmp = partial_name(path, ".pt2")  # torch.export.save wants the .pt2 suffix
+        try:
+            torch.export.save(program, tmp, extra_files=extra_files)
+            write_atomic(path, tmp.read_bytes())
+        finally:  # a full disk or a stop signal leaves no partial file (a kill -9's is swept by the next export)
+            tmp.unlink(missing_ok=True)
         return program

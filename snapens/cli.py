@@ -128,7 +128,8 @@ def unknown_key(key: str, known: list[str]) -> str:
     """"did you mean", once: `key` (group.name) is not among the `known` names of its group."""
     prefix, _, name = key.rpartition(".")
     near = difflib.get_close_matches(name, known, n=1)
-    return f"{key} is not a key of {prefix or 'the config'}" + (f"; did you mean {prefix}.{near[0]}?" if near else
+    meant = f"{prefix}.{near[0]}" if prefix and near else near[0] if near else None
+    return f"{key} is not a key of {prefix or 'the config'}" + (f"; did you mean {meant}?" if meant else
                                                                 f"; its keys: {', '.join(sorted(known))}")
 
 

@@ -15,7 +15,7 @@ from snapens.ensemble.rules import RULES, check_rule
 from snapens.cli import unknown_key
 from snapens.errors import SnapensError
 from snapens.schedules import SCHEDULES
-from snapens.schemas import SCHEMAS, EnsembleConfig, TrainerConfig, register_configs
+from snapens.schemas import SCHEMAS, Config, EnsembleConfig, TrainerConfig, register_configs
 
 __all__ = ["CHOICES", "check_config", "check_inference_options", "register_configs", "schema_of"]
 
@@ -80,9 +80,18 @@ def schema_of(cfg: DictConfig, group: str):
     return next((schema for schema in known if {f.name for f in fields(schema)} >= keys), None)
 
 
+# Sections beside the training config's that an entry point composes into one config (conf/lr_find.yaml,
+# conf/distill.yaml): each is typed by its own schema.
+ENTRY_SECTIONS = ("lr_find", "distill")
+
+
 def _check_known_keys(cfg: DictConfig) -> None:
-    """Refuse keys no schema declares, added with `+` (Hydra accepts `+trainer.epoch=3` and ignores its meaning):
-    a misspelt key would otherwise be silently unused. Names the key most likely meant."""
+    """Refuse keys no schema declares, added with `+` (Hydra accepts `+trainer.epoch=3` and `+foo=1` and ignores
+    their meaning): a misspelt key would otherwise be silently unused. Names the key most likely meant."""
+    sections = [f.name for f in fields(Config)]
+    for key in cfg:
+        if key not in sections and key not in ENTRY_SECTIONS:
+            raise SnapensError(unknown_key(str(key), sections))
     for group in ("data", "model", "optimizer", "scheduler", "trainer", "ensemble"):
         schema = schema_of(cfg, group) if group in cfg else None
         if schema is None:

@@ -308,6 +308,8 @@ def test_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):
     ("+data.trainlimit=5", "data.trainlimit is not a key of data=synthetic; did you mean data.train_limit?"),
     ("+scheduler.T0=3", "scheduler.T0 is not a key of scheduler=sgdr; did you mean scheduler.T_0?"),
     ("+trainer.swa.begin=0.5", "trainer.swa.begin is not a key of trainer.swa; did you mean trainer.swa.start?"),
+    ("+foo=1", "foo is not a key of the config; its keys: data, ensemble, logger, model"),
+    ("++trainers.epochs=3", "trainers is not a key of the config; did you mean trainer?"),
 ])
 def test_unknown_keys_are_refused_even_with_plus(make_cfg, tmp_path, override, message):
     with pytest.raises(SnapensError, match=re.escape(message)):

@@ -111,7 +111,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
         metadata = json.loads(raw.get(METADATA_KEY, "{}"))
     except json.JSONDecodeError:
         raise SnapensError(f"snapshot {path} has damaged metadata (not JSON under '{METADATA_KEY}')") from None
-    if metadata.pop("format", None) != FORMAT:
+    if not isinstance(metadata, dict) or metadata.pop("format", None) != FORMAT:
         raise SnapensError(f"{path} is not a snapens snapshot (no '{METADATA_KEY}' metadata of format {FORMAT})")
     return metadata
 

@@ -62,6 +62,16 @@ def test_metadata_is_typed_and_bounded_before_use(held_out_run, tmp_path, change
     assert members.read([with_metadata(list_snapshots(held_out_run)[0], tmp_path / "y.safetensors")])  # unchanged
 
 
+def test_metadata_that_is_not_an_object_is_not_a_snapshot(held_out_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from snapens.snapshots import METADATA_KEY, list_snapshots, read_metadata
+    path = tmp_path / "x.safetensors"
+    save_file(load_file(list_snapshots(held_out_run)[0]), path, metadata={METADATA_KEY: "[1, 2]"})
+    with pytest.raises(SnapensError, match=f"{path} is not a snapens snapshot"):
+        read_metadata(path)
+
+
 @pytest.mark.parametrize("temperature, weights, message", [
     (-1.0, None, "temperature -1.0, which must be a finite number > 0"),
     (float("nan"), None, "temperature nan"),
@@ -74,5 +84,6 @@ def test_stored_temperatures_and_weights_are_checked_where_read(temperature, wei
 
     from snapens.ensemble.members import check_stored
     with pytest.raises(SnapensError, match=f"results.json holds {message}"):
-        check_stored("results.json", temperature, None if weights is None else torch.tensor(weights, dtype=torch.float64))
+        check_stored("results.json", temperature,
+                     None if weights is None else torch.tensor(weights, dtype=torch.float64))
     check_stored("results.json", 0.5, torch.tensor([0.25, 0.75]))  # what training writes passes

@@ -47,6 +47,42 @@ def test_scale_is_guos_softmax_over_t_and_keeps_every_prediction():
     assert torch.allclose(calibration.scale(mean_logits, 1.0), mean_logits, atol=1e-12)
 
 
+def test_an_error_free_validation_split_fits_no_temperature():
+    """Issue 26's 5.4% -> 13.5% test ECE: a validation split classified without error has no NLL minimum (T -> 0);
+    scaling by the T an optimiser stops at makes every test prediction certain, so test ECE = 1 - accuracy."""
+    logits, labels = sampled(1.0, n=4000)
+    probs = logits.softmax(-1)
+    right = probs.argmax(-1) == labels
+    val_probs, val_labels = probs[:2000][right[:2000]][:200], labels[:2000][right[:2000]][:200]  # all right
+    test_probs, test_labels = probs[2000:], labels[2000:]
+    collapsed = calibration.scale(test_probs, 1e-3)  # what the unguarded fit did: the test ECE is 1 - accuracy
+    accuracy = (test_probs.argmax(-1) == test_labels).double().mean().item()
+    assert metrics.probability_scores(collapsed, test_labels)["ece"] == pytest.approx(1 - accuracy, abs=1e-4)
+    fitted = calibration.calibrate(val_probs, val_labels, test_probs, test_labels)
+    assert fitted["temperature"] is None and fitted["test"]["after"] == fitted["test"]["before"]
+    assert fitted["warnings"] == ["no temperature fitted: all 200 validation images are classified right, so the "
+                                  "validation NLL falls without end as T -> 0 (hold out more images with "
+                                  "data.val_size=N)"]
+    few = torch.cat([val_labels[:-3], (val_labels[-3:] + 1) % 5])  # three errors: a T, said to rest on them
+    said = calibration.calibrate(val_probs, few, test_probs, test_labels)
+    assert said["temperature"] > 0 and said["warnings"][0].startswith(
+        f"T = {said['temperature']:.3g} rests on the 3 misclassified validation images of 200")
+    assert "temperature scaling, ensemble: no temperature fitted" in calibration.format_calibration(
+        {"single": said, "ensemble": fitted})
+
+
+def test_a_temperature_that_raises_the_test_ece_is_said():
+    logits, labels = sampled(1.0)
+    probs = logits.softmax(-1)  # calibrated: T = 1 is right, so a T fitted on a skewed validation split moves away
+    sharp, _ = sampled(0.5, seed=1)  # validation drawn at T = 0.5 : the fit says sharpen
+    val_labels = torch.multinomial((sharp / 0.5).softmax(-1), 1, generator=torch.Generator().manual_seed(2))[:, 0]
+    fitted = calibration.calibrate(sharp.softmax(-1), val_labels, probs, labels)
+    before, after = fitted["test"]["before"]["ece"], fitted["test"]["after"]["ece"]
+    assert after > before and fitted["warnings"] == [
+        f"T = {fitted['temperature']:.3g} lowered the validation NLL but raised the test ECE ({before:.4f} -> "
+        f"{after:.4f}): it minimises the NLL, not the ECE"]
+
+
 def test_the_test_labels_cannot_change_the_temperature():
     val, val_labels = sampled(2.0, n=2000, seed=1)
     test, _ = sampled(2.0, n=300, seed=2)

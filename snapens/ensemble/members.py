@@ -217,7 +217,8 @@ def _stored_temperature(paths: list[Path], rule: str, stored: list[tuple[Path, d
     for path, result in stored:
         fitted = result.get("calibration")
         stored_files = [Path(f).name for f in result.get("ensemble", {}).get("members", [])]
-        if fitted and result.get("rule") == rule and stored_files == files:
+        if fitted and result.get("rule") == rule and stored_files == files and \
+                fitted["ensemble"]["temperature"] is not None:  # None: the fit found no errors to fit on
             check_stored(path, fitted["ensemble"]["temperature"])
             return path, fitted["ensemble"]["temperature"]
     return None

@@ -99,8 +99,8 @@ def choose(val_logits: torch.Tensor, val_labels: torch.Tensor, test_logits: torc
 
 def _calibrated(val_probs: torch.Tensor, val_labels: torch.Tensor, test_probs: torch.Tensor,
                 test_labels: torch.Tensor) -> dict:
-    temperature = calibration.fit_temperature(val_probs, val_labels)
-    scaled = rules.scale(test_probs, temperature)
+    temperature = calibration.fit_temperature(val_probs, val_labels)  # None: no errors to fit on, left as it is
+    scaled = rules.scale(test_probs, temperature or 1.0)
     return {"temperature": temperature, "test_calibrated": metrics.probability_scores(scaled, test_labels)}
 
 

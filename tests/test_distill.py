@@ -88,6 +88,9 @@ def test_student_learns_and_is_compared_with_its_teacher(teacher, student):
     assert set(d["calibration"]) == {"student", "teacher_last", "teacher_ensemble"}
     assert (d["teacher"]["run"], d["temperature"]) == (str(teacher), 4.0)
     assert d["teacher"]["sha256"] == [file_digest(p) for p in list_snapshots(teacher)]
+    log = (student / "distill.log").read_text()
+    assert "one snapshot: no ensemble to compare with it" in log and "ensemble of 1" not in log
+    assert "ensemble gain over the last snapshot" not in log  # no verdict on an ensemble that is not there
     config = OmegaConf.load(student / ".hydra" / "config.yaml")
     assert config.scheduler.name == "cosine" and "distill" not in config  # a training config like any other
     done = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={student}"], cwd=student.parent,

@@ -178,6 +178,7 @@ def test_format_report_is_the_one_table():
     unknown = {**report, "split": None, "snapshots": [{**report["snapshots"][0], "step": None}]}
     assert format_report(unknown).splitlines()[1].split()[:3] == ["cycle_01", "1", "-"]
     assert format_report(unknown).splitlines()[-1] == "on 4 images"
+    assert format_report(unknown).splitlines()[2] == "one snapshot: no ensemble to compare with it"  # no "of 1"
 
 
 def test_votes_count_the_members_argmaxes():

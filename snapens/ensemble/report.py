@@ -58,8 +58,11 @@ def format_report(report: dict) -> str:
     e = report["ensemble"]
     lines = [f"{'snapshot':<24}" + "".join(f"{h:>8}" for h in ("cycle", "step", "acc", "nll", "ece"))]
     lines += [row(s["name"], s["cycle"], s["step"], s) for s in report["snapshots"]]
-    lines.append(row("single (last snapshot)", "", "", report["single"]))
-    lines.append(row(f"ensemble of {len(e['members'])} ({e['rule']})", "", "", e))
+    if len(report["snapshots"]) == 1:  # a distilled student, a one-cycle run: nothing to ensemble
+        lines.append("one snapshot: no ensemble to compare with it")
+    else:
+        lines.append(row("single (last snapshot)", "", "", report["single"]))
+        lines.append(row(f"ensemble of {len(e['members'])} ({e['rule']})", "", "", e))
     split = f" {report['split']}" if report["split"] else ""
     lines.append(f"on {report['num_images']}{split} images")
     return "\n".join(lines)
@@ -93,8 +96,9 @@ def evaluate_run(run_dir: Path, test: Split, val: Split | None, rule: str, batch
 def format_run(result: dict) -> str:
     """The log's end-of-run lines: the report, the choices on validation, the temperatures and the verdict."""
     lines = ["", format_report(result)]
-    if "chosen" in result:
+    one = len(result["snapshots"]) == 1  # no ensemble: no members to choose, no gain to judge
+    if "chosen" in result and not one:
         lines.append(selection.format_choice(result["chosen"]))
     if "calibration" in result:
         lines.append(calibration.format_calibration(result["calibration"]))
-    return "\n".join(lines + [selection.format_verdict(result["verdict"])])
+    return "\n".join(lines + ([] if one else [selection.format_verdict(result["verdict"])]))

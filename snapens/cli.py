@@ -133,10 +133,21 @@ def unknown_key(key: str, known: list[str]) -> str:
                                                                 f"; its keys: {', '.join(sorted(known))}")
 
 
+# Libraries a sweeper brings whose INFO lines are noise in a sweep's output (Optuna's, coloured with ANSI codes, and
+# alembic's plugin list, which Optuna's storage imports): their warnings still show.
+QUIET = ("optuna", "alembic")
+
+
 class ShowSweepDir(Callback):
-    """hydra.callbacks of every training entry point: a multirun says where its jobs go, at its start and end."""
+    """hydra.callbacks of every training entry point: a multirun says where its jobs go, at its start and end, and
+    keeps the sweeper's libraries' INFO lines out of its output (the sweeper is made, and imports them, first)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        for name in QUIET:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        if "optuna" in str(config.hydra.sweeper.get("_target_", "")):  # Optuna sets its own level at first use
+            import optuna
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
         print(f"snapens: sweep dir {Path(config.hydra.sweep.dir).absolute()} (one run dir per job)", flush=True)
 
     def on_multirun_end(self, config, **kwargs) -> None:

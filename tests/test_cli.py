@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 from snapens.train import train
 
 from conftest import CONF, EQUAL_CYCLES_2, FAST, HANG, run_cli
@@ -71,12 +72,18 @@ def test_sweeper_may_not_tune_on_test(tmp_path):
 
 @pytest.mark.slow
 def test_optuna_example_tunes_on_validation(tmp_path):
-    """README's experiment=tune_demo at a smaller size: 2 trials on validation, then report reads the chosen
-    trial's test numbers once."""
+    """README's experiment=tune_demo at a smaller size, with the README's way to set the number of trials and the
+    search space: 2 trials on validation, then report reads the chosen trial's test numbers once."""
     sweep = tmp_path / "tune"
     done = run_cli("snapens.train", "-m", "experiment=tune_demo", "hydra.sweeper.n_trials=2", "trainer.epochs=2",
-                   "trainer.num_threads=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+                   "scheduler.cycles=choice(1,2)", "scheduler.eta_max=interval(0.05,0.1)", "trainer.num_threads=1",
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+    for job in ("0", "1"):  # each trial drawn from the search space given on the command line
+        config = OmegaConf.load(sweep / job / ".hydra" / "config.yaml")
+        assert config.scheduler.cycles in (1, 2) and 0.05 <= config.scheduler.eta_max <= 0.1
+    said = done.stdout + done.stderr
+    assert "alembic" not in said and "\x1b[" not in said and "A new study created" not in said  # no library noise
     best = (sweep / "optimization_results.yaml").read_text()
     vals = {json.loads((sweep / j / "results.json").read_text())["val"]["ensemble"]["acc"] for j in ("0", "1")}
     assert f"best_value: {max(vals)}" in best

@@ -116,3 +116,36 @@ def test_the_command_line_says_it_in_one_line(run, tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("snapens: error: out=") and \
         "must name the file to write, ending in .pt2" in done.stderr
+
+
+def test_the_readme_example_classifies_a_folder_with_torch_alone(run, tmp_path):
+    """scripts/classify_pt2.py, in a fresh process that never imports snapens, gives the classes and probabilities of
+    the run's Ensemble on the same image files (some of another size, resized the same way)."""
+    import csv
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from snapens import Ensemble
+    from snapens.data import read_images
+    from conftest import ROOT
+    program = tmp_path / "e.pt2"
+    assert export(run, program).returncode == 0
+    generator = np.random.default_rng(0)
+    for i, size in enumerate([(32, 32), (20, 28), (40, 36)] * 2):
+        (tmp_path / "images" / f"set{i % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = generator.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"set{i % 2}" / f"{i}.png")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "classify_pt2.py"), str(program),
+                           str(tmp_path / "images")], cwd=tmp_path, capture_output=True, text=True, timeout=HANG,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    ensemble = Ensemble.from_run(run)
+    files = [tmp_path / "images" / f"set{i % 2}" / f"{i}.png" for i in range(6)]
+    probs = ensemble.probs(read_images(files, ensemble.image_size)).double()
+    expected = {str(f): (ensemble.classes[int(p.argmax())], p.max().item()) for f, p in zip(files, probs)}
+    assert len(rows) == 6 and {r["file"]: r["class"] for r in rows} == {f: c for f, (c, _) in expected.items()}
+    for r in rows:
+        assert float(r["probability"]) == pytest.approx(expected[r["file"]][1], abs=2e-5)

@@ -21,6 +21,7 @@ from snapens.batches import Augmentation
 from snapens.checkpoint import deciding_values
 from snapens.data import SOURCES, Dataset, Split, prepare
 from snapens.errors import SnapensError
+from snapens.models import short_name
 from snapens.precision import layout
 from snapens.step import StepOptions
 from snapens.swa import WeightAverage
@@ -90,13 +91,8 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
 
 
 def model_name(cfg: DictConfig) -> str:
-    """A short name for snapshot metadata: resnet20, wrn28_10, or the class path for other models."""
-    target = cfg._target_.rsplit(".", 1)[-1]
-    if target == "CifarResNet":
-        return f"resnet{cfg.depth}"
-    if target == "WideResNet":
-        return f"wrn{cfg.depth}_{cfg.widen_factor}"
-    return cfg._target_
+    """A short name for snapshot metadata (snapens.models.short_name): resnet20, torchvision.resnet18, ..."""
+    return short_name(OmegaConf.to_container(cfg, resolve=True))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: DictConfig, lr: float) -> torch.optim.Optimizer:

@@ -53,6 +53,17 @@ class ResNetConfig:
 
 
 @dataclass
+class LibraryModelConfig:
+    """conf/model/torchvision.yaml, timm.yaml: a model by its name in the library's registry (snapens/models/library.py)."""
+
+    _target_: str = field(default="snapens.models.library_model", kw_only=True)
+    library: str
+    name: str
+    num_classes: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class WRNConfig:
     _target_: str = field(default="snapens.models.WideResNet", kw_only=True)
     depth: int
@@ -261,7 +272,7 @@ class LRFindConfig:
 
 SCHEMAS = {
     "data": {"files": DataConfig, "synthetic": SyntheticDataConfig, "digits": DigitsDataConfig},
-    "model": {"resnet": ResNetConfig, "wrn": WRNConfig},
+    "model": {"resnet": ResNetConfig, "wrn": WRNConfig, "library": LibraryModelConfig},
     "logger": {"none": LoggerConfig, "tensorboard": LoggerConfig},
     "optimizer": {"sgd": SGDConfig, "adamw": AdamWConfig},
     "scheduler": {"constant": ScheduleConfig, "step": StepConfig, "cosine": CosineConfig, "sgdr": SGDRConfig,

@@ -13,8 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from snapens.config import register_configs
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository
-CONF = ROOT / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 HANG = 3600  # seconds: every subprocess's time limit, a hang guard far above any run's time on a busy machine
 
 # Named override sets, each meaning one thing everywhere. FAST: 256 synthetic 32x32 images, ResNet-8, batch 64, one

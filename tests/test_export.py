@@ -129,7 +129,7 @@ def test_the_readme_example_classifies_a_folder_with_torch_alone(run, tmp_path):
 
     from snapens import Ensemble
     from snapens.data import read_images
-    from conftest import ROOT
+    from conftest import REPO
     program = tmp_path / "e.pt2"
     assert export(run, program).returncode == 0
     generator = np.random.default_rng(0)
@@ -137,7 +137,7 @@ def test_the_readme_example_classifies_a_folder_with_torch_alone(run, tmp_path):
         (tmp_path / "images" / f"set{i % 2}").mkdir(parents=True, exist_ok=True)
         pixels = generator.integers(0, 256, (*size, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(tmp_path / "images" / f"set{i % 2}" / f"{i}.png")
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "classify_pt2.py"), str(program),
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "classify_pt2.py"), str(program),
                            str(tmp_path / "images")], cwd=tmp_path, capture_output=True, text=True, timeout=HANG,
                           env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]

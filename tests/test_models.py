@@ -1,5 +1,6 @@
 """Tests for snapens.models: parameter counts derived from the layer shapes, output shapes, depth checks, configs."""
 
+import json
 import re
 from pathlib import Path
 
@@ -181,3 +182,45 @@ def test_the_classifier_head_runs_in_fp32_under_bf16_autocast():
     with torch.no_grad():
         assert torch.equal(logits, torch.nn.functional.linear(features[0], model.fc.weight, model.fc.bias))
     assert not torch.equal(logits, logits.bfloat16().float())
+
+
+# ---- any torchvision or timm model by name ---------------------------------------------------------------------------
+@pytest.mark.parametrize("library, name", [("torchvision", "resnet18"), ("timm", "resnet10t")])
+def test_a_library_model_trains_and_every_tool_rebuilds_it_from_its_snapshots(make_cfg, tmp_path, library, name):
+    if library == "timm":
+        pytest.importorskip("timm", reason="timm is an extra: pip install -e '.[timm]' (in dev)")
+    from snapens import Ensemble
+    from snapens.export import export_run
+    from snapens.snapshots import list_snapshots, read_metadata
+
+    from conftest import compose_config
+    run = tmp_path / "run"
+    others = [o for o in EQUAL_CYCLES_2 if not o.startswith("model")]  # the CIFAR ResNet's keys left out
+    train(make_cfg(*others, f"model={library}", f"model.name={name}"), run)
+    snapshots = list_snapshots(run)
+    meta = read_metadata(snapshots[-1])
+    assert len(snapshots) == 2 and meta["model"] == f"{library}.{name}"
+    assert meta["model_config"] == {"_target_": "snapens.models.library_model", "library": library, "name": name,
+                                    "num_classes": 4, "kwargs": {}}
+    ensemble = Ensemble.from_run(run)  # members rebuilt from metadata, through the allow-list
+    results = json.loads((run / "results.json").read_text())
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    program = export_run(compose_config(f"run={run}", f"out={tmp_path / 'e.pt2'}", name="export"))
+    assert torch.allclose(torch.export.load(program).module()(images), ensemble.probs(images).float(), atol=1e-5)
+    assert results["ensemble"]["members"] == [p.name for p in snapshots]
+
+
+def test_a_library_models_keywords_pass_through_and_its_metadata_is_bounded():
+    model = model_from_metadata({"_target_": "snapens.models.library_model", "library": "torchvision",
+                                 "name": "mobilenet_v3_small", "num_classes": 4, "kwargs": {"dropout": 0.5}}, "x")
+    assert model.classifier[2].p == 0.5 and model.classifier[-1].out_features == 4
+    for config, message in [
+        ({"library": "os", "name": "system"}, "model.library=os is not allowed; choose one of: torchvision, timm"),
+        ({"library": "torchvision", "name": "../x"}, "model.name=../x is not a torchvision classification model"),
+        ({"library": "torchvision", "name": "resnet18", "kwargs": {"norm_layer": [1]}},
+         "model.kwargs.norm_layer=[1]: keyword values must be plain"),
+        ({"library": "torchvision", "name": "resnet18", "kwargs": {"weights": "DEFAULT"}},
+         "model.kwargs.weights is set by snapens"),
+    ]:
+        with pytest.raises(SnapensError, match=re.escape(f"snapshot x: {message}")):
+            model_from_metadata({"_target_": "snapens.models.library_model", "num_classes": 4, **config}, "snapshot x")

@@ -1,14 +1,20 @@
-"""CIFAR model families, ResNet-(6n+2) and Wide ResNet-d-k, and the one allow-list that rebuilds a model from a
-snapshot's metadata."""
+"""CIFAR model families, ResNet-(6n+2) and Wide ResNet-d-k, any torchvision or timm model by name (library.py), and
+the one allow-list that rebuilds a model from a snapshot's metadata."""
 
 import torch
 
 from snapens.errors import SnapensError
+from snapens.models.library import library_model
 from snapens.models.resnet import CifarResNet
 from snapens.models.wrn import WideResNet
 
-MODEL_CLASSES = {"snapens.models.CifarResNet": CifarResNet, "snapens.models.WideResNet": WideResNet}
-MODEL_ARGS = {"depth": int, "widen_factor": int, "dropout": float, "num_classes": int}
+MODEL_CLASSES = {"snapens.models.CifarResNet": CifarResNet, "snapens.models.WideResNet": WideResNet,
+                 "snapens.models.library_model": library_model}
+MODEL_ARGS = {"depth": int, "widen_factor": int, "dropout": float, "num_classes": int, "library": str, "name": str,
+              "kwargs": dict}
+# The short name snapshot metadata gives each model, from its config's values (else its class path).
+SHORT_NAMES = {"snapens.models.CifarResNet": "resnet{depth}", "snapens.models.WideResNet": "wrn{depth}_{widen_factor}",
+               "snapens.models.library_model": "{library}.{name}"}
 # A file's model is counted before it is built: 1 billion parameters is 27 times WRN-28-10 (36.5 million), and bounds
 # the memory a crafted file can take (a WRN of depth 994 and width 32 would be 12 billion).
 MAX_PARAMETERS = 1_000_000_000
@@ -35,4 +41,10 @@ def model_from_metadata(config: dict, source: str) -> torch.nn.Module:
         raise SnapensError(f"{source}: {e}") from None
 
 
-__all__ = ["CifarResNet", "WideResNet", "model_from_metadata"]
+def short_name(config: dict) -> str:
+    """resnet20, wrn28_10, torchvision.resnet18, or the class path of another model."""
+    pattern = SHORT_NAMES.get(config.get("_target_"))
+    return pattern.format(**config) if pattern else str(config.get("_target_"))
+
+
+__all__ = ["CifarResNet", "WideResNet", "library_model", "model_from_metadata", "short_name"]

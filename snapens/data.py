@@ -331,10 +331,21 @@ def balanced_subset(labels: torch.Tensor, n: int, generator: torch.Generator) ->
     return order[pick].sort().values
 
 
+STATS_CHUNK_BYTES = 96 * 2**20  # float64 per chunk: 4,096 CIFAR images, as every earlier run chunked them
+
+
+def stats_chunk(images: torch.Tensor) -> int:
+    """Images per chunk of `channel_stats`: its float64 copy of a chunk stays within STATS_CHUNK_BYTES whatever the
+    image size (83 images at 224 px), and at most 4,096 images, so the statistics of 32-pixel data stay bit-equal."""
+    per_image = 8 * images[0].numel() if len(images) else 1
+    return max(1, min(4096, STATS_CHUNK_BYTES // per_image))
+
+
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images on the 0..1 scale, in float64 chunks (exact and memory-light)."""
+    """Per-channel mean and std of uint8 images on the 0..1 scale, in float64 chunks of bounded size (stats_chunk):
+    exact, and memory-light at any image size."""
     total, squares = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    for chunk in images.split(4096):
+    for chunk in images.split(stats_chunk(images)):
         x = chunk.to(torch.float64) / 255
         total += x.sum((0, 2, 3))
         squares += (x * x).sum((0, 2, 3))

@@ -292,6 +292,23 @@ def test_channel_stats_matches_direct_computation():
     assert std == pytest.approx(exp_std, abs=1e-10)
 
 
+def test_channel_stats_chunks_are_bounded_in_bytes_at_any_image_size(monkeypatch):
+    """At 224 px a chunk is 83 images (96 MiB of float64), not 4,096 (4.6 GiB); at 32 px it stays 4,096."""
+    from snapens import data
+    assert data.stats_chunk(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)) == 83
+    assert data.stats_chunk(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)) == 4096
+    assert data.stats_chunk(torch.zeros(1, 3, 8000, 8000, dtype=torch.uint8)) == 1
+    monkeypatch.setattr(data, "STATS_CHUNK_BYTES", 8 * 3 * 224 * 224 * 7)  # 7 images a chunk: several chunks
+    images = torch.randint(0, 256, (30, 3, 224, 224), generator=gen(), dtype=torch.uint8)
+    sizes = []
+    real = torch.Tensor.split
+    monkeypatch.setattr(torch.Tensor, "split", lambda self, n, *a: sizes.append(n) or real(self, n, *a))
+    mean, std = data.channel_stats(images)
+    assert sizes == [7]
+    exp_mean, exp_std = direct_stats(images)
+    assert mean == pytest.approx(exp_mean, abs=1e-12) and std == pytest.approx(exp_std, abs=1e-10)
+
+
 def id_split(n: int, num_classes: int, size: int = 4, seed: int = 0) -> Split:
     """Image i carries its id i in pixel (0, 0, 0) and has label i % num_classes; the other pixels are noise."""
     images = random_images(n, size, seed)

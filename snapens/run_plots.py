@@ -32,7 +32,7 @@ def plot_lr_schedule(schedule: Schedule, steps_per_epoch: int, snapshot_steps: l
     fig, ax = plt.subplots(figsize=(7, 4))
     lines = ax.plot(epochs, [schedule.lr(t) for t in steps], color="C0", label="learning rate")
     ax.set(xlabel="epoch", ylabel="learning rate",
-           title=f"{name}: {schedule.total_steps} updates, {len(snapshot_steps)} snapshots")
+           title=f"{name}: {schedule.total_steps} updates, {len(snapshot_steps)} snapshots\n{run_label(path)}")
     momentum = [schedule.momentum(t) for t in steps]
     if any(m is not None for m in momentum):
         twin = ax.twinx()
@@ -57,13 +57,22 @@ def plot_training(records: list[dict], snapshot_epochs: list[float], path: Path,
     if results:
         at = snapshot_epochs[-len(results["snapshots"]):]  # the snapshots kept (trainer.keep_snapshots)
         acc.plot(at, [s["acc"] for s in results["snapshots"]], "D", color="C3", label="snapshot, test")
+        acc.axhline(results["ensemble"]["acc"], color="C3", ls=":", label="ensemble of all, test")
         if "val" in results:
             loss.plot(at, [s["nll"] for s in results["val"]["snapshots"]], "D", color="C2",
                       label="snapshot, validation NLL")
+            acc.plot(at, [s["acc"] for s in results["val"]["snapshots"]], "D", color="C2", mfc="none",
+                     label="snapshot, validation")
+            acc.axhline(results["val"]["ensemble"]["acc"], color="C2", ls=":", label="ensemble of all, validation")
     for ax in (loss, acc):
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False, fontsize=8)
-    fig.suptitle("training (dashed: snapshots)")
+    fig.suptitle(f"training (dashed: snapshots), {run_label(path)}")
     save_figure(fig, path)
+
+
+def run_label(path: Path) -> str:
+    """The run a figure at `path` belongs to: its run dir's last two parts (<date>/<time>, or <sweep>/<job>)."""
+    return "/".join(Path(path).resolve().parent.parts[-2:])
 
 
 def _mark(ax, epochs: list[float]) -> list:

@@ -120,18 +120,30 @@ def report(cfg, paths, metas, logits, labels, out_dir: Path, logits_seconds: flo
               "logits_seconds": logits_seconds}  # wall time of reading or computing every member's logits
     result.update(fitted)
     write_atomic(out_dir / "ensemble.json", (json.dumps(result, indent=2) + "\n").encode())
-    plot_report(result, logits, labels, cfg.bins, out_dir)
+    plot_report(result, logits, labels, cfg.bins, out_dir, source_of(paths, cfg.split))
     return result
 
 
-def plot_report(result: dict, logits: torch.Tensor, labels: torch.Tensor, bins: int, out_dir: Path) -> None:
-    """accuracy_vs_members.png, disagreement.png and reliability.png (last snapshot and the whole ensemble)."""
+def source_of(paths: list[Path], split: str) -> str:
+    """Whose figures: the run dir of the members (the last two parts of each: <date>/<time>, or <sweep>/<job>)
+    and the split."""
+    runs = dict.fromkeys("/".join(p.resolve().parent.parent.parts[-2:]) for p in paths)
+    return f"{', '.join(runs) if len(runs) <= 2 else f'{len(runs)} runs'}, {split}"
+
+
+def plot_report(result: dict, logits: torch.Tensor, labels: torch.Tensor, bins: int, out_dir: Path,
+                source: str = "") -> None:
+    """accuracy_vs_members.png, disagreement.png and reliability.png (last snapshot and the whole ensemble), each
+    titled with `source` (source_of)."""
     rule = result["rule"]
-    plot_accuracy_vs_members(result["curves"], result["single"]["acc"], rule, out_dir / "accuracy_vs_members.png")
-    plot_disagreement(result["disagreement"], [s["name"] for s in result["snapshots"]], out_dir / "disagreement.png")
+    plot_accuracy_vs_members(result["curves"], result["single"]["acc"], rule, out_dir / "accuracy_vs_members.png",
+                             source)
+    plot_disagreement(result["disagreement"], [s["name"] for s in result["snapshots"]], out_dir / "disagreement.png",
+                      source)
     last = metrics.reliability(metrics.probabilities(logits[-1:]), labels, bins)
     full = metrics.reliability(metrics.probabilities(logits, rule), labels, bins, metrics.predictions(logits, rule))
-    plot_reliability({"last snapshot": last, f"ensemble of {len(logits)}": full}, out_dir / "reliability.png")
+    plot_reliability({"last snapshot": last, f"ensemble of {len(logits)}": full}, out_dir / "reliability.png",
+                     source)
 
 
 def format_curves(result: dict) -> str:

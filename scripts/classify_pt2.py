@@ -15,11 +15,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")  # snapens.data.IMAGE_EXTENSIONS
 
 
 def read(path: Path, height: int, width: int) -> torch.Tensor:
     with Image.open(path) as image:
+        if image.mode.startswith("I"):  # 16-bit grey: scaled to 8 bits (convert("RGB") would clip it to white)
+            pixels = np.asarray(image).astype(np.int64)
+            image = Image.fromarray(((pixels.clip(0, 65535) * 255 + 32767) // 65535).astype(np.uint8))
         image = image.convert("RGB")
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.BILINEAR)
@@ -32,7 +35,9 @@ def main() -> None:
     program = torch.export.load(program_file, extra_files=extra).module()
     info = json.loads(extra["snapens.json"])
     height, width = info["image_size"]
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+    if not files:
+        sys.exit(f"no image files ({', '.join(SUFFIXES)}) under {folder}")
     with torch.no_grad():
         probs = torch.cat([program(torch.stack([read(f, height, width) for f in files[i:i + 256]]))
                            for i in range(0, len(files), 256)])

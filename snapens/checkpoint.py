@@ -123,7 +123,8 @@ def stop_requests():
         if signum == signal.SIGINT:  # a second Ctrl-C is not held back: it interrupts (a hung setup, say)
             signal.signal(signum, previous[signum])
 
-    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)}
+    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+                if signal.getsignal(s) is not signal.SIG_IGN}  # an ignored signal (nohup's SIGHUP) stays ignored
     try:
         yield received
     finally:

@@ -42,7 +42,8 @@ def run(main) -> None:
     number (130 for SIGINT, 143 for SIGTERM), as a shell reports a process the signal ended."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors reach us instead of being printed in many lines
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(s, _stop)
+        if signal.getsignal(s) is not signal.SIG_IGN:  # under nohup SIGHUP is ignored, and stays so
+            signal.signal(s, _stop)
     try:
         check_writable(sys.argv[1:])
         main()
@@ -50,7 +51,8 @@ def run(main) -> None:
         name = str(e) if isinstance(e, Stopped) else "SIGINT"
         resumable = any(Path(a.split("=", 1)[1], "checkpoints", "last.ckpt").is_file()  # checkpoint.checkpoint_path
                         for a in sys.argv[1:] if a.startswith("hydra.run.dir="))
-        fail(f"stopped by {name} outside training; run the same command again to go on",
+        fail(f"stopped by {name} outside training" + ("; the same command continues from the run dir's checkpoint"
+                                                      if resumable else ""),
              EXIT_INTERRUPTED if resumable else 128 + signal.Signals[name])
     except HydraException as e:
         fail(hydra_error(e), 2)

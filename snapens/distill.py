@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from snapens import cli
 from snapens.build import Loss, build_data, pick_device, pick_precision
-from snapens.config import register_configs
+from snapens.config import register_configs, schema_of
 from snapens.ensemble import calibration, metrics
 from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError
@@ -51,15 +51,11 @@ def key_of(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def later_wins(overrides: list[str]) -> list[str]:
-    """Hydra overrides with each key once: a later one replaces an earlier one of its key, and a group's
-    (`model=wrn16_4`) drops the earlier ones inside it (`model.depth=8`), which belonged to the option replaced."""
-    kept: dict[str, str] = {}
-    for override in overrides:
-        key = key_of(override)
-        kept = {k: o for k, o in kept.items() if k != key and not k.startswith(f"{key}.")}
-        kept[key] = override
-    return list(kept.values())
+def with_given(base: list[str], given: list[str]) -> list[str]:
+    """The overrides `base` (snapens.distill's own) without those whose key the command line's `given` sets, then
+    `given` as typed: Hydra applies them in its own order (a group's option before any key's value)."""
+    keys = {key_of(o) for o in given}
+    return [o for o in base if key_of(o) not in keys] + list(given)
 
 
 def teacher_options(teacher_dir: Path) -> list[str]:
@@ -68,17 +64,24 @@ def teacher_options(teacher_dir: Path) -> list[str]:
     saved = OmegaConf.load(teacher_dir / ".hydra" / "config.yaml")
     store = ConfigStore.instance()
     for group in TEACHERS:
-        store.store(group=group, name="teacher", node=saved[group])
-    store.store(group="teacher", name="run", node={"trainer": saved.trainer, "ensemble": saved.ensemble},
-                package="_global_")
+        store.store(group=group, name="teacher", node=typed(saved, group))
+    store.store(group="teacher", name="run", node={"trainer": typed(saved, "trainer"),
+                                                   "ensemble": typed(saved, "ensemble")}, package="_global_")
     return [*(f"{group}=teacher" for group in TEACHERS), "+teacher=run", f"scheduler.eta_max={saved.scheduler.eta_max}"]
+
+
+def typed(saved: DictConfig, group: str) -> DictConfig:
+    """A section of a saved config under its schema (snapens.config.schema_of), so that an override of it is typed
+    and checked as in training (optimizer.momentum=abc refused in one line, 0 stored as 0.0)."""
+    schema = schema_of(saved, group)
+    return OmegaConf.merge(OmegaConf.structured(schema), saved[group]) if schema else saved[group]
 
 
 def student_config(cfg: DictConfig, given: list[str]) -> DictConfig:
     """The student's training config, composed by Hydra: the teacher run's saved config (its data,
     model, optimizer, logger, trainer and ensemble, as options named `teacher`), then `scheduler=cosine
-    scheduler.cycles=1` at the teacher's eta_max (STUDENT), then the command line's `given`, each replacing the
-    earlier ones of its key (later_wins). Data stay the teacher's (data.root may move)."""
+    scheduler.cycles=1` at the teacher's eta_max (STUDENT), then the command line's `given`, which replaces
+    those of the same key (with_given). Data stay the teacher's (data.root may move)."""
     teacher_dir = Path(cfg.distill.run)
     teacher_paths(teacher_dir, cfg.distill.members)  # a run dir with snapshots, the members allowed
     if not 0 <= cfg.distill.alpha <= 1:
@@ -89,14 +92,14 @@ def student_config(cfg: DictConfig, given: list[str]) -> DictConfig:
     if any(key_of(o).startswith("data") and key_of(o) != "data.root" for o in given):
         raise SnapensError("the student learns on the teacher run's own data (its .hydra/config.yaml); leave out "
                            "data overrides (data.root=DIR alone may say where those files are now)")
-    return hydra.compose("config", overrides=later_wins([*STUDENT, *teacher_options(teacher_dir), *given]))
+    return hydra.compose("config", overrides=with_given([*STUDENT, *teacher_options(teacher_dir)], given))
 
 
 def distillation_loss(cfg: DictConfig, student: DictConfig) -> Loss:
     """The loss for snapens.train: the teacher run's ensemble on the student's device, softening each member at
     distill.temperature, mixed with the labels' cross-entropy by distill.alpha (snapens.teacher). Its record (the
     teacher's rule and snapshot digests) is checked on resume: a changed teacher stops it."""
-    d = OmegaConf.to_container(cfg.distill)
+    d = {**OmegaConf.to_container(cfg.distill), "run": str(Path(cfg.distill.run))}  # as every earlier student had it
     d["rule"] = d["rule"] or student.ensemble.rule
     paths = teacher_paths(d["run"], d["members"])
     d["teacher_sha256"] = [file_digest(p) for p in paths]
@@ -151,7 +154,9 @@ def format_comparison(d: dict) -> str:
               "teacher_ensemble": f"teacher ensemble of {len(d['teacher']['members'])}"}
     for name, label in labels.items():
         s, c, cost = d["test"][name], d.get("calibration", {}).get(name), d["cost"][name]
-        after = [f"{c['test']['after']['nll']:>9.4f}", f"{c['test']['after']['ece']:>9.4f}"] if c else [f"{'-':>9}"] * 2
+        fitted = c and c["temperature"] is not None  # None: no temperature (calibration.warnings says why)
+        after = [f"{c['test']['after']['nll']:>9.4f}", f"{c['test']['after']['ece']:>9.4f}"] if fitted else \
+            [f"{'-':>9}"] * 2
         lines.append(f"{label:<30}{s['acc']:>8.4f}{s['nll']:>8.4f}{s['ece']:>8.4f}{''.join(after)}"
                      f"{cost['forward_passes_per_image']:>8}{cost['parameters']:>11,}")
     lines.append("on the test split; (T): after a temperature fitted on the validation split")

@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import re
+import socket
 import tempfile
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` all or nothing, even on a crash; a failure leaves the earlier file intact."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{WRITER}.", suffix=".tmp")
     except OSError as e:
         raise SnapensError(f"cannot write {path}: {e.strerror or e}; make the folder writable") from None
     try:
@@ -46,22 +47,26 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def partial_name(path: Path, suffix: str) -> Path:
     """Where a writer that cannot take write_atomic's bytes (torch.export.save wants a path ending in `suffix`) puts
-    its file before renaming it: hidden, beside `path`, named with this process's id for `sweep_leftovers`."""
-    return path.with_name(f".{path.stem}.{os.getpid()}.partial{suffix}")
+    its file before renaming it: hidden, beside `path`, named after its writer (WRITER) for `sweep_leftovers`."""
+    return path.with_name(f".{path.stem}.{WRITER}.partial{suffix}")
 
 
-# write_atomic's and partial_name's temporary files: the id of the process writing them is the number in the name.
-LEFTOVER = re.compile(r"^\..+\.(\d+)\.(?:\w+\.tmp|partial\.\w+)$")
+# Who writes a temporary file, in its name: this machine and process, so that a later snapens process on the same
+# machine can tell a killed writer's leftovers from a running one's (on a shared filesystem, another machine's
+# files are never touched).
+HOST = re.sub(r"\W", "_", socket.gethostname()) or "host"
+WRITER = f"snapens-{HOST}-{os.getpid()}"
+LEFTOVER = re.compile(r"^\..+\.snapens-(\w+)-(\d+)\.(?:\w+\.tmp|partial\.pt2)$")
 
 
 def sweep_leftovers(folder: Path) -> list[Path]:
-    """Remove the temporary files in `folder` that a killed snapens process left (its id is in their names and no
-    such process runs any more): a tool sweeps its output folder at its next start. Files of running processes,
-    and every other file, are left alone. Returns what was removed."""
+    """Remove the temporary files in `folder` that a killed snapens process of this machine left (no process of
+    the id in their names runs any more): a tool sweeps its output folder at its next start. Files of running
+    processes or of other machines, and every other file, are left alone. Returns what was removed."""
     removed = []
     for path in Path(folder).glob(".*") if Path(folder).is_dir() else ():
         match = LEFTOVER.match(path.name)
-        if match and not _running(int(match.group(1))):
+        if match and match.group(1) == HOST and not _running(int(match.group(2))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -82,6 +87,8 @@ def check_writable(target: Path, fix: str) -> None:
     exists, is writable. Else SnapensError, before any work is done, saying `fix` (the key to change)."""
     target = Path(target).absolute()
     existing = next(p for p in (target, *target.parents) if p.exists())
+    if existing != target and not existing.is_dir():
+        raise SnapensError(f"cannot write {target}: {existing} is a file, not a folder; pass another {fix}")
     folder = existing if existing.is_dir() else existing.parent
     if not os.access(folder, os.W_OK | os.X_OK):
         raise SnapensError(f"cannot write {target}: {folder} is not writable; pass a writable {fix}")

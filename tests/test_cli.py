@@ -48,8 +48,29 @@ def test_a_stop_outside_training_says_whether_there_is_a_checkpoint(tmp_path, mo
         for s, handler in saved.items():
             signal.signal(s, handler)
     assert stop.value.code == status
-    assert capsys.readouterr().err.splitlines() == [f"snapens: stopped by {name} outside training; run the same "
-                                                    "command again to go on"]
+    said = "; the same command continues from the run dir's checkpoint" if resumable else ""
+    assert capsys.readouterr().err.splitlines() == [f"snapens: stopped by {name} outside training{said}"]
+
+
+def test_a_signal_ignored_at_start_stays_ignored(monkeypatch):
+    """Under nohup SIGHUP is ignored: snapens keeps it so (a logout must not stop the run), in start-up and in
+    training."""
+    import signal
+
+    from snapens import cli
+    from snapens.checkpoint import stop_requests
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)}
+    monkeypatch.setattr(sys, "argv", ["snapens.train"])
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        cli.run(lambda: None)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        with stop_requests():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 # ---- tuning on validation, never on test -----------------------------------------------------------------------

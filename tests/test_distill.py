@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from snapens.checkpoint import checkpoint_path
 from snapens.config import register_configs
-from snapens.distill import distillation_loss, later_wins, student_config
+from snapens.distill import distillation_loss, student_config, with_given
 from snapens.files import file_digest
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots
@@ -146,9 +146,17 @@ def test_the_loss_records_the_teacher(teacher):
     assert record["teacher_sha256"] == [file_digest(p) for p in list_snapshots(teacher)]
 
 
-def test_later_overrides_replace_earlier_ones_of_their_key():
-    assert later_wins(["model=teacher", "model.depth=8", "scheduler.cycles=1", "model=wrn16_4", "scheduler.cycles=2",
-                       "+teacher=run"]) == ["model=wrn16_4", "scheduler.cycles=2", "+teacher=run"]
+def test_the_command_line_replaces_distills_overrides_of_the_same_key_and_keeps_its_own_order():
+    base = ["scheduler=cosine", "scheduler.cycles=1", "model=teacher", "scheduler.eta_max=0.05"]
+    assert with_given(base, ["model.depth=10", "model=wrn16_4", "scheduler=sgdr"]) == [
+        "scheduler.cycles=1", "scheduler.eta_max=0.05", "model.depth=10", "model=wrn16_4", "scheduler=sgdr"]
+
+
+def test_the_teachers_sections_are_typed_and_its_eta_max_kept(teacher):
+    student = student_of(teacher, "scheduler=cosine")  # a group given again keeps the teacher's eta_max
+    assert student.scheduler.eta_max == OmegaConf.load(teacher / ".hydra" / "config.yaml").scheduler.eta_max
+    with pytest.raises(Exception, match="optimizer.momentum"):  # typed as in training, one line (cli.hydra_error)
+        student_of(teacher, "optimizer.momentum=abc")
 
 
 @pytest.mark.parametrize("extra, message", [

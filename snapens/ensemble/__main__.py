@@ -306,7 +306,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     seconds = time.perf_counter() - start
     fitted = fit_on_validation(cfg, paths, metas, val, logits, split.labels, device, precision)
     result = report(cfg, paths, metas, logits, split.labels, out_dir, seconds, fitted)
-    lines = [selection.format_choice(fitted["chosen"])] if "chosen" in fitted else []
+    lines = [selection.format_choice(fitted["chosen"])] if "chosen" in fitted and len(paths) > 1 else []
     lines += [calibration.format_calibration(fitted["calibration"])] if "calibration" in fitted else []
     log.info("\n".join(["", format_report(result), *lines, "", format_curves(result), f"report: {out_dir}"]))
     return result["ensemble"]["acc"]

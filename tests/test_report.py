@@ -115,12 +115,27 @@ def test_arithmetic_and_grouping(tmp_path, capsys):
 
     lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in out.splitlines() if line.startswith("| ") and "---" not in line}
-    assert lines["scheduler=sgdr"] == ["2", "60.00 ± 14.14", "75.00 ± 21.21", "+15.00", "3-4", "10.0"]
-    assert lines["(defaults)"] == ["1", "25.00 ± -", "30.00 ± -", "+5.00", "3", "-"]
+    assert lines["scheduler=sgdr"] == ["2", "60.00 ± 14.14", "75.00 ± 21.21", "+15.00", "-", "-", "3-4", "10.0"]
+    assert lines["(defaults)"] == ["1", "25.00 ± -", "30.00 ± -", "+5.00", "-", "-", "3", "-"]
     assert lines["model=wrn16_4 scheduler=sgdr"][-1] == "3.0"
     md = (sweep / "report.md").read_text()
     assert f"Runs (4): {sweep / '0'}, {sweep / '1'}, {sweep / '2'}, {sweep / '10'}" in md
     assert (sweep / "report.png").read_bytes().startswith(PNG)
+
+
+def test_validation_and_chosen_columns_and_what_the_spread_is(tmp_path, capsys):
+    for i, (val, greedy) in enumerate([(0.62, 0.58), (0.66, 0.60)]):
+        run = make_run(tmp_path / "v" / str(i), 0.55, 0.57, (f"trainer.seed={i}",))
+        results = json.loads((run / "results.json").read_text())
+        results["val"] = {"single": {"acc": 0.6}, "ensemble": {"acc": val}}
+        results["chosen"] = {"by": "validation NLL", "greedy": {"members": ["cycle_03"], "test": {"acc": greedy}}}
+        (run / "results.json").write_text(json.dumps(results))
+    code, out, _ = run_main(capsys, str(tmp_path / "v"))
+    row = read_csv(tmp_path / "v" / "report.csv")[0]
+    assert code == 0 and float(row["val_ensemble_mean"]) == pytest.approx(0.64)
+    assert float(row["greedy_std"]) == pytest.approx(statistics.stdev([0.58, 0.60]))
+    assert "|     64.00 ± 2.83 | 59.00 ± 1.41 |" in out
+    assert "± is the sample standard deviation over a config's runs (seeds)" in out
 
 
 def test_shared_overrides_said_once(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """TensorBoard logging (logger=tensorboard): per log interval lr, momentum, loss, accuracy, gradient norm and clip
-rate; each snapshot's test accuracy at the end. The sums stay on the device and are read once per interval."""
+rate; each snapshot's test (and validation) accuracy and NLL at the end. The sums stay on the device and are read once per interval."""
 
 import importlib.util
 from pathlib import Path
@@ -62,8 +62,18 @@ def log_interval(writer, stats: dict[str, float], step: int, optimizer: torch.op
 
 
 def log_report(writer, report: dict) -> None:
-    """Each snapshot's test accuracy at its step, and the ensemble's at the last step."""
-    for snapshot in report["snapshots"]:
-        writer.add_scalar("test/snapshot_accuracy", snapshot["acc"], snapshot["step"])
-    writer.add_scalar("test/ensemble_accuracy", report["ensemble"]["acc"], report["snapshots"][-1]["step"])
+    """Each snapshot's test accuracy and NLL at its step, and the ensemble's at the last step; the same on the
+    validation split when the run held one out (its "val" report), and the chosen members' test accuracy."""
+    last = report["snapshots"][-1]["step"]
+    for split, part in (("test", report), ("val", report.get("val"))):
+        if part is None:
+            continue
+        for snapshot, mine in zip(report["snapshots"], part["snapshots"]):
+            writer.add_scalar(f"{split}/snapshot_accuracy", mine["acc"], snapshot["step"])
+            if mine["nll"] is not None:
+                writer.add_scalar(f"{split}/snapshot_nll", mine["nll"], snapshot["step"])
+        writer.add_scalar(f"{split}/ensemble_accuracy", part["ensemble"]["acc"], last)
+    for name, chosen in report.get("chosen", {}).items():
+        if isinstance(chosen, dict):
+            writer.add_scalar(f"test/chosen_{name}_accuracy", chosen["test"]["acc"], last)
     writer.flush()

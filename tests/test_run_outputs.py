@@ -39,7 +39,8 @@ def snapens_train_step():
 
 
 def test_tensorboard_events(make_cfg, tmp_path):
-    cfg = make_cfg(*DOUBLING_CYCLES_3, "logger=tensorboard", "trainer.log_every=2", "trainer.grad_clip=0.5")
+    cfg = make_cfg(*DOUBLING_CYCLES_3, "logger=tensorboard", "trainer.log_every=2", "trainer.grad_clip=0.5",
+                   "data.val_size=32")
     train(cfg, tmp_path)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
@@ -57,6 +58,13 @@ def test_tensorboard_events(make_cfg, tmp_path):
     assert [(e.step, e.value) for e in snapshot_accs] == [
         (s["step"], pytest.approx(s["acc"], rel=1e-6)) for s in results["snapshots"]]
     assert events.Scalars("test/ensemble_accuracy")[0].value == pytest.approx(results["ensemble"]["acc"], rel=1e-6)
+    val_nll = events.Scalars("val/snapshot_nll")  # the validation split's numbers too, and the chosen members'
+    assert [(e.step, e.value) for e in val_nll] == [
+        (s["step"], pytest.approx(v["nll"], rel=1e-6))
+        for s, v in zip(results["snapshots"], results["val"]["snapshots"])]
+    assert events.Scalars("val/ensemble_accuracy")[0].value == pytest.approx(results["val"]["ensemble"]["acc"])
+    assert events.Scalars("test/chosen_greedy_accuracy")[0].value == pytest.approx(
+        results["chosen"]["greedy"]["test"]["acc"], rel=1e-6)
 
 
 def test_no_tensorboard_folder_without_the_logger(make_cfg, tmp_path):

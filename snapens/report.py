@@ -208,9 +208,11 @@ def csv_bytes(rows: list[dict]) -> bytes:
     return out.getvalue().encode()
 
 
-def plot_report(rows: list[dict], shared: list[str], path: Path, split: str = "test") -> None:
+def plot_report(rows: list[dict], shared: list[str], path: Path, split: str = "test", chosen: tuple[int, ...] = ()
+                ) -> None:
     """report.png: single vs ensemble accuracy per config: the mean with sample-std error bars and each run as a
-    dot, on an axis that starts near the data."""
+    dot, on an axis that starts near the data; the configs (rows) at `chosen`, a sweeper's choice, starred. Long
+    labels are turned so that they never overlap."""
     import matplotlib  # here, not at import: the table and the CSV need no plotting library
     matplotlib.use("Agg")  # files only: works on a headless machine
     import matplotlib.pyplot as plt
@@ -228,8 +230,14 @@ def plot_report(rows: list[dict], shared: list[str], path: Path, split: str = "t
     low, high = min(everything), max(everything)
     margin = max(0.5, 0.1 * (high - low))  # the axis starts near the data, not at 0
     ax.set_ylim(low - margin, high + margin)
-    ax.set_xticks(list(x), [label(r, shared).replace(" ", "\n") for r in rows], fontsize=8)
-    ax.set(ylabel=f"{split} accuracy (%)", title="single (last snapshot) vs ensemble; dots: runs")
+    labels = [("★ " if i in chosen else "") + label(r, shared) for i, r in enumerate(rows)]
+    if max(len(s) for s in labels) > 14:  # turned: a label then takes about 0.6 of its length across
+        ax.set_xticks(list(x), labels, fontsize=8, rotation=60, ha="right", rotation_mode="anchor")
+        fig.set_figheight(4.5 + 0.06 * max(len(s) for s in labels))
+    else:
+        ax.set_xticks(list(x), labels, fontsize=8)
+    title = "single (last snapshot) vs ensemble; dots: runs" + ("; ★ chosen by the sweeper" if chosen else "")
+    ax.set(ylabel=f"{split} accuracy (%)", title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the axes: never over a point
     save_figure(fig, path)
 
@@ -285,7 +293,8 @@ def report(paths: list[Path], out: Path, seed_key: str = "trainer.seed") -> list
     table = f"{table}\n\n{SPREAD}"
     write_atomic(out / "report.md", f"# snapens report\n\n{common}{table}\n\n{runs_line}\n".encode())
     write_atomic(out / "report.csv", csv_bytes(rows))
-    plot_report(rows, shared, out / "report.png", split)
+    starred = tuple(i for i, r in enumerate(rows) if any(f"{run});" in line for line in chosen for run in r["runs"]))
+    plot_report(rows, shared, out / "report.png", split, starred)
     print(f"{common}{table}\n\nwrote report.md, report.csv and report.png to {out}")
     return rows
 

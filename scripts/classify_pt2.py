@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")  # snapens.data.IMAGE_EXTENSIONS
+SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")  # snapens.images.IMAGE_EXTENSIONS
 
 
 def read(path: Path, height: int, width: int) -> torch.Tensor:

@@ -140,6 +140,13 @@ def unknown_key(key: str, known: list[str]) -> str:
 QUIET = ("optuna", "alembic")
 
 
+def _holds_only(folder: Path, log_file: Path, lock: Path) -> bool:
+    """`folder` holds nothing but this job's log and an empty (let go) lock file."""
+    if not folder.is_dir() or any(p not in (log_file, lock) for p in folder.iterdir()):
+        return False
+    return not (lock.exists() and lock.stat().st_size)
+
+
 class ShowSweepDir(Callback):
     """hydra.callbacks of every training entry point: a multirun says where its jobs go, at its start and end, and
     keeps the sweeper's libraries' INFO lines out of its output (the sweeper is made, and imports them, first)."""
@@ -165,8 +172,7 @@ def discard_unused_run_dir() -> None:
     hydra = HydraConfig.get()
     folder = Path(hydra.runtime.output_dir)
     log_file, lock = folder / f"{hydra.job.name}.log", folder / ".lock"
-    if not folder.is_dir() or any(p not in (log_file, lock) for p in folder.iterdir()) or (
-            lock.exists() and lock.stat().st_size):
+    if not _holds_only(folder, log_file, lock):
         return
     lock.unlink(missing_ok=True)
     for handler in logging.getLogger().handlers[:]:  # Hydra's file handler holds the log open

@@ -88,10 +88,7 @@ ENTRY_SECTIONS = ("lr_find", "distill")
 def _check_known_keys(cfg: DictConfig) -> None:
     """Refuse keys no schema declares, added with `+` (Hydra accepts `+trainer.epoch=3` and `+foo=1` and ignores
     their meaning): a misspelt key would otherwise be silently unused. Names the key most likely meant."""
-    sections = [f.name for f in fields(Config)]
-    for key in cfg:
-        if key not in sections and key not in ENTRY_SECTIONS:
-            raise SnapensError(unknown_key(str(key), sections))
+    _check_sections(cfg)
     for group in ("data", "model", "optimizer", "scheduler", "trainer", "ensemble"):
         schema = schema_of(cfg, group) if group in cfg else None
         if schema is None:
@@ -103,6 +100,13 @@ def _check_known_keys(cfg: DictConfig) -> None:
                 message = unknown_key(f"{group}.{key}", known)
                 raise SnapensError(message.replace(f" is not a key of {group}", f" is not a key of {option}", 1))
     _check_swa_keys(cfg)
+
+
+def _check_sections(cfg: DictConfig) -> None:
+    sections = [f.name for f in fields(Config)]
+    for key in cfg:
+        if key not in sections and key not in ENTRY_SECTIONS:
+            raise SnapensError(unknown_key(str(key), sections))
 
 
 def _check_swa_keys(cfg: DictConfig) -> None:

@@ -134,6 +134,12 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def mean_std_known(runs: list[dict], key: str) -> tuple[float | None, float | None]:
+    """`mean_std` of the runs' `key` where they have one; (None, None) where none has."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return mean_std(values) if values else (None, None)
+
+
 def summarise(records: list[dict]) -> list[dict]:
     """One row per config, in the order configs first appear (a multirun's job order)."""
     groups: dict[str, list[dict]] = {}
@@ -146,14 +152,13 @@ def summary_row(config: str, runs: list[dict]) -> dict:
     """One config's runs: mean ± sample std of single and ensemble accuracy, the gain paired by run, and where the
     runs held out a validation split, the validation ensemble's and the chosen (greedy) members' accuracy."""
     single, ensemble = [r["single"] for r in runs], [r["ensemble"] for r in runs]
-    known = {key: [r[key] for r in runs if r.get(key) is not None] for key in ("val", "greedy")}
     counts = [r["snapshots"] for r in runs]
     seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
     return {"config": config, "n": len(runs), "single": mean_std(single), "ensemble": mean_std(ensemble),
             "values": {"single": single, "ensemble": ensemble},  # each run's, for the plot's dots
             "gain": mean_std([e - s for s, e in zip(single, ensemble)]),  # paired: same run, same test set
             "snapshots": (min(counts), max(counts)), "seconds": statistics.fmean(seconds) if seconds else None,
-            **{key: mean_std(values) if values else (None, None) for key, values in known.items()},
+            "val": mean_std_known(runs, "val"), "greedy": mean_std_known(runs, "greedy"),
             "runs": [str(r["dir"]) for r in runs]}
 
 
@@ -230,16 +235,21 @@ def plot_report(rows: list[dict], shared: list[str], path: Path, split: str = "t
     low, high = min(everything), max(everything)
     margin = max(0.5, 0.1 * (high - low))  # the axis starts near the data, not at 0
     ax.set_ylim(low - margin, high + margin)
-    labels = [("★ " if i in chosen else "") + label(r, shared) for i, r in enumerate(rows)]
-    if max(len(s) for s in labels) > 14:  # turned: a label then takes about 0.6 of its length across
-        ax.set_xticks(list(x), labels, fontsize=8, rotation=60, ha="right", rotation_mode="anchor")
-        fig.set_figheight(4.5 + 0.06 * max(len(s) for s in labels))
-    else:
-        ax.set_xticks(list(x), labels, fontsize=8)
+    config_ticks(fig, ax, [("★ " if i in chosen else "") + label(r, shared) for i, r in enumerate(rows)])
     title = "single (last snapshot) vs ensemble; dots: runs" + ("; ★ chosen by the sweeper" if chosen else "")
     ax.set(ylabel=f"{split} accuracy (%)", title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the axes: never over a point
     save_figure(fig, path)
+
+
+def config_ticks(fig, ax, labels: list[str]) -> None:
+    """One tick label per config; long ones turned, the figure taller for them, so that they never overlap."""
+    longest = max(len(s) for s in labels)
+    if longest > 14:  # turned by 60 degrees a label takes about half its length across
+        ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=60, ha="right", rotation_mode="anchor")
+        fig.set_figheight(4.5 + 0.06 * longest)
+    else:
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
 
 
 def finished_runs(paths: list[Path]) -> list[Path]:
@@ -293,10 +303,14 @@ def report(paths: list[Path], out: Path, seed_key: str = "trainer.seed") -> list
     table = f"{table}\n\n{SPREAD}"
     write_atomic(out / "report.md", f"# snapens report\n\n{common}{table}\n\n{runs_line}\n".encode())
     write_atomic(out / "report.csv", csv_bytes(rows))
-    starred = tuple(i for i, r in enumerate(rows) if any(f"{run});" in line for line in chosen for run in r["runs"]))
-    plot_report(rows, shared, out / "report.png", split, starred)
+    plot_report(rows, shared, out / "report.png", split, starred(rows, chosen))
     print(f"{common}{table}\n\nwrote report.md, report.csv and report.png to {out}")
     return rows
+
+
+def starred(rows: list[dict], chosen: list[str]) -> tuple[int, ...]:
+    """The rows holding a run a chosen trial's line names (`chosen_trial`: "..., <run dir>); its test ...")."""
+    return tuple(i for i, r in enumerate(rows) if any(f"{run});" in line for line in chosen for run in r["runs"]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,8 @@ def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_groups_hold_the_options_the_design_names():
     assert GROUPS["data"] == ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
-    assert GROUPS["model"] == ["resnet110", "resnet20", "resnet32", "resnet44", "resnet56", "wrn16_4", "wrn28_10"]
+    assert GROUPS["model"] == ["resnet110", "resnet20", "resnet32", "resnet44", "resnet56", "timm", "torchvision",
+                               "wrn16_4", "wrn28_10"]
     assert GROUPS["optimizer"] == ["adamw", "sgd"]
     assert GROUPS["scheduler"] == ["adaptive_sgdr", "constant", "cosine", "cyclic", "fge", "onecycle", "sgdr",
                                    "snapshot", "step"]

@@ -128,7 +128,7 @@ def test_the_readme_example_classifies_a_folder_with_torch_alone(run, tmp_path):
     from PIL import Image
 
     from snapens import Ensemble
-    from snapens.data import read_images
+    from snapens.images import read_images
     from conftest import REPO
     program = tmp_path / "e.pt2"
     assert export(run, program).returncode == 0

@@ -22,7 +22,8 @@ from snapens import cli
 from snapens.build import build_data, pick_device, pick_precision
 from snapens.checkpoint import refuse_while_training
 from snapens.config import check_inference_options, register_configs, schema_of
-from snapens.data import IMAGE_EXTENSIONS, Split, read_images
+from snapens.data import Split
+from snapens.images import IMAGE_EXTENSIONS, read_images
 from snapens.ensemble import calibration, members as found, metrics, rules, selection, uncertainty
 from snapens.ensemble.cache import cached_logits, compute_logits
 from snapens.ensemble.report import build_report, format_report

@@ -90,11 +90,17 @@ def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name
         on_device = split.to(device)  # moved to the device once, for all the snapshots to compute
         found.update(zip([p for p, _ in missing], compute_logits(missing, on_device, batch_size, device, model_for,
                                                                    precision, channels_last, batched)))
-        for folder in {cache.parent for path, _ in missing if (cache := cache_path(path, split_name))}:
-            sweep_leftovers(folder)  # a killed call's half-written caches
-        for path, _ in missing:
-            write_cached(cache_path(path, split_name), keys[path], found[path])
+        write_all(missing, split_name, keys, found)
     return torch.stack([found[p] for p in paths])
+
+
+def write_all(missing: list[tuple[Path, dict]], split_name: str, keys: dict, found: dict) -> None:
+    """The logits computed for `missing` into their cache files, after sweeping a killed call's half-written ones."""
+    caches = {path: cache_path(path, split_name) for path, _ in missing}
+    for folder in {cache.parent for cache in caches.values() if cache}:
+        sweep_leftovers(folder)
+    for path, cache in caches.items():
+        write_cached(cache, keys[path], found[path])
 
 
 def compute_logits(members: list[tuple[Path, dict]], split: Split, batch_size: int, device: torch.device,

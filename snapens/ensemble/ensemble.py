@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from snapens.batches import normalize
-from snapens.data import read_images
+from snapens.images import read_images
 from snapens.ensemble import members as found, rules
 from snapens.ensemble.batched import StackedMembers, same_architecture
 from snapens.files import partial_name, write_atomic

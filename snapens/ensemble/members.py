@@ -99,30 +99,42 @@ def read(paths: list[Path]) -> list[dict]:
     return metas
 
 
+def _numbers(values, positive: bool = False) -> bool:
+    """A non-empty list of at most 4 finite numbers (one per channel), each > 0 with `positive`."""
+    return isinstance(values, list) and 0 < len(values) <= 4 and all(
+        type(x) in (int, float) and math.isfinite(x) and (x > 0 or not positive) for x in values)
+
+
+def _whole(n) -> bool:
+    return type(n) is int and n >= 0
+
+
+# What snapens.train writes under each metadata key: (check(value, metadata), as said in the error).
+METADATA = {
+    "classes": (lambda c, meta: isinstance(c, list) and 0 < len(c) == len(set(c)) and all(type(n) is str for n in c)
+                and _outputs(meta) in (None, len(c)), "distinct class names, one per model output"),
+    "mean": (lambda m, meta: _numbers(m), "finite numbers, one per channel"),
+    "std": (lambda s, meta: _numbers(s, positive=True) and len(s) == len(meta.get("mean") or []),
+            "numbers > 0, one per channel of mean"),
+    "image_size": (lambda s, meta: isinstance(s, list) and len(s) == 2 and all(_whole(n) and 0 < n <= MAX_SIDE
+                                                                               for n in s),
+                   f"[height, width], each 1 to {MAX_SIDE} pixels"),
+    "cycle": (lambda n, meta: _whole(n), "a whole number >= 0"),
+    "step": (lambda n, meta: _whole(n), "a whole number >= 0"),
+}
+
+
+def _outputs(meta: dict) -> int | None:
+    model = meta.get("model_config")
+    return model.get("num_classes") if isinstance(model, dict) else None
+
+
 def check_metadata(path: Path, meta: dict) -> None:
     """The metadata's values typed and bounded before anything is built or resized from them (a file may come from
     anyone): distinct class names, one per model output; finite statistics, std > 0; an image size of at most
-    MAX_SIDE pixels a side; whole cycle and step numbers. Keys absent are left to `read`'s REQUIRED."""
-    def number(x) -> bool:
-        return type(x) in (int, float) and math.isfinite(x)
-
-    model = meta.get("model_config")
-    outputs = model.get("num_classes") if isinstance(model, dict) else None
-    rules = {
-        "classes": (lambda c: isinstance(c, list) and 0 < len(c) == len(set(c)) and all(type(n) is str for n in c)
-                    and outputs in (None, len(c)), "distinct class names, one per model output"),
-        "mean": (lambda m: isinstance(m, list) and 0 < len(m) <= 4 and all(map(number, m)),
-                 "finite numbers, one per channel"),
-        "std": (lambda s: isinstance(s, list) and len(s) == len(meta.get("mean") or []) and all(map(number, s))
-                and min(s) > 0, "numbers > 0, one per channel of mean"),
-        "image_size": (lambda s: isinstance(s, list) and len(s) == 2 and all(type(n) is int and 0 < n <= MAX_SIDE
-                                                                           for n in s),
-                       f"[height, width], each 1 to {MAX_SIDE} pixels"),
-        "cycle": (lambda n: type(n) is int and n >= 0, "a whole number >= 0"),
-        "step": (lambda n: type(n) is int and n >= 0, "a whole number >= 0"),
-    }
-    for key, (valid, need) in rules.items():
-        if key in meta and not valid(meta[key]):
+    MAX_SIDE pixels a side; whole cycle and step numbers (METADATA). Keys absent are left to `read`'s REQUIRED."""
+    for key, (valid, need) in METADATA.items():
+        if key in meta and not valid(meta[key], meta):
             raise SnapensError(f"snapshot {path} has {key}={str(meta[key])[:80]} in its metadata, where snapens.train "
                                f"writes {need}: the file was changed or not written by snapens")
 

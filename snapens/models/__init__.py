@@ -31,14 +31,19 @@ def model_from_metadata(config: dict, source: str) -> torch.nn.Module:
         raise SnapensError(f"{source} names a model snapens cannot build safely ({config or 'no model config'}); "
                            f"only {', '.join(MODEL_CLASSES)} with numeric {', '.join(MODEL_ARGS)}")
     try:
-        with torch.device("meta"):  # shapes only, no memory: the size is known before anything is allocated
-            size = sum(p.numel() for p in cls(**config).parameters())
-        if size > MAX_PARAMETERS:
-            raise SnapensError(f"{source} names a model of {size:,} parameters, more than the {MAX_PARAMETERS:,} "
-                               "snapens builds from a file")
+        check_size(cls, config, source)
         return cls(**config)
     except (TypeError, ValueError) as e:
         raise SnapensError(f"{source}: {e}") from None
+
+
+def check_size(cls, config: dict, source: str) -> None:
+    """The model's parameters counted on the meta device (shapes only, no memory) before it is built for real."""
+    with torch.device("meta"):
+        size = sum(p.numel() for p in cls(**config).parameters())
+    if size > MAX_PARAMETERS:
+        raise SnapensError(f"{source} names a model of {size:,} parameters, more than the {MAX_PARAMETERS:,} snapens "
+                           "builds from a file")
 
 
 def short_name(config: dict) -> str:

@@ -12,8 +12,10 @@ from torch import nn
 
 from snapens.models.resnet import check_num_classes
 
-LIBRARIES = ("torchvision", "timm")
 PLAIN = (bool, int, float, str)  # the keyword values a file may carry
+
+
+RESERVED = {"num_classes", "weights", "pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay"}
 
 
 def library_model(library: str, name: str, num_classes: int, kwargs: dict | None = None) -> nn.Module:
@@ -21,28 +23,41 @@ def library_model(library: str, name: str, num_classes: int, kwargs: dict | None
     ValueError naming the key when the library, the name or a keyword value is not allowed."""
     check_num_classes(num_classes)
     kwargs = dict(kwargs or {})
+    check_kwargs(kwargs)
+    if library not in BUILDERS:
+        raise ValueError(f"model.library={library} is not allowed; choose one of: {', '.join(BUILDERS)}")
+    return BUILDERS[library](name, num_classes, kwargs)
+
+
+def check_kwargs(kwargs: dict) -> None:
+    """Plain keyword values only (what a file may carry), and none that snapens sets itself."""
     for key, value in kwargs.items():
-        if type(value) not in PLAIN or (isinstance(value, float) and not math.isfinite(value)) or \
-                (isinstance(value, str) and len(value) > 100):
+        plain = type(value) in PLAIN and (not isinstance(value, float) or math.isfinite(value))
+        if not plain or (isinstance(value, str) and len(value) > 100):
             raise ValueError(f"model.kwargs.{key}={value!r}: keyword values must be plain finite numbers, booleans or "
                              "short strings")
-    reserved = {"num_classes", "weights", "pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay"}
-    if reserved & kwargs.keys():
-        raise ValueError(f"model.kwargs.{sorted(reserved & kwargs.keys())[0]} is set by snapens (num_classes from the "
+    if RESERVED & kwargs.keys():
+        raise ValueError(f"model.kwargs.{sorted(RESERVED & kwargs.keys())[0]} is set by snapens (num_classes from the "
                          "data; random weights, nothing downloaded): leave it out")
-    if library == "torchvision":
-        import torchvision
-        names = torchvision.models.list_models(module=torchvision.models)  # classification models only
-        if name not in names:
-            raise ValueError(f"model.name={name} is not a torchvision classification model; e.g. "
-                             f"{', '.join(n for n in names if n.startswith('resnet'))}")
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
-    if library == "timm":
-        try:
-            import timm
-        except ImportError:
-            raise ValueError("model.library=timm needs timm: pip install -e '.[timm]'") from None
-        if not timm.is_model(name):
-            raise ValueError(f"model.name={name} is not a timm model (timm.list_models() lists them)")
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    raise ValueError(f"model.library={library} is not allowed; choose one of: {', '.join(LIBRARIES)}")
+
+
+def torchvision_model(name: str, num_classes: int, kwargs: dict) -> nn.Module:
+    import torchvision
+    names = torchvision.models.list_models(module=torchvision.models)  # classification models only
+    if name not in names:
+        raise ValueError(f"model.name={name} is not a torchvision classification model; e.g. "
+                         f"{', '.join(n for n in names if n.startswith('resnet'))}")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+
+
+def timm_model(name: str, num_classes: int, kwargs: dict) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("model.library=timm needs timm: pip install -e '.[timm]'") from None
+    if not timm.is_model(name):
+        raise ValueError(f"model.name={name} is not a timm model (timm.list_models() lists them)")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+BUILDERS = {"torchvision": torchvision_model, "timm": timm_model}  # the libraries a model may come from

@@ -241,6 +241,12 @@ def other_classes(run):
                   {**read_metadata(path), "classes": ["a", "b", "c", "d"]}, record=True)
 
 
+def other_classes_and_an_image(run):
+    """Finding 4 of issue 24: predict= on members trained on other class lists (it labelled them silently)."""
+    other_classes(run)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(run / "x.png")
+
+
 def code_in_metadata(run):
     """A snapshot whose model config asks instantiate() to call something else: it must never be called."""
     path = list_snapshots(run)[0]
@@ -262,6 +268,7 @@ def other_data_config(run):
     (corrupt, [], "cycle_02.safetensors is not a readable safetensors file"),
     (not_fitting, [], "cycle_01.safetensors does not fit the model"),
     (other_classes, [], "were trained on different class lists"),
+    (other_classes_and_an_image, ["predict=RUN/x.png"], "were trained on different class lists"),
     (None, ["members=last:9"], "members=last:9 needs 1 <= K <= 3"),
     (None, ["members=[7]"], "no snapshot for cycle 7"),
     (None, ["split=train"], "split=train is not allowed; choose one of: test, val"),
@@ -312,8 +319,13 @@ def test_no_output_is_replaced_silently(run, tmp_path):
                                            r"overwrite=true"):
         once()
     assert (tmp_path / "p" / "predictions.csv").read_bytes() == first
+    planted = tmp_path / "elsewhere.txt"  # a link planted in the output's place is replaced, never written through
+    planted.write_text("mine")
+    (tmp_path / "p" / "predictions.csv").unlink()
+    (tmp_path / "p" / "predictions.csv").symlink_to(planted)
     once("overwrite=true", "rule=probs")
-    assert (tmp_path / "p" / "predictions.csv").read_bytes() != first
+    assert (tmp_path / "p" / "predictions.csv").read_bytes() != first and planted.read_text() == "mine"
+    assert not (tmp_path / "p" / "predictions.csv").is_symlink()
     cli.evaluate(compose_config(f"run={run}", f"out={tmp_path / 'r'}", name="ensemble"))
     with pytest.raises(SnapensError, match=r"ensemble.json exists, written by an earlier call"):
         cli.evaluate(compose_config(f"run={run}", f"out={tmp_path / 'r'}", name="ensemble"))

@@ -125,8 +125,10 @@ METADATA = {
 
 
 def _outputs(meta: dict) -> int | None:
+    """The model's number of outputs, where its config says one (a malformed config is the allow-list's to refuse)."""
     model = meta.get("model_config")
-    return model.get("num_classes") if isinstance(model, dict) else None
+    outputs = model.get("num_classes") if isinstance(model, dict) else None
+    return outputs if type(outputs) is int else None
 
 
 def check_metadata(path: Path, meta: dict) -> None:

@@ -54,7 +54,8 @@ class ResNetConfig:
 
 @dataclass
 class LibraryModelConfig:
-    """conf/model/torchvision.yaml, timm.yaml: a model by its name in the library's registry (snapens/models/library.py)."""
+    """conf/model/torchvision.yaml and timm.yaml: a model by its name in its library's registry
+    (snapens/models/library.py)."""
 
     _target_: str = field(default="snapens.models.library_model", kw_only=True)
     library: str

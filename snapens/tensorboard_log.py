@@ -1,5 +1,6 @@
 """TensorBoard logging (logger=tensorboard): per log interval lr, momentum, loss, accuracy, gradient norm and clip
-rate; each snapshot's test (and validation) accuracy and NLL at the end. The sums stay on the device and are read once per interval."""
+rate; each snapshot's test (and validation) accuracy and NLL at the end. The sums stay on the device and are read
+once per interval."""
 
 import importlib.util
 from pathlib import Path

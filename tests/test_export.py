@@ -149,3 +149,16 @@ def test_the_readme_example_classifies_a_folder_with_torch_alone(run, tmp_path):
     assert len(rows) == 6 and {r["file"]: r["class"] for r in rows} == {f: c for f, (c, _) in expected.items()}
     for r in rows:
         assert float(r["probability"]) == pytest.approx(expected[r["file"]][1], abs=2e-5)
+
+
+def test_an_export_that_fails_to_write_is_one_line_and_leaves_no_partial_file(run, tmp_path, monkeypatch):
+    real = torch.export.save
+
+    def full_disk(program, path, **kwargs):
+        real(program, path, **kwargs)  # half the work done: the partial file is there
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.export, "save", full_disk)
+    with pytest.raises(SnapensError, match=f"cannot write {tmp_path / 'e.pt2'}: No space left on device"):
+        export_run(compose_config(f"run={run}", f"out={tmp_path / 'e.pt2'}", name="export"))
+    assert list(tmp_path.iterdir()) == []  # neither the program nor its partial file

@@ -20,6 +20,7 @@ from snapens.batches import normalize
 from snapens.images import read_images
 from snapens.ensemble import members as found, rules
 from snapens.ensemble.batched import StackedMembers, same_architecture
+from snapens.errors import SnapensError
 from snapens.files import partial_name, write_atomic
 from snapens.models import model_from_metadata
 from snapens.precision import autocast, layout
@@ -140,6 +141,9 @@ class Ensemble(torch.nn.Module):
         try:
             torch.export.save(program, tmp, extra_files=extra_files)
             write_atomic(path, tmp.read_bytes())
+        except OSError as e:  # a full disk, a vanished folder: as write_atomic says it
+            raise SnapensError(f"cannot write {path}: {e.strerror or e}; the earlier file under that name is intact "
+                               "(free some space, or fix the folder's permissions, and run it again)") from None
         finally:  # a full disk or a stop signal leaves no partial file (a kill -9's is swept by the next export)
             tmp.unlink(missing_ok=True)
         return program

@@ -149,7 +149,37 @@ def summarise(root: Path, out: Path, to: Path) -> None:
                          " ".join(map(str, r["M4_snapshot_acc"])), a["gain"], a["low"], a["high"], n.get("gain"),
                          g["gain"], g["low"], g["high"]])
     (to / "regime.csv").write_text(buffer.getvalue())
+    plot_map(rows, to / "regime.png")
     print("\n".join(table))
+
+
+def plot_map(rows: list[dict], path: Path) -> None:
+    """regime.png: each cell's gain over one run of the same cost (accuracy and NLL, paired 95% intervals) against
+    its updates per cycle, labelled with its model, training-set size and last cycle's training accuracy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from snapens.files import save_figure
+
+    fig, (acc, nll) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for k, r in enumerate(rows):
+        depth, size = r["cell"].split("_")[:2]
+        x = r["updates_per_cycle"] * (1 + 0.04 * (k % 4))  # cells of one budget side by side
+        for ax, key, scale in ((acc, "acc", 100), (nll, "nll", 1)):
+            g = r["all_vs_M1"].get(key)
+            if g:
+                ax.errorbar([x], [scale * g["gain"]], yerr=[[scale * (g["gain"] - g["low"])],
+                                                            [scale * (g["high"] - g["gain"])]],
+                            fmt="o" if depth == "r8" else "s", color="C0" if size == "n1000" else "C1", capsize=3)
+                ax.annotate(f"{depth[1:]}, {size[1:]}, {100 * r['M4_train_acc'][-1]:.0f}%", (x, scale * g["gain"]),
+                            fontsize=7, xytext=(4, 4), textcoords="offset points")
+    for ax, label in ((acc, "test accuracy gain (points)"), (nll, "test NLL change (nats; below 0: better)")):
+        ax.axhline(0, color="gray", lw=1)
+        ax.set(xscale="log", xlabel="updates per cycle (M = 4)", ylabel=label)
+    fig.suptitle("4 snapshots against one cosine run of the same cost, CIFAR-10, 1 seed (ResNet depth, training "
+                 "images, last cycle's training accuracy)", fontsize=9)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -76,17 +76,22 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator, device: tor
     of GPUs the machine shows. A checkpoint of another number of processes cannot continue their streams."""
     cuda = state["cuda"]
     if device.type == "cuda" and cuda:
-        if len(cuda) != ranks.world:
-            how = f"with torchrun --nproc_per_node={len(cuda)}" if len(cuda) > 1 else "without torchrun"
-            raise SnapensError(f"the checkpoint was written by {len(cuda)} training processes and this run has "
-                               f"{ranks.world}: each process's CUDA random stream continues only in its own; resume "
-                               f"{how}")
+        check_processes(len(cuda), ranks)  # a checkpoint written before "processes" was kept says it here
         torch.cuda.set_rng_state(cuda[ranks.rank], device)
     torch.set_rng_state(state["torch"])
     generator.set_state(state["data"])
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+
+
+def check_processes(written: int, ranks: distributed.Ranks) -> None:
+    """A checkpoint continues in as many processes as wrote it: each rank's random streams and share of every batch
+    are its own (on the CPU as on GPUs)."""
+    if written != ranks.world:
+        how = f"with torchrun --nproc_per_node={written}" if written > 1 else "without torchrun"
+        raise SnapensError(f"the checkpoint was written by {written} training processes and this run has "
+                           f"{ranks.world}: each process's random streams continue only in its own; resume {how}")
 
 
 HARMLESS = ("trainer.device", "trainer.num_threads", "trainer.log_every", "trainer.resume", "trainer.checkpoint_every",
@@ -282,6 +287,8 @@ def restore(run: "Run", saved: dict) -> None:
         raise SnapensError(f"cannot resume {run.dir}: the {' and '.join(changed)} images differ from those it started "
                            "with (files under data.root were replaced, added or removed); put them back, or pass a "
                            "new hydra.run.dir=DIR to train on the data as it is now")
+    if "processes" in saved:  # earlier checkpoints: their CUDA streams say it (set_rng_state)
+        check_processes(saved["processes"], run.ranks)
     s.model.load_state_dict(saved["model"])
     s.optimizer.load_state_dict(saved["optimizer"])
     set_rng_state(saved["rng"], s.generator, s.device, run.ranks)
@@ -306,6 +313,6 @@ def save_progress(run: "Run") -> None:
     save_checkpoint(checkpoint_path(run.dir), {
         "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "rng": rng,
         "progress": asdict(run.progress), "config": run.recipe,
-        "device": s.device.type, "snapshots": [p.name for p in list_snapshots(run.dir)],
+        "device": s.device.type, "processes": run.ranks.world, "snapshots": [p.name for p in list_snapshots(run.dir)],
         "swa": s.swa.state_dict() if s.swa else None,
         "adaptive": asdict(run.adaptive) if run.adaptive else None, "data": run.data_digests})

@@ -80,3 +80,20 @@ def test_checkpoint_of_other_process_count_is_refused(fake_cuda):
     assert fake_cuda == [([1], torch.device("cuda", 1))]  # rank 1 continues rank 1's stream
     checkpoint.set_rng_state(state, generator)  # a CPU resume has no CUDA stream to restore
     assert len(fake_cuda) == 1
+
+
+def test_a_cpu_checkpoint_of_two_processes_is_refused_by_one(make_cfg, tmp_path):
+    """Issue 23 finding: a checkpoint two CPU ranks wrote was resumed silently by one process. Its process count is
+    kept and checked, on the CPU as on GPUs."""
+    from snapens.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+    from snapens.train import train
+
+    from conftest import EQUAL_CYCLES_2
+    train(make_cfg(*EQUAL_CYCLES_2), tmp_path)
+    saved = load_checkpoint(checkpoint_path(tmp_path))
+    assert saved["processes"] == 1
+    save_checkpoint(checkpoint_path(tmp_path), {**saved, "processes": 2})  # as a 2-rank torchrun run leaves it
+    (tmp_path / "results.json").unlink()  # not finished: it would resume
+    with pytest.raises(SnapensError, match=r"written by 2 training processes and this run has 1: .* resume with "
+                                           r"torchrun --nproc_per_node=2"):
+        train(make_cfg(*EQUAL_CYCLES_2), tmp_path)

@@ -116,11 +116,15 @@ def differing_keys(saved: dict, current: dict) -> list[str]:
     return sorted(key for key in a.keys() | b.keys() if a.get(key) != b.get(key))
 
 
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
 @contextmanager
 def stop_requests():
-    """While inside, SIGTERM, SIGINT, SIGHUP (a closed terminal) and SIGUSR1 (SLURM's warning before preemption) do
-    not stop the process at once: their names collect in the yielded list, which the loop checks after each update,
-    to checkpoint and exit cleanly."""
+    """While inside, SIGTERM, SIGINT, SIGHUP (a closed terminal), SIGUSR1 and SIGUSR2 (the warnings SLURM is asked
+    for before a time limit or preemption; submitit's launcher asks for SIGUSR2) do not stop the process at once:
+    their names collect in the yielded list, which the loop checks after each update, to checkpoint and exit
+    cleanly (snapens.cli.run_job then hands the signal to a launcher's own handler, which requeues the job)."""
     received: list[str] = []
 
     def note(signum, frame):
@@ -128,7 +132,7 @@ def stop_requests():
         if signum == signal.SIGINT:  # a second Ctrl-C is not held back: it interrupts (a hung setup, say)
             signal.signal(signum, previous[signum])
 
-    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+    previous = {s: signal.signal(s, note) for s in STOPS
                 if signal.getsignal(s) is not signal.SIG_IGN}  # an ignored signal (nohup's SIGHUP) stays ignored
     try:
         yield received

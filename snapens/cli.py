@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 
 class Stopped(BaseException):
-    """A stop signal outside training (SIGTERM, SIGHUP, SIGUSR1), raised where the process is, like Ctrl-C's
+    """A stop signal outside training (SIGTERM, SIGHUP, SIGUSR1, SIGUSR2), raised where the process is, like Ctrl-C's
     KeyboardInterrupt: during training snapens.checkpoint.stop_requests takes these signals over."""
 
 
@@ -41,7 +41,7 @@ def run(main) -> None:
     line: status EXIT_INTERRUPTED when the run dir holds a checkpoint to continue from, else 128 + the signal's
     number (130 for SIGINT, 143 for SIGTERM), as a shell reports a process the signal ended."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors reach us instead of being printed in many lines
-    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         if signal.getsignal(s) is not signal.SIG_IGN:  # under nohup SIGHUP is ignored, and stays so
             signal.signal(s, _stop)
     try:
@@ -69,7 +69,18 @@ def run_job(job: Callable[[], T]) -> T:
     except Interrupted as e:
         log.warning(str(e))
         print(f"snapens: {e}", file=sys.stderr)
+        hand_over(e.signal)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def hand_over(name: str | None) -> None:
+    """After the checkpoint: a stop signal that a launcher listens for (hydra-submitit-launcher's job installs
+    submitit's handler for SIGUSR2, which requeues the job and exits) goes to that handler, as if snapens had not
+    held it back; otherwise nothing, and the caller exits with EXIT_INTERRUPTED."""
+    handler = signal.getsignal(signal.Signals[name]) if name else None
+    if callable(handler) and handler not in (_stop, signal.default_int_handler):
+        log.info(f"{name}: handing over to the launcher's handler ({getattr(handler, '__qualname__', handler)})")
+        handler(signal.Signals[name].value, None)
 
 
 def returned_accuracy(result: dict) -> float:

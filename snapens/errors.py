@@ -8,7 +8,12 @@ class SnapensError(Exception):
 
 
 class Interrupted(Exception):
-    """A stop signal arrived during training; the checkpoint is written and the same command resumes."""
+    """A stop signal arrived during training; the checkpoint is written and the same command resumes. `signal`:
+    the signal's name (SIGTERM, ...), or None when another rank was stopped."""
+
+    def __init__(self, message: str, signal: str | None = None):
+        super().__init__(message)
+        self.signal = signal
 
 
 def exit_with(error: Exception) -> None:

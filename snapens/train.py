@@ -151,7 +151,7 @@ def loop(run: Run, stops: list[str]) -> None:
                 if now.stop:
                     raise Interrupted(f"stopped by {stops[0] if stops else 'a signal to another rank'} after step "
                                       f"{progress.step} with a checkpoint; run the same command again "
-                                      f"(hydra.run.dir={run.dir}) to resume")
+                                      f"(hydra.run.dir={run.dir}) to resume", stops[0] if stops else None)
                 if now.epoch_end:
                     break
 

@@ -4,8 +4,10 @@
 
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -154,3 +156,49 @@ def test_help_lists_every_option(tmp_path):
                                   if line and line[0].isalpha() and ":" in line and not line.startswith(
                                       ("defaults", "hydra")))
     assert "scheduler" not in ensemble
+
+
+# ---- preemption through hydra-submitit-launcher ---------------------------------------------------------------------
+def task_processes(sweep) -> list[int]:
+    """The submitit job processes of this sweep (python -m submitit.core._submit <sweep>/.submitit/<job>)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in command and any(str(sweep).encode() in c for c in command):
+            found.append(int(proc.name))
+    return found
+
+
+def test_a_job_preempted_through_the_submitit_launcher_is_requeued_and_resumes_bit_identical(tmp_path):
+    """Issue 23: the launcher's preemption signal (SIGUSR2) mid-training: snapens writes its checkpoint at once and
+    hands the signal to submitit's handler, which requeues the job; the requeued job resumes from its run dir and
+    the sweep ends with both jobs' results, snapshots bit-identical to runs never stopped."""
+    import signal
+    import time
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra (in dev)")
+    from snapens.snapshots import list_snapshots
+    overrides = [*FAST, "scheduler=sgdr", "scheduler.T_0=1", "scheduler.T_mult=2", "trainer.epochs=7",
+                 "trainer.batch_size=16", "trainer.log_every=1"]
+    sweep = tmp_path / "sweep"
+    process = subprocess.Popen([sys.executable, "-m", "snapens.train", "-m", "hydra/launcher=submitit_local",
+                                "hydra.launcher.timeout_min=60", *overrides, "trainer.seed=0,1",
+                                f"hydra.sweep.dir={sweep}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + HANG
+    while not any((sweep / job / "metrics.jsonl").exists() for job in ("0", "1")) and time.monotonic() < deadline:
+        time.sleep(0.02)  # an epoch done: training, and its signal handling, is under way
+    for pid in task_processes(sweep):
+        os.kill(pid, signal.SIGUSR2)
+    _, stderr = process.communicate(timeout=HANG)
+    assert process.returncode == 0, stderr[-3000:]
+    logs = "".join((sweep / job / "train.log").read_text() for job in ("0", "1"))
+    assert "stopped by SIGUSR2" in logs and "resuming" in logs  # preempted, requeued, resumed
+    for seed in (0, 1):
+        alone = tmp_path / f"alone{seed}"
+        done = run_cli("snapens.train", *overrides, f"trainer.seed={seed}", f"hydra.run.dir={alone}", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert [p.read_bytes() for p in list_snapshots(sweep / str(seed))] == \
+            [p.read_bytes() for p in list_snapshots(alone)]

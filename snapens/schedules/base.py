@@ -168,6 +168,8 @@ class Warmup(Schedule):
                      f"{min(cycles)} steps) to warm up each one, got {w}")
         if len(cycles) > 1 or budget is None and cycles:
             _require(w < cycles[0], f"warmup_steps must be shorter than the first cycle ({cycles[0]} steps), got {w}")
+        # lr(t) bisects these: O(log M) a step, not a list of M cycle ends built at every step (issue 23, item 5)
+        object.__setattr__(self, "_starts", tuple(starts) if budget is not None else ())
 
     @property
     def total_steps(self) -> int:  # type: ignore[override]
@@ -180,8 +182,7 @@ class Warmup(Schedule):
         if self.every_cycle and self.inner.total_steps is None:
             start = (self.inner.cycle_bounds(t) or (0,))[0]  # an open-ended schedule without cycles: one warmup
         elif self.every_cycle:
-            ends = self.inner.cycle_ends()
-            start = ([0] + ends)[bisect.bisect_right(ends, t)]  # the first step of t's cycle
+            start = self._starts[bisect.bisect_right(self._starts, t) - 1]  # the first step of t's cycle
         return self.inner.lr(t) if t >= start + w else float(self.inner.lr(start + w) * (t - start + 1) / (w + 1))
 
     def momentum(self, t: int) -> float | None:

@@ -12,6 +12,7 @@ at batch 32, so 4 cycles of about 625 or 2,500 updates), trained four ways at th
     swa4  the same 4 cycles, each snapshot the average of its cycle's second half (SWA, arXiv 1803.05407)
     fge4  cosine down to alpha_1, then 4 short FGE cycles of budget/20 (Garipov et al. 2018, arXiv 1802.10026)
 
+After the M1 and M4 runs of every cell, the two most telling cells (CONFIRM) are trained with seeds 1 and 2 as well.
 Each run is its own `python -m snapens.train` in OUT/<cell>/; a cell whose results.json exists is skipped, and an
 unfinished one is resumed by running its command again on its run dir (trainer.resume=auto), so a killed or stopped
 map picks up where it was. Runs are ordered cheapest and most telling first: M1 and M4 of every cell, short budget
@@ -42,6 +43,12 @@ ARMS = {
 }
 
 
+# The two most telling cells of the map's first seed: where the ensemble pays most, and where it loses at the same
+# budget (docs/results.md); each is trained again with seeds 1 and 2 (<cell>_s<seed>_<arm>) right after the map's
+# M1 and M4 runs, before SWA and FGE.
+CONFIRM = ("r20_n1000_e320", "r8_n4000_e80")
+
+
 def cells() -> list[tuple[str, list[str]]]:
     """(name, overrides) of every run, in the order they are trained."""
     out = []
@@ -54,6 +61,10 @@ def cells() -> list[tuple[str, list[str]]]:
                         name = f"r{depth}_n{size}_e{epochs}_{arm}"
                         out.append((name, [f"model.depth={depth}", f"data.train_limit={size}",
                                            f"trainer.epochs={epochs}", "trainer.batch_size=32", *ARMS[arm](epochs)]))
+        if arms == ("M1", "M4"):
+            first = dict(out)
+            out += [(f"{cell}_s{seed}_{arm}", [*first[f"{cell}_{arm}"], f"trainer.seed={seed}"])
+                    for cell in CONFIRM for seed in (1, 2) for arm in ("M1", "M4")]
     return out
 
 

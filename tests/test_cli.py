@@ -42,8 +42,9 @@ def test_a_stop_outside_training_says_whether_there_is_a_checkpoint(tmp_path, mo
         (tmp_path / "checkpoints").mkdir()
         (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
     monkeypatch.setattr(sys, "argv", ["snapens.train", f"hydra.run.dir={tmp_path}"])
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)}
     try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, even when the tests run under nohup
         with pytest.raises(SystemExit) as stop:
             cli.run(lambda: os.kill(os.getpid(), signal.Signals[name]))
     finally:
@@ -61,7 +62,7 @@ def test_a_signal_ignored_at_start_stays_ignored(monkeypatch):
 
     from snapens import cli
     from snapens.checkpoint import stop_requests
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)}
     monkeypatch.setattr(sys, "argv", ["snapens.train"])
     try:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

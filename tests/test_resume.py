@@ -34,8 +34,11 @@ RUN = [*DOUBLING_CYCLES_7, "trainer.checkpoint_every=1"]
 
 
 def start(run_dir, *extra):
+    """The training command, with SIGHUP at its default even when the tests run under nohup (which ignores it, and
+    snapens leaves an ignored signal ignored)."""
     return subprocess.Popen([sys.executable, "-m", "snapens.train", *RUN, *extra, f"hydra.run.dir={run_dir}"],
-                            cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
 
 
 def wait_for(process, ready, timeout=HANG):
@@ -92,7 +95,8 @@ def test_kill_9_at_three_random_points_then_resume_is_bit_identical(uninterrupte
         json.loads((uninterrupted / "results.json").read_text())["ensemble"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                                    signal.SIGUSR2])
 def test_a_stop_signal_checkpoints_exits_75_and_resumes(uninterrupted, tmp_path, signum):
     run_dir = tmp_path / "run"
     process = start(run_dir, "trainer.checkpoint_every=0")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from snapens.ensemble import rules
 from snapens.errors import SnapensError
 from snapens.files import file_digest
 from snapens.snapshots import list_snapshots, read_metadata, verify
@@ -240,14 +241,20 @@ def _stored_temperature(paths: list[Path], rule: str, stored: list[tuple[Path, d
 
 def check_stored(path: Path, temperature=None, weights: torch.Tensor | None = None) -> None:
     """A temperature (finite, > 0) and weights (finite, >= 0, summing to 1) read from a run's file, checked before
-    use: a negative T would turn each prediction's order around, NaN weights every probability."""
-    if temperature is not None and not (type(temperature) in (int, float) and 0 < temperature < math.inf):
+    use: a negative T would turn each prediction's order around, NaN weights every probability. The checks are
+    snapens.ensemble.rules' own; the message names the file."""
+    try:
+        if temperature is not None and type(temperature) not in (int, float):
+            raise ValueError("not a number")
+        rules.check_temperature(temperature)
+    except ValueError:
         raise SnapensError(f"{path} holds temperature {temperature}, which must be a finite number > 0: the file was "
-                           "changed; train again, or pass calibrate=none")
-    if weights is not None and not (bool(torch.isfinite(weights).all()) and bool((weights >= 0).all())
-                                    and abs(float(weights.sum()) - 1) < 1e-6):
+                           "changed; train again, or pass calibrate=none") from None
+    try:
+        rules.check_weights(weights, len(weights) if weights is not None else 0)
+    except ValueError:
         raise SnapensError(f"{path} holds weights {weights.tolist()}, which must be finite, >= 0 and sum to 1: the "
-                           "file was changed; train again, or leave out chosen=")
+                           "file was changed; train again, or leave out chosen=") from None
 
 
 def _chosen_combination(paths: list[Path], run: Path, rule: str, calibrate: str, chosen: str,

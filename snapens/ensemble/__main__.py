@@ -143,8 +143,9 @@ def plot_report(result: dict, logits: torch.Tensor, labels: torch.Tensor, bins: 
                       source)
     last = metrics.reliability(metrics.probabilities(logits[-1:]), labels, bins)
     full = metrics.reliability(metrics.probabilities(logits, rule), labels, bins, metrics.predictions(logits, rule))
-    plot_reliability({"last snapshot": last, f"ensemble of {len(logits)}": full}, out_dir / "reliability.png",
-                     source)
+    plot_reliability({f"last snapshot (ECE {result['single']['ece']:.4f})": last,
+                      f"ensemble of {len(logits)} (ECE {result['ensemble']['ece']:.4f})": full},
+                     out_dir / "reliability.png", source)
 
 
 def format_curves(result: dict) -> str:

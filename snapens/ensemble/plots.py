@@ -45,17 +45,15 @@ def plot_disagreement(matrix, names: list[str], path: Path, source: str = "") ->
 
 
 def plot_reliability(diagrams: dict[str, dict], path: Path, source: str = "") -> None:
-    """Reliability diagrams (Guo et al. 2017, arXiv 1706.04599): accuracy against confidence per bin, each model's
-    ECE in its legend, and below, how many images each bin holds (a point of a thin bin says little)."""
+    """Reliability diagrams (Guo et al. 2017, arXiv 1706.04599): accuracy against confidence per bin, labelled as
+    `diagrams` names them (the caller gives each model's ECE there), and below, how many images each bin holds (a
+    point of a thin bin says little)."""
     fig, (ax, counts) = plt.subplots(2, 1, figsize=(4.5, 6), height_ratios=[3, 1], sharex=True)
     ax.plot([0, 1], [0, 1], color="gray", lw=1, label="perfect calibration")
     width = 1 / len(next(iter(diagrams.values()))["count"]) / (len(diagrams) + 1)
     for k, (label, d) in enumerate(diagrams.items()):
         filled = [i for i, c in enumerate(d["count"]) if c]
-        total = sum(d["count"])
-        ece = sum(d["count"][i] / total * abs(d["accuracy"][i] - d["confidence"][i]) for i in filled)
-        ax.plot([d["confidence"][i] for i in filled], [d["accuracy"][i] for i in filled], "o-",
-                label=f"{label} (ECE {ece:.4f})")
+        ax.plot([d["confidence"][i] for i in filled], [d["accuracy"][i] for i in filled], "o-", label=label)
         counts.bar([lo + (k + 0.5) * width for lo in d["lower"]], d["count"], width=width, align="edge",
                    color=f"C{k}")
     ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=titled("reliability", source))

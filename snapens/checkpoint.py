@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import signal
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -222,9 +223,7 @@ def run_dir_lock(run_dir: Path):
                 log.warning(f"cannot lock run dir {run_dir} ({e.strerror}): make sure no other training uses it")
                 yield
                 return
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise SnapensError(f"run dir {run_dir} is in use by process {holder}, which is training into it; wait "
+            raise SnapensError(f"run dir {run_dir} is in use by {_holder(lock)}, which is training into it; wait "
                                "for it to end, or pass another hydra.run.dir=DIR (nothing was changed)") from None
         lock.seek(0)
         lock.truncate()
@@ -236,6 +235,21 @@ def run_dir_lock(run_dir: Path):
             lock.truncate(0)  # an empty lock file: nobody is training here (a killed holder leaves its PID behind)
 
 
+def _holder(lock, wait: float = 2.0) -> str:
+    """Who holds `lock`: "process PID" as the holder wrote it. The holder writes its PID just after it takes the lock,
+    so one that looks in between finds the file empty: wait for the PID a little (a busy machine can delay the write)
+    before falling back to "another process"."""
+    deadline = time.monotonic() + wait
+    while True:
+        lock.seek(0)
+        pid = lock.read().strip()
+        if pid:
+            return f"process {pid}"
+        if time.monotonic() > deadline:
+            return "another process"
+        time.sleep(0.02)
+
+
 def training_holder(run_dir: Path) -> str | None:
     """The process training into `run_dir` now (the holder of its lock, as `run_dir_lock` wrote it), or None."""
     try:
@@ -243,8 +257,7 @@ def training_holder(run_dir: Path) -> str | None:
             try:
                 fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError as e:
-                return lock.read().strip() or "another process" if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) \
-                    else None
+                return _holder(lock) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
     except OSError:  # no lock file: never trained by this snapens, or not a run dir
         return None
     return None
@@ -255,7 +268,7 @@ def refuse_while_training(run_dirs: list) -> None:
     for run_dir in run_dirs:
         holder = training_holder(Path(run_dir))
         if holder:
-            raise SnapensError(f"run dir {run_dir} is still training (process {holder} holds its lock): its snapshots "
+            raise SnapensError(f"run dir {run_dir} is still training ({holder} holds its lock): its snapshots "
                                "are not all there yet; run this again once its training has ended")
 
 

@@ -33,6 +33,28 @@ def test_a_second_training_into_a_locked_run_dir_stops_and_touches_nothing(make_
     assert len(list_snapshots(tmp_path)) == 2
 
 
+def test_a_holder_that_has_not_yet_written_its_pid_is_waited_for_then_named_plainly(tmp_path):
+    """The holder writes its PID just after it takes the lock: a second training that looks in between waits for the
+    PID (CI once caught "in use by process another process" there), and names "another process" only if none comes."""
+    import fcntl
+    import threading
+    holder = open(tmp_path / ".lock", "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, no PID yet
+    late = threading.Timer(0.3, lambda: (holder.write("4242\n"), holder.flush()))
+    late.start()
+    with pytest.raises(SnapensError, match=f"run dir {tmp_path} is in use by process 4242, which is training"):
+        with run_dir_lock(tmp_path):
+            pass
+    late.join()
+    holder.truncate(0)
+    assert checkpoint.training_holder(tmp_path) == "another process"  # after its 2 s wait
+    with pytest.raises(SnapensError, match=f"run dir {tmp_path} is in use by another process, which is training"):
+        with run_dir_lock(tmp_path):
+            pass
+    holder.close()
+    assert checkpoint.training_holder(tmp_path) is None
+
+
 def test_checkpoint_without_its_keys_is_one_line(make_cfg, tmp_path):
     from snapens.checkpoint import save_checkpoint
     save_checkpoint(checkpoint_path(tmp_path), {"model": {}})

@@ -33,7 +33,7 @@ from snapens.build import build_data, build_model, pick_device, pick_precision, 
 from snapens.models import model_from_metadata
 from snapens.config import register_configs
 from snapens.data import Split, load_image_folder, make_synthetic
-from snapens.ensemble import predict_logits
+from snapens.ensemble.cache import predict_logits
 from snapens.ensemble.batched import stacked_logits
 from snapens.precision import autocast, describe, layout
 from snapens.snapshots import list_snapshots, load_into, read_metadata, save_snapshot, snapshot_path

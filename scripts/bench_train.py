@@ -84,7 +84,7 @@ def compose_config(model_name: str, args) -> DictConfig:
 
 
 def snapens_contender(s: Setup, cfg: DictConfig):
-    """A step(): one update as snapens/train.py's loop makes it (snapens.build.setup); returns the number of images."""
+    """A step(): one update as snapens/training.py's loop makes it (snapens.build.setup); returns the number of images."""
     batches = itertools.chain.from_iterable(
         train_batches(s.train_split, s.update_size, s.generator, s.augmentation, s.data.mean, s.data.std,
                       channels_last=cfg.trainer.channels_last, drop_last=cfg.trainer.compile)

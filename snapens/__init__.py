@@ -5,9 +5,21 @@ for a finished run's ensemble as one module (probabilities, predictions, export)
 The full trainer is `python -m snapens.train`; evaluation of finished runs is `python -m snapens.ensemble`.
 """
 
-from snapens.ensemble.ensemble import Ensemble
-from snapens.ensemble.snapshot_ensemble import SnapshotEnsemble
-from snapens.lr_scheduler import SGDR, Constant, Cosine, Cyclic, OneCycle, ScheduleLR, Snapshot, StepDecay
+import importlib
 
-__all__ = ["SGDR", "Constant", "Cosine", "Cyclic", "Ensemble", "OneCycle", "ScheduleLR", "Snapshot",
-           "SnapshotEnsemble", "StepDecay"]
+# Imported on first use (PEP 562), so that `python -m snapens.train --help` and a misspelt override answer before
+# torch is imported (seconds on a loaded machine).
+_HOMES = {"Ensemble": "snapens.ensemble.ensemble", "SnapshotEnsemble": "snapens.ensemble.snapshot_ensemble",
+          **{name: "snapens.lr_scheduler"
+             for name in ("SGDR", "Constant", "Cosine", "Cyclic", "OneCycle", "ScheduleLR", "Snapshot", "StepDecay")}}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'snapens' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_HOMES])

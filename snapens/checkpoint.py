@@ -32,7 +32,7 @@ from snapens.files import write_atomic
 from snapens.snapshots import list_snapshots
 
 if TYPE_CHECKING:
-    from snapens.train import Run
+    from snapens.training import Run
 
 log = logging.getLogger(__name__)
 

@@ -5,17 +5,17 @@ snapens.build turns its ValueError into one line naming the key; `check_config` 
 ranges of keys that only the config has, and rules that involve several keys."""
 
 import os
-from dataclasses import fields, is_dataclass
+from dataclasses import fields
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from snapens.data import SOURCES
 from snapens.ensemble.rules import RULES, check_rule
 from snapens.cli import unknown_key
 from snapens.errors import SnapensError
 from snapens.schedules import SCHEDULES
-from snapens.schemas import SCHEMAS, Config, EnsembleConfig, TrainerConfig, register_configs
+from snapens.schemas import Config, register_configs, schema_of
 
 __all__ = ["CHOICES", "check_config", "check_inference_options", "register_configs", "schema_of"]
 
@@ -67,17 +67,6 @@ def check_config(cfg: DictConfig) -> None:
     kind = SCHEDULES.get(cfg.scheduler.name)
     if kind is not None and kind.adapts_to_validation:
         _check_adaptive_sgdr(cfg)
-
-
-def schema_of(cfg: DictConfig, group: str):
-    """The schema a group's option was composed from: the node's own type once Hydra composed it, or, for a config
-    read back from a run's file (untyped), the group's schema whose keys the node has (None for none)."""
-    node = cfg[group]
-    if is_dataclass(OmegaConf.get_type(node)):
-        return OmegaConf.get_type(node)
-    keys = set(node.keys())
-    known = [*SCHEMAS.get(group, {}).values(), *{"trainer": [TrainerConfig], "ensemble": [EnsembleConfig]}.get(group, [])]
-    return next((schema for schema in known if {f.name for f in fields(schema)} >= keys), None)
 
 
 # Sections beside the training config's that an entry point composes into one config (conf/lr_find.yaml,

@@ -22,22 +22,14 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from snapens import cli
-from snapens.build import Loss, build_data, pick_device, pick_precision
-from snapens.config import register_configs, schema_of
-from snapens.ensemble import calibration, metrics
-from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError
-from snapens.models import model_from_metadata
-from snapens.files import file_digest, write_atomic
-from snapens.snapshots import list_snapshots, read_metadata
-from snapens.teacher import DistillationLoss, load_teacher, teacher_paths
-from snapens.train import train
+from snapens.files import write_atomic
+from snapens.schemas import register_configs, schema_of
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -83,7 +75,11 @@ def student_config(cfg: DictConfig, given: list[str]) -> DictConfig:
     scheduler.cycles=1` at the teacher's eta_max (STUDENT), then the command line's `given`, which replaces
     those of the same key (with_given). Data stay the teacher's (data.root may move)."""
     teacher_dir = Path(cfg.distill.run)
-    teacher_paths(teacher_dir, cfg.distill.members)  # a run dir with snapshots, the members allowed
+    if not all((teacher_dir / name).is_file() for name in (".hydra/config.yaml", "results.json")) \
+            or not list(teacher_dir.glob("snapshots/cycle_*.safetensors")):
+        raise SnapensError(f"distill.run={teacher_dir} is not a finished snapens.train run dir (.hydra/config.yaml, "
+                           "snapshots/cycle_XX.safetensors and results.json); give the run dir of the ensemble to "
+                           "distil, once its training has ended")
     if not 0 <= cfg.distill.alpha <= 1:
         raise SnapensError(f"distill.alpha={cfg.distill.alpha} must be in [0, 1] (the soft targets' share)")
     if any(key_of(o) == "experiment" for o in given):
@@ -95,74 +91,6 @@ def student_config(cfg: DictConfig, given: list[str]) -> DictConfig:
     return hydra.compose("config", overrides=with_given([*STUDENT, *teacher_options(teacher_dir)], given))
 
 
-def distillation_loss(cfg: DictConfig, student: DictConfig) -> Loss:
-    """The loss for snapens.train: the teacher run's ensemble on the student's device, softening each member at
-    distill.temperature, mixed with the labels' cross-entropy by distill.alpha (snapens.teacher). Its record (the
-    teacher's rule and snapshot digests) is checked on resume: a changed teacher stops it."""
-    d = {**OmegaConf.to_container(cfg.distill), "run": str(Path(cfg.distill.run))}  # as every earlier student had it
-    d["rule"] = d["rule"] or student.ensemble.rule
-    paths = teacher_paths(d["run"], d["members"])
-    d["teacher_sha256"] = [file_digest(p) for p in paths]
-
-    def make(data, device, precision, channels_last) -> DistillationLoss:
-        teacher = load_teacher(paths, d["rule"], d["temperature"], data.mean, data.std, device, precision,
-                               channels_last, d["batched"])
-        return DistillationLoss(teacher, d["alpha"], student.trainer.label_smoothing)
-
-    return Loss(make, {"distill": d})
-
-
-def compare(student: DictConfig, d: dict, run_dir: Path) -> dict:
-    """results.json's `distillation`: the student (the run's last snapshot) against the teacher's last snapshot and
-    its ensemble on the test split, from each snapshot's cached logits, with temperatures fitted on validation."""
-    data = build_data(student.data)
-    device = pick_device(student.trainer.device)
-    precision = pick_precision(student.trainer.precision, device)
-    rule = d["rule"]
-    members = {"student": list_snapshots(run_dir)[-1:],
-               "teacher": teacher_paths(d["run"], d["members"])}
-    splits = {"test": data.test, "val": data.val} if data.val is not None else {"test": data.test}
-
-    def make(path: Path, meta: dict) -> torch.nn.Module:
-        return model_from_metadata(meta.get("model_config"), f"snapshot {path}").to(device)
-
-    logits = {(who, name): cached_logits(paths, [read_metadata(p) for p in paths], split, name,
-                                         student.ensemble.batch_size, device, make, precision,
-                                         student.trainer.channels_last)
-              for who, paths in members.items() for name, split in splits.items()}
-    models = {"student": ("student", slice(-1, None), "logits"), "teacher_last": ("teacher", slice(-1, None), "logits"),
-              "teacher_ensemble": ("teacher", slice(None), rule)}
-    out = {"teacher": {"run": d["run"], "members": [p.name for p in members["teacher"]], "rule": rule,
-                       "sha256": d["teacher_sha256"]},
-           "temperature": d["temperature"], "alpha": d["alpha"], "test": {}, "cost": {}}
-    for name, (who, take, how) in models.items():
-        out["test"][name] = metrics.scores(logits[who, "test"][take], data.test.labels, how)
-        paths = members[who][take]
-        out["cost"][name] = {"forward_passes_per_image": len(paths),
-                             "parameters": sum(sum(w.numel() for w in make(p, read_metadata(p)).parameters())
-                                               for p in paths)}
-        if "val" in splits:
-            out.setdefault("calibration", {})[name] = calibration.calibrate(
-                metrics.probabilities(logits[who, "val"][take], how), data.val.labels,
-                metrics.probabilities(logits[who, "test"][take], how), data.test.labels)
-    return out
-
-
-def format_comparison(d: dict) -> str:
-    lines = [f"{'':<30}{'acc':>8}{'nll':>8}{'ece':>8}{'nll (T)':>9}{'ece (T)':>9}{'passes':>8}{'params':>11}"]
-    labels = {"student": "student (one model)", "teacher_last": "teacher's last snapshot",
-              "teacher_ensemble": f"teacher ensemble of {len(d['teacher']['members'])}"}
-    for name, label in labels.items():
-        s, c, cost = d["test"][name], d.get("calibration", {}).get(name), d["cost"][name]
-        fitted = c and c["temperature"] is not None  # None: no temperature (calibration.warnings says why)
-        after = [f"{c['test']['after']['nll']:>9.4f}", f"{c['test']['after']['ece']:>9.4f}"] if fitted else \
-            [f"{'-':>9}"] * 2
-        lines.append(f"{label:<30}{s['acc']:>8.4f}{s['nll']:>8.4f}{s['ece']:>8.4f}{''.join(after)}"
-                     f"{cost['forward_passes_per_image']:>8}{cost['parameters']:>11,}")
-    lines.append("on the test split; (T): after a temperature fitted on the validation split")
-    return "\n".join(lines)
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="distill")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -170,6 +98,9 @@ def main(cfg: DictConfig) -> float | None:
 
     def job() -> float | None:
         student = student_config(cfg, given)
+        from snapens.teacher import compare, distillation_loss, format_comparison  # torch: once the config holds
+        from snapens.training import train
+
         loss = distillation_loss(cfg, student)
         d = loss.record["distill"]
         log.info(f"run dir {run_dir}: distilling {d['run']} ({d['members']}, {d['rule']}) into "

@@ -20,7 +20,7 @@ from snapens.step import StepResult, nonfinite_tensors, note_first_nonfinite
 from snapens.tensorboard_log import IntervalStats, log_interval, open_writer
 
 if TYPE_CHECKING:
-    from snapens.train import Run
+    from snapens.training import Run
 
 log = logging.getLogger("snapens.train")  # its lines belong to the training log
 

@@ -58,7 +58,7 @@ def log_plan(cfg, s, steps: list[int]) -> None:
 
 
 def log_start(run) -> None:
-    """One line (run: a snapens.train.Run): what trains on what, how long, where the snapshots go, on which device and how."""
+    """One line (run: a snapens.training.Run): what trains on what, how long, where the snapshots go, on which device and how."""
     cfg, s, ranks = run.cfg, run.setup, run.ranks
     log.info(f"{run.metadata['model']} on {cfg.data.name} ({len(s.data.train)} train / {len(s.data.test)} test "
              f"images), {cfg.scheduler.name}: {s.schedule.total_steps} steps, snapshots after steps "

@@ -7,12 +7,12 @@ conf/base/<group>.yaml, which those options pull in). A key that no yaml sets st
 snapens.config checks the values."""
 
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -297,11 +297,38 @@ def keys(name: str) -> str:
     return "\n  ".join(textwrap.wrap(" ".join(names), 100 - 2))  # under "  run runs ..."
 
 
+def schema_of(cfg: DictConfig, group: str):
+    """The schema a group's option was composed from: the node's own type once Hydra composed it, or, for a config
+    read back from a run's file (untyped), the group's schema whose keys the node has (None for none)."""
+    node = cfg[group]
+    if is_dataclass(OmegaConf.get_type(node)):
+        return OmegaConf.get_type(node)
+    keys = set(node.keys())
+    known = [*SCHEMAS.get(group, {}).values(), *{"trainer": [TrainerConfig], "ensemble": [EnsembleConfig]}.get(group, [])]
+    return next((schema for schema in known if {f.name for f in fields(schema)} >= keys), None)
+
+
+def default_dir(out, run, split, swa, predict, fallback: str) -> str:
+    """Where the report (or predictions.csv) and the log go: out=, else <run>/predictions with predict=, else
+    <run>/ensemble/<split> (<split>_swa for SWA snapshots, so it never replaces the plain report), else `fallback`
+    (outputs/ensemble/<date>/<time>: several runs or explicit files). Hydra's run dir is this (a resolver, so the
+    log is written beside the report), unless out= points into a snapshots/ folder, which `report_dir` refuses."""
+    if out:
+        return fallback if "snapshots" in Path(str(out)).parts else str(out)
+    if run and (Path(str(run)) / "snapshots").is_dir():  # nothing is made inside a dir that is not a run
+        return str(Path(str(run)) / "predictions" if predict else
+                   Path(str(run)) / "ensemble" / (f"{split}_swa" if swa else str(split)))
+    return fallback
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore and the `snapens_options` resolver (--help's lists of options) in
     OmegaConf; entry points call this before composing."""
     OmegaConf.register_new_resolver("snapens_options", options, replace=True)
     OmegaConf.register_new_resolver("snapens_keys", keys, replace=True)
+    OmegaConf.register_new_resolver("snapens_report_dir", default_dir, replace=True)  # the ensemble tool's run dir
+    OmegaConf.register_new_resolver("snapens_export_dir", lambda out, fallback: str(Path(str(out)).parent) if out
+                                    else fallback, replace=True)  # export's: beside the file it writes
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(name="schema_ensemble", node=InferenceConfig)

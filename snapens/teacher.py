@@ -5,16 +5,25 @@ the teacher's class probabilities softened by a temperature T. The teacher is a 
 snapshots, combined as its run combines them, its targets `rules.soft_targets`: each member softened, then pooled
 (see snapens.ensemble.rules for how that differs from a calibration temperature). The members run in eval mode
 (BatchNorm's running statistics), under no_grad, on the same augmented batch the student sees.
+
+For snapens.distill, which composes the student's config: the loss it hands to training (`distillation_loss`) and
+results.json's comparison of the student with its teacher (`compare`).
 """
 
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 
-from snapens.ensemble import members as found, rules
+from snapens.build import Loss, build_data, pick_device, pick_precision
+from snapens.ensemble import calibration, metrics, members as found, rules
+from snapens.ensemble.cache import cached_logits
 from snapens.ensemble.ensemble import Ensemble
 from snapens.errors import SnapensError
+from snapens.files import file_digest
+from snapens.models import model_from_metadata
+from snapens.snapshots import list_snapshots, read_metadata
 
 
 class Teacher:
@@ -50,12 +59,8 @@ class DistillationLoss:
 
 
 def teacher_paths(run: str | Path, members: str) -> list[Path]:
-    """The snapshot files of the finished teacher run `run`, after the members= grammar."""
-    if not all(Path(run, name).is_file() for name in (".hydra/config.yaml", "results.json")) \
-            or not list(Path(run, "snapshots").glob("cycle_*.safetensors")):
-        raise SnapensError(f"distill.run={run} is not a finished snapens.train run dir (.hydra/config.yaml, "
-                           "snapshots/cycle_XX.safetensors and results.json); give the run dir of the ensemble to "
-                           "distil, once its training has ended")
+    """The snapshot files of the finished teacher run `run` (snapens.distill has checked it is one), after the
+    members= grammar."""
     try:
         return found.select(found.run_snapshots(Path(run)), members)
     except SnapensError as e:  # members=...: named as the distillation's key
@@ -86,3 +91,71 @@ def load_teacher(paths: list[Path], rule: str, temperature: float, mean, std, de
         return Teacher(ensemble, temperature)
     except ValueError as e:
         raise SnapensError(f"distill: {e}") from None
+
+
+def distillation_loss(cfg: DictConfig, student: DictConfig) -> Loss:
+    """The loss for snapens.train: the teacher run's ensemble on the student's device, softening each member at
+    distill.temperature, mixed with the labels' cross-entropy by distill.alpha (snapens.teacher). Its record (the
+    teacher's rule and snapshot digests) is checked on resume: a changed teacher stops it."""
+    d = {**OmegaConf.to_container(cfg.distill), "run": str(Path(cfg.distill.run))}  # as every earlier student had it
+    d["rule"] = d["rule"] or student.ensemble.rule
+    paths = teacher_paths(d["run"], d["members"])
+    d["teacher_sha256"] = [file_digest(p) for p in paths]
+
+    def make(data, device, precision, channels_last) -> DistillationLoss:
+        teacher = load_teacher(paths, d["rule"], d["temperature"], data.mean, data.std, device, precision,
+                               channels_last, d["batched"])
+        return DistillationLoss(teacher, d["alpha"], student.trainer.label_smoothing)
+
+    return Loss(make, {"distill": d})
+
+
+def compare(student: DictConfig, d: dict, run_dir: Path) -> dict:
+    """results.json's `distillation`: the student (the run's last snapshot) against the teacher's last snapshot and
+    its ensemble on the test split, from each snapshot's cached logits, with temperatures fitted on validation."""
+    data = build_data(student.data)
+    device = pick_device(student.trainer.device)
+    precision = pick_precision(student.trainer.precision, device)
+    rule = d["rule"]
+    members = {"student": list_snapshots(run_dir)[-1:],
+               "teacher": teacher_paths(d["run"], d["members"])}
+    splits = {"test": data.test, "val": data.val} if data.val is not None else {"test": data.test}
+
+    def make(path: Path, meta: dict) -> torch.nn.Module:
+        return model_from_metadata(meta.get("model_config"), f"snapshot {path}").to(device)
+
+    logits = {(who, name): cached_logits(paths, [read_metadata(p) for p in paths], split, name,
+                                         student.ensemble.batch_size, device, make, precision,
+                                         student.trainer.channels_last)
+              for who, paths in members.items() for name, split in splits.items()}
+    models = {"student": ("student", slice(-1, None), "logits"), "teacher_last": ("teacher", slice(-1, None), "logits"),
+              "teacher_ensemble": ("teacher", slice(None), rule)}
+    out = {"teacher": {"run": d["run"], "members": [p.name for p in members["teacher"]], "rule": rule,
+                       "sha256": d["teacher_sha256"]},
+           "temperature": d["temperature"], "alpha": d["alpha"], "test": {}, "cost": {}}
+    for name, (who, take, how) in models.items():
+        out["test"][name] = metrics.scores(logits[who, "test"][take], data.test.labels, how)
+        paths = members[who][take]
+        out["cost"][name] = {"forward_passes_per_image": len(paths),
+                             "parameters": sum(sum(w.numel() for w in make(p, read_metadata(p)).parameters())
+                                               for p in paths)}
+        if "val" in splits:
+            out.setdefault("calibration", {})[name] = calibration.calibrate(
+                metrics.probabilities(logits[who, "val"][take], how), data.val.labels,
+                metrics.probabilities(logits[who, "test"][take], how), data.test.labels)
+    return out
+
+
+def format_comparison(d: dict) -> str:
+    lines = [f"{'':<30}{'acc':>8}{'nll':>8}{'ece':>8}{'nll (T)':>9}{'ece (T)':>9}{'passes':>8}{'params':>11}"]
+    labels = {"student": "student (one model)", "teacher_last": "teacher's last snapshot",
+              "teacher_ensemble": f"teacher ensemble of {len(d['teacher']['members'])}"}
+    for name, label in labels.items():
+        s, c, cost = d["test"][name], d.get("calibration", {}).get(name), d["cost"][name]
+        fitted = c and c["temperature"] is not None  # None: no temperature (calibration.warnings says why)
+        after = [f"{c['test']['after']['nll']:>9.4f}", f"{c['test']['after']['ece']:>9.4f}"] if fitted else \
+            [f"{'-':>9}"] * 2
+        lines.append(f"{label:<30}{s['acc']:>8.4f}{s['nll']:>8.4f}{s['ece']:>8.4f}{''.join(after)}"
+                     f"{cost['forward_passes_per_image']:>8}{cost['parameters']:>11,}")
+    lines.append("on the test split; (T): after a temperature fitted on the validation split")
+    return "\n".join(lines)

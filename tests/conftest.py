@@ -94,7 +94,7 @@ def extract(archive: Path, target: Path) -> None:
 def held_out_run(tmp_path_factory) -> Path:
     """A finished HELD_OUT run (synthetic data, a validation split), trained once for the whole session: tests that
     change anything in it work on a copy (`held_out_copy`)."""
-    from snapens.train import train  # here: collecting the tests needs no training code
+    from snapens.training import train  # here: collecting the tests needs no training code
 
     run_dir = tmp_path_factory.mktemp("held_out") / "run"
     train(compose_config(*HELD_OUT), run_dir)
@@ -145,9 +145,9 @@ def write_image_folder(root, seed: int = 0):
 
 def record_steps(monkeypatch, before=None, after=None):
     """Wrap train_step to call before(model, optimizer) and after(model, optimizer) around every update."""
-    import snapens.train
+    import snapens.training
 
-    real = snapens.train.train_step
+    real = snapens.training.train_step
 
     def step(model, optimizer, *args, **kwargs):
         if before:
@@ -157,4 +157,4 @@ def record_steps(monkeypatch, before=None, after=None):
             after(model, optimizer)
         return out
 
-    monkeypatch.setattr(snapens.train, "train_step", step)
+    monkeypatch.setattr(snapens.training, "train_step", step)

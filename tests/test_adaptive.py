@@ -5,11 +5,11 @@ replays its recorded cycles on resume, and needs a validation split."""
 import json
 
 import pytest
-import snapens.train
+import snapens.training
 from snapens.adaptive import AdaptiveState, extend_cycle
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, read_metadata
-from snapens.train import train
+from snapens.training import train
 
 from conftest import FAST
 
@@ -27,7 +27,7 @@ def scripted_losses(monkeypatch, losses, fail_at=None):
             raise RuntimeError("scripted failure")
         return losses[len(calls) - 1]
 
-    monkeypatch.setattr(snapens.train, "validation_loss", loss)
+    monkeypatch.setattr(snapens.training, "validation_loss", loss)
     return calls
 
 

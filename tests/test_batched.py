@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-import snapens.ensemble.__main__ as cli
+import snapens.ensemble.tool as cli
 import snapens.ensemble.cache as cache
 from snapens.build import build_data
 from snapens.ensemble.batched import StackedMembers, same_architecture, stacked_logits
@@ -55,7 +55,7 @@ def test_only_one_architecture_is_stacked():
 
 def test_stacked_logits_over_batches_equal_the_sequential_path():
     from snapens.data import Split
-    from snapens.ensemble import predict_logits
+    from snapens.ensemble.cache import predict_logits
 
     models = members()
     split = Split(torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8), torch.zeros(70, dtype=torch.long))

@@ -8,7 +8,7 @@ import torch
 from snapens.build import check_fits
 from snapens.data import Split
 from snapens.errors import SnapensError
-from snapens.train import train
+from snapens.training import train
 
 from conftest import FAST
 

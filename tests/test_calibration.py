@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import snapens.ensemble.__main__ as cli
+import snapens.ensemble.tool as cli
 from snapens.build import build_data
 from snapens.ensemble import calibration, metrics, selection
 from snapens.errors import SnapensError

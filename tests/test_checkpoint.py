@@ -13,7 +13,7 @@ from snapens import checkpoint, distributed
 from snapens.checkpoint import checkpoint_path, run_dir_lock
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots
-from snapens.train import train
+from snapens.training import train
 
 from conftest import EQUAL_CYCLES_2, HANG
 
@@ -108,7 +108,7 @@ def test_a_cpu_checkpoint_of_two_processes_is_refused_by_one(make_cfg, tmp_path)
     """Issue 23 finding: a checkpoint two CPU ranks wrote was resumed silently by one process. Its process count is
     kept and checked, on the CPU as on GPUs."""
     from snapens.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-    from snapens.train import train
+    from snapens.training import train
 
     from conftest import EQUAL_CYCLES_2
     train(make_cfg(*EQUAL_CYCLES_2), tmp_path)

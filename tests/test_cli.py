@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from snapens.train import train
+from snapens.training import train
 
 from conftest import CONF, EQUAL_CYCLES_2, FAST, HANG, run_cli
 
@@ -203,3 +203,33 @@ def test_a_job_preempted_through_the_submitit_launcher_is_requeued_and_resumes_b
         assert done.returncode == 0, done.stderr[-2000:]
         assert [p.read_bytes() for p in list_snapshots(sweep / str(seed))] == \
             [p.read_bytes() for p in list_snapshots(alone)]
+
+
+# Run an entry point in this interpreter, then say whether it imported torch: Hydra parses and checks the command
+# line first, and each entry point imports its job (torch, the models) only once the command line holds.
+WITHOUT_TORCH = """
+import runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code)
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("command", ["snapens.train", "snapens.ensemble", "snapens.export", "snapens.distill",
+                                     "snapens.lr_find", "snapens.report"])
+def test_help_and_a_misspelt_key_answer_before_torch_is_imported(command, tmp_path):
+    """Issue 25, item 6: `--help` and a config error need no torch (seconds on a loaded machine)."""
+    helped = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, command, "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=HANG)
+    assert f"python -m {command}" in helped.stdout and helped.stdout.endswith("torch imported: False\n"), helped
+    if command == "snapens.report":  # argparse, no config
+        return
+    typo, meant = ("batch_sise", "batch_size") if command in ("snapens.ensemble", "snapens.export") else \
+        ("trainer.epochz", "trainer.epochs")
+    wrong = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, command, f"{typo}=8"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=HANG)
+    assert wrong.stderr.startswith(f"snapens: error: {typo} ") and f"did you mean {meant}?" in wrong.stderr
+    assert wrong.stdout == "exit 2\ntorch imported: False\n" and not (tmp_path / "outputs").exists()

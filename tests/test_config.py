@@ -13,7 +13,7 @@ from PIL import Image
 from snapens.build import build_schedule
 from snapens.checkpoint import checkpoint_path, load_checkpoint
 from snapens.errors import SnapensError
-from snapens.train import train
+from snapens.training import train
 
 from conftest import CONF, EQUAL_CYCLES_2, EQUAL_CYCLES_3, FAST, HANG, compose_config
 

@@ -8,7 +8,7 @@ from sklearn.datasets import load_digits as sklearn_digits
 
 from snapens.build import build_data
 from snapens.data import load_digits, stratified_split
-from snapens.train import train
+from snapens.training import train
 
 # Per class (digits 0..9): 178 182 177 183 181 182 181 179 174 180 images, 1,797 in all. The test split holds
 # ceil(0.2 * 1797) = 360, each class its floor(360 * size / 1797) and the 5 left over to the largest remainders.

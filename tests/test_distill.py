@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from snapens.checkpoint import checkpoint_path
 from snapens.config import register_configs
-from snapens.distill import distillation_loss, student_config, with_given
+from snapens.distill import student_config, with_given
+from snapens.teacher import distillation_loss
 from snapens.files import file_digest
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots
@@ -166,8 +167,12 @@ def test_the_teachers_sections_are_typed_and_its_eta_max_kept(teacher):
     (["experiment=demo"], "experiment= sets a whole training config"),
 ])
 def test_bad_input_is_refused_before_training(teacher, extra, message):
-    with pytest.raises(SnapensError, match=message):
-        student_of(teacher, *extra)
+    """The student's config and then the loss (whose teacher takes the members=), as the command makes them before
+    it trains."""
+    register_configs()
+    with pytest.raises(SnapensError, match=message), initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("distill", overrides=[f"distill.run={teacher}", *extra])
+        distillation_loss(cfg, student_config(cfg, [o for o in extra if not o.startswith("distill.")]))
 
 
 def test_bad_input_on_the_command_line_is_one_line_and_trains_nothing(teacher, tmp_path):

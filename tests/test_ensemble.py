@@ -9,7 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from snapens.data import Split
-from snapens.ensemble import RULES, accuracy, combine, metrics, votes
+from snapens.ensemble import metrics
+from snapens.ensemble.rules import RULES, combine, votes
 from snapens.ensemble.report import ensemble_report, format_report
 from snapens.ensemble.cache import cached_logits
 from snapens.models import CifarResNet
@@ -87,7 +88,8 @@ def test_identical_members_act_as_the_single_model(rule, members):
     labels = torch.randint(0, 10, (200,), generator=g)
     scores = combine(single.expand(members, -1, -1), rule)
     assert torch.equal(scores.argmax(-1), single.argmax(-1))
-    assert accuracy(scores, labels) == accuracy(single, labels)
+    assert metrics.scores(single.expand(members, -1, -1), labels, rule)["acc"] == \
+        metrics.scores(single[None], labels, rule)["acc"]
 
 
 def test_unknown_rule_is_rejected():
@@ -99,12 +101,12 @@ def test_unknown_rule_is_rejected():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_accuracy_is_the_fraction_of_correct_argmaxes(seed):
-    """accuracy equals a direct count of rows whose largest score is at the label."""
+    """metrics' accuracy equals a direct count of rows whose largest probability is at the label."""
     g = torch.Generator().manual_seed(seed)
     scores = torch.randn(97, 5, generator=g)
     labels = torch.randint(0, 5, (97,), generator=g)
     correct = sum(argmax(row) == y for row, y in zip(scores.tolist(), labels.tolist()))
-    assert accuracy(scores, labels) == pytest.approx(correct / 97, abs=1e-15)
+    assert metrics.probability_scores(scores.softmax(-1), labels)["acc"] == pytest.approx(correct / 97, abs=1e-15)
 
 
 # ---------------------------------------------------------------- report

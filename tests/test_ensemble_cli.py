@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import snapens
-import snapens.ensemble.__main__ as cli
+import snapens.ensemble.tool as cli
 import snapens.ensemble.cache as cache
-import snapens.train
+import snapens.training
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -28,7 +28,7 @@ from snapens.snapshots import (
     read_metadata,
     save_snapshot,
 )
-from snapens.train import train
+from snapens.training import train
 
 from conftest import (
     EQUAL_CYCLES_2,
@@ -345,7 +345,7 @@ def test_a_run_still_training_is_not_reported_on(run, tmp_path):
 
 
 def test_ensemble_out_inside_the_snapshots_folder_is_refused(make_cfg, tmp_path):
-    import snapens.ensemble.__main__ as cli
+    import snapens.ensemble.tool as cli
 
     from conftest import compose_config
     train(make_cfg(*EQUAL_CYCLES_2), tmp_path / "run")
@@ -357,7 +357,7 @@ def test_ensemble_out_inside_the_snapshots_folder_is_refused(make_cfg, tmp_path)
 
 
 def test_a_hand_edited_run_config_is_one_line_in_the_ensemble_tool(make_cfg, tmp_path):
-    import snapens.ensemble.__main__ as cli
+    import snapens.ensemble.tool as cli
 
     from conftest import compose_config
     train(make_cfg(*EQUAL_CYCLES_2), tmp_path / "run")

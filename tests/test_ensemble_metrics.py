@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from snapens.ensemble import RULES, combine
+from snapens.ensemble.rules import RULES, combine
 from snapens.ensemble.metrics import (curves, disagreement, ece, nll, predictions, probabilities, reliability,
                                       scores)
 

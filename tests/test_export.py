@@ -13,7 +13,7 @@ from snapens.build import build_data
 from snapens.ensemble import calibration, metrics, selection
 from snapens.ensemble.cache import cached_logits
 from snapens.errors import SnapensError
-from snapens.export import export_run
+from snapens.ensemble.program import export_run
 from snapens.snapshots import list_snapshots, read_metadata
 
 from conftest import HANG, HELD_OUT, compose_config

@@ -7,7 +7,7 @@ import torch
 
 from snapens.models import CifarResNet
 from snapens.step import StepOptions, train_step
-from snapens.train import train
+from snapens.training import train
 
 from conftest import FAST
 

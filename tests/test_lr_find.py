@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import snapens.lr_find as lr_find
+import snapens.lr_range as lr_range
 from snapens.errors import SnapensError
 
 from conftest import FAST, HANG, compose_config
@@ -41,17 +41,17 @@ def test_composes_the_training_groups_and_types_its_block():
 def test_lr_sequence_is_exponential_and_reaches_the_optimizer(monkeypatch, tmp_path):
     """lr(i) = start * (end / start) ** (i / (n - 1)) for every step, in every param group when the update runs."""
     seen = []
-    real_step = lr_find.train_step
+    real_step = lr_range.train_step
 
     def recording_step(model, optimizer, *args, **kwargs):
         seen.append([group["lr"] for group in optimizer.param_groups])
         return real_step(model, optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(lr_find, "train_step", recording_step)
+    monkeypatch.setattr(lr_range, "train_step", recording_step)
     start, end, n = 1e-5, 1e-2, 12
     cfg = lr_find_cfg(*FAST, "optimizer.decay_bn_and_bias=false", f"lr_find.start_lr={start}",
                       f"lr_find.end_lr={end}", f"lr_find.num_steps={n}", "lr_find.diverge_factor=1000")
-    result = lr_find.find_lr(cfg, tmp_path)
+    result = lr_range.find_lr(cfg, tmp_path)
     expected = [start * (end / start) ** (i / (n - 1)) for i in range(n)]
     assert not result["stopped_early"] and result["lrs"] == expected
     assert len(seen) == n and all(len(groups) == 2 and groups == [lr, lr] for groups, lr in zip(seen, expected))
@@ -63,7 +63,7 @@ def test_lr_sequence_is_exponential_and_reaches_the_optimizer(monkeypatch, tmp_p
 def test_stops_early_when_the_loss_explodes(tmp_path):
     n = 60
     cfg = lr_find_cfg(*FAST, "lr_find.start_lr=1e-3", "lr_find.end_lr=1e6", f"lr_find.num_steps={n}")
-    result = lr_find.find_lr(cfg, tmp_path)
+    result = lr_range.find_lr(cfg, tmp_path)
     smoothed = result["smoothed"]
     assert result["stopped_early"] and len(result["lrs"]) < n and len(smoothed) == len(result["lrs"])
     best_before, last = min(smoothed[:-1]), (result["losses"][-1], smoothed[-1])
@@ -80,11 +80,11 @@ def test_a_raw_blow_up_stops_the_sweep_before_the_lagging_average_does():
     suggestion stays below a tenth of the lr where it blew up."""
     losses = iter([2.3 - 0.02 * i for i in range(40)] + [9.0] * 10)  # falls for 40 updates, then explodes
     lrs = [10.0 ** (-5 + 0.125 * i) for i in range(50)]
-    result = lr_find.sweep(lambda x, y: next(losses), torch.optim.SGD([torch.zeros(1)], lr=0.1), iter([(0, 0)] * 50),
+    result = lr_range.sweep(lambda x, y: next(losses), torch.optim.SGD([torch.zeros(1)], lr=0.1), iter([(0, 0)] * 50),
                            lrs, smoothing=0.98, diverge_factor=4.0)
     assert result["blowup_step"] == 40 and result["stop_reason"].startswith("at step 40 (lr 1) the loss 9")
     assert result["smoothed"][-1] < 4 * min(result["smoothed"][:-1])  # the average alone would have gone on
-    s = lr_find.suggest(result["lrs"], result["smoothed"], 4, result["blowup_step"])
+    s = lr_range.suggest(result["lrs"], result["smoothed"], 4, result["blowup_step"])
     assert s["eta_max"] <= lrs[40] / 10 and s["min_step"] < 40
 
 
@@ -95,7 +95,7 @@ def test_suggestion_is_the_steepest_descent_before_the_minimum():
     # slopes up to the minimum (step 7): ..., step 3: -0.75, step 4: -0.9, step 5: -0.4, ...; after it, step 9's
     # (0.76 - 4.0) / 1 = -3.24 is steeper but lies past the minimum and must be ignored
     assert int(np.argmin(np.gradient(loss, np.log10(lrs)))) == 9
-    s = lr_find.suggest(lrs, loss)
+    s = lr_range.suggest(lrs, loss)
     assert s["steepest_step"] == 4 and s["eta_max"] == lrs[4] and s["eta_min"] == lrs[4] / 100
     assert s["slope_per_decade"] == pytest.approx(-0.9)
     assert s["min_step"] == 7 and s["lr_at_min"] == lrs[7] and s["lr_at_min_over_10"] == lrs[7] / 10
@@ -104,17 +104,17 @@ def test_suggestion_is_the_steepest_descent_before_the_minimum():
 def test_suggestion_skips_the_first_steps_and_stops_at_non_finite_values():
     lrs = [10.0 ** (-4 + 0.5 * i) for i in range(8)]
     noisy = [2.3, 1.6, 2.3, 2.2, 1.9, 1.5, 1.4, float("nan")]  # a noise dip at step 1, then the real descent
-    assert lr_find.suggest(lrs, noisy)["steepest_step"] == 0  # one-sided (1.6 - 2.3) / 0.5 = -1.4
-    s = lr_find.suggest(lrs, noisy, skip_start=2)
+    assert lr_range.suggest(lrs, noisy)["steepest_step"] == 0  # one-sided (1.6 - 2.3) / 0.5 = -1.4
+    s = lr_range.suggest(lrs, noisy, skip_start=2)
     assert s["steepest_step"] == 4 and s["min_step"] == 6  # slopes -0.2, -0.4, -0.7, -0.5, -0.2 from step 2
-    assert lr_find.suggest(lrs, [1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 5.0, 9.0]) is None  # never falls
+    assert lr_range.suggest(lrs, [1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 5.0, 9.0]) is None  # never falls
 
 
 def test_overrides_line_rounds_and_keeps_the_schedulers_keys():
     s = {"eta_max": 0.2134}
-    assert lr_find.overrides_line(s, lr_find_cfg("scheduler=sgdr").scheduler) == \
+    assert lr_range.overrides_line(s, lr_find_cfg("scheduler=sgdr").scheduler) == \
         "scheduler.eta_max=0.21 scheduler.eta_min=0.0021"
-    assert lr_find.overrides_line(s, lr_find_cfg("scheduler=onecycle").scheduler) == "scheduler.eta_max=0.21"
+    assert lr_range.overrides_line(s, lr_find_cfg("scheduler=onecycle").scheduler) == "scheduler.eta_max=0.21"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -127,7 +127,7 @@ def test_overrides_line_rounds_and_keeps_the_schedulers_keys():
 ])
 def test_bad_values_fail_before_anything_runs(tmp_path, overrides, message):
     with pytest.raises(SnapensError) as info:
-        lr_find.find_lr(lr_find_cfg(*FAST, *overrides), tmp_path / "run")
+        lr_range.find_lr(lr_find_cfg(*FAST, *overrides), tmp_path / "run")
     assert str(info.value) == message
     assert not (tmp_path / "run").exists()
 

@@ -6,14 +6,14 @@ import shutil
 
 import pytest
 from snapens.errors import SnapensError
-from snapens.train import train
+from snapens.training import train
 
 from conftest import EQUAL_CYCLES_3
 
 
 # ---- 12. members by their metadata, copies refused ----------------------------------------------------------------
 def test_members_are_ordered_by_their_metadata_and_copies_are_refused(make_cfg, tmp_path):
-    import snapens.ensemble.__main__ as cli
+    import snapens.ensemble.tool as cli
 
     from conftest import compose_config
     run = tmp_path / "run"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from snapens.errors import SnapensError
 from snapens.models import CifarResNet, WideResNet, model_from_metadata
-from snapens.train import train
+from snapens.training import train
 from torch import nn
 
 from conftest import EQUAL_CYCLES_2
@@ -193,7 +193,7 @@ def test_a_library_model_trains_and_every_tool_rebuilds_it_from_its_snapshots(ma
     if library == "timm":
         pytest.importorskip("timm", reason="timm is an extra: pip install -e '.[timm]' (in dev)")
     from snapens import Ensemble
-    from snapens.export import export_run
+    from snapens.ensemble.program import export_run
     from snapens.snapshots import list_snapshots, read_metadata
 
     from conftest import compose_config

@@ -4,7 +4,7 @@
 import json
 
 import pytest
-from snapens.train import train
+from snapens.training import train
 
 from conftest import EQUAL_CYCLES_2
 

@@ -7,7 +7,7 @@ import sys
 from snapens.build import setup
 from snapens.plan import plan_lines, short_cycles, snapshot_every
 from snapens.snapshots import snapshot_steps
-from snapens.train import train
+from snapens.training import train
 
 from conftest import DOUBLING_CYCLES_7, HANG, compose_config
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from snapens.build import pick_precision
 from snapens.errors import SnapensError
-from snapens.train import train
+from snapens.training import train
 
 from conftest import EQUAL_CYCLES_2
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import snapens.files
 import snapens.snapshots
-import snapens.train
+import snapens.training
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -19,7 +19,7 @@ from snapens.checkpoint import checkpoint_path, load_checkpoint
 from snapens.cli import EXIT_INTERRUPTED
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots
-from snapens.train import train
+from snapens.training import train
 
 from conftest import (
     DOUBLING_CYCLES_7,
@@ -150,7 +150,7 @@ def test_nonfinite_stop_keeps_the_last_checkpoint(make_cfg, tmp_path, monkeypatc
 def test_nonfinite_skip_drops_the_update_and_counts_it(make_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_at({6, 9}))
     weights = []
-    step = snapens.train.train_step
+    step = snapens.training.train_step
 
     def recording(model, *args, **kwargs):
         out = step(model, *args, **kwargs)
@@ -158,7 +158,7 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(make_cfg, tmp_path, monke
                         [b.clone() for b in model.buffers()]))
         return out
 
-    monkeypatch.setattr(snapens.train, "train_step", recording)
+    monkeypatch.setattr(snapens.training, "train_step", recording)
     train(make_cfg(*RUN, "trainer.on_nonfinite=skip"), tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in lines] == [0, 1, 2, 2, 2, 2, 2]
@@ -252,8 +252,8 @@ class Killed(Exception):
 
 def killed_after(monkeypatch, updates: int):
     """train_step raises Killed once `updates` updates are done (as kill -9 would end the process there)."""
-    import snapens.train
-    real, count = snapens.train.train_step, [0]
+    import snapens.training
+    real, count = snapens.training.train_step, [0]
 
     def step(*args, **kwargs):
         if count[0] == updates:
@@ -261,7 +261,7 @@ def killed_after(monkeypatch, updates: int):
         count[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(snapens.train, "train_step", step)
+    monkeypatch.setattr(snapens.training, "train_step", step)
 
 
 def test_resume_refuses_data_that_changed_under_the_same_names(make_cfg, tmp_path, monkeypatch):
@@ -285,13 +285,13 @@ def test_resume_refuses_data_that_changed_under_the_same_names(make_cfg, tmp_pat
 
 # ---- 4. a run killed before its first checkpoint ----------------------------------------------------------------
 def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(make_cfg, tmp_path, monkeypatch):
-    import snapens.train
+    import snapens.training
     train(make_cfg(*EQUAL_CYCLES_2), tmp_path / "whole")
 
     def killed(run):
         raise Killed()
 
-    monkeypatch.setattr(snapens.train, "save_progress", killed)  # dies right after writing .hydra/config.yaml
+    monkeypatch.setattr(snapens.training, "save_progress", killed)  # dies right after writing .hydra/config.yaml
     with pytest.raises(Killed):
         train(make_cfg(*EQUAL_CYCLES_2), tmp_path / "run")
     monkeypatch.undo()
@@ -307,7 +307,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(make_cfg
 def test_a_stop_signal_during_setup_ends_with_a_checkpoint(make_cfg, tmp_path, monkeypatch):
     import signal
 
-    import snapens.train
+    import snapens.training
     real = snapens.train.setup
 
     def setup_then_signal(*args):
@@ -315,7 +315,7 @@ def test_a_stop_signal_during_setup_ends_with_a_checkpoint(make_cfg, tmp_path, m
         os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning arrives while the data is still loading
         return built
 
-    monkeypatch.setattr(snapens.train, "setup", setup_then_signal)
-    with pytest.raises(snapens.train.Interrupted, match="stopped by SIGUSR1 after step 1 with a checkpoint"):
+    monkeypatch.setattr(snapens.training, "setup", setup_then_signal)
+    with pytest.raises(snapens.training.Interrupted, match="stopped by SIGUSR1 after step 1 with a checkpoint"):
         train(make_cfg(*EQUAL_CYCLES_2), tmp_path)
     assert load_checkpoint(checkpoint_path(tmp_path))["progress"]["step"] == 1

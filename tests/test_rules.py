@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import snapens.ensemble.__main__ as tool
+import snapens.ensemble.tool as tool
 from snapens import SnapshotEnsemble
 from snapens.batches import normalize
 from snapens.build import build_data

@@ -11,7 +11,7 @@ from PIL import Image
 from snapens.build import build_schedule
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots, read_metadata
-from snapens.train import train
+from snapens.training import train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import DOUBLING_CYCLES_3, EQUAL_CYCLES_2, FAST, HANG
@@ -27,15 +27,15 @@ def test_plots_are_written(make_cfg, tmp_path):
 def test_lr_schedule_plot_comes_before_training(make_cfg, tmp_path, monkeypatch):
     seen = []
     real = snapens_train_step()
-    monkeypatch.setattr("snapens.train.train_step",
+    monkeypatch.setattr("snapens.training.train_step",
                         lambda *a, **k: seen.append((tmp_path / "lr_schedule.png").exists()) or real(*a, **k))
     train(make_cfg(*DOUBLING_CYCLES_3), tmp_path)
     assert seen and all(seen)
 
 
 def snapens_train_step():
-    import snapens.train
-    return snapens.train.train_step
+    import snapens.training
+    return snapens.training.train_step
 
 
 def test_tensorboard_events(make_cfg, tmp_path):

@@ -8,13 +8,13 @@ import stat
 from pathlib import Path
 
 import pytest
-import snapens.ensemble.__main__ as ensemble_tool
+import snapens.ensemble.tool as ensemble_tool
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 from snapens.ensemble.ensemble import Ensemble
 from snapens.errors import SnapensError
-from snapens.export import export_run
+from snapens.ensemble.program import export_run
 from snapens.files import file_digest
 from snapens.models import CifarResNet, WideResNet
 from snapens.snapshots import (
@@ -27,7 +27,7 @@ from snapens.snapshots import (
     verify,
 )
 from snapens.teacher import load_teacher, teacher_paths
-from snapens.train import train
+from snapens.training import train
 
 from conftest import EQUAL_CYCLES_2, EQUAL_CYCLES_3, compose_config
 

@@ -12,7 +12,7 @@ from snapens.build import build_data
 from snapens.models import CifarResNet
 from snapens.snapshots import list_snapshots, read_metadata
 from snapens.swa import WeightAverage
-from snapens.train import train
+from snapens.training import train
 from torch.optim import swa_utils
 from torch.optim.swa_utils import AveragedModel
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -5,7 +5,7 @@
 import pytest
 from snapens import tensorboard_log
 from snapens.errors import SnapensError
-from snapens.train import train
+from snapens.training import train
 
 from conftest import EQUAL_CYCLES_2
 

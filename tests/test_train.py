@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-import snapens.train
+import snapens.training
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -25,7 +25,7 @@ from snapens.snapshots import (
     read_metadata,
 )
 from snapens.step import StepOptions, set_hyperparameters, train_step
-from snapens.train import train
+from snapens.training import train
 
 from conftest import (
     DOUBLING_CYCLES_3,
@@ -423,13 +423,13 @@ def test_adam_moments_are_cleared_too(make_cfg, tmp_path, monkeypatch):
 
 def test_accumulation_counts_updates_not_batches(make_cfg, tmp_path, monkeypatch):
     sizes = []
-    real = snapens.train.train_step
+    real = snapens.training.train_step
 
     def spy(model, optimizer, x, y, options):
         sizes.append((len(x), options.accumulate))
         return real(model, optimizer, x, y, options)
 
-    monkeypatch.setattr(snapens.train, "train_step", spy)
+    monkeypatch.setattr(snapens.training, "train_step", spy)
     train(make_cfg(*EQUAL_CYCLES_3, "trainer.batch_size=32", "trainer.accumulate=2"), tmp_path)
     assert sizes == [(64, 2)] * 12  # 4 updates of 64 images per epoch, each in 2 forward passes of 32
     assert [read_metadata(p)["step"] for p in list_snapshots(tmp_path)] == [4, 8, 12]

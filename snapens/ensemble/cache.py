@@ -17,15 +17,27 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from snapens.batches import eval_batches
 from snapens.data import Split, split_digest
-from snapens.ensemble import predict_logits
 from snapens.ensemble.batched import same_architecture, stacked_logits
 from snapens.errors import SnapensError
 from snapens.files import file_digest, sweep_leftovers, write_atomic
-from snapens.precision import describe
+from snapens.precision import autocast, describe, layout
 from snapens.snapshots import load_into
 
 log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, split: Split, mean, std, batch_size: int, device: torch.device,
+                   precision: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+    """Logits of `model` (in eval mode, moved to `device` in the given layout) for every image of the split, under
+    autocast to `precision` (None: fp32): float32 N x C, on the CPU. The batches' logits stay on the device until
+    the end, so the pass never waits on a copy back to the host."""
+    model.to(device, memory_format=layout(channels_last)).eval()
+    with autocast(device, precision):
+        out = [model(x).float() for x, _ in eval_batches(split, batch_size, mean, std, device, channels_last)]
+    return torch.cat(out).cpu()
 
 
 def cache_path(snapshot: Path, split_name: str) -> Path | None:

@@ -22,9 +22,10 @@ from snapens.schedules.annealing import ANNEAL_STRATEGIES, Constant, Cosine, One
 from snapens.schedules.base import SCHEDULES, Schedule, Warmup, register
 from snapens.schedules.cycles import CYCLIC_MODES, FGE, SGDR, CosineCycles, Cyclic, Snapshot, geometric_lengths
 
-# Adaptive SGDR lives whole in snapens/adaptive.py and registers itself there: imported last, so that it is in
-# SCHEDULES whichever module is imported first.
-from snapens.adaptive import AdaptiveSGDR  # noqa: E402
+# Adaptive SGDR lives whole in snapens/adaptive.py (snapens.adaptive.AdaptiveSGDR) and registers itself there:
+# imported last, so that it is in SCHEDULES whichever module is imported first (a plain import: when snapens.adaptive
+# is the one imported first, it is not yet whole here).
+import snapens.adaptive  # noqa: E402, F401
 
-__all__ = ["ANNEAL_STRATEGIES", "AdaptiveSGDR", "CYCLIC_MODES", "FGE", "SCHEDULES", "SGDR", "Constant", "Cosine", "CosineCycles",
+__all__ = ["ANNEAL_STRATEGIES", "CYCLIC_MODES", "FGE", "SCHEDULES", "SGDR", "Constant", "Cosine", "CosineCycles",
            "Cyclic", "OneCycle", "Schedule", "Snapshot", "StepDecay", "Warmup", "geometric_lengths", "register"]

@@ -20,11 +20,23 @@ def test_bench_schedule_prints_both_costs_and_their_ratio(tmp_path):
                             text=True, timeout=HANG)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 2  # SGDR's slowly growing cycles; a warmup in every one of 10^5 cycles
+    assert len(lines) == 3  # SGDR's slowly growing cycles; a warmup in every one of 10^5 cycles; adaptive SGDR
     for line in lines:  # each: two costs and their ratio
         slow, usual, ratio = (float(x) for x in re.findall(r"([\d.]+)(?:x| us/call)", line))
         assert ratio == pytest.approx(slow / usual, rel=0.01)
 
+
+
+def test_bench_members_times_each_choice_and_matches_the_definitions(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_members.py"), "--members", "7", "--images", "300",
+                             "--compare-members", "5"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    timed = [line for line in lines if line.startswith("M=7, N=300: ")]
+    assert [line.split(": ")[1] for line in timed] == ["last m", "greedy", "curves (3 rules, first and last m)",
+                                                       "disagreement", "choose (last m, greedy, weights, temperatures)"]
+    fast, slow, ratio = (float(x) for x in re.findall(r"([\d.]+)(?: s|x)", lines[-1]))
+    assert lines[-1].endswith("the same members: True") and ratio == pytest.approx(slow / fast, rel=0.05)
 
 @pytest.mark.slow
 def test_gpu_validation_script_dry_run(tmp_path):

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from snapens.ensemble import metrics, selection
-from snapens.train import train
+from snapens.ensemble import metrics, rules, selection
+from snapens.training import train
 
 from conftest import EQUAL_CYCLES_3
 
@@ -43,6 +43,54 @@ def test_greedy_adds_while_the_criterion_falls():
     values = [selection.criterion(logits[picks[:k]], LABELS, "logits") for k in range(1, len(picks) + 1)]
     assert values == sorted(values, reverse=True) and len(set(values)) == len(values)  # each pick lowered it
     assert selection.greedy(logits, LABELS, "vote")[0] in (1, 2)  # the vote decides on the error rate
+
+
+def reference_last_m(logits, labels, rule):
+    """last m as its definition says, each m's ensemble scored on its own (O(M^2 N C))."""
+    total = len(logits)
+    best = min(range(1, total + 1), key=lambda m: (selection.criterion(logits[total - m:], labels, rule), m))
+    return list(range(total - best, total))
+
+
+def reference_greedy(logits, labels, rule):
+    """Caruana's selection as its definition says, every candidate ensemble scored on its own (O(M^3 N C))."""
+    chosen, best = [], float("inf")
+    for _ in range(2 * len(logits)):
+        value, pick = min((selection.criterion(logits[chosen + [i]], labels, rule), i) for i in range(len(logits)))
+        if value >= best:
+            break
+        chosen, best = chosen + [pick], value
+    return chosen or [len(logits) - 1]
+
+
+@pytest.mark.parametrize("rule", ["logits", "probs", "vote"])
+@pytest.mark.parametrize("seed", range(6))
+def test_the_running_sum_choices_are_the_definitions(rule, seed):
+    """Issue 23: last m and greedy from running sums (O(M N C) per pick) choose exactly what scoring every
+    candidate ensemble on its own chooses, on members of mixed strength (and in small groups: `chunk`)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    strength = torch.rand(9, 1, 1, generator=g, dtype=torch.float64) * 3
+    logits = torch.randn(9, 60, 4, generator=g, dtype=torch.float64) + strength * torch.nn.functional.one_hot(labels, 4)
+    assert selection.last_m(logits, labels, rule) == reference_last_m(logits, labels, rule)
+    assert selection.greedy(logits, labels, rule) == reference_greedy(logits, labels, rule)
+    for first, probs, scores in rules.with_each(logits, [3, 3, 5], rule, chunk=500):  # groups of 2 members
+        for j, (p, s) in enumerate(zip(probs, scores)):
+            members = logits[[3, 3, 5, first + j]]
+            torch.testing.assert_close(p, rules.probabilities(members, rule), rtol=0, atol=1e-12)
+            torch.testing.assert_close(s, rules.combine(members, rule), rtol=0, atol=1e-12)
+    for first, probs, scores in rules.growing(logits.flip(0), rule, chunk=500):
+        for j, (p, s) in enumerate(zip(probs, scores)):
+            torch.testing.assert_close(p, rules.probabilities(logits[8 - first - j:], rule), rtol=0, atol=1e-12)
+            torch.testing.assert_close(s, rules.combine(logits[8 - first - j:], rule), rtol=0, atol=1e-12)
+
+
+def test_an_all_infinite_validation_falls_back_to_the_last_member():
+    logits = torch.full((3, 4, 2), -1e9, dtype=torch.float64)
+    logits[..., 0] = 0  # every member certain of class 0, every label 1: each NLL infinite
+    labels = torch.ones(4, dtype=torch.long)
+    assert selection.greedy(logits, labels, "logits") == [2] == reference_greedy(logits, labels, "logits")
+    assert selection.last_m(logits, labels, "logits") == reference_last_m(logits, labels, "logits")
 
 
 def test_test_labels_cannot_change_the_choice():

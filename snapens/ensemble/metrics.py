@@ -40,10 +40,13 @@ def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean -log p[label] over N x C probabilities and int64 N labels, in nats (Lakshminarayanan et al. 2017, arXiv
     1612.01474); float('inf') if any p[label] is exactly 0 (no clamping, which would hide a certain, wrong answer)."""
     _check_probs(probs, labels)
-    p = probs.double().gather(1, labels[:, None]).squeeze(1)
-    if (p == 0).any():
-        return math.inf
-    return -p.log().mean().item()
+    return nlls(probs[None], labels).item()
+
+
+def nlls(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`nll` of each of E ensembles at once: float64 E from E x N x C probabilities."""
+    p = probs.double().gather(-1, labels.expand(len(probs), -1)[..., None]).squeeze(-1)
+    return torch.where((p == 0).any(-1), math.inf, -p.log().mean(-1))
 
 
 def _bin_sums(probs: torch.Tensor, labels: torch.Tensor, bins: int,
@@ -112,7 +115,8 @@ def disagreement(logits: torch.Tensor) -> torch.Tensor:
     different classes (argmax); symmetric with a zero diagonal."""
     combining.check_members(logits)
     predicted = logits.argmax(-1)  # M x N
-    return (predicted[:, None, :] != predicted[None, :, :]).double().mean(-1)
+    differ = torch.stack([(row != predicted).sum(-1) for row in predicted])  # a row at a time: no M x M x N buffer
+    return differ.double() / predicted.shape[1]
 
 
 def scores(logits: torch.Tensor, labels: torch.Tensor, rule: str = "logits", bins: int = 15) -> dict:
@@ -149,8 +153,10 @@ def curves(logits: torch.Tensor, labels: torch.Tensor, rules: tuple[str, ...] | 
     """
     combining.check_members(logits)
     rules = combining.RULES if rules is None else rules
-    members = len(logits)
-    ends = {"last": lambda m: logits[members - m:], "first": lambda m: logits[:m]}
-    return {end: {rule: [{"m": m, **scores(take(m), labels, rule, bins)} for m in range(1, members + 1)]
+    ends = {"last": logits.double().flip(0), "first": logits.double()}
+    return {end: {rule: [{"m": first + j + 1, **probability_scores(p, labels, bins, s.argmax(-1),
+                                                                  with_nll=combining.gives_probabilities(rule))}
+                         for first, probs, predicted in combining.growing(members, rule)
+                         for j, (p, s) in enumerate(zip(probs, predicted))]
                   for rule in rules}
-            for end, take in ends.items()}
+            for end, members in ends.items()}

@@ -37,11 +37,14 @@ TINY = 1e-300  # log(0) guard for probabilities that underflowed in float64; far
 
 @dataclass(frozen=True)
 class Rule:
-    """How a rule pools member logits M x N x C (with weights M, or None for a plain mean) into N x C."""
+    """A rule as the (weighted) mean of one term per member: `terms` maps member logits M x N x C to the terms
+    averaged (M x N x K), `outputs(mean, unit)` their mean to the ensemble's (probabilities, scores), each N x C
+    (rows of probabilities sum to 1; the prediction is the argmax of scores), `unit` being what the lightest
+    member counts as (M for a plain mean). Every ensemble of a rule, weighted, growing or a greedy candidate, is
+    its mean term, so a running sum gives each in O(N K) (`growing`, `with_each`)."""
 
-    probabilities: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # the distribution, rows sum to 1
-    scores: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None  # argmax: the prediction
-    #   (None: the probabilities themselves)
+    terms: Callable[[torch.Tensor], torch.Tensor]
+    outputs: Callable[[torch.Tensor, torch.Tensor | float], tuple[torch.Tensor, torch.Tensor]]
     calibrated: bool = True  # a distribution with an NLL and a temperature (a vote's fractions are not)
 
 
@@ -52,27 +55,35 @@ def _pool(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     return (weights.to(values.dtype).view(-1, *[1] * (values.dim() - 1)) * values).sum(0)
 
 
+def _unit(members: int, weights: torch.Tensor | None) -> float:
+    """What the lightest member counts as: M for a plain mean; 1 / its weight otherwise, so that members repeated
+    by greedy selection count as often as they were picked."""
+    return members if weights is None else 1 / weights[weights > 0].min().item()
+
+
 def _one_hot(logits: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1])
 
 
-def votes(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """N x C: how many members predict each class by the argmax of their logits (int64); with weights, their
-    weight in units of the lightest member's (float64), so members repeated by greedy selection count as often as
-    they were picked, and the tie-break (half a probability) never outweighs the lightest vote."""
-    if weights is None:
-        return _one_hot(logits).sum(0)
-    return _pool(_one_hot(logits).double(), weights) / weights[weights > 0].min().double()
+def _vote(mean: torch.Tensor, unit) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members' share of votes per class, and as scores the votes (in units of the lightest member) plus half
+    the mean probability: ties broken by confidence, which can never outweigh a vote."""
+    share, probs = mean.chunk(2, -1)
+    return share, unit * share + 0.5 * probs
 
 
 # A rule is one entry here; everything that takes a rule= (the config, the tools, export) takes these names.
 RULES: dict[str, Rule] = {
-    "logits": Rule(lambda z, w: _pool(z, w).softmax(-1), scores=_pool),
-    "probs": Rule(lambda z, w: _pool(z.softmax(-1), w)),
-    # votes, plus half the mean probability: ties broken by confidence, which can never outweigh a vote
-    "vote": Rule(lambda z, w: _pool(_one_hot(z).to(z.dtype), w),  # the (weighted) share of the members' votes
-                 scores=lambda z, w: votes(z, w) + 0.5 * _pool(z.softmax(-1), w), calibrated=False),
+    "logits": Rule(lambda z: z, lambda mean, unit: (mean.softmax(-1), mean)),
+    "probs": Rule(lambda z: z.softmax(-1), lambda mean, unit: (mean, mean)),
+    "vote": Rule(lambda z: torch.cat([_one_hot(z).to(z.dtype), z.softmax(-1)], -1), _vote, calibrated=False),
 }
+
+
+def votes(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """N x C: how many members predict each class by the argmax of their logits (with weights, in units of the
+    lightest member), as in a vote's scores."""
+    return _unit(len(logits), weights) * _pool(_one_hot(logits).double(), weights)
 
 
 def check_rule(rule: str) -> None:
@@ -112,8 +123,13 @@ def combine(logits: torch.Tensor, rule: str = "logits", weights: torch.Tensor | 
     breaks ties by confidence and can never outweigh a vote."""
     check_rule(rule)
     check_weights(weights, len(logits))
-    scores = RULES[rule].scores or RULES[rule].probabilities
-    return scores(logits, weights)
+    return _outputs(logits, rule, weights)[1]
+
+
+def _outputs(logits: torch.Tensor, rule: str, weights: torch.Tensor | None,
+             unit: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r = RULES[rule]
+    return r.outputs(_pool(r.terms(logits), weights), _unit(len(logits), weights) if unit is None else unit)
 
 
 def predictions(logits: torch.Tensor, rule: str = "logits", weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,8 +156,38 @@ def distribution(logits: torch.Tensor, rule: str, weights: torch.Tensor | None =
                  temperature: float | None = None) -> torch.Tensor:
     """`probabilities` without its checks (no data-dependent branch), for a module traced by torch.export whose
     weights and temperature were checked when it was built."""
-    probs = RULES[rule].probabilities(logits, weights)
+    probs = _outputs(logits, rule, weights, unit=1)[0]  # the unit is the scores', not the probabilities'
     return probs if temperature is None else scale(probs, temperature)
+
+
+def growing(logits: torch.Tensor, rule: str, chunk: int = 2**24):
+    """The ensembles of the first m members, m = 1 .. M (reverse the members for the last m), from a running sum of
+    their terms: O(M N C) for all M, not O(M^2 N C). Yields (m - 1 of the group's first, probabilities, scores), each
+    of leading dimension the group's ensembles, in groups of at most `chunk` numbers each."""
+    check_rule(rule)
+    check_members(logits)
+    r, total = RULES[rule], 0
+    for first in range(0, len(logits), _step(logits, chunk)):
+        sums = total + r.terms(logits[first:first + _step(logits, chunk)]).cumsum(0)
+        m = torch.arange(first + 1, first + len(sums) + 1, dtype=sums.dtype).view(-1, 1, 1)
+        total = sums[-1]
+        yield first, *r.outputs(sums / m, m)
+
+
+def _step(logits: torch.Tensor, chunk: int) -> int:
+    """How many members' worth of N x C (x 2 for a vote's terms) fit in `chunk` numbers."""
+    return max(1, chunk // (2 * logits[0].numel()))
+
+
+def with_each(logits: torch.Tensor, picked: list[int], rule: str, chunk: int = 2**24):
+    """For greedy selection: (probabilities, scores) of the ensemble of the members `picked` (repeats counted) plus
+    member i, for each member i in turn, in groups of members of at most `chunk` numbers each: yields (first i,
+    probabilities, scores) with leading dimension the group's members. O(M N C) for all M candidates."""
+    check_rule(rule)
+    r, n = RULES[rule], len(picked) + 1
+    total = r.terms(logits[picked]).sum(0) if picked else 0
+    for first in range(0, len(logits), _step(logits, chunk)):
+        yield first, *r.outputs((total + r.terms(logits[first:first + _step(logits, chunk)])) / n, n)
 
 
 def scale(probs: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -26,26 +26,35 @@ def criterion(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> float:
     return score["nll"] if score["nll"] is not None else 1.0 - score["acc"]
 
 
+def _criteria(probs: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, rule: str) -> torch.Tensor:
+    """`criterion` of E ensembles at once, from their E x N x C probabilities and scores (rules.growing and
+    rules.with_each give them): float64 E."""
+    if rules.gives_probabilities(rule):
+        return metrics.nlls(probs, labels)
+    return 1.0 - (scores.argmax(-1) == labels).double().mean(-1)
+
+
 def last_m(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> list[int]:
     """Indices of the last m of the M members (M x N x C validation logits), m minimising the criterion; the
-    smaller m on a tie."""
-    total = len(logits)
-    best = min(range(1, total + 1), key=lambda m: (criterion(logits[total - m:], labels, rule), m))
-    return list(range(total - best, total))
+    smaller m on a tie. O(M N C): the last m from a running sum (rules.growing)."""
+    values = torch.cat([_criteria(p, s, labels, rule) for _, p, s in rules.growing(logits.double().flip(0), rule)])
+    best = int(values.argmin()) + 1  # argmin: the first of equal values, the smaller m
+    return list(range(len(logits) - best, len(logits)))
 
 
 def greedy(logits: torch.Tensor, labels: torch.Tensor, rule: str, max_size: int | None = None) -> list[int]:
     """Caruana et al.'s forward selection with replacement on validation logits: member indices in the order they
     were added, repeats kept; at most `max_size` (default 2M) picks. When no member has a finite criterion (every
-    one gives some validation image a probability of exactly 0), the last member alone, as last_m chooses then."""
+    one gives some validation image a probability of exactly 0), the last member alone, as last_m chooses then.
+    Each pick tries every member from the running sum of those picked (rules.with_each): O(M N C) per pick."""
     chosen: list[int] = []
     best = float("inf")
     for _ in range(max_size or 2 * len(logits)):
-        trials = [(criterion(logits[chosen + [i]], labels, rule), i) for i in range(len(logits))]
-        value, pick = min(trials)  # the lower index on a tie
-        if value >= best:
+        values = torch.cat([_criteria(p, s, labels, rule) for _, p, s in rules.with_each(logits.double(), chosen, rule)])
+        pick = int(values.argmin())  # the lower index on a tie
+        if values[pick].item() >= best:
             break
-        chosen, best = chosen + [pick], value
+        chosen, best = chosen + [pick], values[pick].item()
     return chosen or [len(logits) - 1]
 
 

@@ -2,6 +2,7 @@
 budget), Snapshot Ensembles' equal cosine cycles, FGE and cyclical learning rates."""
 
 import bisect
+import itertools
 import logging
 import math
 from collections.abc import Mapping
@@ -166,22 +167,24 @@ class CosineCycles(Schedule):
         _as_floats(self)
         _check_lr_range(self.eta_min, self.eta_max)
         _require(0 < self.decay <= 1, f"decay must be in (0, 1], got {self.decay!r}")
+        # the ends once (a cache of the lengths), so that lr(t) is a bisection: O(log M) however many cycles
+        object.__setattr__(self, "_ends", tuple(itertools.accumulate(self.lengths)))
 
     @property
     def total_steps(self) -> int:  # type: ignore[override]
-        return sum(self.lengths)
+        return self._ends[-1]
 
     def cycle_ends(self) -> list[int]:
-        return [sum(self.lengths[:i + 1]) for i in range(len(self.lengths))]
+        return list(self._ends)
 
     def cycle(self, t: int) -> int:
         """0-based index of the cycle containing update ``t``."""
         self._check_t(t)
-        return bisect.bisect_right(self.cycle_ends(), t)
+        return bisect.bisect_right(self._ends, t)
 
     def lr(self, t: int) -> float:
         i = self.cycle(t)
-        start = sum(self.lengths[:i])
+        start = self._ends[i] - self.lengths[i]
         return _cosine(self.eta_max * self.decay**i, self.eta_min, t - start, self.lengths[i])
 
 

@@ -1,4 +1,5 @@
-"""Data-parallel training under torchrun (DistributedDataParallel); one process without torchrun is unchanged.
+"""Data-parallel training under torchrun or a submitit job of several tasks (DistributedDataParallel); one process
+without either is unchanged.
 
 Every rank draws the same global batch from the same seeded generator (same permutation, same augmentation) and
 takes its own contiguous share of it, so the ranks need no sampler and stay in step by construction; DDP averages
@@ -31,6 +32,7 @@ class Ranks:
 def start(device_type: str) -> Ranks:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1; else a single process. On
     CUDA the rank's GPU is made current first and named to the group (device_id), so NCCL never guesses it."""
+    from_submitit()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Ranks()
@@ -42,6 +44,21 @@ def start(device_type: str) -> Ranks:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     return ranks
+
+
+def from_submitit() -> None:
+    """A task of a submitit job of several tasks (hydra/launcher=slurm_ddp: one task per GPU over N nodes, or
+    submitit's local executor), started without torchrun: its rank, world size, local rank and the rendezvous
+    address (the job's first host, a port drawn from the job id) put where torchrun puts them, from submitit's job
+    environment (`submitit.helpers.TorchDistributedEnvironment`, which reads SLURM's variables). Nothing when
+    torchrun's variables are there or the process is not such a task."""
+    if "WORLD_SIZE" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    from submitit.helpers import TorchDistributedEnvironment  # installed with the launcher that started this task
+
+    job = TorchDistributedEnvironment()
+    if job.world_size > 1:
+        job.export(set_cuda_visible_devices=False)  # each rank picks its GPU by local rank (device_for)
 
 
 def device_for(device: torch.device, ranks: Ranks) -> torch.device:

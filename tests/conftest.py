@@ -1,6 +1,7 @@
 """Shared fixtures: the real config tree composed with Hydra, the named override sets tests train with, and the
 CIFAR-10 copy when it is there."""
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -72,7 +73,11 @@ def cifar_root() -> Path:
         return Path(given).resolve()  # tests run the CLI from other folders
     target = REPO / "data" / "cifar10-jpeg"
     if not (target / "train").is_dir() and ARCHIVE.is_file():
-        extract(ARCHIVE, target)
+        target.parent.mkdir(exist_ok=True)
+        with open(target.parent / ".cifar10-jpeg.lock", "w") as lock:  # pytest-xdist's workers extract it once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "train").is_dir():
+                extract(ARCHIVE, target)
     if not (target / "train").is_dir():
         pytest.skip("no CIFAR-10 copy: set SNAPENS_CIFAR10=DIR (an extracted cifar10-jpeg folder), or keep "
                     "../shared/data/cifar10-jpeg.tar.gz beside the checkout")

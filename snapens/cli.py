@@ -56,6 +56,10 @@ def run(main) -> None:
              EXIT_INTERRUPTED if resumable else 128 + signal.Signals[name])
     except HydraException as e:
         fail(hydra_error(e), 2)
+    except ValueError as e:  # Hydra's check of its own flags, before any config is read; anything else is a bug
+        if not str(e).startswith("Only one of --run, --multirun"):
+            raise
+        fail(f"{str(e).splitlines()[0]}; drop all but one of them", 2)
 
 
 def run_job(job: Callable[[], T]) -> T:

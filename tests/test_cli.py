@@ -233,3 +233,9 @@ def test_help_and_a_misspelt_key_answer_before_torch_is_imported(command, tmp_pa
                            capture_output=True, text=True, timeout=HANG)
     assert wrong.stderr.startswith(f"snapens: error: {typo} ") and f"did you mean {meant}?" in wrong.stderr
     assert wrong.stdout == "exit 2\ntorch imported: False\n" and not (tmp_path / "outputs").exists()
+
+
+def test_two_of_hydras_modes_at_once_is_one_line(tmp_path):
+    done = run_cli("snapens.train", "-m", "--cfg", "job", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("snapens: error: Only one of --run, --multirun, --cfg")
+    assert done.stderr.strip().endswith("drop all but one of them") and len(done.stderr.strip().splitlines()) == 1

@@ -101,7 +101,7 @@ def make_run(args, work: Path) -> tuple[Path, int]:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["data=imagefolder", f"data.root={root}", f"model={args.model}",
                                            f"data.num_classes={len(classes)}", f"data.test_limit={args.images}"])
-    data = build_data(cfg.data)  # decodes once into the cache snapens reads; mean/std as train.py computes them
+    data = build_data(cfg.data)  # decodes once into the cache snapens reads; mean/std as training computes them
     run = work / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / "test_index.json").write_text(json.dumps(test_index(root, cfg.data.image_size, data.test)))

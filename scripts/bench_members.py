@@ -59,8 +59,9 @@ def main() -> None:
                        ("choose (last m, greedy, weights, temperatures)",
                         lambda: selection.choose(logits[:, :half], labels[:half], logits[:, half:], labels[half:],
                                                  names))]:
-        took, _ = seconds(work)
-        print(f"M={args.members}, N={args.images}: {name}: {took:.2f} s")
+        took, out = seconds(work)
+        picks = f", {len(out)} picks" if name == "greedy" else ""
+        print(f"M={args.members}, N={args.images}: {name}: {took:.2f} s{picks}")
     small, small_labels = members(args.compare_members, args.images)
     fast, picks = seconds(lambda: (selection.last_m(small, small_labels, "logits"),
                                    selection.greedy(small, small_labels, "logits")))

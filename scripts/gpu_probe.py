@@ -1,7 +1,7 @@
 """CUDA probes of snapens' training path, without Hydra (run by scripts/gpu_validate.sh; PROBE_DEVICE=cpu for a dry run
 with tiny models). Each probe's result goes to $OUT/probe.json and one printed line:
 
-  loop_body_sync_free   train.py's per-step work (batches, update, sums, non-finite flag) under
+  loop_body_sync_free   training.py's per-step work (batches, update, sums, non-finite flag) under
                         torch.cuda.set_sync_debug_mode("error"): any host sync raises
   swa_update_syncs      whether an SWA update waits for the GPU: torch's AveragedModel against snapens' WeightAverage
   rng_round_trip        the checkpoint's random streams put back give the same draws; a checkpoint of 2 processes

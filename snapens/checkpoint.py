@@ -216,15 +216,19 @@ def run_dir_lock(run_dir: Path):
         raise SnapensError(f"cannot write into run dir {run_dir}: {e.strerror or e}; make it writable or pass "
                            "another hydra.run.dir=DIR") from None
     with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # a filesystem without flock (Lustre, some NFS)
-                log.warning(f"cannot lock run dir {run_dir} ({e.strerror}): make sure no other training uses it")
-                yield
-                return
-            raise SnapensError(f"run dir {run_dir} is in use by {_holder(lock)}, which is training into it; wait "
-                               "for it to end, or pass another hydra.run.dir=DIR (nothing was changed)") from None
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # a filesystem without flock (Lustre, some NFS)
+                    log.warning(f"cannot lock run dir {run_dir} ({e.strerror}): make sure no other training uses it")
+                    yield
+                    return
+            holder = _holder(lock)
+            if holder:  # else it ended while we looked: take the lock
+                raise SnapensError(f"run dir {run_dir} is in use by {holder}, which is training into it; wait for "
+                                   "it to end, or pass another hydra.run.dir=DIR (nothing was changed)") from None
         lock.seek(0)
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
@@ -235,19 +239,26 @@ def run_dir_lock(run_dir: Path):
             lock.truncate(0)  # an empty lock file: nobody is training here (a killed holder leaves its PID behind)
 
 
-def _holder(lock, wait: float = 2.0) -> str:
-    """Who holds `lock`: "process PID" as the holder wrote it. The holder writes its PID just after it takes the lock,
-    so one that looks in between finds the file empty: wait for the PID a little (a busy machine can delay the write)
-    before falling back to "another process"."""
+def _holder(lock, wait: float = 2.0) -> str | None:
+    """Who holds `lock` (another open file of the lock, not held by us): "process PID" as the holder wrote it, or
+    None once nobody holds it. The holder writes its PID just after it takes the lock, so one that looks in between
+    finds the file empty: wait for the PID a little (a busy machine can delay the write), then say "another
+    process"."""
     deadline = time.monotonic() + wait
     while True:
-        lock.seek(0)
-        pid = lock.read().strip()
-        if pid:
-            return f"process {pid}"
-        if time.monotonic() > deadline:
-            return "another process"
-        time.sleep(0.02)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # held: by whom?
+            lock.seek(0)
+            pid = lock.read().strip()
+            if pid:
+                return f"process {pid}"
+            if time.monotonic() > deadline:
+                return "another process"
+            time.sleep(0.02)
+        else:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return None
 
 
 def training_holder(run_dir: Path) -> str | None:

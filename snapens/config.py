@@ -162,7 +162,7 @@ def _check_snapshot_keys(cfg: DictConfig) -> None:
 
 
 def _check_adaptive_sgdr(cfg: DictConfig) -> None:
-    """What adaptive SGDR needs of the other keys (train.py lengthens its cycles as the validation loss stalls)."""
+    """What adaptive SGDR needs of the other keys (snapens.training lengthens its cycles as the validation loss stalls)."""
     if cfg.trainer.snapshot_every:
         raise SnapensError("trainer.snapshot_every does not go with scheduler=adaptive_sgdr, whose snapshots "
                            "follow the cycles it adapts; leave trainer.snapshot_every=0")

@@ -1,12 +1,12 @@
 """Distil a finished run's snapshot ensemble into one model: `python -m snapens.distill run=DIR [model=...]`.
 
-The student is trained by snapens.train itself (the same loop, schedule, clipping, checkpoints, bit-identical
+The student is trained by snapens.training itself (the same loop, schedule, clipping, checkpoints, bit-identical
 resume and progress bar) on the teacher run's own training split, against a mix of the labels and the ensemble's
 soft targets on the same augmented batch (Hinton et al. 2015, arXiv 1503.02531; snapens.teacher, snapens.step).
 Hydra composes its config from the teacher run's saved one (as options named `teacher`), then `scheduler=cosine
 scheduler.cycles=1` (one cosine over the same budget and one snapshot, the student), then the command line's; the
 data are the teacher run's, verbatim, and the model too unless `model=` says otherwise. The training config has no
-distillation keys: the loss is handed to snapens.train (build.Loss) with its record, the teacher's snapshot digests,
+distillation keys: the loss is handed to snapens.training (build.Loss) with its record, the teacher's snapshot digests,
 which a resume must match. distill.temperature and distill.alpha are fixed in advance (Hinton et
 al.'s range), never chosen on test.
 
@@ -32,7 +32,7 @@ from snapens.files import write_atomic
 from snapens.schemas import register_configs, schema_of
 
 register_configs()
-log = logging.getLogger(__name__)
+log = logging.getLogger("snapens.distill")  # not __main__: the name its job logs under
 TEACHERS = ("data", "model", "optimizer", "logger")  # the groups whose option the student takes from the teacher
 # One cosine over the budget and one snapshot, neither SWA's nor a mid-cycle one: the student.
 STUDENT = ["scheduler=cosine", "scheduler.cycles=1", "trainer.snapshot_every=0", "trainer.keep_snapshots=0",

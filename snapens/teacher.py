@@ -94,7 +94,7 @@ def load_teacher(paths: list[Path], rule: str, temperature: float, mean, std, de
 
 
 def distillation_loss(cfg: DictConfig, student: DictConfig) -> Loss:
-    """The loss for snapens.train: the teacher run's ensemble on the student's device, softening each member at
+    """The loss for snapens.training: the teacher run's ensemble on the student's device, softening each member at
     distill.temperature, mixed with the labels' cross-entropy by distill.alpha (snapens.teacher). Its record (the
     teacher's rule and snapshot digests) is checked on resume: a changed teacher stops it."""
     d = {**OmegaConf.to_container(cfg.distill), "run": str(Path(cfg.distill.run))}  # as every earlier student had it

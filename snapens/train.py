@@ -16,7 +16,7 @@ from snapens import cli
 from snapens.schemas import register_configs
 
 register_configs()
-log = logging.getLogger(__name__)
+log = logging.getLogger("snapens.train")  # not __main__: the name its job logs under
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

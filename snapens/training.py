@@ -33,7 +33,7 @@ from snapens.snapshots import prune_snapshots, save_snapshot, snapshot_path, sna
 from snapens.step import seconds_since, set_hyperparameters, train_step
 from snapens.tensorboard_log import log_report, open_writer, require_tensorboard
 
-log = logging.getLogger("snapens.train")  # the command's name, as every run's train.log has it
+log = logging.getLogger("snapens.train")  # the command's name, as train.py's own lines have it
 
 
 @dataclass
@@ -146,6 +146,8 @@ def loop(run: Run, stops: list[str]) -> None:
                 if now.checkpoint:
                     save_progress(run)
                 if now.stop:
+                    distributed.barrier(run.ranks)  # rank 0's checkpoint is whole before any rank exits: a launcher
+                    # that ends the job at the first rank's exit loses nothing
                     raise Interrupted(f"stopped by {stops[0] if stops else 'a signal to another rank'} after step "
                                       f"{progress.step} with a checkpoint; run the same command again "
                                       f"(hydra.run.dir={run.dir}) to resume", stops[0] if stops else None)

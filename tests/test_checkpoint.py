@@ -51,8 +51,13 @@ def test_a_holder_that_has_not_yet_written_its_pid_is_waited_for_then_named_plai
     with pytest.raises(SnapensError, match=f"run dir {tmp_path} is in use by another process, which is training"):
         with run_dir_lock(tmp_path):
             pass
-    holder.close()
+    holder.write("4242\n")
+    holder.flush()
+    fcntl.flock(holder, fcntl.LOCK_UN)  # as a holder killed with -9 leaves it: its PID, no lock
     assert checkpoint.training_holder(tmp_path) is None
+    with run_dir_lock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    holder.close()
 
 
 def test_checkpoint_without_its_keys_is_one_line(make_cfg, tmp_path):

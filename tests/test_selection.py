@@ -85,6 +85,26 @@ def test_the_running_sum_choices_are_the_definitions(rule, seed):
             torch.testing.assert_close(s, rules.combine(logits[8 - first - j:], rule), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("rule", ["vote", "probs"])
+def test_float32_members_are_chosen_on_the_numbers_reported_for_them(rule):
+    """Choice and report in one precision: in float32 a confident member's probabilities round to exactly 1, which
+    once turned a vote's tie-break by confidence into a tie-break by class index in the report but not in the
+    choice (the review's case: M=3, one image of label 1)."""
+    logits = torch.tensor([[[0.0, 0.0]], [[0.0, 31.0]], [[30.0, 0.0]]])
+    labels = torch.tensor([1])
+    assert selection.last_m(logits, labels, rule) == reference_last_m(logits, labels, rule)
+    assert selection.greedy(logits, labels, rule) == reference_greedy(logits, labels, rule)
+    curve = metrics.curves(logits, labels, (rule,))["last"][rule]
+    assert [c["acc"] for c in curve] == [metrics.scores(logits[3 - m:], labels, rule)["acc"] for m in (1, 2, 3)]
+
+
+def test_a_member_with_nan_outputs_is_never_chosen():
+    """A NaN criterion (NaN logits, as an fp16 overflow leaves them) counts as the worst, not the best."""
+    logits = members()
+    logits[1, 0] = float("nan")
+    assert 1 not in selection.greedy(logits, LABELS, "logits") and 1 not in selection.last_m(logits, LABELS, "logits")
+
+
 def test_an_all_infinite_validation_falls_back_to_the_last_member():
     logits = torch.full((3, 4, 2), -1e9, dtype=torch.float64)
     logits[..., 0] = 0  # every member certain of class 0, every label 1: each NLL infinite

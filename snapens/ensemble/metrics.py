@@ -31,9 +31,10 @@ def probabilities(logits: torch.Tensor, rule: str = "logits") -> torch.Tensor:
 
 
 def predictions(logits: torch.Tensor, rule: str = "logits") -> torch.Tensor:
-    """The ensemble's int64 N predicted classes from M x N x C logits: `snapens.ensemble.rules.predictions`, computed in the logits'
-    own dtype (a vote tie goes to the tied class with the larger mean probability)."""
-    return combining.predictions(logits, rule)
+    """The ensemble's int64 N predicted classes from M x N x C logits: `snapens.ensemble.rules.predictions`, in
+    float64 as the probabilities and member choice are (a vote tie goes to the tied class with the larger mean
+    probability, which float32 can round to a tie of exact ones)."""
+    return combining.predictions(logits.double(), rule)
 
 
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:

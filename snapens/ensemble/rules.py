@@ -81,9 +81,11 @@ RULES: dict[str, Rule] = {
 
 
 def votes(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """N x C: how many members predict each class by the argmax of their logits (with weights, in units of the
-    lightest member), as in a vote's scores."""
-    return _unit(len(logits), weights) * _pool(_one_hot(logits).double(), weights)
+    """N x C: how many members predict each class by the argmax of their logits (int64); with weights, their
+    weight in units of the lightest member's (float64). A vote's scores are these plus half the mean probability."""
+    if weights is None:
+        return _one_hot(logits).sum(0)
+    return _pool(_one_hot(logits).double(), weights) / weights[weights > 0].min().double()
 
 
 def check_rule(rule: str) -> None:

@@ -29,9 +29,9 @@ def criterion(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> float:
 def _criteria(probs: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, rule: str) -> torch.Tensor:
     """`criterion` of E ensembles at once, from their E x N x C probabilities and scores (rules.growing and
     rules.with_each give them): float64 E."""
-    if rules.gives_probabilities(rule):
-        return metrics.nlls(probs, labels)
-    return 1.0 - (scores.argmax(-1) == labels).double().mean(-1)
+    values = metrics.nlls(probs, labels) if rules.gives_probabilities(rule) else \
+        1.0 - (scores.argmax(-1) == labels).double().mean(-1)
+    return values.masked_fill(values.isnan(), float("inf"))  # a member with a NaN output is never the best choice
 
 
 def last_m(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> list[int]:

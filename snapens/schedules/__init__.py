@@ -29,3 +29,9 @@ import snapens.adaptive  # noqa: E402, F401
 
 __all__ = ["ANNEAL_STRATEGIES", "CYCLIC_MODES", "FGE", "SCHEDULES", "SGDR", "Constant", "Cosine", "CosineCycles",
            "Cyclic", "OneCycle", "Schedule", "Snapshot", "StepDecay", "Warmup", "geometric_lengths", "register"]
+
+
+def __getattr__(name: str):  # snapens.schedules.AdaptiveSGDR, as before it lived whole in snapens.adaptive
+    if name == "AdaptiveSGDR":
+        return snapens.adaptive.AdaptiveSGDR
+    raise AttributeError(f"module 'snapens.schedules' has no attribute {name!r}")

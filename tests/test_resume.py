@@ -308,7 +308,7 @@ def test_a_stop_signal_during_setup_ends_with_a_checkpoint(make_cfg, tmp_path, m
     import signal
 
     import snapens.training
-    real = snapens.train.setup
+    real = snapens.training.setup
 
     def setup_then_signal(*args):
         built = real(*args)

@@ -38,7 +38,7 @@ def test_resnet20_sgdr_on_cifar10_subset(cifar_root, tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "snapens.train", "model=resnet20", "scheduler=sgdr", "scheduler.T_0=1",
                "scheduler.T_mult=1", "trainer.epochs=3", "data=imagefolder", f"data.root={cifar_root}",
-               "data.train_limit=5000", "data.test_limit=1000", f"hydra.run.dir={run_dir}"]
+               "data.train_limit=5000", "data.test_limit=1000", "trainer.num_threads=1", f"hydra.run.dir={run_dir}"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert result.returncode == 0, result.stderr[-2000:]
 

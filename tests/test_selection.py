@@ -74,7 +74,8 @@ def test_the_running_sum_choices_are_the_definitions(rule, seed):
     logits = torch.randn(9, 60, 4, generator=g, dtype=torch.float64) + strength * torch.nn.functional.one_hot(labels, 4)
     assert selection.last_m(logits, labels, rule) == reference_last_m(logits, labels, rule)
     assert selection.greedy(logits, labels, rule) == reference_greedy(logits, labels, rule)
-    for first, probs, scores in rules.with_each(logits, [3, 3, 5], rule, chunk=500):  # groups of 2 members
+    terms = rules.member_terms(logits, rule)
+    for first, probs, scores in rules.with_each(terms, [3, 3, 5], rule, chunk=2 * terms[0].numel()):  # 2 a group
         for j, (p, s) in enumerate(zip(probs, scores)):
             members = logits[[3, 3, 5, first + j]]
             torch.testing.assert_close(p, rules.probabilities(members, rule), rtol=0, atol=1e-12)

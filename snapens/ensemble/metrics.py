@@ -155,9 +155,14 @@ def curves(logits: torch.Tensor, labels: torch.Tensor, rules: tuple[str, ...] | 
     combining.check_members(logits)
     rules = combining.RULES if rules is None else rules
     ends = {"last": logits.double().flip(0), "first": logits.double()}
-    return {end: {rule: [{"m": first + j + 1, **probability_scores(p, labels, bins, s.argmax(-1),
-                                                                  with_nll=combining.gives_probabilities(rule))}
-                         for first, probs, predicted in combining.growing(members, rule)
-                         for j, (p, s) in enumerate(zip(probs, predicted))]
-                  for rule in rules}
-            for end, members in ends.items()}
+    return {end: {rule: _growing_scores(members, labels, rule, bins) for rule in rules} for end, members in ends.items()}
+
+
+def _growing_scores(logits: torch.Tensor, labels: torch.Tensor, rule: str, bins: int) -> list[dict]:
+    """`probability_scores` of the first m members' ensemble, m = 1 .. M, with "m" (rules.growing: O(M N C))."""
+    with_nll = combining.gives_probabilities(rule)
+    out = []
+    for first, probs, scores in combining.growing(logits, rule):
+        out += [{"m": first + j + 1, **probability_scores(p, labels, bins, s.argmax(-1), with_nll=with_nll)}
+                for j, (p, s) in enumerate(zip(probs, scores))]
+    return out

@@ -169,27 +169,30 @@ def growing(logits: torch.Tensor, rule: str, chunk: int = 2**24):
     check_rule(rule)
     check_members(logits)
     r, total = RULES[rule], 0
-    for first in range(0, len(logits), _step(logits, chunk)):
-        sums = total + r.terms(logits[first:first + _step(logits, chunk)]).cumsum(0)
+    step = max(1, chunk // (2 * logits[0].numel()))  # members per group (a vote's terms are twice the logits)
+    for first in range(0, len(logits), step):
+        sums = total + r.terms(logits[first:first + step]).cumsum(0)
         m = torch.arange(first + 1, first + len(sums) + 1, dtype=sums.dtype).view(-1, 1, 1)
         total = sums[-1]
         yield first, *r.outputs(sums / m, m)
 
 
-def _step(logits: torch.Tensor, chunk: int) -> int:
-    """How many members' worth of N x C (x 2 for a vote's terms) fit in `chunk` numbers."""
-    return max(1, chunk // (2 * logits[0].numel()))
-
-
-def with_each(logits: torch.Tensor, picked: list[int], rule: str, chunk: int = 2**24):
-    """For greedy selection: (probabilities, scores) of the ensemble of the members `picked` (repeats counted) plus
-    member i, for each member i in turn, in groups of members of at most `chunk` numbers each: yields (first i,
-    probabilities, scores) with leading dimension the group's members. O(M N C) for all M candidates."""
+def member_terms(logits: torch.Tensor, rule: str) -> torch.Tensor:
+    """What `rule` averages over the members, M x N x K, for `with_each`: computed once for all of greedy's picks."""
     check_rule(rule)
-    r, n = RULES[rule], len(picked) + 1
-    total = r.terms(logits[picked]).sum(0) if picked else 0
-    for first in range(0, len(logits), _step(logits, chunk)):
-        yield first, *r.outputs((total + r.terms(logits[first:first + _step(logits, chunk)])) / n, n)
+    return RULES[rule].terms(logits)
+
+
+def with_each(terms: torch.Tensor, picked: list[int], rule: str, chunk: int = 2**24):
+    """For greedy selection: (probabilities, scores) of the ensemble of the members `picked` (repeats counted) plus
+    member i, for each member i in turn, from the members' `member_terms`, in groups of members of at most `chunk`
+    numbers each: yields (first i, probabilities, scores) with leading dimension the group's members. O(M N C) for
+    all M candidates."""
+    check_rule(rule)
+    n, total = len(picked) + 1, terms[picked].sum(0) if picked else 0
+    step = max(1, chunk // terms[0].numel())
+    for first in range(0, len(terms), step):
+        yield first, *RULES[rule].outputs((total + terms[first:first + step]) / n, n)
 
 
 def scale(probs: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -49,9 +49,9 @@ def greedy(logits: torch.Tensor, labels: torch.Tensor, rule: str, max_size: int 
     Each pick tries every member from the running sum of those picked (rules.with_each): O(M N C) per pick."""
     chosen: list[int] = []
     best = float("inf")
-    logits = logits.double()
+    terms = rules.member_terms(logits.double(), rule)  # once: each pick adds to their running sum
     for _ in range(max_size or 2 * len(logits)):
-        values = torch.cat([_criteria(p, s, labels, rule) for _, p, s in rules.with_each(logits, chosen, rule)])
+        values = torch.cat([_criteria(p, s, labels, rule) for _, p, s in rules.with_each(terms, chosen, rule)])
         pick = int(values.argmin())  # the lower index on a tie
         if values[pick].item() >= best:
             break

@@ -16,7 +16,7 @@ After the M1 and M4 runs of every cell, the two most telling cells (CONFIRM) are
 Each run is its own `python -m snapens.train` in OUT/<cell>/; a cell whose results.json exists is skipped, and an
 unfinished one is resumed by running its command again on its run dir (trainer.resume=auto), so a killed or stopped
 map picks up where it was. Runs are ordered cheapest and most telling first: M1 and M4 of every cell, short budget
-first, then SWA and FGE.
+first, then the confirmation seeds, then SWA and FGE of the two telling cells, then of the others.
 """
 
 import argparse
@@ -65,7 +65,10 @@ def cells() -> list[tuple[str, list[str]]]:
             first = dict(out)
             out += [(f"{cell}_s{seed}_{arm}", [*first[f"{cell}_{arm}"], f"trainer.seed={seed}"])
                     for cell in CONFIRM for seed in (1, 2) for arm in ("M1", "M4")]
-    return out
+
+    def later(run) -> bool:  # of SWA and FGE, the two telling cells' runs first (sorted() keeps the order otherwise)
+        return run[0].endswith(("_swa4", "_fge4")) and run[0].rsplit("_", 1)[0] not in CONFIRM
+    return sorted(out, key=later)
 
 
 def command(name: str, overrides: list[str], root: Path, out: Path) -> list[str]:

@@ -23,6 +23,8 @@ import argparse
 import csv
 import io
 import json
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +51,11 @@ ARMS = {
 CONFIRM = ("r20_n1000_e320", "r8_n4000_e80")
 
 
+def arm_runs(cell: str, base: list[str], epochs: int, arms=tuple(ARMS)) -> list[tuple[str, list[str]]]:
+    """(<cell>_<arm>, overrides) of one cell's runs: its own overrides, then the arm's."""
+    return [(f"{cell}_{arm}", [*base, *ARMS[arm](epochs)]) for arm in arms]
+
+
 def cells() -> list[tuple[str, list[str]]]:
     """(name, overrides) of every run, in the order they are trained."""
     out = []
@@ -57,10 +64,8 @@ def cells() -> list[tuple[str, list[str]]]:
             for size, epochs_of in BUDGETS.items():
                 for depth in DEPTHS:
                     epochs = epochs_of[budget]
-                    for arm in arms:
-                        name = f"r{depth}_n{size}_e{epochs}_{arm}"
-                        out.append((name, [f"model.depth={depth}", f"data.train_limit={size}",
-                                           f"trainer.epochs={epochs}", "trainer.batch_size=32", *ARMS[arm](epochs)]))
+                    out += arm_runs(f"r{depth}_n{size}_e{epochs}", [f"model.depth={depth}", f"data.train_limit={size}",
+                                    f"trainer.epochs={epochs}", "trainer.batch_size=32"], epochs, arms)
         if arms == ("M1", "M4"):
             first = dict(out)
             out += [(f"{cell}_s{seed}_{arm}", [*first[f"{cell}_{arm}"], f"trainer.seed={seed}"])
@@ -76,9 +81,10 @@ def command(name: str, overrides: list[str], root: Path, out: Path) -> list[str]
             f"hydra.run.dir={out / name}"]
 
 
-def run(root: Path, out: Path) -> None:
+def run(root: Path, out: Path, runs: list[tuple[str, list[str]]] | None = None) -> None:
+    """Train every run (default: the map's) whose dir has no results.json yet; an unfinished one resumes."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, overrides in cells():
+    for name, overrides in runs or cells():
         if (out / name / "results.json").exists():
             continue
         print(f"{time.strftime('%H:%M:%S')} {name}: {' '.join(overrides)}", flush=True)
@@ -104,16 +110,34 @@ def train_accuracy(run: Path, steps: list[int]) -> list[float]:
     return [next(e["train_acc"] for e in epochs if e["step"] >= step) for step in steps]
 
 
-def summarise_cell(cell: str, out: Path, labels) -> dict | None:
-    """One cell's M4 run against its M1 run, paired on the test images (snapens.ensemble.uncertainty)."""
+def swa_logits(run: Path, test):
+    """M x N x C: the run's per-cycle SWA averages (cycle_XX_swa) on the test images, computed here: training caches
+    the test logits of its plain snapshots only."""
+    import torch
+
+    from snapens import Ensemble
+
+    ensemble = Ensemble.from_run(run, swa=True)
+    with torch.no_grad():
+        return torch.cat([ensemble.logits(x) for x in test.images.split(500)], dim=1).double()
+
+
+def summarise_cell(cell: str, out: Path, test) -> dict | None:
+    """One cell's M4 run (and its SWA and FGE runs, where finished) against its M1 run, paired on the test images
+    (snapens.ensemble.uncertainty); each ensemble is the uniform mean of its members' logits."""
     from snapens.ensemble import rules, uncertainty
 
-    runs = {arm: out / f"{cell}_{arm}" for arm in ("M1", "M4")}
-    if not all((r / "results.json").exists() for r in runs.values()):
+    runs = {arm: out / f"{cell}_{arm}" for arm in ARMS}
+    finished = {arm for arm, r in runs.items() if (r / "results.json").exists()}
+    if not {"M1", "M4"} <= finished:
         return None
-    results = {arm: json.loads((r / "results.json").read_text()) for arm, r in runs.items()}
-    z1, z4 = test_logits(runs["M1"]), test_logits(runs["M4"])
-    one = uncertainty.per_image(rules.probabilities(z1), z1[0].argmax(-1), labels)
+    results = {arm: json.loads((runs[arm] / "results.json").read_text()) for arm in ("M1", "M4")}
+    labels = test.labels
+
+    def scored(z):  # per image: right and NLL of the uniform ensemble of z's members
+        return uncertainty.per_image(rules.probabilities(z), rules.predictions(z), labels)
+
+    one, z4 = scored(test_logits(runs["M1"])), test_logits(runs["M4"])
     steps = [s["step"] for s in results["M4"]["snapshots"]]
     row = {"cell": cell, "updates_per_cycle": steps[0], "M1_acc": results["M1"]["single"]["acc"],
            "M1_nll": results["M1"]["single"]["nll"],
@@ -122,49 +146,122 @@ def summarise_cell(cell: str, out: Path, labels) -> dict | None:
                                                                                   results["M4"]["snapshots"]],
            "M4_last_acc": results["M4"]["single"]["acc"], "M4_all_acc": results["M4"]["ensemble"]["acc"],
            "M4_all_nll": results["M4"]["ensemble"]["nll"]}
-    members = {"all": list(range(len(z4))), "greedy": [int(n[-2:]) - 1 for n in
-                                                         results["M4"]["chosen"]["greedy"]["members"]]}
-    for name, picks in members.items():
-        combined = uncertainty.per_image(rules.probabilities(z4[picks]), rules.predictions(z4[picks]), labels)
-        row[f"{name}_vs_M1"] = uncertainty.gain(combined, one)
+    greedy = [int(n[-2:]) - 1 for n in results["M4"]["chosen"]["greedy"]["members"]]
+    row["all_vs_M1"], row["greedy_vs_M1"] = uncertainty.gain(scored(z4), one), uncertainty.gain(scored(z4[greedy]), one)
+    for arm, logits in (("swa4", lambda r: swa_logits(r, test)), ("fge4", test_logits)):
+        if arm in finished:
+            combined = scored(logits(runs[arm]))
+            row[f"{arm}_all_acc"], row[f"{arm}_vs_M1"] = float(combined[0].mean()), uncertainty.gain(combined, one)
     return row
 
 
-def summarise(root: Path, out: Path, to: Path) -> None:
-    """regime.md and regime.csv in `to`: every finished cell's M4 against its M1 run (1 seed)."""
-    from snapens.data import load_image_folder
+def interval(g: dict | None, scale: float = 100, digits: int = 2) -> str:
+    """A paired gain as `+1.10 [+0.24, +2.00]` (points for accuracy: scale 100), '-' when there is none."""
+    if not g:
+        return "-"
+    return f"{scale * g['gain']:+.{digits}f} [{scale * g['low']:+.{digits}f}, {scale * g['high']:+.{digits}f}]"
 
-    labels = load_image_folder(str(root))[1].labels  # the whole test set, in the order every run scored it
-    groups = dict.fromkeys(name.rsplit("_", 1)[0] for name, _ in cells())  # a cell's M1 and M4 runs, in run order
-    rows = [r for cell in groups if (r := summarise_cell(cell, out, labels))]
+
+def map_table(rows: list[dict]) -> list[str]:
+    """The map: each cell's M4 run against its M1 run (seed 0)."""
     table = ["| cell | updates per cycle | train acc at each M4 snapshot (%) | M1 test acc (%) | M4 last | M4 all "
              "| all vs M1 (pp, 95%) | greedy (val) vs M1 (pp, 95%) | NLL: all vs M1 (95%) |",
              "| --- | ---: | --- | ---: | ---: | ---: | --- | --- | --- |"]
     for r in rows:
-        acc = lambda g: f"{100 * g['gain']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}]"  # noqa: E731
-        nll = r["all_vs_M1"].get("nll")
         table.append(f"| {r['cell']} | {r['updates_per_cycle']} | "
                      f"{' '.join(f'{100 * a:.0f}' for a in r['M4_train_acc'])} | {100 * r['M1_acc']:.2f} | "
-                     f"{100 * r['M4_last_acc']:.2f} | {100 * r['M4_all_acc']:.2f} | {acc(r['all_vs_M1']['acc'])} | "
-                     f"{acc(r['greedy_vs_M1']['acc'])} | "
-                     + (f"{nll['gain']:+.3f} [{nll['low']:+.3f}, {nll['high']:+.3f}] |" if nll else "- |"))
+                     f"{100 * r['M4_last_acc']:.2f} | {100 * r['M4_all_acc']:.2f} | {interval(r['all_vs_M1']['acc'])} "
+                     f"| {interval(r['greedy_vs_M1']['acc'])} | {interval(r['all_vs_M1'].get('nll'), 1, 3)} |")
+    return table
+
+
+def seed_of(cell: str) -> tuple[str, int]:
+    """r20_n1000_e320_s2 -> (r20_n1000_e320, 2); a map cell is seed 0."""
+    seeded = re.fullmatch(r"(.+)_s(\d+)", cell)
+    return (seeded[1], int(seeded[2])) if seeded else (cell, 0)
+
+
+def spread(values: list[float], scale: float = 100, digits: int = 2) -> str:
+    """mean ± sample std, as `+1.09 ± 2.71`."""
+    return f"{scale * statistics.mean(values):+.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def seeds_table(rows: list[dict]) -> list[str]:
+    """Cells trained with several seeds: each seed's paired gain (its interval: the test images' sampling error),
+    then mean ± sample std over the seeds (the seed-to-seed spread, which the intervals leave out)."""
+    table = ["| cell | seed | M1 test acc (%) | M4 all | all vs M1 (pp, 95%) | NLL: all vs M1 (95%) |",
+             "| --- | ---: | ---: | ---: | --- | --- |"]
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(seed_of(r["cell"])[0], []).append(r)
+    for base, group in groups.items():
+        if len(group) < 2:
+            continue
+        for r in group:
+            table.append(f"| {base} | {seed_of(r['cell'])[1]} | {100 * r['M1_acc']:.2f} | {100 * r['M4_all_acc']:.2f} "
+                         f"| {interval(r['all_vs_M1']['acc'])} | {interval(r['all_vs_M1'].get('nll'), 1, 3)} |")
+        gains = [r["all_vs_M1"]["acc"]["gain"] for r in group]
+        nlls = [r["all_vs_M1"]["nll"]["gain"] for r in group if "nll" in r["all_vs_M1"]]
+        table.append(f"| {base} | mean ± std of {len(group)} | "
+                     f"{spread([r['M1_acc'] for r in group]).lstrip('+')} | "
+                     f"{spread([r['M4_all_acc'] for r in group]).lstrip('+')} | {spread(gains)} | "
+                     + (f"{spread(nlls, 1, 3)} |" if len(nlls) == len(group) else "- |"))
+    return table
+
+
+def others_table(rows: list[dict]) -> list[str]:
+    """SWA per cycle and FGE at the cost of one run, beside the 4 snapshots, where they have run."""
+    table = ["| cell | ensemble of 4 | test acc (%) | vs M1 (pp, 95%) | NLL vs M1 (95%) |",
+             "| --- | --- | ---: | --- | --- |"]
+    names = {"M4": "snapshots (M4)", "swa4": "SWA averages, one per cycle", "fge4": "FGE snapshots"}
+    for r in rows:
+        if not any(f"{arm}_vs_M1" in r for arm in ("swa4", "fge4")):
+            continue
+        for arm, name in names.items():
+            gain, acc = (r["all_vs_M1"], r["M4_all_acc"]) if arm == "M4" else (r.get(f"{arm}_vs_M1"),
+                                                                                r.get(f"{arm}_all_acc"))
+            if gain:
+                table.append(f"| {r['cell']} | {name} | {100 * acc:.2f} | {interval(gain['acc'])} | "
+                             f"{interval(gain.get('nll'), 1, 3)} |")
+    return table
+
+
+CSV = ["cell", "updates_per_cycle", "M1_acc", "M1_nll", "M1_train_acc", "M4_last_acc", "M4_all_acc", "M4_all_nll",
+       "M4_train_acc", "M4_snapshot_acc", "all_vs_M1_acc", "all_vs_M1_acc_low", "all_vs_M1_acc_high", "all_vs_M1_nll",
+       "greedy_vs_M1_acc", "greedy_vs_M1_acc_low", "greedy_vs_M1_acc_high", "swa4_all_acc", "swa4_vs_M1_acc",
+       "swa4_vs_M1_acc_low", "swa4_vs_M1_acc_high", "swa4_vs_M1_nll", "fge4_all_acc", "fge4_vs_M1_acc",
+       "fge4_vs_M1_acc_low", "fge4_vs_M1_acc_high", "fge4_vs_M1_nll"]
+
+
+def csv_row(r: dict) -> list:
+    """One row of regime.csv (full precision; empty where an arm has not run)."""
+    flat = {k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items() if "_vs_" not in k}
+    for key, g in r.items():
+        if "_vs_" in key:
+            flat.update({key + "_acc": g["acc"]["gain"], key + "_acc_low": g["acc"]["low"],
+                         key + "_acc_high": g["acc"]["high"], key + "_nll": g.get("nll", {}).get("gain")})
+    return [flat.get(column) for column in CSV]
+
+
+def summarise(root: Path, out: Path, to: Path, runs: list[tuple[str, list[str]]] | None = None) -> None:
+    """regime.md, regime.csv and regime.png in `to`: every finished cell of `runs` (default: the map's) against its
+    M1 run; the map's cells, the cells trained with several seeds, and SWA and FGE beside the snapshots."""
+    from snapens.data import load_image_folder
+
+    test = load_image_folder(str(root))[1]  # the whole test set, in the order every run scored it
+    groups = dict.fromkeys(name.rsplit("_", 1)[0] for name, _ in runs or cells())  # cells, in run order
+    rows = [r for cell in groups if (r := summarise_cell(cell, out, test))]
+    first = [r for r in rows if seed_of(r["cell"])[1] == 0]
+    sections = [map_table(first), seeds_table(rows), others_table(first)]
     to.mkdir(parents=True, exist_ok=True)
-    (to / "regime.md").write_text("\n".join(table) + "\n")
+    (to / "regime.md").write_text("\n\n".join("\n".join(t) for t in sections if len(t) > 2) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["cell", "updates_per_cycle", "M1_acc", "M1_nll", "M1_train_acc", "M4_last_acc", "M4_all_acc",
-                     "M4_all_nll", "M4_train_acc", "M4_snapshot_acc", "all_vs_M1_acc", "all_vs_M1_acc_low",
-                     "all_vs_M1_acc_high", "all_vs_M1_nll", "greedy_vs_M1_acc", "greedy_vs_M1_acc_low",
-                     "greedy_vs_M1_acc_high"])
-    for r in rows:
-        a, g, n = r["all_vs_M1"]["acc"], r["greedy_vs_M1"]["acc"], r["all_vs_M1"].get("nll", {})
-        writer.writerow([r["cell"], r["updates_per_cycle"], r["M1_acc"], r["M1_nll"], r["M1_train_acc"],
-                         r["M4_last_acc"], r["M4_all_acc"], r["M4_all_nll"], " ".join(map(str, r["M4_train_acc"])),
-                         " ".join(map(str, r["M4_snapshot_acc"])), a["gain"], a["low"], a["high"], n.get("gain"),
-                         g["gain"], g["low"], g["high"]])
+    writer.writerow(CSV)
+    writer.writerows(csv_row(r) for r in rows)
     (to / "regime.csv").write_text(buffer.getvalue())
-    plot_map(rows, to / "regime.png")
-    print("\n".join(table))
+    plot_map(first, to / "regime.png")
+    print((to / "regime.md").read_text(), end="")
 
 
 def plot_map(rows: list[dict], path: Path) -> None:

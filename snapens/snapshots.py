@@ -104,7 +104,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
         with safe_open(path, framework="pt") as f:
             raw = f.metadata() or {}
     except FileNotFoundError:
-        raise SnapensError(f"snapshot {path} does not exist") from None
+        raise SnapensError(f"snapshot {path} does not exist: check the path") from None
     except (SafetensorError, OSError) as e:
         raise SnapensError(f"snapshot {path} is not a readable safetensors file ({e}); it is truncated or corrupt")
     try:

@@ -163,3 +163,13 @@ def record_steps(monkeypatch, before=None, after=None):
         return out
 
     monkeypatch.setattr(snapens.training, "train_step", step)
+
+
+def says(message: str, *parts: str) -> None:
+    """An error as snapens gives it: one line that names the key (with its value) and the fix (the bound, the option
+    to take, the key to set). Tests pin those parts, not the wording around them, so a clearer sentence breaks no
+    test while a lost key or fix does."""
+    line = str(message).strip()
+    assert line and "\n" not in line, line
+    for part in parts:
+        assert part in line, f"{part!r} is not in {line!r}"

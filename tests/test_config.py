@@ -1,6 +1,5 @@
 """Config: every group option composes, and every bad value fails before training with one line naming the key."""
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from snapens.checkpoint import checkpoint_path, load_checkpoint
 from snapens.errors import SnapensError
 from snapens.training import train
 
-from conftest import CONF, EQUAL_CYCLES_2, EQUAL_CYCLES_3, FAST, HANG, compose_config
+from conftest import CONF, EQUAL_CYCLES_2, EQUAL_CYCLES_3, FAST, HANG, compose_config, says
 
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("data", "model", "optimizer", "scheduler")}
 
@@ -86,26 +85,25 @@ def test_entry_point_configs_set_every_key(name):
     OmegaConf.to_container(compose_config(name=name), resolve=True, throw_on_missing=True)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["scheduler=cyclic", "scheduler.mode=sine"],
-     "scheduler.mode=sine: must be one of ('triangular', 'triangular2', 'exp_range'), got 'sine'"),
-    (["scheduler=onecycle", "scheduler.anneal=exp"], "scheduler.anneal=exp: must be one of ('cos', 'linear')"),
-    (["scheduler=onecycle", "scheduler.base_momentum=0.99"], "scheduler.base_momentum=0.99: must be in [0, max_mom"),
-    (["scheduler=snapshot", "scheduler.cycles=0"], "scheduler.cycles=0: must be a positive number of steps, got 0"),
-    (["scheduler=cosine", "scheduler.warmup=-1"],
-     "scheduler.warmup=-1.0: warmup_steps must be a non-negative number of steps, got -3"),
-    (["scheduler=cosine", "scheduler.warmup=150"],
-     "scheduler.warmup=150.0: warmup_steps must be shorter than the schedule (total_steps=450), got 450"),
-    (["scheduler=sgdr", "scheduler.eta_max=inf"], "scheduler.eta_max=inf: must be a finite learning rate > 0"),
-    (["scheduler=sgdr", "scheduler.T_0=nan"], "scheduler.T_0=nan must be a finite number (epochs)"),
-    (["scheduler=adaptive_sgdr", "scheduler.T_mult=0.5"], "scheduler.T_mult=0.5: must be a finite number >= 1"),
+@pytest.mark.parametrize("overrides, key, fix", [
+    (["scheduler=cyclic", "scheduler.mode=sine"], "scheduler.mode=sine", "('triangular', 'triangular2', 'exp_range')"),
+    (["scheduler=onecycle", "scheduler.anneal=exp"], "scheduler.anneal=exp", "('cos', 'linear')"),
+    (["scheduler=onecycle", "scheduler.base_momentum=0.99"], "scheduler.base_momentum=0.99", "[0, max_mom"),
+    (["scheduler=snapshot", "scheduler.cycles=0"], "scheduler.cycles=0", "positive number of steps"),
+    (["scheduler=cosine", "scheduler.warmup=-1"], "scheduler.warmup=-1.0", "non-negative number of steps"),
+    (["scheduler=cosine", "scheduler.warmup=150"], "scheduler.warmup=150.0",
+     "shorter than the schedule (total_steps=450)"),
+    (["scheduler=sgdr", "scheduler.eta_max=inf"], "scheduler.eta_max=inf", "finite learning rate > 0"),
+    (["scheduler=sgdr", "scheduler.T_0=nan"], "scheduler.T_0=nan", "finite number"),
+    (["scheduler=adaptive_sgdr", "scheduler.T_mult=0.5"], "scheduler.T_mult=0.5", ">= 1"),
 ])
-def test_schedule_classes_check_their_arguments_and_the_key_is_named(make_cfg, overrides, message):
+def test_schedule_classes_check_their_arguments_and_the_key_is_named(make_cfg, overrides, key, fix):
     """A value that a schedule class checks is checked there only; build_schedule names the key in one line."""
     cfg = make_cfg(*overrides)
     with pytest.raises(SnapensError) as info:
         build_schedule(cfg.scheduler, cfg.trainer.epochs, steps_per_epoch=3)
-    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert str(info.value).startswith(key)
+    says(info.value, fix)
 
 
 def test_model_config_instantiates_into_a_module(make_cfg):
@@ -114,61 +112,60 @@ def test_model_config_instantiates_into_a_module(make_cfg):
     assert isinstance(model, torch.nn.Module) and model.fc.out_features == 100
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["scheduler.T_0=0"], "scheduler.T_0=0.0: must be a positive number of steps, got 0"),
-    (["scheduler.eta_min=0.5"], "scheduler.eta_min=0.5 must not exceed scheduler.eta_max=0.1"),
-    (["scheduler=step", "scheduler.milestones=[10,5]"], "scheduler.milestones=[10.0, 5.0] must be in ascending order"),
-    (["trainer.epochs=100", "scheduler.T_0=10", "scheduler.T_mult=2"],
-     "trainer.epochs=100 ends inside cycle 4; cycles end at 10, 30, 70, 150 epochs"),
-    (["trainer.device=gpu"], "trainer.device=gpu is not allowed; choose one of: auto, cpu, cuda"),
-    (["trainer.clip_mode=l2"], "trainer.clip_mode=l2 is not allowed; choose one of: norm, value"),
-    (["ensemble.rule=median"], "ensemble.rule=median is not allowed; choose one of: logits, probs, vote"),
-    (["trainer.batch_size=0"], "trainer.batch_size=0 must be a finite number > 0"),
-    (["trainer.grad_clip=-1"], "trainer.grad_clip=-1.0 must be a finite number >= 0"),
-    (["scheduler.T_mult=0.5"], "scheduler.T_mult=0.5: must be a finite number >= 1, got 0.5"),
-    (["scheduler.T_0=0.001"], "scheduler.T_0=0.001 (epochs) is shorter than one step"),
-    (["trainer.epochs=inf"], "trainer.epochs=inf must be a finite number > 0"),
-    (["trainer.epochs=0.1"], "trainer.epochs=0.1 is less than one step (4 steps per epoch)"),
-    (["optimizer.name=foo"], "optimizer.name=foo is not allowed; choose one of: sgd, adamw"),
-    (["model.depth=9"], "model.depth must be 6n+2 between 8 and 1202 (20, 32, 44, 56, 110), got 9"),
-    (["optimizer.momentum=-1"], "optimizer.momentum=-1.0 must be a finite number >= 0 and <= 1"),
-    (["optimizer.nesterov=true", "optimizer.momentum=0"], "optimizer.nesterov=true needs momentum"),
-    (["optimizer=adamw", "optimizer.beta2=2"], "optimizer.beta2=2.0 must be a finite number >= 0 and <= 1"),
-    (["optimizer=adamw", "optimizer.eps=-1"], "optimizer.eps=-1.0 must be a finite number > 0"),
-    (["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1.0 must be a finite number >= 0"),
-    (["trainer.grad_clip=nan"], "trainer.grad_clip=nan must be a finite number >= 0"),
-    (["trainer.label_smoothing=nan"], "trainer.label_smoothing=nan must be a finite number >= 0"),
-    (["scheduler=onecycle", "scheduler.max_momentum=1.5"], "scheduler.max_momentum=1.5: must be a fraction in [0, 1]"),
-    (["trainer.snapshot_every=0.01"], "trainer.snapshot_every=0.01 epochs is shorter than one step"),
-    (["trainer.snapshot_every=nan"], "trainer.snapshot_every=nan must be a finite number >= 0"),
+@pytest.mark.parametrize("overrides, key, fix", [
+    (["scheduler.T_0=0"], "scheduler.T_0=0.0", "positive number of steps"),
+    (["scheduler.eta_min=0.5"], "scheduler.eta_min=0.5", "not exceed scheduler.eta_max=0.1"),
+    (["scheduler=step", "scheduler.milestones=[10,5]"], "scheduler.milestones=[10.0, 5.0]", "ascending order"),
+    (["trainer.epochs=100", "scheduler.T_0=10", "scheduler.T_mult=2"], "trainer.epochs=100",
+     "cycles end at 10, 30, 70, 150 epochs"),
+    (["trainer.device=gpu"], "trainer.device=gpu", "auto, cpu, cuda"),
+    (["trainer.clip_mode=l2"], "trainer.clip_mode=l2", "norm, value"),
+    (["ensemble.rule=median"], "ensemble.rule=median", "logits, probs, vote"),
+    (["trainer.batch_size=0"], "trainer.batch_size=0", "> 0"),
+    (["trainer.grad_clip=-1"], "trainer.grad_clip=-1.0", ">= 0"),
+    (["scheduler.T_mult=0.5"], "scheduler.T_mult=0.5", ">= 1"),
+    (["scheduler.T_0=0.001"], "scheduler.T_0=0.001", "shorter than one step"),
+    (["trainer.epochs=inf"], "trainer.epochs=inf", "finite number > 0"),
+    (["trainer.epochs=0.1"], "trainer.epochs=0.1", "one step (4 steps per epoch)"),
+    (["optimizer.name=foo"], "optimizer.name=foo", "sgd, adamw"),
+    (["model.depth=9"], "model.depth", "6n+2 between 8 and 1202 (20, 32, 44, 56, 110), got 9"),
+    (["optimizer.momentum=-1"], "optimizer.momentum=-1.0", ">= 0 and <= 1"),
+    (["optimizer.nesterov=true", "optimizer.momentum=0"], "optimizer.nesterov=true", "needs momentum"),
+    (["optimizer=adamw", "optimizer.beta2=2"], "optimizer.beta2=2.0", ">= 0 and <= 1"),
+    (["optimizer=adamw", "optimizer.eps=-1"], "optimizer.eps=-1.0", "> 0"),
+    (["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1.0", ">= 0"),
+    (["trainer.grad_clip=nan"], "trainer.grad_clip=nan", "finite number >= 0"),
+    (["trainer.label_smoothing=nan"], "trainer.label_smoothing=nan", "finite number >= 0"),
+    (["scheduler=onecycle", "scheduler.max_momentum=1.5"], "scheduler.max_momentum=1.5", "[0, 1]"),
+    (["trainer.snapshot_every=0.01"], "trainer.snapshot_every=0.01", "shorter than one step"),
+    (["trainer.snapshot_every=nan"], "trainer.snapshot_every=nan", "finite number >= 0"),
     (["scheduler=adaptive_sgdr", "data.val_size=32", "scheduler.extension_factor=nan"],
-     "scheduler.extension_factor=nan must be > 1"),
-    (["trainer.seed=12345678901234567890"], "trainer.seed=12345678901234567890 must be a finite number >= 0 and <="),
-    (["data.image_size=100000"], "data.image_size=100000 must be a finite number >= 0 and <= 4096"),
-    (["data.crop_padding=100000"], "data.crop_padding=100000 must be a finite number >= 0 and <= 64"),
-    (["data.test_size=0"], "data.test_size=0 must be a finite number > 0"),
-    (["scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=3", "scheduler.warmup=1.5"],
-     "scheduler.warmup=1.5: warmup_steps must be shorter than the first cycle (4 steps), got 6"),
-    (["scheduler=fge", "scheduler.warmup=1", "scheduler.warmup_every_cycle=true"],
-     "scheduler.warmup_every_cycle does not go with scheduler=fge"),
-    (["scheduler=fge", "trainer.epochs=10"], "scheduler.cycles=6: must fit the budget: 6 cycles of 16 steps take 88"),
+     "scheduler.extension_factor=nan", "> 1"),
+    (["trainer.seed=12345678901234567890"], "trainer.seed=12345678901234567890", ">= 0 and <="),
+    (["data.image_size=100000"], "data.image_size=100000", "<= 4096"),
+    (["data.crop_padding=100000"], "data.crop_padding=100000", "<= 64"),
+    (["data.test_size=0"], "data.test_size=0", "> 0"),
+    (["scheduler.T_0=1", "scheduler.T_mult=1", "trainer.epochs=3", "scheduler.warmup=1.5"], "scheduler.warmup=1.5",
+     "shorter than the first cycle (4 steps)"),
+    (["scheduler=fge", "scheduler.warmup=1", "scheduler.warmup_every_cycle=true"], "scheduler.warmup_every_cycle",
+     "scheduler=fge"),
+    (["scheduler=fge", "trainer.epochs=10"], "scheduler.cycles=6", "6 cycles of 16 steps take 88"),
     (["scheduler.T_0=1", "scheduler.eta_min=0.02", "scheduler.decay=0.5", "trainer.epochs=15"],
-     "scheduler.decay=0.5 brings the peak of cycle 4 below scheduler.eta_min=0.02"),
-    (["scheduler=step", "scheduler.milestones=[0.5,1]"],
-     "scheduler.milestones=[0.5, 1.0] (fractions of the budget): some lie at or beyond"),
+     "scheduler.decay=0.5", "cycle 4 below scheduler.eta_min=0.02"),
+    (["scheduler=step", "scheduler.milestones=[0.5,1]"], "scheduler.milestones=[0.5, 1.0]", "at or beyond"),
     (["scheduler=step", "scheduler.unit=epoch", "scheduler.milestones=[75,112.5]", "trainer.epochs=2"],
-     "scheduler.milestones=[75.0, 112.5] (epochs): some lie at or beyond"),
-    (["scheduler=onecycle", "scheduler.warmup=1"], "scheduler.warmup is not for onecycle"),
-    (["scheduler=cyclic", "trainer.epochs=45"], "trainer.epochs=45 ends inside cycle 2; cycles end at 30, 60 epochs"),
-    (["scheduler.T_mult=1", "trainer.epochs=99.5"],
-     "trainer.epochs=99.5 ends inside cycle 10; cycles end at 10, 20, 30, ..., 80, 90, 100 epochs"),
+     "scheduler.milestones=[75.0, 112.5] (epochs)", "at or beyond"),
+    (["scheduler=onecycle", "scheduler.warmup=1"], "scheduler.warmup", "onecycle"),
+    (["scheduler=cyclic", "trainer.epochs=45"], "trainer.epochs=45", "cycles end at 30, 60 epochs"),
+    (["scheduler.T_mult=1", "trainer.epochs=99.5"], "trainer.epochs=99.5",
+     "cycles end at 10, 20, 30, ..., 80, 90, 100 epochs"),
 ])
-def test_bad_values_fail_before_training(make_cfg, tmp_path, overrides, message):
-    """Each bad value raises one line naming the key; nothing is written to the run dir."""
+def test_bad_values_fail_before_training(make_cfg, tmp_path, overrides, key, fix):
+    """Each bad value raises one line naming the key and the fix; nothing is written to the run dir."""
     cfg = make_cfg(*FAST, *overrides)
     with pytest.raises(SnapensError) as info:
         train(cfg, tmp_path / "run")
-    assert message in str(info.value) and "\n" not in str(info.value)
+    says(info.value, key, fix)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -218,9 +215,8 @@ def test_cli_refuses_an_unwritable_run_dir_in_one_line(tmp_path):
 def test_cli_bad_value_is_one_line_and_exit_2(tmp_path):
     result = run_cli(*FAST, "trainer.epochs=100", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "snapens: error: trainer.epochs=100 ends inside cycle 4; cycles end at 10, 30, 70, 150 epochs: "
-        "set trainer.epochs to one of them"]
+    assert result.stderr.startswith("snapens: error: ")
+    says(result.stderr, "trainer.epochs=100", "cycles end at 10, 30, 70, 150 epochs", "set trainer.epochs")
 
 
 def test_cli_rerun_into_a_finished_run_dir_changes_nothing(tmp_path):
@@ -241,9 +237,8 @@ def test_cli_rerun_into_a_finished_run_dir_changes_nothing(tmp_path):
 def test_cli_imagefolder_needs_a_root(tmp_path):
     result = run_cli("data=imagefolder", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
-    line = result.stderr.strip()
-    assert "\n" not in line and line.startswith("snapens: error: data.root is required for data=imagefolder: "
-                                                 "pass data.root=DIR")
+    assert result.stderr.startswith("snapens: error: ")
+    says(result.stderr, "data.root", "data=imagefolder", "pass data.root=DIR")
 
 
 def test_offline_cifar_without_files_says_what_to_put_where(make_cfg, tmp_path):
@@ -304,34 +299,36 @@ def test_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):
 
 
 # ---- 8. keys that do not exist, even appended with + ---------------------------------------------------------------
-@pytest.mark.parametrize("override, message", [
-    ("+trainer.epoch=3", "trainer.epoch is not a key of trainer; did you mean trainer.epochs?"),
-    ("+data.trainlimit=5", "data.trainlimit is not a key of data=synthetic; did you mean data.train_limit?"),
-    ("+scheduler.T0=3", "scheduler.T0 is not a key of scheduler=sgdr; did you mean scheduler.T_0?"),
-    ("+trainer.swa.begin=0.5", "trainer.swa.begin is not a key of trainer.swa; did you mean trainer.swa.start?"),
-    ("+foo=1", "foo is not a key of the config; its keys: data, ensemble, logger, model"),
-    ("++trainers.epochs=3", "trainers is not a key of the config; did you mean trainer?"),
+@pytest.mark.parametrize("override, key, fix", [
+    ("+trainer.epoch=3", "trainer.epoch", "did you mean trainer.epochs?"),
+    ("+data.trainlimit=5", "data.trainlimit", "did you mean data.train_limit?"),
+    ("+scheduler.T0=3", "scheduler.T0", "did you mean scheduler.T_0?"),
+    ("+trainer.swa.begin=0.5", "trainer.swa.begin", "did you mean trainer.swa.start?"),
+    ("+foo=1", "foo", "data, ensemble, logger, model"),
+    ("++trainers.epochs=3", "trainers", "did you mean trainer?"),
 ])
-def test_unknown_keys_are_refused_even_with_plus(make_cfg, tmp_path, override, message):
-    with pytest.raises(SnapensError, match=re.escape(message)):
+def test_unknown_keys_are_refused_even_with_plus(make_cfg, tmp_path, override, key, fix):
+    with pytest.raises(SnapensError) as info:
         train(make_cfg(*EQUAL_CYCLES_2, override), tmp_path)
+    says(info.value, key, fix)
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("override, message", [
-    ("trainer.swa.start=1.0", "trainer.swa.start=1.0 must be a fraction"),
-    ("trainer.label_smoothing=1.0", "trainer.label_smoothing=1.0 must be in"),
-    ("trainer.accumulate=0", "trainer.accumulate=0 must be a finite number > 0"),
-    ("trainer.keep_snapshots=-1", "trainer.keep_snapshots=-1 must be a finite number >= 0"),
-    ("scheduler=adaptive_sgdr data.val_size=32 scheduler.warmup_every_cycle=true",
-     "scheduler.warmup_every_cycle does not go with scheduler=adaptive_sgdr"),
-    ("scheduler=adaptive_sgdr data.val_size=32 scheduler.extension_factor=1.0",
-     "scheduler.extension_factor=1.0 must be > 1"),
-    ("scheduler=adaptive_sgdr data.val_size=32 scheduler.patience=0", "scheduler.patience=0 must be a finite number"),
-    ("trainer.num_threads=100000", "trainer.num_threads=100000 is more than this machine's .* give at most"),
-    ("trainer.sync_bn=true", "trainer.sync_bn=true .* this run has one: leave it false, or launch with torchrun"),
-    ("trainer.epochs=1e30", r"trainer.epochs=1e\+30 is .* more than the 10,000,000 .* lower trainer.epochs"),
+@pytest.mark.parametrize("override, key, fix", [
+    ("trainer.swa.start=1.0", "trainer.swa.start=1.0", "fraction"),
+    ("trainer.label_smoothing=1.0", "trainer.label_smoothing=1.0", "must be in"),
+    ("trainer.accumulate=0", "trainer.accumulate=0", "> 0"),
+    ("trainer.keep_snapshots=-1", "trainer.keep_snapshots=-1", ">= 0"),
+    ("scheduler=adaptive_sgdr data.val_size=32 scheduler.warmup_every_cycle=true", "scheduler.warmup_every_cycle",
+     "scheduler=adaptive_sgdr"),
+    ("scheduler=adaptive_sgdr data.val_size=32 scheduler.extension_factor=1.0", "scheduler.extension_factor=1.0",
+     "> 1"),
+    ("scheduler=adaptive_sgdr data.val_size=32 scheduler.patience=0", "scheduler.patience=0", "finite number"),
+    ("trainer.num_threads=100000", "trainer.num_threads=100000", "give at most"),
+    ("trainer.sync_bn=true", "trainer.sync_bn=true", "leave it false, or launch with torchrun"),
+    ("trainer.epochs=1e30", "trainer.epochs=1e+30", "lower trainer.epochs"),
 ])
-def test_bad_option_values(make_cfg, tmp_path, override, message):
-    with pytest.raises(SnapensError, match=message):
+def test_bad_option_values(make_cfg, tmp_path, override, key, fix):
+    with pytest.raises(SnapensError) as info:
         train(make_cfg(*EQUAL_CYCLES_3, *override.split()), tmp_path)
+    says(info.value, key, fix)

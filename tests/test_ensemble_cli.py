@@ -36,6 +36,7 @@ from conftest import (
     HANG,
     HELD_OUT,
     compose_config,
+    says,
     snapshot_logits,
 )
 
@@ -263,7 +264,7 @@ def other_data_config(run):
 
 
 @pytest.mark.parametrize("damage, overrides, message", [
-    (None, ["run=/nonexistent/run"], "run dir /nonexistent/run does not exist"),
+    (None, ["run=/nonexistent/run"], "run dir /nonexistent/run .* give the folder a training wrote"),
     (lambda r: shutil.rmtree(r / "snapshots"), [], "has no snapshots"),
     (corrupt, [], "cycle_02.safetensors is not a readable safetensors file"),
     (not_fitting, [], "cycle_01.safetensors does not fit the model"),
@@ -279,7 +280,7 @@ def other_data_config(run):
     (None, ["members=[1,1]"], "names a cycle twice"),
     (None, ["members=5"], "members=5 is not allowed"),
     (None, ["bins=0"], "bins=0 must be a positive whole number"),
-    (None, ["predict=/nonexistent/images"], "predict=/nonexistent/images does not exist"),
+    (None, ["predict=/nonexistent/images"], "predict=/nonexistent/images .* give an image file or a folder"),
     (lambda r: (r / "x.png").write_bytes(b"not an image"), ["predict=RUN/x.png"], "cannot read image"),
 ])
 def test_bad_input_gets_one_clear_line(run, damage, overrides, message):
@@ -301,7 +302,8 @@ def test_cli(run, tmp_path):
     assert "ensemble of 3 (logits)" in ok.stdout and (run / "ensemble/test/ensemble.json").exists()
     bad = subprocess.run([sys.executable, "-m", "snapens.ensemble", f"run={tmp_path / 'nope'}"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=HANG)
-    assert bad.returncode == 2 and bad.stderr.strip() == f"snapens: error: run dir {tmp_path / 'nope'} does not exist"
+    assert bad.returncode == 2 and bad.stderr.startswith("snapens: error: ")
+    says(bad.stderr, f"run dir {tmp_path / 'nope'}", "give the folder a training wrote")
 
 
 def test_no_output_is_replaced_silently(run, tmp_path):

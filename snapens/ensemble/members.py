@@ -29,7 +29,7 @@ def find(run: str | Path | None = None, runs: Sequence = (), snapshots: Sequence
         groups = [[Path(p) for p in snapshots]]
         for p in groups[0]:
             if not p.is_file():
-                raise SnapensError(f"snapshot {p} does not exist")
+                raise SnapensError(f"snapshot {p} does not exist: check the path, or give run=DIR for a run's own")
     else:
         groups = [run_snapshots(Path(d), swa) for d in ([run] if run else runs)]
     return [select(group, members) for group in groups]
@@ -38,7 +38,8 @@ def find(run: str | Path | None = None, runs: Sequence = (), snapshots: Sequence
 def run_snapshots(run_dir: Path, swa: bool = False) -> list[Path]:
     """A run dir's snapshots (its SWA averages with `swa`), ordered by the cycle and step their files say."""
     if not run_dir.is_dir():
-        raise SnapensError(f"run dir {run_dir} does not exist")
+        raise SnapensError(f"run dir {run_dir} does not exist: give the folder a training wrote (snapshots/ and "
+                           "results.json in it)")
     paths = list_snapshots(run_dir, swa)
     if swa and not paths:
         raise SnapensError(f"run dir {run_dir} has no SWA snapshots (snapshots/cycle_XX_swa.safetensors): train "
@@ -147,7 +148,7 @@ def unique_digests(paths: list[Path]) -> list[str]:
     refused in one line."""
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        raise SnapensError(f"snapshot {missing[0]} does not exist")
+        raise SnapensError(f"snapshot {missing[0]} does not exist: check the path, or give run=DIR for a run's own")
     seen, digests = {}, [file_digest(path) for path in paths]
     for path, digest in zip(paths, digests):
         if digest in seen:

@@ -162,7 +162,7 @@ def image_files(target: Path) -> list[Path]:
     if target.is_file():
         return [target]
     if not target.is_dir():
-        raise SnapensError(f"predict={target} does not exist")
+        raise SnapensError(f"predict={target} does not exist: give an image file or a folder of images")
     found = sorted(p for p in target.rglob("*") if p.is_file())
     files = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:

@@ -1,59 +1,24 @@
-"""Datasets as uint8 tensors: loading, the decode cache, the validation split, subsets and statistics.
+"""Datasets as uint8 tensors: the sources (CIFAR, image folders, digits, synthetic), the validation split,
+subsets and statistics.
 
-Every dataset becomes `Split`s: images uint8 N x 3 x H x W and labels int64 N. Image files are decoded once: the
-tensors are cached next to the data (safetensors, keyed by the source files' names, sizes and times), so a second run
-starts in seconds (CIFAR's python format is already arrays and loads in about a second). Batches and their
-augmentation are made from these tensors on the training device by snapens.batches."""
+Every dataset becomes `Split`s: images uint8 N x 3 x H x W and labels int64 N (snapens.splits); image folders are
+listed first and decoded only where used (snapens.folders). Batches and their augmentation are made from these
+tensors on the training device by snapens.batches."""
 
-import hashlib
-import json
-import logging
 import math
-import os
 import socket
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
-from tqdm import tqdm
 
 from snapens.errors import SnapensError
-from snapens.files import write_atomic
-from snapens.images import IMAGE_EXTENSIONS, read_image
+from snapens.folders import Listing, load, load_image_folder, same_size, scan_image_folder
+from snapens.splits import Dataset, Split, split_digest
 
-log = logging.getLogger(__name__)
-CACHE_VERSION = "2"  # 2: keyed by ctime too, arrays verified on load
-
-
-@dataclass
-class Split:
-    images: torch.Tensor  # uint8, N x 3 x H x W
-    labels: torch.Tensor  # int64, N
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: torch.Tensor) -> "Split":
-        return Split(self.images[index], self.labels[index])
-
-    def to(self, device: torch.device) -> "Split":
-        return Split(self.images.to(device), self.labels.to(device))
-
-
-@dataclass
-class Dataset:
-    train: Split
-    test: Split
-    val: Optional[Split]
-    classes: list[str]
-    mean: tuple[float, float, float]  # per channel, of the training images on 0..1 pixels
-    std: tuple[float, float, float]
+__all__ = ["Dataset", "Listing", "SOURCES", "Split", "balanced_subset", "channel_stats", "load_cifar", "load_digits",
+           "load_image_folder", "make_synthetic", "prepare", "scan_image_folder", "split_digest", "stratified_split"]
 
 
 # --- loading ----------------------------------------------------------------------------------------------------
@@ -86,133 +51,6 @@ def load_cifar(root: str, name: str, download: bool) -> tuple[Split, Split, list
         raise SnapensError(f"{missing}, or pass data.root=DIR where it is ({e})") from None
     except OSError as e:  # no network, refused, timed out
         raise SnapensError(f"{missing}; downloading it failed ({e})") from None
-    return train, test, classes
-
-
-def _scan_split(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise SnapensError(f"class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
-                               "add images or remove the folder")
-        broken = [p for p in files if not p.exists()]
-        if broken:
-            raise SnapensError(f"{broken[0]} is a link to a file that does not exist: restore its target or remove it")
-        paths += files
-        labels += [label] * len(files)
-    return paths, labels
-
-
-def _stack(images: list[torch.Tensor], paths: list[Path]) -> torch.Tensor:
-    first = images[0].shape
-    for image, path in zip(images, paths):
-        if image.shape != first:
-            raise SnapensError(f"images differ in size: {paths[0]} is {first[2]}x{first[1]}, {path} is "
-                               f"{image.shape[2]}x{image.shape[1]}; set data.image_size=N to resize all to NxN")
-    return torch.stack(images)
-
-
-def split_digest(split: Split) -> str:
-    """SHA-256 of a split's images and labels (and their shapes), so any change of data shows."""
-    h = hashlib.sha256(str((tuple(split.images.shape), tuple(split.labels.shape))).encode())
-    h.update(split.images.contiguous().cpu().numpy().tobytes())
-    h.update(split.labels.contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _fingerprint(paths: list[Path], root: Path, size: int) -> str:
-    """SHA-256 of the files' names, sizes and modification and status-change times. A file rewritten with
-    other pixels may keep its size, and its modification time can be set back (os.utime), but its status-change time
-    (ctime) moves with every write and cannot be set: the decoded cache is found only for these very files. Reading
-    every file's bytes instead would cost seconds per run on CIFAR's 60,000 files."""
-    h = hashlib.sha256(f"{CACHE_VERSION} {size}".encode())
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p.relative_to(root)} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _cache_dir(root: Path) -> Path | None:
-    """Next to the data; in ~/.cache/snapens when the data folder is read-only; None when neither can be written
-    (the images are then decoded at every run)."""
-    def elsewhere() -> Path:  # only looked up when needed: HOME may be unset where the data folder is writable
-        return Path.home() / ".cache" / "snapens" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-
-    for place in (lambda: root / ".snapens_cache", elsewhere):
-        try:
-            folder = place()
-            folder.mkdir(parents=True, exist_ok=True)
-            if os.access(folder, os.W_OK):
-                return folder
-        except (OSError, RuntimeError):  # RuntimeError: no home folder to be found
-            pass
-    log.warning(f"neither {root} nor the home folder can be written: the decoded images are not cached")
-    return None
-
-
-def _load_or_decode(split: str, root: Path, classes: list[str], size: int) -> Split:
-    paths, labels = _scan_split(root / split, classes)
-    source, folder = _fingerprint(paths, root, size), _cache_dir(root)
-    cache = folder / f"{split}-{size}-{source[:16]}.safetensors" if folder else None
-    cached = _read_cache(cache, source) if cache else None
-    if cached is not None:
-        return cached
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # Pillow releases the GIL while decoding
-        decoded = tqdm(pool.map(lambda p: read_image(p, size), paths), total=len(paths), unit="image",
-                       desc=f"decoding {root / split} (once: cached)", disable=None)
-        images = _stack(list(decoded), paths)
-    result = Split(images, torch.tensor(labels, dtype=torch.int64))
-    metadata = {"classes": json.dumps(classes), "source": source, "arrays": split_digest(result)}
-    try:
-        if cache:
-            write_atomic(cache, save({"images": result.images, "labels": result.labels}, metadata=metadata))
-            for stale in cache.parent.glob(f"{split}-{size}-*.safetensors"):  # of files since changed or copied
-                if stale != cache:
-                    stale.unlink(missing_ok=True)
-    except SnapensError as e:  # a full disk: the run goes on, decoding again next time
-        log.warning(f"decoded images not cached: {e}")
-    return result
-
-
-def _read_cache(path: Path, source: str) -> Split | None:
-    """The decoded split if the cache file was made from exactly these files and its arrays are the ones written
-    (a cache file copied over another one's name, or edited, is decoded again); else None."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            split = Split(f.get_tensor("images"), f.get_tensor("labels"))
-    except (FileNotFoundError, SafetensorError, OSError):
-        return None  # first run, or a damaged cache
-    if metadata.get("source") != source or metadata.get("arrays") != split_digest(split):
-        return None
-    return split
-
-
-def load_image_folder(root: str, image_size: int = 0) -> tuple[Split, Split, list[str]]:
-    """Images in root/train/<class>/* and root/test/<class>/*; classes sorted by name, as torchvision's ImageFolder."""
-    base = Path(root)
-    for split in ("train", "test"):
-        if not (base / split).is_dir():
-            raise SnapensError(f"data.root={root} has no {split}/ folder: expected {root}/train/<class>/*.jpg and "
-                               f"{root}/test/<class>/*.jpg")
-    classes = sorted(d.name for d in (base / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise SnapensError(f"data.root={root} has no images: {root}/train has no class folders")
-    extra = sorted(d.name for d in (base / "test").iterdir()
-                   if d.is_dir() and not d.name.startswith(".") and d.name not in classes)
-    if extra:
-        raise SnapensError(f"{root}/test has class folders that {root}/train lacks: {', '.join(extra)}")
-    train = _load_or_decode("train", base, classes, image_size)
-    test_classes = [c for c in classes if (base / "test" / c).is_dir()]
-    if not test_classes:
-        raise SnapensError(f"data.root={root} has no test images: {root}/test has no class folders")
-    test = _load_or_decode("test", base, test_classes, image_size)
-    if test.images.shape[2:] != train.images.shape[2:]:
-        (h, w), (th, tw) = train.images.shape[2:], test.images.shape[2:]
-        raise SnapensError(f"test images are {tw}x{th} but train images are {w}x{h}; "
-                           "set data.image_size=N to resize both to NxN")
-    test.labels = torch.tensor([classes.index(c) for c in test_classes])[test.labels]
     return train, test, classes
 
 
@@ -317,9 +155,10 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def prepare(train: Split, test: Split, classes: list[str], *, train_limit: int = 0, test_limit: int = 0,
-            val_size: int = 0, seed: int = 0) -> Dataset:
-    """Hold out a class-balanced validation split, take seeded class-balanced subsets, measure the train statistics."""
+def prepare(train: Split | Listing, test: Split | Listing, classes: list[str], *, train_limit: int = 0,
+            test_limit: int = 0, val_size: int = 0, seed: int = 0) -> Dataset:
+    """Hold out a class-balanced validation split, take seeded class-balanced subsets, measure the train statistics.
+    The choices read labels only, so Listings are decoded after them, and only the images chosen."""
     # One generator per purpose, so the test subset does not change with val_size or train_limit.
     g_val, g_train, g_test = (torch.Generator().manual_seed(3 * seed + k) for k in range(3))
     val = None
@@ -334,12 +173,14 @@ def prepare(train: Split, test: Split, classes: list[str], *, train_limit: int =
         train = train.subset(balanced_subset(train.labels, train_limit, g_train))
     if test_limit and test_limit < len(test):
         test = test.subset(balanced_subset(test.labels, test_limit, g_test))
+    train, test, val = load(train), load(test), load(val)  # an image folder's chosen files only
+    same_size(train, test)
     mean, std = channel_stats(train.images)
     return Dataset(train, test, val, classes, mean, std)
 
 
 # ---- the sources, by data.name: a data set is its loader here plus one YAML file under conf/data/ ----------------
-Loader = Callable[[Mapping], tuple[Split, Split, list[str]]]  # the data config -> train, test, class names
+Loader = Callable[[Mapping], tuple[Split | Listing, Split | Listing, list[str]]]  # data config -> train, test, classes
 SOURCES: dict[str, Loader] = {}
 
 
@@ -358,7 +199,7 @@ def _cifar(c: Mapping):
 
 @source("imagefolder")
 def _image_folder(c: Mapping):
-    return load_image_folder(c["root"], c["image_size"])
+    return scan_image_folder(c["root"], c["image_size"])
 
 
 @source("digits")

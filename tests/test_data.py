@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import snapens.data
+import snapens.folders
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -29,9 +30,10 @@ from snapens.data import (
     load_image_folder,
     make_synthetic,
     prepare,
-    read_image,
+    scan_image_folder,
 )
 from snapens.errors import SnapensError
+from snapens.images import read_image
 from torchvision.io import encode_png, write_jpeg, write_png
 
 from conftest import write_image_folder
@@ -461,6 +463,29 @@ def test_load_image_folder_reads_images_labels_and_class_order(tmp_path):
     assert test.labels.tolist() == [0, 0, 2]  # zebra is class 2 even though test has only two classes
 
 
+def test_an_image_folder_decodes_only_the_images_a_run_uses(tmp_path, monkeypatch):
+    """The validation split, data.train_limit and data.test_limit choose files by their labels before any file is
+    decoded (issue 22): 8 training, 4 validation and 4 test images of the folder's 64 + 16 are decoded, and they are
+    the images, labels and statistics the whole decoded folder gives; once the whole folder is cached, a run decodes
+    nothing."""
+    write_image_folder(tmp_path)
+    decoded, real = [], snapens.folders.read_image
+    monkeypatch.setattr(snapens.folders, "read_image", lambda path, size: decoded.append(path) or real(path, size))
+    options = dict(train_limit=8, test_limit=4, val_size=4, seed=3)
+    part = prepare(*scan_image_folder(str(tmp_path)), **options)
+    assert len(decoded) == len(set(decoded)) == 8 + 4 + 4
+    whole = prepare(*load_image_folder(str(tmp_path)), **options)  # decodes all 80 images and caches them
+    assert len(decoded) == 16 + 80
+    decoded.clear()
+    cached = prepare(*scan_image_folder(str(tmp_path)), **options)
+    assert decoded == []
+    for data in (part, cached):
+        for name in ("train", "val", "test"):
+            mine, full = getattr(data, name), getattr(whole, name)
+            assert torch.equal(mine.images, full.images) and torch.equal(mine.labels, full.labels)
+        assert (data.mean, data.std, data.classes) == (whole.mean, whole.std, whole.classes)
+
+
 def test_load_image_folder_second_load_reads_the_cache(tmp_path, monkeypatch):
     """After one load, a second one decodes nothing (decoding is made to fail) and returns equal tensors."""
     write_tree(tmp_path, small_tree())
@@ -470,7 +495,7 @@ def test_load_image_folder_second_load_reads_the_cache(tmp_path, monkeypatch):
     def no_decode(*args):
         raise AssertionError("decoded an image although the cache is valid")
 
-    monkeypatch.setattr(snapens.data, "read_image", no_decode)
+    monkeypatch.setattr(snapens.folders, "read_image", no_decode)
     second = load_image_folder(str(tmp_path))
     assert_splits_equal(first[0], second[0])
     assert_splits_equal(first[1], second[1])
@@ -609,7 +634,7 @@ def test_load_image_folder_unwritable_root_caches_under_home(tmp_path, monkeypat
     first = load_image_folder(str(root))
     assert (root / ".snapens_cache").read_text() == "in the way"
     assert len(list((home / ".cache" / "snapens").rglob("*.safetensors"))) == 2
-    monkeypatch.setattr(snapens.data, "read_image", lambda *a: pytest.fail("decoded although cached"))
+    monkeypatch.setattr(snapens.folders, "read_image", lambda *a: pytest.fail("decoded although cached"))
     second = load_image_folder(str(root))
     assert_splits_equal(first[0], second[0])
     assert_splits_equal(first[1], second[1])

@@ -1,0 +1,213 @@
+"""Image folders (root/train/<class>/*, root/test/<class>/*): listing the files, decoding only those a run uses,
+and the decode cache.
+
+Image files are decoded once: the tensors of a whole split are cached next to the data (safetensors, keyed by the
+source files' names, sizes and times), so a second run starts in seconds. A run that uses part of a split (a
+validation split, data.train_limit, data.test_limit) reads those images from that cache when it is there, and else
+decodes only them."""
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from tqdm import tqdm
+
+from snapens.errors import SnapensError
+from snapens.files import write_atomic
+from snapens.images import IMAGE_EXTENSIONS, read_image
+from snapens.splits import Split, split_digest
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = "2"  # 2: keyed by ctime too, arrays verified on load
+
+
+def _scan_split(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise SnapensError(f"class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                               "add images or remove the folder")
+        broken = [p for p in files if not p.exists()]
+        if broken:
+            raise SnapensError(f"{broken[0]} is a link to a file that does not exist: restore its target or remove it")
+        paths += files
+        labels += [label] * len(files)
+    return paths, labels
+
+
+def _stack(images: list[torch.Tensor], paths: list[Path]) -> torch.Tensor:
+    first = images[0].shape
+    for image, path in zip(images, paths):
+        if image.shape != first:
+            raise SnapensError(f"images differ in size: {paths[0]} is {first[2]}x{first[1]}, {path} is "
+                               f"{image.shape[2]}x{image.shape[1]}; set data.image_size=N to resize all to NxN")
+    return torch.stack(images)
+
+
+def _fingerprint(paths: list[Path], root: Path, size: int) -> str:
+    """SHA-256 of the files' names, sizes and modification and status-change times. A file rewritten with
+    other pixels may keep its size, and its modification time can be set back (os.utime), but its status-change time
+    (ctime) moves with every write and cannot be set: the decoded cache is found only for these very files. Reading
+    every file's bytes instead would cost seconds per run on CIFAR's 60,000 files."""
+    h = hashlib.sha256(f"{CACHE_VERSION} {size}".encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.relative_to(root)} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _cache_dir(root: Path) -> Path | None:
+    """Next to the data; in ~/.cache/snapens when the data folder is read-only; None when neither can be written
+    (the images are then decoded at every run)."""
+    def elsewhere() -> Path:  # only looked up when needed: HOME may be unset where the data folder is writable
+        return Path.home() / ".cache" / "snapens" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+
+    for place in (lambda: root / ".snapens_cache", elsewhere):
+        try:
+            folder = place()
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except (OSError, RuntimeError):  # RuntimeError: no home folder to be found
+            pass
+    log.warning(f"neither {root} nor the home folder can be written: the decoded images are not cached")
+    return None
+
+
+def _decode(paths: list[Path], size: int, what: str) -> torch.Tensor:
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # Pillow releases the GIL while decoding
+        decoded = tqdm(pool.map(lambda p: read_image(p, size), paths), total=len(paths), unit="image",
+                       desc=f"decoding {what}", disable=None)
+        return _stack(list(decoded), paths)
+
+
+def _load_or_decode(split: str, root: Path, paths: list[Path], labels: list[int], size: int) -> Split:
+    """The whole split: from the decode cache when it holds exactly these files, else decoded and cached."""
+    source, folder = _fingerprint(paths, root, size), _cache_dir(root)
+    cache = folder / f"{split}-{size}-{source[:16]}.safetensors" if folder else None
+    cached = _read_cache(cache, source) if cache else None
+    if cached is not None:
+        return cached
+    result = Split(_decode(paths, size, f"{root / split} (once: cached)"), torch.tensor(labels, dtype=torch.int64))
+    metadata = {"classes": json.dumps(sorted({p.parent.name for p in paths})), "source": source,
+                "arrays": split_digest(result)}
+    try:
+        if cache:
+            write_atomic(cache, save({"images": result.images, "labels": result.labels}, metadata=metadata))
+            for stale in cache.parent.glob(f"{split}-{size}-*.safetensors"):  # of files since changed or copied
+                if stale != cache:
+                    stale.unlink(missing_ok=True)
+    except SnapensError as e:  # a full disk: the run goes on, decoding again next time
+        log.warning(f"decoded images not cached: {e}")
+    return result
+
+
+def _cached_only(split: str, root: Path, paths: list[Path], size: int) -> Split | None:
+    """The whole split from the decode cache, or None when it is not there (nothing is decoded)."""
+    folder = _cache_dir(root)
+    if folder is None:
+        return None
+    source = _fingerprint(paths, root, size)
+    return _read_cache(folder / f"{split}-{size}-{source[:16]}.safetensors", source)
+
+
+@dataclass
+class Listing:
+    """An image folder's split before decoding: every file with its label, and the files chosen so far (`index`,
+    ascending). `subset` narrows the choice without decoding; `load` decodes only the chosen files, or takes them
+    from the whole split's decode cache when it is there, so data.train_limit=64 of a 4,000-image folder decodes 64
+    images (and the validation and test images chosen), not 4,000. The images are the same either way."""
+    root: Path
+    split: str
+    paths: list[Path]
+    all_labels: torch.Tensor  # int64, one per path
+    size: int
+    index: torch.Tensor
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.all_labels[self.index]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def subset(self, index: torch.Tensor) -> "Listing":
+        return replace(self, index=self.index[index])
+
+    def load(self) -> Split:
+        if len(self.index) == len(self.paths):  # the whole split: cached for the next run
+            whole = _load_or_decode(self.split, self.root, self.paths, self.all_labels.tolist(), self.size)
+            return Split(whole.images, self.all_labels)
+        cached = _cached_only(self.split, self.root, self.paths, self.size)
+        if cached is not None:
+            return Split(cached.images[self.index], self.labels)
+        chosen = [self.paths[i] for i in self.index.tolist()]
+        return Split(_decode(chosen, self.size, f"{len(chosen)} of {self.root / self.split}"), self.labels)
+
+
+def load(split: "Split | Listing | None") -> Split | None:
+    """A split in memory: a Listing's chosen files decoded, a Split as it is."""
+    return split.load() if isinstance(split, Listing) else split
+
+
+def _read_cache(path: Path, source: str) -> Split | None:
+    """The decoded split if the cache file was made from exactly these files and its arrays are the ones written
+    (a cache file copied over another one's name, or edited, is decoded again); else None."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            split = Split(f.get_tensor("images"), f.get_tensor("labels"))
+    except (FileNotFoundError, SafetensorError, OSError):
+        return None  # first run, or a damaged cache
+    if metadata.get("source") != source or metadata.get("arrays") != split_digest(split):
+        return None
+    return split
+
+
+def scan_image_folder(root: str, image_size: int = 0) -> tuple[Listing, Listing, list[str]]:
+    """The files in root/train/<class>/* and root/test/<class>/*, classes sorted by name as torchvision's
+    ImageFolder, none decoded yet (`Listing`)."""
+    base = Path(root)
+    for split in ("train", "test"):
+        if not (base / split).is_dir():
+            raise SnapensError(f"data.root={root} has no {split}/ folder: expected {root}/train/<class>/*.jpg and "
+                               f"{root}/test/<class>/*.jpg")
+    classes = sorted(d.name for d in (base / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise SnapensError(f"data.root={root} has no images: {root}/train has no class folders")
+    extra = sorted(d.name for d in (base / "test").iterdir()
+                   if d.is_dir() and not d.name.startswith(".") and d.name not in classes)
+    if extra:
+        raise SnapensError(f"{root}/test has class folders that {root}/train lacks: {', '.join(extra)}")
+    test_classes = [c for c in classes if (base / "test" / c).is_dir()]
+    if not test_classes:
+        raise SnapensError(f"data.root={root} has no test images: {root}/test has no class folders")
+    splits = []
+    for split, names in (("train", classes), ("test", test_classes)):
+        paths, labels = _scan_split(base / split, names)
+        labels = torch.tensor([classes.index(c) for c in names], dtype=torch.int64)[torch.tensor(labels)]
+        splits.append(Listing(base, split, paths, labels, image_size, torch.arange(len(paths))))
+    return splits[0], splits[1], classes
+
+
+def same_size(train: Split, test: Split) -> None:
+    if test.images.shape[2:] != train.images.shape[2:]:
+        (h, w), (th, tw) = train.images.shape[2:], test.images.shape[2:]
+        raise SnapensError(f"test images are {tw}x{th} but train images are {w}x{h}; "
+                           "set data.image_size=N to resize both to NxN")
+
+
+def load_image_folder(root: str, image_size: int = 0) -> tuple[Split, Split, list[str]]:
+    """Every image in root/train/<class>/* and root/test/<class>/*, decoded (see scan_image_folder)."""
+    train, test, classes = scan_image_folder(root, image_size)
+    train, test = train.load(), test.load()
+    same_size(train, test)
+    return train, test, classes

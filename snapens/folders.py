@@ -6,10 +6,12 @@ source files' names, sizes and times), so a second run starts in seconds. A run 
 validation split, data.train_limit, data.test_limit) reads those images from that cache when it is there, and else
 decodes only them."""
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +28,7 @@ from snapens.splits import Split, split_digest
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "2"  # 2: keyed by ctime too, arrays verified on load
+WAIT_SECONDS = 0.5  # how often a rank waiting for local rank 0's decode cache looks for it
 
 
 def _scan_split(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
@@ -94,8 +97,13 @@ def _load_or_decode(split: str, root: Path, paths: list[Path], labels: list[int]
     source, folder = _fingerprint(paths, root, size), _cache_dir(root)
     cache = folder / f"{split}-{size}-{source[:16]}.safetensors" if folder else None
     cached = _read_cache(cache, source) if cache else None
+    if cached is None and cache and _waits_for_local_rank_0():
+        cached = _wait_for(cache, source)
     if cached is not None:
         return cached
+    failed = cache.with_suffix(".failed") if cache else None  # says to the waiting ranks: decode it yourselves
+    if failed:
+        failed.unlink(missing_ok=True)
     result = Split(_decode(paths, size, f"{root / split} (once: cached)"), torch.tensor(labels, dtype=torch.int64))
     metadata = {"classes": json.dumps(sorted({p.parent.name for p in paths})), "source": source,
                 "arrays": split_digest(result)}
@@ -107,7 +115,28 @@ def _load_or_decode(split: str, root: Path, paths: list[Path], labels: list[int]
                     stale.unlink(missing_ok=True)
     except SnapensError as e:  # a full disk: the run goes on, decoding again next time
         log.warning(f"decoded images not cached: {e}")
+        with contextlib.suppress(OSError):
+            failed.touch()
     return result
+
+
+def _waits_for_local_rank_0() -> bool:
+    """A process of a multi-process job (torchrun's or submitit's variables) other than its node's first: it lets
+    local rank 0 decode and cache a split, and reads the cache, instead of every rank decoding every image and
+    writing the same file. A file is waited for, not a barrier: a long decode would outlast NCCL's timeout."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("LOCAL_RANK", "0")) > 0
+
+
+def _wait_for(cache: Path, source: str) -> Split | None:
+    """The split once local rank 0 has cached it; None when it could not (it leaves `<cache>.failed`). If rank 0
+    dies instead, the launcher (torchrun, SLURM) ends this process with it."""
+    log.info(f"waiting for local rank 0 to decode and cache {cache}")
+    while not cache.with_suffix(".failed").exists():
+        cached = _read_cache(cache, source)
+        if cached is not None:
+            return cached
+        time.sleep(WAIT_SECONDS)
+    return None
 
 
 def _cached_only(split: str, root: Path, paths: list[Path], size: int) -> Split | None:

@@ -3,6 +3,7 @@
 import os
 import pickle
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -484,6 +485,42 @@ def test_an_image_folder_decodes_only_the_images_a_run_uses(tmp_path, monkeypatc
             mine, full = getattr(data, name), getattr(whole, name)
             assert torch.equal(mine.images, full.images) and torch.equal(mine.labels, full.labels)
         assert (data.mean, data.std, data.classes) == (whole.mean, whole.std, whole.classes)
+
+
+@pytest.mark.parametrize("rank_0_caches", [True, False])
+def test_other_ranks_wait_for_local_rank_0_to_decode(tmp_path, monkeypatch, rank_0_caches):
+    """Two processes of a node with a cold cache (issue 22: both decoded every image and wrote the same file): local
+    rank 1 waits for local rank 0's cache file and decodes nothing; when rank 0 cannot write the cache (a full disk),
+    it says so with a marker file and rank 1 decodes for itself."""
+    write_image_folder(tmp_path)  # 64 + 16 images
+    decoded, real = [], snapens.folders.read_image
+    monkeypatch.setattr(snapens.folders, "read_image", lambda path, size: decoded.append(path) or real(path, size))
+    monkeypatch.setattr(snapens.folders, "WAIT_SECONDS", 0.01)
+    if not rank_0_caches:
+        monkeypatch.setattr(snapens.folders, "write_atomic", lambda *a: (_ for _ in ()).throw(SnapensError("full")))
+    waiting, wait = threading.Event(), snapens.folders._wait_for
+    monkeypatch.setattr(snapens.folders, "_wait_for", lambda *a: waiting.set() or wait(*a))
+    got = {}
+    rank_1 = threading.Thread(target=lambda: got.update(rank_1=load_image_folder(str(tmp_path))))
+    monkeypatch.setattr(snapens.folders, "_waits_for_local_rank_0", lambda: threading.current_thread() is rank_1)
+    rank_1.start()
+    assert waiting.wait(timeout=60)  # rank 1 found no cache and waits
+    train, test, _ = load_image_folder(str(tmp_path))  # rank 0 decodes both splits
+    rank_1.join(timeout=60)
+    assert torch.equal(got["rank_1"][0].images, train.images) and torch.equal(got["rank_1"][1].images, test.images)
+    assert len(decoded) == (80 if rank_0_caches else 160)
+
+
+@pytest.mark.parametrize("env, waits", [({}, False), ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, False),
+                                        ({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, True),
+                                        ({"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, True)])
+def test_which_ranks_wait_for_the_decode_cache(monkeypatch, env, waits):
+    """torchrun's (and submitit's exported) variables: every process but each node's first waits."""
+    for key in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert snapens.folders._waits_for_local_rank_0() is waits
 
 
 def test_load_image_folder_second_load_reads_the_cache(tmp_path, monkeypatch):

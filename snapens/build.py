@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from snapens import distributed, schedules
 from snapens.batches import Augmentation
 from snapens.checkpoint import deciding_values
-from snapens.data import SOURCES, Dataset, Split, prepare
+from snapens.data import SOURCES, Dataset, Listing, Split, prepare
 from snapens.errors import SnapensError
 from snapens.models import short_name
 from snapens.precision import layout
@@ -60,8 +60,9 @@ def make_deterministic(on: bool) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def build_data(cfg: DictConfig) -> Dataset:
-    """Load (or make) the dataset named by `cfg.data` and take its validation split and subsets."""
+def data_source(cfg: DictConfig) -> tuple[Split | Listing, Split | Listing, list[str]]:
+    """The train and test splits of the dataset `cfg.data` names (an image folder's still undecoded) and its
+    classes, checked against data.num_classes."""
     if OmegaConf.is_missing(cfg, "root"):
         raise SnapensError(f"data.root is required for data={cfg.name}: pass data.root=DIR (conf/data/{cfg.name}.yaml "
                            "says what DIR holds)")
@@ -70,8 +71,17 @@ def build_data(cfg: DictConfig) -> Dataset:
         raise SnapensError(f"data.num_classes={cfg.num_classes} but the data has {len(classes)} classes "
                            f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}); "
                            f"set data.num_classes={len(classes)}")
-    return prepare(train, test, classes, train_limit=cfg.train_limit, test_limit=cfg.test_limit,
-                   val_size=cfg.val_size, seed=cfg.subset_seed)
+    return train, test, classes
+
+
+def subsets(cfg: DictConfig) -> dict:
+    """`data.choose`'s arguments from the data config."""
+    return dict(train_limit=cfg.train_limit, test_limit=cfg.test_limit, val_size=cfg.val_size, seed=cfg.subset_seed)
+
+
+def build_data(cfg: DictConfig) -> Dataset:
+    """Load (or make) the dataset named by `cfg.data` and take its validation split and subsets."""
+    return prepare(*data_source(cfg), **subsets(cfg))
 
 
 def build_augmentation(cfg: DictConfig) -> Augmentation:

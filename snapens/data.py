@@ -17,8 +17,9 @@ from snapens.errors import SnapensError
 from snapens.folders import Listing, load, load_image_folder, same_size, scan_image_folder
 from snapens.splits import Dataset, Split, split_digest
 
-__all__ = ["Dataset", "Listing", "SOURCES", "Split", "balanced_subset", "channel_stats", "load_cifar", "load_digits",
-           "load_image_folder", "make_synthetic", "prepare", "scan_image_folder", "split_digest", "stratified_split"]
+__all__ = ["Dataset", "Listing", "SOURCES", "Split", "balanced_subset", "channel_stats", "choose", "load",
+           "load_cifar", "load_digits", "load_image_folder", "make_synthetic", "prepare", "scan_image_folder",
+           "split_digest", "stratified_split"]
 
 
 # --- loading ----------------------------------------------------------------------------------------------------
@@ -155,10 +156,10 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def prepare(train: Split | Listing, test: Split | Listing, classes: list[str], *, train_limit: int = 0,
-            test_limit: int = 0, val_size: int = 0, seed: int = 0) -> Dataset:
-    """Hold out a class-balanced validation split, take seeded class-balanced subsets, measure the train statistics.
-    The choices read labels only, so Listings are decoded after them, and only the images chosen."""
+def choose(train: Split | Listing, test: Split | Listing, *, train_limit: int = 0, test_limit: int = 0,
+           val_size: int = 0, seed: int = 0) -> tuple[Split | Listing, Split | Listing | None, Split | Listing]:
+    """(train, val, test): a class-balanced validation split held out of train, then seeded class-balanced subsets.
+    The choices read labels only, so an image folder's Listings are decoded after them, and only where used."""
     # One generator per purpose, so the test subset does not change with val_size or train_limit.
     g_val, g_train, g_test = (torch.Generator().manual_seed(3 * seed + k) for k in range(3))
     val = None
@@ -173,7 +174,13 @@ def prepare(train: Split | Listing, test: Split | Listing, classes: list[str], *
         train = train.subset(balanced_subset(train.labels, train_limit, g_train))
     if test_limit and test_limit < len(test):
         test = test.subset(balanced_subset(test.labels, test_limit, g_test))
-    train, test, val = load(train), load(test), load(val)  # an image folder's chosen files only
+    return train, val, test
+
+
+def prepare(train: Split | Listing, test: Split | Listing, classes: list[str], **subsets) -> Dataset:
+    """The data set a run trains on: the splits `choose` makes with `subsets` (its keyword arguments), in memory,
+    and the training split's statistics."""
+    train, val, test = (load(split) for split in choose(train, test, **subsets))
     same_size(train, test)
     mean, std = channel_stats(train.images)
     return Dataset(train, test, val, classes, mean, std)

@@ -38,6 +38,7 @@ from conftest import (
     compose_config,
     says,
     snapshot_logits,
+    write_image_folder,
 )
 
 
@@ -57,6 +58,23 @@ def direct_logits(run_dir, split="test"):
     data = build_data(compose_config(*HELD_OUT).data)
     part = data.test if split == "test" else data.val
     return snapshot_logits(run_dir, part.images), part.labels
+
+
+def test_the_tool_decodes_only_the_images_it_scores(tmp_path, monkeypatch):
+    """An image-folder run, its decode cache gone: the tool reads the training images' labels to find the
+    validation split, and decodes the 8 validation and 16 test images only, not the 56 it trained on (issue 22)."""
+    import snapens.folders
+
+    write_image_folder(tmp_path / "folder")  # 64 training images, 16 test images
+    cfg = compose_config(*EQUAL_CYCLES_2, "data=imagefolder", f"data.root={tmp_path / 'folder'}", "data.num_classes=4",
+                         "data.val_size=8")
+    train(cfg, tmp_path / "run")
+    shutil.rmtree(tmp_path / "folder" / ".snapens_cache")
+    decoded, real = [], snapens.folders.read_image
+    monkeypatch.setattr(snapens.folders, "read_image", lambda path, size: decoded.append(path) or real(path, size))
+    accuracy = evaluate(f"run={tmp_path / 'run'}", f"out={tmp_path / 'report'}")
+    assert len(decoded) == len(set(decoded)) == 8 + 16
+    assert accuracy == json.loads((tmp_path / "run" / "results.json").read_text())["ensemble"]["acc"]
 
 
 def test_report_matches_an_independent_recomputation(run):

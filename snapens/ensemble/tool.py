@@ -17,10 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from snapens.build import build_data, pick_device, pick_precision
+from snapens.build import data_source, pick_device, pick_precision, subsets
 from snapens.checkpoint import refuse_while_training
 from snapens.config import check_inference_options, schema_of
-from snapens.data import Split
+from snapens.data import Split, choose, load
 from snapens.images import IMAGE_EXTENSIONS, read_images
 from snapens.ensemble import calibration, members as found, metrics, rules, selection, uncertainty
 from snapens.ensemble.cache import cached_logits, compute_logits
@@ -227,12 +227,14 @@ def predict(cfg, paths, metas, device, precision, out_dir: Path) -> Path:
 def load_split(cfg: DictConfig, paths: list[Path], metas: list[dict]) -> tuple[Split, Split | None]:
     """The split to evaluate on, from the training config's data, with the members' classes; and the validation
     split to choose members on when that split is test (None without one)."""
-    data = build_data(training_config(cfg).data)
-    found.check_same_classes(paths, metas, data.classes)
-    split = data.test if cfg.split == "test" else data.val
-    if split is None:
+    data = training_config(cfg).data
+    train, test, classes = data_source(data)
+    found.check_same_classes(paths, metas, classes)
+    _, val, test = choose(train, test, **subsets(data))  # the training images are not read, only their labels
+    if cfg.split == "val" and val is None:
         raise SnapensError("split=val but the run held out no validation images (train with data.val_size=N)")
-    return split, data.val if cfg.split == "test" else None
+    val = load(val)
+    return (load(test), val) if cfg.split == "test" else (val, None)
 
 
 def report_dir(cfg: DictConfig, paths: list[Path]) -> Path:

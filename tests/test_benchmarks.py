@@ -26,6 +26,17 @@ def test_bench_schedule_prints_both_costs_and_their_ratio(tmp_path):
         assert ratio == pytest.approx(slow / usual, rel=0.01)
 
 
+def test_bench_decode_counts_what_each_way_decodes(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_decode.py"), "--images", "200", "--size", "16",
+                             "--train-limit", "8"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
+    assert result.returncode == 0, result.stderr[-2000:]
+    all_, used, ratios = result.stdout.splitlines()[-3:]
+    assert all_.startswith(" all: 250 images decoded")  # 200 training and 50 test images, whole
+    assert used.startswith("used: 122 images decoded")  # 8 training, 64 validation and the 50 test images
+    whole, part = (float(x) for x in re.findall(r"([\d.]+) s,", all_ + used))  # printed to 0.01 s
+    ratio = float(re.search(r"([\d.]+)x the time", ratios)[1])
+    assert (part - 0.005) / (whole + 0.005) - 0.001 <= ratio <= (part + 0.005) / (whole - 0.005) + 0.001
+
 
 def test_bench_members_times_each_choice_and_matches_the_definitions(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPTS / "bench_members.py"), "--members", "7", "--images", "300",

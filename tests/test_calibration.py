@@ -15,7 +15,7 @@ from snapens.ensemble import calibration, metrics, selection
 from snapens.errors import SnapensError
 from snapens.snapshots import list_snapshots
 
-from conftest import HELD_OUT, compose_config, snapshot_logits
+from conftest import HELD_OUT, compose_config, snapshot_logits, says
 
 
 
@@ -124,9 +124,9 @@ def test_temperatures_are_fitted_on_the_validation_split(run):
 
 
 def test_fitting_on_test_is_refused(run):
-    with pytest.raises(SnapensError, match=r"calibrate=test would fit the temperature on the images it is then "
-                                           r"scored on.*use calibrate=val"):
+    with pytest.raises(SnapensError) as info:
         evaluate(f"run={run}", "calibrate=test")
+    says(info.value, "calibrate=test", "use calibrate=val")
     assert not (run / "ensemble").exists()
 
 
@@ -180,14 +180,16 @@ def test_predict_uncalibrated_and_refusals(run, images):
                           atol=2e-6)
     evaluate(f"run={run}", f"predict={folder}", "members=last:2")  # no temperature stored for these two members
     assert predictions(run / "predictions")[1]["source"].startswith("uncalibrated (no temperature stored")
-    with pytest.raises(SnapensError, match=r"chosen=greedy takes the members the run chose on validation"):
+    with pytest.raises(SnapensError) as info:
         evaluate(f"run={run}", f"predict={folder}", "chosen=greedy", "members=last:2")
+    says(info.value, "chosen=greedy", "no runs=, snapshots=, members= or swa=")
     with pytest.raises(SnapensError, match=r"chosen=greedy takes the members .*no runs=, snapshots=, members= or swa="):
         evaluate(f"run={run}", f"predict={folder}", "chosen=greedy", "swa=true")
     with pytest.raises(SnapensError, match=r"chosen=greedy was chosen for rule=logits; pass that rule"):
         evaluate(f"run={run}", f"predict={folder}", "chosen=greedy", "rule=probs")
-    with pytest.raises(SnapensError, match=r"chosen=by is not allowed; choose one of: last_m, greedy, weighted"):
+    with pytest.raises(SnapensError) as info:
         evaluate(f"run={run}", f"predict={folder}", "chosen=by")
+    says(info.value, "chosen=by", "last_m, greedy, weighted")
     with pytest.raises(SnapensError, match=r"chosen=greedy is for predict=IMAGES"):
         evaluate(f"run={run}", "chosen=greedy")
     results = json.loads((run / "results.json").read_text())

@@ -254,9 +254,9 @@ def test_class_count_must_match_the_folders(make_cfg, tmp_path):
             (tmp_path / "data" / split / name).mkdir(parents=True)
             Image.new("RGB", (8, 8)).save(tmp_path / "data" / split / name / "0.png")
     cfg = make_cfg("data=imagefolder", f"data.root={tmp_path / 'data'}", "trainer.device=cpu")
-    with pytest.raises(SnapensError, match=r"data.num_classes=10 but the data has 3 classes \(cat, dog, emu\); "
-                                           r"set data.num_classes=3"):
+    with pytest.raises(SnapensError) as info:
         train(cfg, tmp_path / "run")
+    says(info.value, "data.num_classes=10", "set data.num_classes=3")
 
 
 @pytest.mark.parametrize("make_tree, message", [

@@ -11,6 +11,8 @@ from snapens import schedules
 from snapens.ensemble.rules import combine
 from snapens.ensemble.snapshot_ensemble import SnapshotEnsembleError
 
+from conftest import says
+
 ADAPTERS = [
     (snapens.SGDR, schedules.SGDR, dict(T_0=5, T_mult=2, total_steps=35, eta_min=0.001, decay=0.8)),
     (snapens.Snapshot, schedules.Snapshot, dict(total_steps=30, cycles=3)),
@@ -288,8 +290,9 @@ def test_what_torch_accepts_is_accepted_with_torchs_values(adapter, kwargs, twin
 
 def test_cycling_momentum_on_an_optimizer_without_it_is_refused():
     rprop = torch.optim.Rprop([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
-    with pytest.raises(ValueError, match="cycle_momentum=True needs an optimizer with momentum or betas, not Rprop"):
+    with pytest.raises(ValueError) as info:
         snapens.OneCycle(rprop, total_steps=10)
+    says(info.value, "cycle_momentum=True", "momentum or betas")
     snapens.OneCycle(rprop, total_steps=10, cycle_momentum=False)
 
 
@@ -333,8 +336,9 @@ def test_open_ended_schedules_and_their_cycle_ends():
 
 
 def test_a_warmup_past_the_first_cycle_is_refused():
-    with pytest.raises(ValueError, match=r"warmup_steps must be shorter than the first cycle \(7 steps\), got 7"):
+    with pytest.raises(ValueError) as info:
         schedules.Warmup(schedules.SGDR(0.1, 7), 7)
+    says(info.value, "warmup_steps", "shorter than the first cycle (7 steps)")
     with pytest.raises(ValueError, match=r"shorter than the first cycle \(5 steps\), got 6"):
         schedules.Warmup(schedules.SGDR(0.1, 5, 35, T_mult=2), 6)
     assert schedules.Warmup(schedules.Cosine(0.1, 20), 10).lr(9) == schedules.Cosine(0.1, 20).lr(10) * 10 / 11

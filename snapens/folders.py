@@ -95,29 +95,40 @@ def _decode(paths: list[Path], size: int, what: str) -> torch.Tensor:
 def _load_or_decode(split: str, root: Path, paths: list[Path], labels: list[int], size: int) -> Split:
     """The whole split: from the decode cache when it holds exactly these files, else decoded and cached."""
     source, folder = _fingerprint(paths, root, size), _cache_dir(root)
-    cache = folder / f"{split}-{size}-{source[:16]}.safetensors" if folder else None
-    cached = _read_cache(cache, source) if cache else None
-    if cached is None and cache and _waits_for_local_rank_0():
+    if folder is None:  # nowhere to cache: every process decodes for itself
+        return _decoded(paths, labels, size, str(root / split))
+    cache = folder / f"{split}-{size}-{source[:16]}.safetensors"
+    cached = _read_cache(cache, source)
+    if cached is None and _waits_for_local_rank_0():
         cached = _wait_for(cache, source)
     if cached is not None:
         return cached
-    failed = cache.with_suffix(".failed") if cache else None  # says to the waiting ranks: decode it yourselves
-    if failed:
-        failed.unlink(missing_ok=True)
-    result = Split(_decode(paths, size, f"{root / split} (once: cached)"), torch.tensor(labels, dtype=torch.int64))
+    cache.with_suffix(".failed").unlink(missing_ok=True)  # an earlier run's word that it could not cache
+    result = _decoded(paths, labels, size, f"{root / split} (once: cached)")
+    _write_cache(cache, result, source, paths)
+    return result
+
+
+def _decoded(paths: list[Path], labels: list[int], size: int, what: str) -> Split:
+    return Split(_decode(paths, size, what), torch.tensor(labels, dtype=torch.int64))
+
+
+def _write_cache(cache: Path, split: Split, source: str, paths: list[Path]) -> None:
+    """The decoded split to `cache`, and the caches of files since changed or copied removed. A full disk: the run
+    goes on (decoding again next time), and `<cache>.failed` tells the ranks waiting for it to decode for themselves."""
     metadata = {"classes": json.dumps(sorted({p.parent.name for p in paths})), "source": source,
-                "arrays": split_digest(result)}
+                "arrays": split_digest(split)}
     try:
-        if cache:
-            write_atomic(cache, save({"images": result.images, "labels": result.labels}, metadata=metadata))
-            for stale in cache.parent.glob(f"{split}-{size}-*.safetensors"):  # of files since changed or copied
-                if stale != cache:
-                    stale.unlink(missing_ok=True)
-    except SnapensError as e:  # a full disk: the run goes on, decoding again next time
+        write_atomic(cache, save({"images": split.images, "labels": split.labels}, metadata=metadata))
+    except SnapensError as e:
         log.warning(f"decoded images not cached: {e}")
         with contextlib.suppress(OSError):
-            failed.touch()
-    return result
+            cache.with_suffix(".failed").touch()
+        return
+    prefix = cache.name.rsplit("-", 1)[0]  # <split>-<size>
+    for stale in cache.parent.glob(f"{prefix}-*.safetensors"):
+        if stale != cache:
+            stale.unlink(missing_ok=True)
 
 
 def _waits_for_local_rank_0() -> bool:

@@ -148,6 +148,7 @@ def summarise_cell(cell: str, out: Path, test) -> dict | None:
            "M4_all_nll": results["M4"]["ensemble"]["nll"]}
     greedy = [int(n[-2:]) - 1 for n in results["M4"]["chosen"]["greedy"]["members"]]
     row["all_vs_M1"], row["greedy_vs_M1"] = uncertainty.gain(scored(z4), one), uncertainty.gain(scored(z4[greedy]), one)
+    row["M4_vs_M1"] = row["all_vs_M1"]  # beside SWA's and FGE's, under the same names
     for arm, logits in (("swa4", lambda r: swa_logits(r, test)), ("fge4", test_logits)):
         if arm in finished:
             combined = scored(logits(runs[arm]))
@@ -218,8 +219,7 @@ def others_table(rows: list[dict]) -> list[str]:
         if not any(f"{arm}_vs_M1" in r for arm in ("swa4", "fge4")):
             continue
         for arm, name in names.items():
-            gain, acc = (r["all_vs_M1"], r["M4_all_acc"]) if arm == "M4" else (r.get(f"{arm}_vs_M1"),
-                                                                                r.get(f"{arm}_all_acc"))
+            gain, acc = r.get(f"{arm}_vs_M1"), r.get(f"{arm}_all_acc")
             if gain:
                 table.append(f"| {r['cell']} | {name} | {100 * acc:.2f} | {interval(gain['acc'])} | "
                              f"{interval(gain.get('nll'), 1, 3)} |")
@@ -246,9 +246,9 @@ def csv_row(r: dict) -> list:
 def summarise(root: Path, out: Path, to: Path, runs: list[tuple[str, list[str]]] | None = None) -> None:
     """regime.md, regime.csv and regime.png in `to`: every finished cell of `runs` (default: the map's) against its
     M1 run; the map's cells, the cells trained with several seeds, and SWA and FGE beside the snapshots."""
-    from snapens.data import load_image_folder
+    from snapens.data import scan_image_folder
 
-    test = load_image_folder(str(root))[1]  # the whole test set, in the order every run scored it
+    test = scan_image_folder(str(root))[1].load()  # the whole test set, in the order every run scored it
     groups = dict.fromkeys(name.rsplit("_", 1)[0] for name, _ in runs or cells())  # cells, in run order
     rows = [r for cell in groups if (r := summarise_cell(cell, out, test))]
     first = [r for r in rows if seed_of(r["cell"])[1] == 0]

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -93,7 +93,8 @@ def _decode(paths: list[Path], size: int, what: str) -> torch.Tensor:
 
 
 def _load_or_decode(split: str, root: Path, paths: list[Path], labels: list[int], size: int) -> Split:
-    """The whole split: from the decode cache when it holds exactly these files, else decoded and cached."""
+    """The whole split: from the decode cache when it holds exactly these files, else decoded and cached (`labels`:
+    the split's own class indices, as the cache has always stored them)."""
     source, folder = _fingerprint(paths, root, size), _cache_dir(root)
     if folder is None:  # nowhere to cache: every process decodes for itself
         return _decoded(paths, labels, size, str(root / split))
@@ -101,10 +102,18 @@ def _load_or_decode(split: str, root: Path, paths: list[Path], labels: list[int]
     cached = _read_cache(cache, source)
     if cached is None and _waits_for_local_rank_0():
         cached = _wait_for(cache, source)
+        if cached is None:  # rank 0 could not cache these files: decode them here, and write nothing
+            return _decoded(paths, labels, size, str(root / split))
     if cached is not None:
         return cached
-    cache.with_suffix(".failed").unlink(missing_ok=True)  # an earlier run's word that it could not cache
-    result = _decoded(paths, labels, size, f"{root / split} (once: cached)")
+    failed = cache.with_suffix(".failed")
+    failed.unlink(missing_ok=True)  # an earlier run's word that it could not cache
+    try:
+        result = _decoded(paths, labels, size, f"{root / split} (once: cached)")
+    except BaseException:  # a bad image, a stop signal: the ranks waiting for this cache must not wait forever
+        with contextlib.suppress(OSError):
+            failed.touch()
+        raise
     _write_cache(cache, result, source, paths)
     return result
 
@@ -139,13 +148,17 @@ def _waits_for_local_rank_0() -> bool:
 
 
 def _wait_for(cache: Path, source: str) -> Split | None:
-    """The split once local rank 0 has cached it; None when it could not (it leaves `<cache>.failed`). If rank 0
-    dies instead, the launcher (torchrun, SLURM) ends this process with it."""
+    """The split once local rank 0 has cached it; None when it could not (it leaves `<cache>.failed`, also when its
+    decode failed) or cached other files (one changed between the two looks: this rank decodes what it sees)."""
     log.info(f"waiting for local rank 0 to decode and cache {cache}")
+    start = time.time()
     while not cache.with_suffix(".failed").exists():
         cached = _read_cache(cache, source)
         if cached is not None:
             return cached
+        others = cache.parent.glob(f"{cache.name.rsplit('-', 1)[0]}-*.safetensors")
+        if any(o != cache and o.stat().st_mtime > start for o in others):  # rank 0 saw the files otherwise
+            return None
         time.sleep(WAIT_SECONDS)
     return None
 
@@ -162,15 +175,19 @@ def _cached_only(split: str, root: Path, paths: list[Path], size: int) -> Split 
 @dataclass
 class Listing:
     """An image folder's split before decoding: every file with its label, and the files chosen so far (`index`,
-    ascending). `subset` narrows the choice without decoding; `load` decodes only the chosen files, or takes them
-    from the whole split's decode cache when it is there, so data.train_limit=64 of a 4,000-image folder decodes 64
-    images (and the validation and test images chosen), not 4,000. The images are the same either way."""
+    ascending). `subset` narrows the choice without decoding; `load` decodes only the chosen files, so
+    data.train_limit=64 of a 4,000-image folder decodes 64 images (and the validation and test images chosen), not
+    4,000. When the whole split is cached, or when most of it is used (a validation split held out of all of it),
+    the whole split is loaded once, cached for the next run, and shared by the subsets. The images are the same
+    either way."""
     root: Path
     split: str
     paths: list[Path]
-    all_labels: torch.Tensor  # int64, one per path
+    all_labels: torch.Tensor  # int64, one per path, in the data set's class indices
+    own_labels: list[int]  # the same in the split's own class indices, as the decode cache stores them
     size: int
     index: torch.Tensor
+    memo: dict = field(default_factory=dict, repr=False)  # the whole split, shared by every subset of it
 
     @property
     def labels(self) -> torch.Tensor:
@@ -183,14 +200,21 @@ class Listing:
         return replace(self, index=self.index[index])
 
     def load(self) -> Split:
-        if len(self.index) == len(self.paths):  # the whole split: cached for the next run
-            whole = _load_or_decode(self.split, self.root, self.paths, self.all_labels.tolist(), self.size)
+        whole = self.whole()
+        if whole is None:
+            chosen = [self.paths[i] for i in self.index.tolist()]
+            return Split(_decode(chosen, self.size, f"{len(chosen)} of {self.root / self.split}"), self.labels)
+        if torch.equal(self.index, torch.arange(len(self.paths))):
             return Split(whole.images, self.all_labels)
-        cached = _cached_only(self.split, self.root, self.paths, self.size)
-        if cached is not None:
-            return Split(cached.images[self.index], self.labels)
-        chosen = [self.paths[i] for i in self.index.tolist()]
-        return Split(_decode(chosen, self.size, f"{len(chosen)} of {self.root / self.split}"), self.labels)
+        return Split(whole.images[self.index], self.labels)
+
+    def whole(self) -> Split | None:
+        """The whole split in memory: once, when it is cached or when this subset is most of it; else None."""
+        if "whole" not in self.memo:
+            most = 2 * len(self.index) >= len(self.paths)
+            self.memo["whole"] = (_load_or_decode(self.split, self.root, self.paths, self.own_labels, self.size)
+                                  if most else _cached_only(self.split, self.root, self.paths, self.size))
+        return self.memo["whole"]
 
 
 def load(split: "Split | Listing | None") -> Split | None:
@@ -204,12 +228,12 @@ def _read_cache(path: Path, source: str) -> Split | None:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
+            if metadata.get("source") != source:  # not read further: waiting ranks look often
+                return None
             split = Split(f.get_tensor("images"), f.get_tensor("labels"))
     except (FileNotFoundError, SafetensorError, OSError):
         return None  # first run, or a damaged cache
-    if metadata.get("source") != source or metadata.get("arrays") != split_digest(split):
-        return None
-    return split
+    return split if metadata.get("arrays") == split_digest(split) else None
 
 
 def scan_image_folder(root: str, image_size: int = 0) -> tuple[Listing, Listing, list[str]]:
@@ -232,9 +256,9 @@ def scan_image_folder(root: str, image_size: int = 0) -> tuple[Listing, Listing,
         raise SnapensError(f"data.root={root} has no test images: {root}/test has no class folders")
     splits = []
     for split, names in (("train", classes), ("test", test_classes)):
-        paths, labels = _scan_split(base / split, names)
-        labels = torch.tensor([classes.index(c) for c in names], dtype=torch.int64)[torch.tensor(labels)]
-        splits.append(Listing(base, split, paths, labels, image_size, torch.arange(len(paths))))
+        paths, own = _scan_split(base / split, names)
+        labels = torch.tensor([classes.index(c) for c in names], dtype=torch.int64)[torch.tensor(own)]
+        splits.append(Listing(base, split, paths, labels, own, image_size, torch.arange(len(paths))))
     return splits[0], splits[1], classes
 
 

@@ -130,7 +130,7 @@ def test_model_config_instantiates_into_a_module(make_cfg):
     (["optimizer.name=foo"], "optimizer.name=foo", "sgd, adamw"),
     (["model.depth=9"], "model.depth", "6n+2 between 8 and 1202 (20, 32, 44, 56, 110), got 9"),
     (["optimizer.momentum=-1"], "optimizer.momentum=-1.0", ">= 0 and <= 1"),
-    (["optimizer.nesterov=true", "optimizer.momentum=0"], "optimizer.nesterov=true", "needs momentum"),
+    (["optimizer.nesterov=true", "optimizer.momentum=0"], "optimizer.nesterov=true", "set optimizer.momentum > 0"),
     (["optimizer=adamw", "optimizer.beta2=2"], "optimizer.beta2=2.0", ">= 0 and <= 1"),
     (["optimizer=adamw", "optimizer.eps=-1"], "optimizer.eps=-1.0", "> 0"),
     (["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1.0", ">= 0"),
@@ -155,7 +155,7 @@ def test_model_config_instantiates_into_a_module(make_cfg):
     (["scheduler=step", "scheduler.milestones=[0.5,1]"], "scheduler.milestones=[0.5, 1.0]", "at or beyond"),
     (["scheduler=step", "scheduler.unit=epoch", "scheduler.milestones=[75,112.5]", "trainer.epochs=2"],
      "scheduler.milestones=[75.0, 112.5] (epochs)", "at or beyond"),
-    (["scheduler=onecycle", "scheduler.warmup=1"], "scheduler.warmup", "onecycle"),
+    (["scheduler=onecycle", "scheduler.warmup=1"], "scheduler.warmup", "its rise over pct_start is the warmup"),
     (["scheduler=cyclic", "trainer.epochs=45"], "trainer.epochs=45", "cycles end at 30, 60 epochs"),
     (["scheduler.T_mult=1", "trainer.epochs=99.5"], "trainer.epochs=99.5",
      "cycles end at 10, 20, 30, ..., 80, 90, 100 epochs"),
@@ -315,12 +315,12 @@ def test_unknown_keys_are_refused_even_with_plus(make_cfg, tmp_path, override, k
 
 
 @pytest.mark.parametrize("override, key, fix", [
-    ("trainer.swa.start=1.0", "trainer.swa.start=1.0", "fraction"),
+    ("trainer.swa.start=1.0", "trainer.swa.start=1.0", "or null to disable"),
     ("trainer.label_smoothing=1.0", "trainer.label_smoothing=1.0", "must be in"),
     ("trainer.accumulate=0", "trainer.accumulate=0", "> 0"),
     ("trainer.keep_snapshots=-1", "trainer.keep_snapshots=-1", ">= 0"),
     ("scheduler=adaptive_sgdr data.val_size=32 scheduler.warmup_every_cycle=true", "scheduler.warmup_every_cycle",
-     "scheduler=adaptive_sgdr"),
+     "leave warmup_every_cycle=false"),
     ("scheduler=adaptive_sgdr data.val_size=32 scheduler.extension_factor=1.0", "scheduler.extension_factor=1.0",
      "> 1"),
     ("scheduler=adaptive_sgdr data.val_size=32 scheduler.patience=0", "scheduler.patience=0", "finite number"),

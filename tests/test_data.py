@@ -501,14 +501,52 @@ def test_other_ranks_wait_for_local_rank_0_to_decode(tmp_path, monkeypatch, rank
     waiting, wait = threading.Event(), snapens.folders._wait_for
     monkeypatch.setattr(snapens.folders, "_wait_for", lambda *a: waiting.set() or wait(*a))
     got = {}
-    rank_1 = threading.Thread(target=lambda: got.update(rank_1=load_image_folder(str(tmp_path))))
+    rank_1 = threading.Thread(target=lambda: got.update(rank_1=load_image_folder(str(tmp_path))), daemon=True)
     monkeypatch.setattr(snapens.folders, "_waits_for_local_rank_0", lambda: threading.current_thread() is rank_1)
     rank_1.start()
     assert waiting.wait(timeout=60)  # rank 1 found no cache and waits
     train, test, _ = load_image_folder(str(tmp_path))  # rank 0 decodes both splits
     rank_1.join(timeout=60)
+    assert not rank_1.is_alive()
     assert torch.equal(got["rank_1"][0].images, train.images) and torch.equal(got["rank_1"][1].images, test.images)
     assert len(decoded) == (80 if rank_0_caches else 160)
+
+
+def test_a_waiting_rank_decodes_for_itself_when_rank_0_fails_to(tmp_path, monkeypatch):
+    """Rank 0's decode of the training split stops with an error (a bad image, a stop signal): it leaves the marker
+    on its way out, so rank 1 stops waiting and decodes (here it can; with a bad image it would meet the same error
+    and say so) instead of waiting forever."""
+    write_image_folder(tmp_path)
+    real, failed = snapens.folders.read_image, []
+    monkeypatch.setattr(snapens.folders, "read_image", lambda path, size: real(path, size) if failed else
+                        failed.append(path) or 1 / 0)  # the first image read fails, later ones do not
+    monkeypatch.setattr(snapens.folders, "WAIT_SECONDS", 0.01)
+    waiting, wait = threading.Event(), snapens.folders._wait_for
+    monkeypatch.setattr(snapens.folders, "_wait_for", lambda *a: waiting.set() or wait(*a))
+    got = {}
+    rank_1 = threading.Thread(target=lambda: got.update(train=scan_image_folder(str(tmp_path))[0].load()),
+                              daemon=True)
+    monkeypatch.setattr(snapens.folders, "_waits_for_local_rank_0", lambda: threading.current_thread() is rank_1)
+    rank_1.start()
+    assert waiting.wait(timeout=60)
+    with pytest.raises(ZeroDivisionError):
+        scan_image_folder(str(tmp_path))[0].load()  # rank 0
+    rank_1.join(timeout=60)
+    assert not rank_1.is_alive() and len(got["train"]) == 64
+
+
+def test_a_validation_split_of_a_whole_folder_caches_it(tmp_path, monkeypatch):
+    """A validation split held out of all the training images (no train_limit) uses the whole split: it is decoded
+    once, cached, and the next run decodes nothing."""
+    write_image_folder(tmp_path)
+    decoded, real = [], snapens.folders.read_image
+    monkeypatch.setattr(snapens.folders, "read_image", lambda path, size: decoded.append(path) or real(path, size))
+    first = prepare(*scan_image_folder(str(tmp_path)), val_size=8, seed=1)
+    assert len(decoded) == 64 + 16
+    decoded.clear()
+    again = prepare(*scan_image_folder(str(tmp_path)), val_size=8, seed=1)
+    assert decoded == [] and torch.equal(again.train.images, first.train.images)
+    assert torch.equal(again.val.images, first.val.images) and (len(again.train), len(again.val)) == (56, 8)
 
 
 @pytest.mark.parametrize("env, waits", [({}, False), ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, False),

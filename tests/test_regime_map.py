@@ -71,11 +71,11 @@ def direct_accuracy(paths: list[Path], root: Path) -> float:
     """The uniform mean-of-logits ensemble of snapshot files on the folder's test images, from the files alone."""
     from safetensors.torch import load_file
 
-    from snapens.data import load_image_folder
+    from snapens.data import scan_image_folder
     from snapens.models import model_from_metadata
     from snapens.snapshots import read_metadata
 
-    test = load_image_folder(str(root))[1]
+    test = scan_image_folder(str(root))[1].load()
     logits = []
     for path in paths:
         meta = read_metadata(path)

@@ -14,5 +14,5 @@ def test_tensorboard_is_an_extra(make_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(tensorboard_log.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SnapensError) as info:
         train(make_cfg(*EQUAL_CYCLES_2, "logger=tensorboard"), tmp_path)
-    says(info.value, "logger=tensorboard", "pip install")
+    says(info.value, "logger=tensorboard", "pip install -e '.[tensorboard]'")
     assert not any(tmp_path.iterdir())  # refused before anything was written

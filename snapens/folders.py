@@ -156,11 +156,19 @@ def _wait_for(cache: Path, source: str) -> Split | None:
         cached = _read_cache(cache, source)
         if cached is not None:
             return cached
-        others = cache.parent.glob(f"{cache.name.rsplit('-', 1)[0]}-*.safetensors")
-        if any(o != cache and o.stat().st_mtime > start for o in others):  # rank 0 saw the files otherwise
+        if _cached_since(cache, start):  # rank 0 saw the files otherwise
             return None
         time.sleep(WAIT_SECONDS)
     return None
+
+
+def _cached_since(cache: Path, start: float) -> bool:
+    """Whether a cache of this split and size other than `cache` was written after `start`."""
+    for other in cache.parent.glob(f"{cache.name.rsplit('-', 1)[0]}-*.safetensors"):
+        with contextlib.suppress(FileNotFoundError):  # removed as stale meanwhile
+            if other != cache and other.stat().st_mtime > start:
+                return True
+    return False
 
 
 def _cached_only(split: str, root: Path, paths: list[Path], size: int) -> Split | None:

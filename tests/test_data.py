@@ -4,6 +4,7 @@ import os
 import pickle
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -531,6 +532,26 @@ def test_a_waiting_rank_decodes_for_itself_when_rank_0_fails_to(tmp_path, monkey
     assert waiting.wait(timeout=60)
     with pytest.raises(ZeroDivisionError):
         scan_image_folder(str(tmp_path))[0].load()  # rank 0
+    rank_1.join(timeout=60)
+    assert not rank_1.is_alive() and len(got["train"]) == 64
+
+
+def test_a_waiting_rank_stops_when_rank_0_cached_other_files(tmp_path, monkeypatch):
+    """A file changed between rank 1's look and rank 0's: rank 0 caches under another fingerprint, which rank 1 never
+    sees under its own name; it stops waiting when that cache appears and decodes what it sees."""
+    write_image_folder(tmp_path)
+    monkeypatch.setattr(snapens.folders, "WAIT_SECONDS", 0.01)
+    waiting, wait = threading.Event(), snapens.folders._wait_for
+    monkeypatch.setattr(snapens.folders, "_wait_for", lambda *a: waiting.set() or wait(*a))
+    got = {}
+    rank_1 = threading.Thread(target=lambda: got.update(train=scan_image_folder(str(tmp_path))[0].load()),
+                              daemon=True)
+    monkeypatch.setattr(snapens.folders, "_waits_for_local_rank_0", lambda: threading.current_thread() is rank_1)
+    rank_1.start()
+    assert waiting.wait(timeout=60)
+    other = tmp_path / ".snapens_cache" / "train-0-0123456789abcdef.safetensors"
+    other.write_bytes(b"rank 0's, of other files")
+    os.utime(other, (time.time() + 10,) * 2)  # written after rank 1 began to wait, whatever the clock's resolution
     rank_1.join(timeout=60)
     assert not rank_1.is_alive() and len(got["train"]) == 64
 

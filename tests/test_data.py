@@ -488,6 +488,20 @@ def test_an_image_folder_decodes_only_the_images_a_run_uses(tmp_path, monkeypatc
         assert (data.mean, data.std, data.classes) == (whole.mean, whole.std, whole.classes)
 
 
+def waiting_rank_1(monkeypatch, load) -> tuple[threading.Thread, dict]:
+    """`load()` started as local rank 1 in a thread (the only thread that waits for rank 0's cache), once it waits:
+    the thread, and a dict that gets its result under "got"."""
+    monkeypatch.setattr(snapens.folders, "WAIT_SECONDS", 0.01)
+    waiting, wait = threading.Event(), snapens.folders._wait_for
+    monkeypatch.setattr(snapens.folders, "_wait_for", lambda *a: waiting.set() or wait(*a))
+    result = {}
+    rank_1 = threading.Thread(target=lambda: result.update(got=load()), daemon=True)
+    monkeypatch.setattr(snapens.folders, "_waits_for_local_rank_0", lambda: threading.current_thread() is rank_1)
+    rank_1.start()
+    assert waiting.wait(timeout=60)  # rank 1 found no cache and waits
+    return rank_1, result
+
+
 @pytest.mark.parametrize("rank_0_caches", [True, False])
 def test_other_ranks_wait_for_local_rank_0_to_decode(tmp_path, monkeypatch, rank_0_caches):
     """Two processes of a node with a cold cache (issue 22: both decoded every image and wrote the same file): local
@@ -496,20 +510,13 @@ def test_other_ranks_wait_for_local_rank_0_to_decode(tmp_path, monkeypatch, rank
     write_image_folder(tmp_path)  # 64 + 16 images
     decoded, real = [], snapens.folders.read_image
     monkeypatch.setattr(snapens.folders, "read_image", lambda path, size: decoded.append(path) or real(path, size))
-    monkeypatch.setattr(snapens.folders, "WAIT_SECONDS", 0.01)
     if not rank_0_caches:
         monkeypatch.setattr(snapens.folders, "write_atomic", lambda *a: (_ for _ in ()).throw(SnapensError("full")))
-    waiting, wait = threading.Event(), snapens.folders._wait_for
-    monkeypatch.setattr(snapens.folders, "_wait_for", lambda *a: waiting.set() or wait(*a))
-    got = {}
-    rank_1 = threading.Thread(target=lambda: got.update(rank_1=load_image_folder(str(tmp_path))), daemon=True)
-    monkeypatch.setattr(snapens.folders, "_waits_for_local_rank_0", lambda: threading.current_thread() is rank_1)
-    rank_1.start()
-    assert waiting.wait(timeout=60)  # rank 1 found no cache and waits
+    rank_1, result = waiting_rank_1(monkeypatch, lambda: load_image_folder(str(tmp_path)))
     train, test, _ = load_image_folder(str(tmp_path))  # rank 0 decodes both splits
     rank_1.join(timeout=60)
     assert not rank_1.is_alive()
-    assert torch.equal(got["rank_1"][0].images, train.images) and torch.equal(got["rank_1"][1].images, test.images)
+    assert torch.equal(result["got"][0].images, train.images) and torch.equal(result["got"][1].images, test.images)
     assert len(decoded) == (80 if rank_0_caches else 160)
 
 
@@ -521,39 +528,23 @@ def test_a_waiting_rank_decodes_for_itself_when_rank_0_fails_to(tmp_path, monkey
     real, failed = snapens.folders.read_image, []
     monkeypatch.setattr(snapens.folders, "read_image", lambda path, size: real(path, size) if failed else
                         failed.append(path) or 1 / 0)  # the first image read fails, later ones do not
-    monkeypatch.setattr(snapens.folders, "WAIT_SECONDS", 0.01)
-    waiting, wait = threading.Event(), snapens.folders._wait_for
-    monkeypatch.setattr(snapens.folders, "_wait_for", lambda *a: waiting.set() or wait(*a))
-    got = {}
-    rank_1 = threading.Thread(target=lambda: got.update(train=scan_image_folder(str(tmp_path))[0].load()),
-                              daemon=True)
-    monkeypatch.setattr(snapens.folders, "_waits_for_local_rank_0", lambda: threading.current_thread() is rank_1)
-    rank_1.start()
-    assert waiting.wait(timeout=60)
+    rank_1, result = waiting_rank_1(monkeypatch, lambda: scan_image_folder(str(tmp_path))[0].load())
     with pytest.raises(ZeroDivisionError):
         scan_image_folder(str(tmp_path))[0].load()  # rank 0
     rank_1.join(timeout=60)
-    assert not rank_1.is_alive() and len(got["train"]) == 64
+    assert not rank_1.is_alive() and len(result["got"]) == 64
 
 
 def test_a_waiting_rank_stops_when_rank_0_cached_other_files(tmp_path, monkeypatch):
     """A file changed between rank 1's look and rank 0's: rank 0 caches under another fingerprint, which rank 1 never
     sees under its own name; it stops waiting when that cache appears and decodes what it sees."""
     write_image_folder(tmp_path)
-    monkeypatch.setattr(snapens.folders, "WAIT_SECONDS", 0.01)
-    waiting, wait = threading.Event(), snapens.folders._wait_for
-    monkeypatch.setattr(snapens.folders, "_wait_for", lambda *a: waiting.set() or wait(*a))
-    got = {}
-    rank_1 = threading.Thread(target=lambda: got.update(train=scan_image_folder(str(tmp_path))[0].load()),
-                              daemon=True)
-    monkeypatch.setattr(snapens.folders, "_waits_for_local_rank_0", lambda: threading.current_thread() is rank_1)
-    rank_1.start()
-    assert waiting.wait(timeout=60)
+    rank_1, result = waiting_rank_1(monkeypatch, lambda: scan_image_folder(str(tmp_path))[0].load())
     other = tmp_path / ".snapens_cache" / "train-0-0123456789abcdef.safetensors"
     other.write_bytes(b"rank 0's, of other files")
     os.utime(other, (time.time() + 10,) * 2)  # written after rank 1 began to wait, whatever the clock's resolution
     rank_1.join(timeout=60)
-    assert not rank_1.is_alive() and len(got["train"]) == 64
+    assert not rank_1.is_alive() and len(result["got"]) == 64
 
 
 def test_a_validation_split_of_a_whole_folder_caches_it(tmp_path, monkeypatch):

@@ -95,10 +95,9 @@ def _decode(paths: list[Path], size: int, what: str) -> torch.Tensor:
 def _load_or_decode(split: str, root: Path, paths: list[Path], labels: list[int], size: int) -> Split:
     """The whole split: from the decode cache when it holds exactly these files, else decoded and cached (`labels`:
     the split's own class indices, as the cache has always stored them)."""
-    source, folder = _fingerprint(paths, root, size), _cache_dir(root)
-    if folder is None:  # nowhere to cache: every process decodes for itself
+    cache, source = _cache_file(split, root, paths, size)
+    if cache is None:  # nowhere to cache: every process decodes for itself
         return _decoded(paths, labels, size, str(root / split))
-    cache = folder / f"{split}-{size}-{source[:16]}.safetensors"
     cached = _read_cache(cache, source)
     if cached is None and _waits_for_local_rank_0():
         cached = _wait_for(cache, source)
@@ -173,11 +172,17 @@ def _cached_since(cache: Path, start: float) -> bool:
 
 def _cached_only(split: str, root: Path, paths: list[Path], size: int) -> Split | None:
     """The whole split from the decode cache, or None when it is not there (nothing is decoded)."""
+    cache, source = _cache_file(split, root, paths, size)
+    return None if cache is None else _read_cache(cache, source)
+
+
+def _cache_file(split: str, root: Path, paths: list[Path], size: int) -> tuple[Path | None, str]:
+    """Where the decode cache of exactly these files is (None: nowhere writable), and their fingerprint."""
     folder = _cache_dir(root)
     if folder is None:
-        return None
+        return None, ""
     source = _fingerprint(paths, root, size)
-    return _read_cache(folder / f"{split}-{size}-{source[:16]}.safetensors", source)
+    return folder / f"{split}-{size}-{source[:16]}.safetensors", source
 
 
 @dataclass

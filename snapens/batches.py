@@ -1,7 +1,10 @@
 """Batches on the training device: a "loader" is the uint8 tensors plus a permutation from an explicit
 torch.Generator; crops, flips, cutout and normalisation run on whole batches where the data lives (the way airbench
-does it, github.com/KellerJordan/cifar10-airbench).
+does it, github.com/KellerJordan/cifar10-airbench). A streamed split (snapens.streaming) decodes each batch's files
+instead of indexing a tensor; everything else is the same.
 """
+
+import math
 
 from dataclasses import dataclass
 from typing import Iterator
@@ -20,6 +23,14 @@ class Augmentation:
     padding: int = 4  # pixels of zero padding before the random crop; 0: no crop
     flip: bool = True
     cutout: int = 0  # side of the zeroed square (DeVries & Taylor 2017, arXiv 1708.04552); 0: none
+    crop: str = "pad"  # pad: pad-and-crop as above | resized: random_resized_crop, for large images
+
+    def __post_init__(self):
+        if self.crop not in CROPS:
+            raise ValueError(f"crop={self.crop!r}: give one of {', '.join(CROPS)}")
+
+
+CROPS = ("pad", "resized")
 
 
 def channel_tensors(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +61,26 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """The ImageNet recipe's crop (Szegedy et al. 2015, arXiv 1409.4842; torchvision's RandomResizedCrop) on a whole
+    float batch: for each image a window of a random share of its area in `scale` and a random aspect ratio
+    (log-uniform in `ratio`), at a random place, resized bilinearly to the image's size. A window wider or taller
+    than the image is clipped to it, where torchvision draws again (up to 10 times) and then falls back to a centre
+    crop: one draw per image, so the generator's use does not depend on the values."""
+    b, _, h, w = x.shape
+    draws = torch.rand(4, b, generator=generator, device=x.device)
+    area = scale[0] + (scale[1] - scale[0]) * draws[0]
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * draws[1])
+    width, height = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # shares of the side
+    left, top = draws[2] * (1 - width), draws[3] * (1 - height)
+    theta = torch.zeros(b, 2, 3, device=x.device)  # output grid (-1..1) -> input coordinates (-1..1)
+    theta[:, 0, 0], theta[:, 0, 2] = width, 2 * left + width - 1
+    theta[:, 1, 1], theta[:, 1, 2] = height, 2 * top + height - 1
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -85,13 +116,14 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
     if drop_last:
         order = order[:len(order) // batch_size * batch_size]
     mean, std = channel_tensors(mean, std, split.images.device)
-    for index in order.split(batch_size):
-        images = split.images[index]
-        if aug.padding:
+    for index, images in zip(order.split(batch_size), gathered(split.images, order, batch_size, shared=True)):
+        if aug.padding and aug.crop == "pad":
             images = random_crop(images, aug.padding, generator)
         if aug.flip:
             images = random_flip(images, generator)
         x = normalize(images, mean, std)
+        if aug.crop == "resized":
+            x = random_resized_crop(x, generator)
         if aug.cutout:
             x = cutout(x, aug.cutout, generator)
         yield x.contiguous(memory_format=layout(channels_last)), split.labels[index]
@@ -106,7 +138,16 @@ def eval_batches(split: Split, batch_size: int, mean, std, device: torch.device 
     mean, std = channel_tensors(mean, std, device)
     pixels = split.images.shape[-2] * split.images.shape[-1]
     batch_size = max(1, batch_size * 1024 // pixels) if pixels > 1024 else batch_size
-    for start in range(0, len(split), batch_size):  # callers that evaluate several models move the split once
-        images = split.images[start:start + batch_size].to(device)
-        yield (normalize(images, mean, std).contiguous(memory_format=layout(channels_last)),
-               split.labels[start:start + batch_size])
+    rows = torch.arange(len(split), device=split.images.device)
+    for index, images in zip(rows.split(batch_size), gathered(split.images, rows, batch_size)):
+        yield (normalize(images.to(device), mean, std).contiguous(memory_format=layout(channels_last)),
+               split.labels[index.to(split.labels.device)])
+
+
+def gathered(images, order: torch.Tensor, batch_size: int, shared: bool = False) -> Iterator[torch.Tensor]:
+    """The images of each batch of `order` (batch_size at a time): indexed from a tensor, or read from their files
+    by a streamed split, which decodes the next batches meanwhile (with `shared`, a rank of a torchrun job decodes
+    its own share of each batch only)."""
+    if isinstance(images, torch.Tensor):
+        return (images[index] for index in order.split(batch_size))
+    return images.read(order.split(batch_size), shared)

@@ -80,13 +80,19 @@ def subsets(cfg: DictConfig) -> dict:
 
 
 def build_data(cfg: DictConfig) -> Dataset:
-    """Load (or make) the dataset named by `cfg.data` and take its validation split and subsets."""
-    return prepare(*data_source(cfg), **subsets(cfg))
+    """Load (or make) the dataset named by `cfg.data`, take its validation split and subsets, in memory or streamed
+    (data.storage)."""
+    source = data_source(cfg)
+    try:
+        return prepare(*source, storage=cfg.storage, workers=cfg.workers, memory_gib=cfg.memory_gib, **subsets(cfg))
+    except ValueError as e:  # prepare's storage argument: only image folders stream
+        raise SnapensError(f"data.storage={cfg.storage}: data={cfg.name} is loaded as arrays, not read from image "
+                           f"files ({e}); use data.storage=auto, or the images as a folder (data=imagefolder)") from None
 
 
 def build_augmentation(cfg: DictConfig) -> Augmentation:
-    """The training augmentation named by the data config (crop padding, flip, cutout)."""
-    return Augmentation(padding=cfg.crop_padding, flip=cfg.flip, cutout=cfg.cutout)
+    """The training augmentation named by the data config (crop, crop padding, flip, cutout)."""
+    return Augmentation(padding=cfg.crop_padding, flip=cfg.flip, cutout=cfg.cutout, crop=cfg.crop)
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:

@@ -96,7 +96,11 @@ def check_processes(written: int, ranks: distributed.Ranks) -> None:
 
 
 HARMLESS = ("trainer.device", "trainer.num_threads", "trainer.log_every", "trainer.resume", "trainer.checkpoint_every",
-            "trainer.on_nonfinite", "trainer.max_skipped", "trainer.plan_only", "ensemble.", "logger.")
+            "trainer.on_nonfinite", "trainer.max_skipped", "trainer.plan_only", "ensemble.", "logger.",
+            "data.storage", "data.workers", "data.memory_gib")  # a streamed run trains as an in-memory one, bit for bit
+# Keys added after runs were made, at the value that trains as those runs did: left out at that value, so earlier
+# checkpoints resume and earlier snapshots keep their config_hash.
+ADDED = {"data.crop": "pad"}
 
 
 def deciding_values(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -106,7 +110,7 @@ def deciding_values(tree: dict, prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             leaves.update(deciding_values(value, f"{name}."))
-        elif not name.startswith(HARMLESS):
+        elif not name.startswith(HARMLESS) and ADDED.get(name, leaves) != value:
             leaves[name] = value
     return leaves
 

@@ -10,7 +10,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from snapens.batches import CROPS
 from snapens.data import SOURCES
+from snapens.streaming import STORAGES
 from snapens.ensemble.rules import RULES, check_rule
 from snapens.cli import unknown_key
 from snapens.errors import SnapensError
@@ -23,6 +25,8 @@ __all__ = ["CHOICES", "check_config", "check_inference_options", "register_confi
 # Keys that only the config has (scheduler.mode, say, is checked by schedules.Cyclic and named by snapens.build).
 CHOICES = {
     "data.name": tuple(SOURCES),
+    "data.storage": STORAGES,
+    "data.crop": CROPS,
     "optimizer.name": ("sgd", "adamw"),
     "scheduler.unit": ("epoch", "step", "budget"),
     "trainer.device": ("auto", "cpu", "cuda"),
@@ -38,7 +42,7 @@ POSITIVE = ("data.num_classes", "data.train_size", "data.test_size", "data.size"
             "trainer.batch_size", "trainer.log_every", "trainer.accumulate", "ensemble.batch_size",
             "scheduler.patience", "scheduler.cycles", "optimizer.eps")
 NON_NEGATIVE = ("data.image_size", "data.train_limit", "data.test_limit", "data.val_size", "data.crop_padding",
-                "data.cutout", "trainer.grad_clip", "trainer.num_threads", "trainer.checkpoint_every",
+                "data.cutout", "data.workers", "data.memory_gib", "trainer.grad_clip", "trainer.num_threads", "trainer.checkpoint_every",
                 "trainer.max_skipped", "trainer.keep_snapshots", "trainer.snapshot_every", "trainer.label_smoothing",
                 "optimizer.weight_decay")
 # Upper bounds, inclusive: momentum and Adam's betas are fractions; a seed must fit torch's 64-bit generator; the

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from snapens.errors import SnapensError
 from snapens.folders import Listing, load, load_image_folder, same_size, scan_image_folder
 from snapens.splits import Dataset, Split, split_digest
+from snapens.streaming import streamed, streams
 
 __all__ = ["Dataset", "Listing", "SOURCES", "Split", "balanced_subset", "channel_stats", "choose", "load",
            "load_cifar", "load_digits", "load_image_folder", "make_synthetic", "prepare", "scan_image_folder",
@@ -138,7 +139,7 @@ STATS_CHUNK_BYTES = 96 * 2**20  # float64 per chunk: 4,096 CIFAR images, as ever
 def stats_chunk(images: torch.Tensor) -> int:
     """Images per chunk of `channel_stats`: its float64 copy of a chunk stays within STATS_CHUNK_BYTES whatever the
     image size (83 images at 224 px), and at most 4,096 images, so the statistics of 32-pixel data stay bit-equal."""
-    per_image = 8 * images[0].numel() if len(images) else 1
+    per_image = 8 * math.prod(images.shape[1:]) if len(images) else 1
     return max(1, min(4096, STATS_CHUNK_BYTES // per_image))
 
 
@@ -177,10 +178,16 @@ def choose(train: Split | Listing, test: Split | Listing, *, train_limit: int = 
     return train, val, test
 
 
-def prepare(train: Split | Listing, test: Split | Listing, classes: list[str], **subsets) -> Dataset:
-    """The data set a run trains on: the splits `choose` makes with `subsets` (its keyword arguments), in memory,
-    and the training split's statistics."""
-    train, val, test = (load(split) for split in choose(train, test, **subsets))
+def prepare(train: Split | Listing, test: Split | Listing, classes: list[str], storage: str = "memory",
+            workers: int = 0, memory_gib: float = 8.0, **subsets) -> Dataset:
+    """The data set a run trains on: the splits `choose` makes with `subsets` (its keyword arguments), in memory or
+    streamed from their files (`storage`: memory, stream or auto, which streams when a first decode would need more
+    than `memory_gib` GiB; `workers`: decoding processes; snapens.streaming), and the training split's statistics."""
+    splits = choose(train, test, **subsets)
+    if streams(storage, [s for s in splits if s is not None], memory_gib):
+        train, val, test = (None if s is None else streamed(s, workers) for s in splits)
+    else:
+        train, val, test = (load(split) for split in splits)
     same_size(train, test)
     mean, std = channel_stats(train.images)
     return Dataset(train, test, val, classes, mean, std)

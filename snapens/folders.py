@@ -55,7 +55,7 @@ def _stack(images: list[torch.Tensor], paths: list[Path]) -> torch.Tensor:
     return torch.stack(images)
 
 
-def _fingerprint(paths: list[Path], root: Path, size: int) -> str:
+def file_manifest(paths: list[Path], root: Path, size: int) -> str:
     """SHA-256 of the files' names, sizes and modification and status-change times. A file rewritten with
     other pixels may keep its size, and its modification time can be set back (os.utime), but its status-change time
     (ctime) moves with every write and cannot be set: the decoded cache is found only for these very files. Reading
@@ -181,7 +181,7 @@ def _cache_file(split: str, root: Path, paths: list[Path], size: int) -> tuple[P
     folder = _cache_dir(root)
     if folder is None:
         return None, ""
-    source = _fingerprint(paths, root, size)
+    source = file_manifest(paths, root, size)
     return folder / f"{split}-{size}-{source[:16]}.safetensors", source
 
 

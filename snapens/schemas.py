@@ -30,6 +30,10 @@ class DataConfig:
     crop_padding: int
     flip: bool
     cutout: int
+    crop: str
+    storage: str
+    workers: int
+    memory_gib: float
 
 
 @dataclass

@@ -33,8 +33,12 @@ class Dataset:
 
 
 def split_digest(split: Split) -> str:
-    """SHA-256 of a split's images and labels (and their shapes), so any change of data shows."""
+    """SHA-256 of a split's images and labels (and their shapes), so any change of data shows; of a streamed split's
+    file manifest (names, sizes, times: snapens.streaming) rather than its pixels, which are not in memory."""
     h = hashlib.sha256(str((tuple(split.images.shape), tuple(split.labels.shape))).encode())
-    h.update(split.images.contiguous().cpu().numpy().tobytes())
+    if isinstance(split.images, torch.Tensor):
+        h.update(split.images.contiguous().cpu().numpy().tobytes())
+    else:
+        h.update(split.images.manifest.encode())
     h.update(split.labels.contiguous().cpu().numpy().tobytes())
     return h.hexdigest()

@@ -1,0 +1,159 @@
+"""Image folders read from their files batch by batch (data.storage=stream), for data sets larger than memory.
+
+A `StreamedImages` stands in for a split's uint8 N x 3 x H x W tensor: indexing it, or reading it batch by batch
+(`read`, what snapens.batches does), decodes just those files, in a torch DataLoader's worker processes that
+decode the next batches while the current one trains. The batch order is still the run's seeded permutation and
+the augmentation is still drawn on the training device from the run's generator, so a streamed run trains on
+exactly the batches an in-memory run does (bit-identical snapshots), resumes mid-epoch the same way, and its
+memory does not grow with the data set: what is held is the file names, and a few batches.
+"""
+
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from snapens.errors import SnapensError
+from snapens.folders import Listing, file_manifest
+from snapens.images import read_image
+from snapens.splits import Split
+
+log = logging.getLogger(__name__)
+FIRST_DECODE_FACTOR = 4  # a split's first decode peaks near 4x its decoded bytes (docs/configuration.md)
+STORAGES = ("auto", "memory", "stream")
+
+
+class _Files(torch.utils.data.Dataset):
+    """File i decoded; a problem comes back as its message (raised in the main process as one line, not as the
+    DataLoader's wrapped worker traceback)."""
+
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor | str:
+        try:
+            return read_image(self.paths[i], self.size)
+        except SnapensError as e:
+            return str(e)
+
+
+@dataclass(frozen=True, eq=False)
+class StreamedImages:
+    """A split's images as files, read when indexed. `share` = (rank, world): a training batch's rows that this
+    process decodes, the others left zero (snapens.distributed.share keeps only this rank's rows)."""
+
+    root: Path
+    paths: list[Path]
+    size: int  # data.image_size; 0: the files' own size, which must agree
+    shape: torch.Size  # N x 3 x H x W, as the tensor this stands in for
+    workers: int = 0
+    device: torch.device = torch.device("cpu")
+    share: tuple[int, int] = (0, 1)
+    dtype = torch.uint8
+    nbytes = 0  # nothing held: the training device needs no room for the data
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to(self, device) -> "StreamedImages":
+        return replace(self, device=torch.device(device))
+
+    def shared(self, rank: int, world: int) -> "StreamedImages":
+        return replace(self, share=(rank, world))
+
+    @cached_property
+    def manifest(self) -> str:
+        """What the resume check compares: the files' names, sizes and times (snapens.folders.file_manifest), not
+        their bytes, which would be a full read of the data set at every start."""
+        return file_manifest(self.paths, self.root, self.size)
+
+    def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
+        rows = torch.arange(len(self))[index] if isinstance(index, slice) else index
+        return next(self.read([rows]))
+
+    def split(self, n: int) -> Iterator[torch.Tensor]:
+        """Consecutive chunks of n images, as torch.Tensor.split gives them."""
+        return self.read(torch.arange(len(self)).split(n))
+
+    def read(self, batches: Iterable[torch.Tensor], shared: bool = False) -> Iterator[torch.Tensor]:
+        """The images of each index batch, on self.device; with `shared` only this rank's share of each batch is
+        decoded (the rows snapens.distributed.share gives it) and the rest left zero."""
+        batches = [b.cpu() for b in batches]
+        rank, world = self.share if shared else (0, 1)
+        wanted = [b.tensor_split(world)[rank] for b in batches]
+        loader = DataLoader(_Files(self.paths, self.size), batch_sampler=[w.tolist() for w in wanted],
+                            num_workers=self.workers, collate_fn=self._stack, pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator())  # its worker seeds, drawn from torch's global generator
+        # otherwise, would shift dropout's random numbers by one draw per epoch (and per resume)
+        for whole, part, images in zip(batches, wanted, loader):
+            if isinstance(images, str):
+                raise SnapensError(images)
+            if world > 1:
+                full = images.new_zeros((len(whole), *images.shape[1:]))
+                start = sum(len(p) for p in whole.tensor_split(world)[:rank])
+                full[start:start + len(part)] = images
+                images = full
+            yield images.to(self.device, non_blocking=True)
+
+    def _stack(self, images: list) -> torch.Tensor | str:
+        problem = next((i for i in images if isinstance(i, str)), None)
+        if problem is not None:
+            return problem
+        wrong = next((i for i in images if i.shape != self.shape[1:]), None)
+        if wrong is not None:
+            (h, w), (wh, ww) = self.shape[2:], wrong.shape[1:]
+            return (f"images differ in size under {self.root}: the first is {w}x{h}, another {ww}x{wh}; set "
+                    "data.image_size=N to resize all to NxN")
+        return torch.stack(images) if images else torch.empty((0, *self.shape[1:]), dtype=torch.uint8)
+
+
+def streamed(listing: Listing, workers: int) -> Split:
+    """A Listing's chosen files as a streamed Split (nothing decoded but the first image's header)."""
+    paths = [listing.paths[i] for i in listing.index.tolist()]
+    if listing.size:
+        height = width = listing.size
+    else:
+        with Image.open(paths[0]) as first:
+            width, height = first.size
+    shape = torch.Size((len(paths), 3, height, width))
+    return Split(StreamedImages(listing.root, paths, listing.size, shape, workers), listing.labels)
+
+
+def decoded_bytes(listing: Listing) -> int:
+    """What a Listing's chosen images take decoded (the first file's size for all, when data.image_size is 0)."""
+    if listing.size:
+        return len(listing) * 3 * listing.size**2
+    with Image.open(listing.paths[int(listing.index[0])]) as first:
+        return len(listing) * 3 * first.size[0] * first.size[1]
+
+
+def streams(storage: str, splits: list[Split | Listing], memory_gib: float) -> bool:
+    """Whether the splits are streamed: storage=stream, or auto and their first decode (FIRST_DECODE_FACTOR x the
+    decoded bytes) would not fit in memory_gib GiB. Only image folders stream; other data sets are arrays already.
+    The log says which and why."""
+    if storage not in STORAGES:
+        raise ValueError(f"storage={storage!r}: give one of {', '.join(STORAGES)}")
+    listings = [s for s in splits if isinstance(s, Listing)]
+    if not listings:
+        if storage == "stream":
+            raise ValueError("storage='stream' reads image files, and this data set is arrays in memory already")
+        return False
+    need = FIRST_DECODE_FACTOR * sum(decoded_bytes(s) for s in listings) / 2**30
+    stream = storage == "stream" or (storage == "auto" and need > memory_gib)
+    why = {"stream": "asked for", "memory": "asked for",
+           "auto": f"its first decode needs about {need:.2f} GiB, {'over' if stream else 'within'} the budget of "
+                   f"{memory_gib:g} GiB"}[storage]
+    log.info(f"data {'streamed from the files' if stream else 'in memory'}: {why}")
+    return stream

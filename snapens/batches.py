@@ -70,7 +70,7 @@ def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.08
     (log-uniform in `ratio`), at a random place, resized bilinearly to the image's size. A window wider or taller
     than the image is clipped to it, where torchvision draws again (up to 10 times) and then falls back to a centre
     crop: one draw per image, so the generator's use does not depend on the values."""
-    b, _, h, w = x.shape
+    b = len(x)
     draws = torch.rand(4, b, generator=generator, device=x.device)
     area = scale[0] + (scale[1] - scale[0]) * draws[0]
     aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * draws[1])

@@ -100,7 +100,7 @@ HARMLESS = ("trainer.device", "trainer.num_threads", "trainer.log_every", "train
             "data.storage", "data.workers", "data.memory_gib")  # a streamed run trains as an in-memory one, bit for bit
 # Keys added after runs were made, at the value that trains as those runs did: left out at that value, so earlier
 # checkpoints resume and earlier snapshots keep their config_hash.
-ADDED = {"data.crop": "pad"}
+ADDED = {"data.crop": "pad", "model.weights": ""}
 
 
 def deciding_values(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -66,6 +66,7 @@ class LibraryModelConfig:
     name: str
     num_classes: int
     kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str = ""
 
 
 @dataclass

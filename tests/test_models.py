@@ -12,7 +12,7 @@ from snapens.models import CifarResNet, WideResNet, model_from_metadata
 from snapens.training import train
 from torch import nn
 
-from conftest import EQUAL_CYCLES_2
+from conftest import EQUAL_CYCLES_2, says
 
 MODEL_CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
 LIBRARIES = ("timm", "torchvision")  # conf/model/'s models by name (tested below the CIFAR families)
@@ -204,7 +204,7 @@ def test_a_library_model_trains_and_every_tool_rebuilds_it_from_its_snapshots(ma
     meta = read_metadata(snapshots[-1])
     assert len(snapshots) == 2 and meta["model"] == f"{library}.{name}"
     assert meta["model_config"] == {"_target_": "snapens.models.library_model", "library": library, "name": name,
-                                    "num_classes": 4, "kwargs": {}}
+                                    "num_classes": 4, "kwargs": {}, "weights": ""}
     ensemble = Ensemble.from_run(run)  # members rebuilt from metadata, through the allow-list
     results = json.loads((run / "results.json").read_text())
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -227,3 +227,32 @@ def test_a_library_models_keywords_pass_through_and_its_metadata_is_bounded():
     ]:
         with pytest.raises(SnapensError, match=re.escape(f"snapshot x: {message}")):
             model_from_metadata({"_target_": "snapens.models.library_model", "num_classes": 4, **config}, "snapshot x")
+
+
+def test_pretrained_weights_load_from_a_local_file_all_but_a_classifier_of_other_classes(tmp_path, caplog):
+    from safetensors.torch import save_file
+    from snapens.models import library_model
+
+    pretrained = library_model("torchvision", "mobilenet_v3_small", 1000)  # as if trained on ImageNet's classes
+    save_file(pretrained.state_dict(), tmp_path / "w.safetensors")
+    caplog.set_level("INFO", logger="snapens.models.library")
+    model = library_model("torchvision", "mobilenet_v3_small", 10, weights=str(tmp_path / "w.safetensors"))
+    ours, theirs = model.state_dict(), pretrained.state_dict()
+    head = {"classifier.3.weight", "classifier.3.bias"}
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if k not in head)
+    assert ours["classifier.3.weight"].shape == (10, 1024)
+    assert "loaded but for the classifier (classifier.3.bias, classifier.3.weight)" in caplog.text
+    rebuilt = model_from_metadata({"_target_": "snapens.models.library_model", "library": "torchvision",
+                                   "name": "mobilenet_v3_small", "num_classes": 10, "kwargs": {},
+                                   "weights": "/nowhere/w.safetensors"}, "snapshot x")
+    assert rebuilt.classifier[3].out_features == 10  # a member's starting weights are not read: its own replace them
+
+    other = library_model("torchvision", "resnet18", 10)
+    save_file(other.state_dict(), tmp_path / "resnet.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    for path, parts in [(tmp_path / "resnet.safetensors", ["does not fit this model", "same architecture"]),
+                        (tmp_path / "bad.safetensors", ["cannot be read", "safetensors file"]),
+                        (tmp_path / "none.safetensors", ["cannot be read", "safetensors file"])]:
+        with pytest.raises(ValueError) as e:
+            library_model("torchvision", "mobilenet_v3_small", 10, weights=str(path))
+        says(e.value, f"model.weights={path}", *parts)

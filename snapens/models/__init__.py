@@ -25,6 +25,7 @@ def model_from_metadata(config: dict, source: str) -> torch.nn.Module:
     come from anyone, and instantiate would call whatever `_target_` (at any depth) the file names. Only our model
     classes and plain numeric arguments are accepted; `source` names the file in the error."""
     config = dict(config or {})
+    config.pop("weights", None)  # the run's starting weights, replaced by the snapshot's own: the path is not read
     cls = MODEL_CLASSES.get(config.pop("_target_", None))
     bad = [k for k, v in config.items() if k not in MODEL_ARGS or type(v) not in (MODEL_ARGS[k], int)]
     if cls is None or bad:

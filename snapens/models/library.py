@@ -1,13 +1,17 @@
 """Any torchvision or timm classification model, by the name its library's registry knows it under:
 `model=torchvision model.name=resnet18`, `model=timm model.name=resnet18 +model.kwargs.drop_rate=0.1` (timm: the
 `timm` extra). Built with random weights through the library's own constructor (torchvision.models.get_model,
-timm.create_model): nothing is downloaded. A snapshot's metadata keeps the library, the name and the keyword
+timm.create_model): nothing is downloaded; pretrained weights come from a local safetensors file
+(`model.weights=PATH`). A snapshot's metadata keeps the library, the name and the keyword
 arguments, and `snapens.models.model_from_metadata` rebuilds it through this same function, so a file can only
 name a model its library registers, with plain keyword values: it runs no code of its own choosing.
 """
 
+import logging
 import math
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from snapens.models.resnet import check_num_classes
@@ -15,18 +19,50 @@ from snapens.models.resnet import check_num_classes
 PLAIN = (bool, int, float, str)  # the keyword values a file may carry
 
 
+log = logging.getLogger(__name__)
 RESERVED = {"num_classes", "weights", "pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay"}
 
 
-def library_model(library: str, name: str, num_classes: int, kwargs: dict | None = None) -> nn.Module:
-    """`name` from `library`'s registry with `num_classes` outputs, random weights and `kwargs` passed through;
-    ValueError naming the key when the library, the name or a keyword value is not allowed."""
+def library_model(library: str, name: str, num_classes: int, kwargs: dict | None = None,
+                  weights: str = "") -> nn.Module:
+    """`name` from `library`'s registry with `num_classes` outputs and `kwargs` passed through, with random weights or
+    those of the safetensors file `weights`; ValueError naming the key when the library, the name, a keyword value
+    or the weights are not allowed."""
     check_num_classes(num_classes)
     kwargs = dict(kwargs or {})
     check_kwargs(kwargs)
     if library not in BUILDERS:
         raise ValueError(f"model.library={library} is not allowed; choose one of: {', '.join(BUILDERS)}")
-    return BUILDERS[library](name, num_classes, kwargs)
+    model = BUILDERS[library](name, num_classes, kwargs)
+    if weights:
+        load_pretrained(model, weights, num_classes)
+    return model
+
+
+def load_pretrained(model: nn.Module, path: str, num_classes: int) -> None:
+    """The tensors of a safetensors file (a state_dict: safetensors.torch.save_file(model.state_dict(), PATH)) into
+    the model, which must have every one of them under the same name. Only the classifier may differ in shape (its
+    rows are the data's classes: weights trained on ImageNet's 1,000 fit no 10-class head): it then stays random,
+    and the log says so. BatchNorm's num_batches_tracked counters may be absent."""
+    try:
+        state = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"model.weights={path} cannot be read ({e}): give a safetensors file of the model's "
+                         "state_dict") from None
+    own = model.state_dict()
+    unknown = sorted(state.keys() - own.keys())
+    missing = sorted(k for k in own.keys() - state.keys() if not k.endswith("num_batches_tracked"))
+    reshaped = sorted(k for k in state.keys() & own.keys() if state[k].shape != own[k].shape)
+    not_head = [k for k in reshaped if own[k].shape[:1] != (num_classes,)]
+    if unknown or missing or not_head:
+        example = (unknown or missing or not_head)[0]
+        raise ValueError(f"model.weights={path} does not fit this model ({len(unknown)} tensors it lacks, "
+                         f"{len(missing)} it needs missing, {len(not_head)} of another shape beyond the classifier; "
+                         f"e.g. {example}): give weights saved from the same architecture")
+    model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=False)
+    if reshaped:
+        log.info(f"model.weights={path}: loaded but for the classifier ({', '.join(reshaped)}), whose shape in the "
+                 f"file is not {num_classes} classes': it starts random")
 
 
 def check_kwargs(kwargs: dict) -> None:

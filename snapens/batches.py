@@ -101,7 +101,8 @@ def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
 
 def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug: Augmentation,
                   mean, std, order: torch.Tensor | None = None, channels_last: bool = False,
-                  drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  drop_last: bool = False,
+                  share: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled, augmented, normalised batches (the last one may be smaller, unless drop_last: what
     torch.compile wants, as a batch of another size compiles the model again), in the channels_last memory layout
     when asked (the model's, so its first convolution needs no conversion).
@@ -109,14 +110,14 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
     The generator must live on the same device as the split; it alone decides the order and the augmentation.
     `order` is the epoch's permutation, drawn from the generator when None; a resumed epoch passes what was left
     of it. Augmentation is drawn lazily, batch by batch, so the generator's state after an update is exactly what
-    the next batch needs.
+    the next batch needs. `share` = (rank, world) under torchrun: a streamed split decodes only this rank's rows.
     """
     if order is None:
         order = epoch_order(len(split), generator)
     if drop_last:
         order = order[:len(order) // batch_size * batch_size]
     mean, std = channel_tensors(mean, std, split.images.device)
-    for index, images in zip(order.split(batch_size), gathered(split.images, order, batch_size, shared=True)):
+    for index, images in zip(order.split(batch_size), gathered(split.images, order, batch_size, share)):
         if aug.padding and aug.crop == "pad":
             images = random_crop(images, aug.padding, generator)
         if aug.flip:
@@ -144,10 +145,9 @@ def eval_batches(split: Split, batch_size: int, mean, std, device: torch.device 
                split.labels[index.to(split.labels.device)])
 
 
-def gathered(images, order: torch.Tensor, batch_size: int, shared: bool = False) -> Iterator[torch.Tensor]:
+def gathered(images, order: torch.Tensor, batch_size: int, share: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
     """The images of each batch of `order` (batch_size at a time): indexed from a tensor, or read from their files
-    by a streamed split, which decodes the next batches meanwhile (with `shared`, a rank of a torchrun job decodes
-    its own share of each batch only)."""
+    by a streamed split, which decodes the next batches meanwhile (only this rank's `share` of each)."""
     if isinstance(images, torch.Tensor):
         return (images[index] for index in order.split(batch_size))
-    return images.read(order.split(batch_size), shared)
+    return images.read(order.split(batch_size), share)

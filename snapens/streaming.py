@@ -48,8 +48,7 @@ class _Files(torch.utils.data.Dataset):
 
 @dataclass(frozen=True, eq=False)
 class StreamedImages:
-    """A split's images as files, read when indexed. `share` = (rank, world): a training batch's rows that this
-    process decodes, the others left zero (snapens.distributed.share keeps only this rank's rows)."""
+    """A split's images as files, read when indexed or batch by batch (`read`)."""
 
     root: Path
     paths: list[Path]
@@ -57,7 +56,6 @@ class StreamedImages:
     shape: torch.Size  # N x 3 x H x W, as the tensor this stands in for
     workers: int = 0
     device: torch.device = torch.device("cpu")
-    share: tuple[int, int] = (0, 1)
     dtype = torch.uint8
     nbytes = 0  # nothing held: the training device needs no room for the data
 
@@ -69,9 +67,6 @@ class StreamedImages:
 
     def to(self, device) -> "StreamedImages":
         return replace(self, device=torch.device(device))
-
-    def shared(self, rank: int, world: int) -> "StreamedImages":
-        return replace(self, share=(rank, world))
 
     @cached_property
     def manifest(self) -> str:
@@ -87,11 +82,11 @@ class StreamedImages:
         """Consecutive chunks of n images, as torch.Tensor.split gives them."""
         return self.read(torch.arange(len(self)).split(n))
 
-    def read(self, batches: Iterable[torch.Tensor], shared: bool = False) -> Iterator[torch.Tensor]:
-        """The images of each index batch, on self.device; with `shared` only this rank's share of each batch is
-        decoded (the rows snapens.distributed.share gives it) and the rest left zero."""
+    def read(self, batches: Iterable[torch.Tensor], share: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
+        """The images of each index batch, on self.device. `share` = (rank, world) of a torchrun job: only the rows
+        of each batch that snapens.distributed.share gives this rank are decoded, the others left zero."""
         batches = [b.cpu() for b in batches]
-        rank, world = self.share if shared else (0, 1)
+        rank, world = share
         wanted = [b.tensor_split(world)[rank] for b in batches]
         loader = DataLoader(_Files(self.paths, self.size), batch_sampler=[w.tolist() for w in wanted],
                             num_workers=self.workers, collate_fn=self._stack, pin_memory=self.device.type == "cuda",

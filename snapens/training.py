@@ -166,7 +166,7 @@ def epoch_batches(run: Run, monitor: Monitor):
     rest = progress.order[progress.position * s.update_size:s.steps_per_epoch * s.update_size].to(s.device)  # a
     # compiled run's epoch leaves out the last partial batch (snapens.build.setup)
     return train_batches(s.train_split, s.update_size, s.generator, s.augmentation, s.data.mean, s.data.std, rest,
-                         run.cfg.trainer.channels_last)
+                         run.cfg.trainer.channels_last, share=(run.ranks.rank, run.ranks.world))
 
 
 def after_update(run: Run, monitor: Monitor, t: int) -> None:

@@ -1,7 +1,9 @@
 """data.storage=stream (snapens.streaming): the same batches, statistics and snapshots as in memory, resume after
 kill -9 mid-epoch, a rank's share, the crop for large images, and the errors."""
 
+import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -60,11 +62,11 @@ def test_a_rank_decodes_only_its_share_of_each_batch(folder, monkeypatch):
     read, opened = snapens.streaming.read_image, []
     monkeypatch.setattr(snapens.streaming, "read_image", lambda path, size: opened.append(path) or read(path, size))
     index = torch.tensor([5, 0, 31, 7, 2])
-    rank_1 = next(stream.train.images.shared(1, 2).read([index], shared=True))
+    rank_1 = next(stream.train.images.read([index], share=(1, 2)))
     assert len(opened) == 2  # rows 3 and 4: torch's tensor_split gives rank 0 three of five
     assert torch.equal(rank_1[3:], memory.train.images[index][3:]) and not rank_1[:3].any()
     opened.clear()
-    assert torch.equal(stream.train.images.shared(1, 2)[index], memory.train.images[index])  # not a batch: all
+    assert torch.equal(stream.train.images[index], memory.train.images[index])  # no share: every row
     assert len(opened) == 5
 
 
@@ -178,3 +180,21 @@ def test_crop_resized_trains_end_to_end_and_pad_keeps_the_hash_of_runs_made_befo
     del before["data"]["crop"]  # a run made before data.crop existed
     assert config_hash(before) == config_hash(recipe(make_cfg(*EQUAL_CYCLES_3)))
     assert config_hash(recipe(make_cfg(*EQUAL_CYCLES_3, "data.crop=resized"))) != config_hash(before)
+
+
+@pytest.mark.slow
+def test_two_ranks_streaming_their_shares_write_the_snapshots_of_two_ranks_in_memory(folder, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank decodes only its half of every batch."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for storage in ("memory", "stream"):
+        runs[storage] = tmp_path / storage
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                   "snapens.train", *run_overrides(folder), "trainer.batch_size=8", f"data.storage={storage}",
+                   f"hydra.run.dir={runs[storage]}"]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=HANG, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    first, second = json.loads((runs["stream"] / "results.json").read_text())["training"]["rank_weights_sha256"]
+    assert first == second
+    ours = {p.name: p.read_bytes() for p in list_snapshots(runs["stream"])}
+    assert ours == {p.name: p.read_bytes() for p in list_snapshots(runs["memory"])} and len(ours) == 3

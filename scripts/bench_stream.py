@@ -3,6 +3,7 @@ worker, and training throughput on real images.
 
     python scripts/bench_stream.py memory --sizes 8000 32000 64000 --size 128   # peak RSS of an epoch of loading
     python scripts/bench_stream.py cifar --root data/cifar10-jpeg                # ResNet-20 images/s, both ways
+    python scripts/bench_stream.py decoders --root data/cifar10-jpeg             # Pillow against torchvision.io
 
 `memory` makes a synthetic ImageFolder of the largest size (JPEG q75, as scripts/bench_decode.py; not kept; the
 smaller ones are hard links to its first files) and, in a fresh process each, builds a run's data (the statistics'
@@ -10,13 +11,17 @@ pass over the training files) and draws one epoch of augmented batches of 128, s
 is capped at --cap-gib of address space. It prints the peak RSS, the seconds, and the peaks' ratio to the smallest
 streamed one. Decoding runs in the measured process itself (--workers 0) unless asked otherwise: a worker forked from
 it would report the pages it shares as its own. `cifar` trains ResNet-20 for one epoch on
---train-limit CIFAR images, same seed, in memory and streamed, and prints images/s and their ratio.
+--train-limit CIFAR images, same seed, in memory and streamed, --repeats times alternating, and prints the median
+images/s and their ratio. `decoders`
+decodes the same --train-limit files of --root's train/ with snapens' reader (Pillow) and with torchvision.io's
+decode_jpeg, in this process, and prints images/s of each and how many images differ in any pixel.
 """
 
 import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,7 +86,8 @@ def memory(args) -> None:
                 rows.append((n, storage, r))
                 print(n, storage, r, flush=True)
     smallest = next(r for n, s, r in rows if s == "stream" and "failed" not in r)
-    print(f"\n{'images':>7} {'storage':>7} {'peak MiB':>9} {'build s':>8} {'epoch s':>8} {'peak / smallest stream':>22}")
+    print(f"\n{'images':>7} {'storage':>7} {'peak MiB':>9} {'build s':>8} {'epoch s':>8} "
+          f"{'peak / smallest stream':>22}")
     for n, storage, r in rows:
         if "failed" in r:
             print(f"{n:>7} {storage:>7} failed under the {args.cap_gib:g} GiB cap: {r['failed']}")
@@ -97,24 +103,44 @@ def memory(args) -> None:
 
 
 def cifar(args) -> None:
-    rates = {}
-    for storage in ("memory", "stream"):
-        with tempfile.TemporaryDirectory() as run:
-            command = [sys.executable, "-m", "snapens.train", "data=imagefolder", f"data.root={args.root}",
-                       f"data.train_limit={args.train_limit}", "data.test_limit=500", f"data.storage={storage}",
-                       f"data.workers={args.workers or 1}", "scheduler=cosine", "trainer.epochs=1",
-                       f"trainer.num_threads={args.threads}", f"hydra.run.dir={run}"]
-            subprocess.run(command, check=True, capture_output=True)
-            lines = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-            rates[storage] = args.train_limit / lines[-1]["seconds"]  # the epoch's training time
-            print(storage, f"{rates[storage]:.0f} images/s", flush=True)
+    rates = {"memory": [], "stream": []}
+    for repeat in range(args.repeats):  # alternated, the first one first every other time: a busy machine's load
+        for storage in ("memory", "stream")[::1 if repeat % 2 == 0 else -1]:  # changes under both alike
+            with tempfile.TemporaryDirectory() as run:
+                command = [sys.executable, "-m", "snapens.train", "data=imagefolder", f"data.root={args.root}",
+                           f"data.train_limit={args.train_limit}", "data.test_limit=500", f"data.storage={storage}",
+                           f"data.workers={args.workers or 1}", "scheduler=cosine", "trainer.epochs=1",
+                           f"trainer.num_threads={args.threads}", f"hydra.run.dir={run}"]
+                subprocess.run(command, check=True, capture_output=True)
+                lines = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+                rates[storage].append(args.train_limit / lines[-1]["seconds"])  # the epoch's training time
+                print(storage, f"{rates[storage][-1]:.0f} images/s", flush=True)
+    median = {k: statistics.median(v) for k, v in rates.items()}
     print(f"ResNet-20, {args.train_limit} CIFAR images, {args.threads} torch thread(s), {args.workers or 1} decoding "
-          f"worker(s): streamed / in memory {rates['stream'] / rates['memory']:.3f}x the images/s")
+          f"worker(s), median of {args.repeats}: in memory {median['memory']:.0f}, streamed {median['stream']:.0f} "
+          f"images/s: {median['stream'] / median['memory']:.3f}x")
+
+
+def decoders(args) -> None:
+    import torch
+    from torchvision.io import decode_jpeg, read_file
+    from snapens.images import read_image
+
+    torch.set_num_threads(1)
+    files = sorted(Path(args.root, "train").rglob("*.jpg"))[:args.train_limit]
+    results = {}
+    readers = {"pillow": lambda p: read_image(p, 0), "torchvision.io": lambda p: decode_jpeg(read_file(str(p)))}
+    for name, read in readers.items():
+        start = time.perf_counter()
+        results[name] = [read(p) for p in files]
+        print(f"{name}: {len(files) / (time.perf_counter() - start):.0f} images/s", flush=True)
+    differ = sum(not torch.equal(a, b) for a, b in zip(*results.values()))
+    print(f"{len(files)} JPEGs of {args.root}: {differ} decode to other pixels with the two")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("memory", "cifar", "epoch"))
+    parser.add_argument("what", choices=("memory", "cifar", "decoders", "epoch"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[8000, 32000, 64000])
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=0, help="decoding worker processes (cifar: 1 if 0)")
@@ -122,12 +148,13 @@ def main() -> None:
     parser.add_argument("--root", default="data/cifar10-jpeg")
     parser.add_argument("--train-limit", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--storage", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.what == "epoch":
         epoch(args.root, args.storage, args.workers)
     else:
-        {"memory": memory, "cifar": cifar}[args.what](args)
+        {"memory": memory, "cifar": cifar, "decoders": decoders}[args.what](args)
 
 
 if __name__ == "__main__":

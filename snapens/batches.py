@@ -70,11 +70,12 @@ def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.08
     (log-uniform in `ratio`), at a random place, resized bilinearly to the image's size. A window wider or taller
     than the image is clipped to it, where torchvision draws again (up to 10 times) and then falls back to a centre
     crop: one draw per image, so the generator's use does not depend on the values."""
-    b = len(x)
+    b, _, h, w = x.shape
     draws = torch.rand(4, b, generator=generator, device=x.device)
     area = scale[0] + (scale[1] - scale[0]) * draws[0]
-    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * draws[1])
-    width, height = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # shares of the side
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * draws[1])  # width / height
+    width = (area * aspect * h / w).sqrt().clamp(max=1)  # shares of the sides: area * h * w pixels, in pixels
+    height = (area / aspect * w / h).sqrt().clamp(max=1)  # width / height = aspect
     left, top = draws[2] * (1 - width), draws[3] * (1 - height)
     theta = torch.zeros(b, 2, 3, device=x.device)  # output grid (-1..1) -> input coordinates (-1..1)
     theta[:, 0, 0], theta[:, 0, 2] = width, 2 * left + width - 1
@@ -150,4 +151,4 @@ def gathered(images, order: torch.Tensor, batch_size: int, share: tuple[int, int
     by a streamed split, which decodes the next batches meanwhile (only this rank's `share` of each)."""
     if isinstance(images, torch.Tensor):
         return (images[index] for index in order.split(batch_size))
-    return images.read(order.split(batch_size), share)
+    return images.read(order.cpu().split(batch_size), share)  # the file names are on the host: one copy an epoch

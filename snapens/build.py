@@ -20,6 +20,7 @@ from snapens import distributed, schedules
 from snapens.batches import Augmentation
 from snapens.checkpoint import deciding_values
 from snapens.data import SOURCES, Dataset, Listing, Split, prepare
+from snapens.streaming import StorageError
 from snapens.errors import SnapensError
 from snapens.models import short_name
 from snapens.precision import layout
@@ -85,9 +86,10 @@ def build_data(cfg: DictConfig) -> Dataset:
     source = data_source(cfg)
     try:
         return prepare(*source, storage=cfg.storage, workers=cfg.workers, memory_gib=cfg.memory_gib, **subsets(cfg))
-    except ValueError as e:  # prepare's storage argument: only image folders stream
+    except StorageError as e:  # only image folders stream
         raise SnapensError(f"data.storage={cfg.storage}: data={cfg.name} is loaded as arrays, not read from image "
-                           f"files ({e}); use data.storage=auto, or the images as a folder (data=imagefolder)") from None
+                           f"files ({e}); use data.storage=auto, or the images as a folder (data=imagefolder)"
+                           ) from None
 
 
 def build_augmentation(cfg: DictConfig) -> Augmentation:

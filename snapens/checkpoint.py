@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from snapens import adaptive, distributed
 from snapens.errors import SnapensError
+from snapens.splits import STREAMED
 from snapens.files import write_atomic
 from snapens.snapshots import list_snapshots
 
@@ -110,7 +111,7 @@ def deciding_values(tree: dict, prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             leaves.update(deciding_values(value, f"{name}."))
-        elif not name.startswith(HARMLESS) and ADDED.get(name, leaves) != value:
+        elif not name.startswith(HARMLESS) and not (name in ADDED and ADDED[name] == value):
             leaves[name] = value
     return leaves
 
@@ -237,10 +238,31 @@ def run_dir_lock(run_dir: Path):
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
         lock.flush()
+        HELD_LOCKS.add(lock.fileno())
         try:
             yield
         finally:
+            HELD_LOCKS.discard(lock.fileno())
             lock.truncate(0)  # an empty lock file: nobody is training here (a killed holder leaves its PID behind)
+
+
+HELD_LOCKS: set[int] = set()  # the file descriptors of the run-dir locks this process holds
+
+
+def _drop_locks_in_child() -> None:
+    """A process forked from a training one (a DataLoader worker decoding a streamed split) does not keep the run
+    dir locked: flock belongs to the open file, which a fork shares, so a worker outliving a killed trainer (for the
+    seconds its parent watchdog takes) would make the resume find the dir in use. Each descriptor is pointed at
+    /dev/null rather than closed, so no later close in the child can hit another file under the same number."""
+    if HELD_LOCKS:
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd in HELD_LOCKS:
+            os.dup2(null, fd)
+        os.close(null)
+        HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 def _holder(lock, wait: float = 2.0) -> str | None:
@@ -315,6 +337,11 @@ def restore(run: "Run", saved: dict) -> None:
                            f"(trainer.device={saved['device']}): the random streams of one cannot continue on another")
     changed = [name for name in ("train", "val", "test") if saved.get("data", run.data_digests).get(name)
                != run.data_digests.get(name)]  # checkpoints written before the digests were kept: not checked
+    streamed = {str(saved["data"][name]).startswith(STREAMED) for name in changed}
+    if changed and streamed != {str(run.data_digests[name]).startswith(STREAMED) for name in changed}:
+        was = "stream" if streamed == {True} else "memory"
+        raise SnapensError(f"cannot resume {run.dir}: it started with data.storage={was} and this run holds its "
+                           f"images otherwise, so their digests cannot be compared; resume with data.storage={was}")
     if changed:
         raise SnapensError(f"cannot resume {run.dir}: the {' and '.join(changed)} images differ from those it started "
                            "with (files under data.root were replaced, added or removed); put them back, or pass a "

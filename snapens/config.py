@@ -42,7 +42,8 @@ POSITIVE = ("data.num_classes", "data.train_size", "data.test_size", "data.size"
             "trainer.batch_size", "trainer.log_every", "trainer.accumulate", "ensemble.batch_size",
             "scheduler.patience", "scheduler.cycles", "optimizer.eps")
 NON_NEGATIVE = ("data.image_size", "data.train_limit", "data.test_limit", "data.val_size", "data.crop_padding",
-                "data.cutout", "data.workers", "data.memory_gib", "trainer.grad_clip", "trainer.num_threads", "trainer.checkpoint_every",
+                "data.cutout", "data.workers", "data.memory_gib",
+                "trainer.grad_clip", "trainer.num_threads", "trainer.checkpoint_every",
                 "trainer.max_skipped", "trainer.keep_snapshots", "trainer.snapshot_every", "trainer.label_smoothing",
                 "optimizer.weight_decay")
 # Upper bounds, inclusive: momentum and Adam's betas are fractions; a seed must fit torch's 64-bit generator; the

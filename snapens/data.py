@@ -18,7 +18,7 @@ from snapens.folders import Listing, load, load_image_folder, same_size, scan_im
 from snapens.splits import Dataset, Split, split_digest
 from snapens.streaming import streamed, streams
 
-__all__ = ["Dataset", "Listing", "SOURCES", "Split", "balanced_subset", "channel_stats", "choose", "load",
+__all__ = ["Dataset", "Listing", "SOURCES", "Split", "balanced_subset", "channel_stats", "choose", "load", "placement",
            "load_cifar", "load_digits", "load_image_folder", "make_synthetic", "prepare", "scan_image_folder",
            "split_digest", "stratified_split"]
 
@@ -180,17 +180,23 @@ def choose(train: Split | Listing, test: Split | Listing, *, train_limit: int = 
 
 def prepare(train: Split | Listing, test: Split | Listing, classes: list[str], storage: str = "memory",
             workers: int = 0, memory_gib: float = 8.0, **subsets) -> Dataset:
-    """The data set a run trains on: the splits `choose` makes with `subsets` (its keyword arguments), in memory or
-    streamed from their files (`storage`: memory, stream or auto, which streams when a first decode would need more
-    than `memory_gib` GiB; `workers`: decoding processes; snapens.streaming), and the training split's statistics."""
+    """The data set a run trains on: the splits `choose` makes with `subsets` (its keyword arguments), held as
+    `placement` says, and the training split's statistics."""
     splits = choose(train, test, **subsets)
-    if streams(storage, [s for s in splits if s is not None], memory_gib):
-        train, val, test = (None if s is None else streamed(s, workers) for s in splits)
-    else:
-        train, val, test = (load(split) for split in splits)
+    train, val, test = map(placement(splits, storage, workers, memory_gib), splits)
     same_size(train, test)
     mean, std = channel_stats(train.images)
     return Dataset(train, test, val, classes, mean, std)
+
+
+def placement(splits: list, storage: str, workers: int, memory_gib: float) -> Callable:
+    """How the chosen splits are held, decided on all of them together: in memory (`load`), or streamed from their
+    files (`storage`: memory, stream or auto, which streams when a first decode would need more than `memory_gib`
+    GiB; `workers`: decoding processes; snapens.streaming). Training and the ensemble tool decide alike, so the
+    digests their logits caches are keyed on agree."""
+    if streams(storage, [s for s in splits if s is not None], memory_gib):
+        return lambda split: None if split is None else streamed(split, workers)
+    return load
 
 
 # ---- the sources, by data.name: a data set is its loader here plus one YAML file under conf/data/ ----------------

@@ -25,6 +25,15 @@ def read_image(path: Path, size: int | tuple[int, int]) -> torch.Tensor:
         raise SnapensError(f"cannot read image {path}: {e}; replace or remove the file") from None
 
 
+def read_size(path: Path) -> tuple[int, int]:
+    """(width, height) as an image file declares it, read from its header without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SnapensError(f"cannot read image {path}: {e}; replace or remove the file") from None
+
+
 def read_images(files: list[Path], size: tuple[int, int] | None = None) -> torch.Tensor:
     """uint8 N x 3 x H x W: image files read as the training data was (RGB), each resized to `size` (H, W) only
     when it differs (None: as they are, which must agree)."""

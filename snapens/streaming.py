@@ -16,12 +16,11 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from snapens.errors import SnapensError
 from snapens.folders import Listing, file_manifest
-from snapens.images import read_image
+from snapens.images import read_image, read_size
 from snapens.splits import Split
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,11 @@ class StreamedImages:
         return file_manifest(self.paths, self.root, self.size)
 
     def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """The images of a slice or of a 1-D tensor of integer indices (what snapens indexes splits with)."""
         rows = torch.arange(len(self))[index] if isinstance(index, slice) else index
+        integer = isinstance(rows, torch.Tensor) and not rows.is_floating_point() and rows.dtype != torch.bool
+        if not integer or rows.dim() != 1:
+            raise TypeError(f"a streamed split is indexed by a slice or a 1-D integer tensor, not {index!r}")
         return next(self.read([rows]))
 
     def split(self, n: int) -> Iterator[torch.Tensor]:
@@ -115,23 +118,29 @@ class StreamedImages:
 
 
 def streamed(listing: Listing, workers: int) -> Split:
-    """A Listing's chosen files as a streamed Split (nothing decoded but the first image's header)."""
+    """A Listing's chosen files as a streamed Split. Nothing is decoded; with data.image_size=0 every file's header
+    is read, so that an image of another size is refused now, not when an evaluation meets it after training."""
     paths = [listing.paths[i] for i in listing.index.tolist()]
-    if listing.size:
-        height = width = listing.size
-    else:
-        with Image.open(paths[0]) as first:
-            width, height = first.size
+    height = width = listing.size
+    if not listing.size:
+        width, height = read_size(paths[0])
+        other = next((p for p in paths if read_size(p) != (width, height)), None)
+        if other is not None:
+            w, h = read_size(other)
+            raise SnapensError(f"images differ in size: {paths[0]} is {width}x{height}, {other} is {w}x{h}; set "
+                               "data.image_size=N to resize all to NxN")
     shape = torch.Size((len(paths), 3, height, width))
     return Split(StreamedImages(listing.root, paths, listing.size, shape, workers), listing.labels)
 
 
 def decoded_bytes(listing: Listing) -> int:
     """What a Listing's chosen images take decoded (the first file's size for all, when data.image_size is 0)."""
-    if listing.size:
-        return len(listing) * 3 * listing.size**2
-    with Image.open(listing.paths[int(listing.index[0])]) as first:
-        return len(listing) * 3 * first.size[0] * first.size[1]
+    width, height = (listing.size, listing.size) if listing.size else read_size(listing.paths[int(listing.index[0])])
+    return len(listing) * 3 * width * height
+
+
+class StorageError(ValueError):
+    """A storage that the data cannot have."""
 
 
 def streams(storage: str, splits: list[Split | Listing], memory_gib: float) -> bool:
@@ -139,16 +148,17 @@ def streams(storage: str, splits: list[Split | Listing], memory_gib: float) -> b
     decoded bytes) would not fit in memory_gib GiB. Only image folders stream; other data sets are arrays already.
     The log says which and why."""
     if storage not in STORAGES:
-        raise ValueError(f"storage={storage!r}: give one of {', '.join(STORAGES)}")
+        raise StorageError(f"storage={storage!r}: give one of {', '.join(STORAGES)}")
     listings = [s for s in splits if isinstance(s, Listing)]
     if not listings:
         if storage == "stream":
-            raise ValueError("storage='stream' reads image files, and this data set is arrays in memory already")
+            raise StorageError("storage='stream' reads image files, and this data set is arrays in memory already")
         return False
+    if storage != "auto":
+        log.info(f"data {'streamed from the files' if storage == 'stream' else 'in memory'}: asked for")
+        return storage == "stream"
     need = FIRST_DECODE_FACTOR * sum(decoded_bytes(s) for s in listings) / 2**30
-    stream = storage == "stream" or (storage == "auto" and need > memory_gib)
-    why = {"stream": "asked for", "memory": "asked for",
-           "auto": f"its first decode needs about {need:.2f} GiB, {'over' if stream else 'within'} the budget of "
-                   f"{memory_gib:g} GiB"}[storage]
-    log.info(f"data {'streamed from the files' if stream else 'in memory'}: {why}")
+    stream = need > memory_gib
+    log.info(f"data {'streamed from the files' if stream else 'in memory'}: its first decode needs about {need:.2f} "
+             f"GiB, {'over' if stream else 'within'} the budget of {memory_gib:g} GiB")
     return stream

@@ -124,3 +124,26 @@ def test_a_cpu_checkpoint_of_two_processes_is_refused_by_one(make_cfg, tmp_path)
     with pytest.raises(SnapensError, match=r"written by 2 training processes and this run has 1: .* resume with "
                                            r"torchrun --nproc_per_node=2"):
         train(make_cfg(*EQUAL_CYCLES_2), tmp_path)
+
+
+def test_a_process_forked_from_a_training_one_does_not_keep_its_run_dir_locked(tmp_path):
+    """A DataLoader worker (forked) outliving its killed trainer must not make the resume find the dir in use."""
+    import fcntl
+    import os
+    import signal
+
+    from snapens.checkpoint import run_dir_lock
+
+    ready, started = os.pipe()
+    with run_dir_lock(tmp_path):
+        child = os.fork()
+        if child == 0:  # the worker (its fork handlers have run): it lives on while the trainer has gone
+            os.write(started, b"1")
+            signal.pause()
+        os.read(ready, 1)
+    try:
+        with open(tmp_path / ".lock") as again:
+            fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise while the child held the lock
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

@@ -33,6 +33,7 @@ from snapens.data import (
     make_synthetic,
     prepare,
     scan_image_folder,
+    split_digest,
 )
 from snapens.errors import SnapensError
 from snapens.images import read_image
@@ -862,3 +863,15 @@ def test_a_changed_image_leaves_one_cache_file_per_split(tmp_path):
     load_image_folder(str(tmp_path))
     names = sorted(p.name.split("-")[0] for p in (tmp_path / ".snapens_cache").glob("*.safetensors"))
     assert names == ["test", "train"]  # the stale train cache is gone, not piled up
+
+
+def test_a_split_is_hashed_once_however_often_its_digest_is_asked(monkeypatch):
+    import snapens.splits
+
+    split = make_synthetic(4, 16, 8, 8)[0]
+    hashed = []
+    real = snapens.splits._digest
+    monkeypatch.setattr(snapens.splits, "_digest", lambda s: hashed.append(s) or real(s))
+    first = split_digest(split)
+    assert split_digest(split) == split_digest(split.to("cpu")) == first and len(hashed) == 1
+    assert first == real(Split(split.images.clone(), split.labels.clone()))  # the same value as before the memo

@@ -241,18 +241,23 @@ def test_pretrained_weights_load_from_a_local_file_all_but_a_classifier_of_other
     head = {"classifier.3.weight", "classifier.3.bias"}
     assert all(torch.equal(ours[k], theirs[k]) for k in ours if k not in head)
     assert ours["classifier.3.weight"].shape == (10, 1024)
-    assert "loaded but for the classifier (classifier.3.bias, classifier.3.weight)" in caplog.text
+    assert "loaded, but for the classifier (classifier.3.bias, classifier.3.weight)" in caplog.text
     rebuilt = model_from_metadata({"_target_": "snapens.models.library_model", "library": "torchvision",
                                    "name": "mobilenet_v3_small", "num_classes": 10, "kwargs": {},
                                    "weights": "/nowhere/w.safetensors"}, "snapshot x")
     assert rebuilt.classifier[3].out_features == 10  # a member's starting weights are not read: its own replace them
 
+    narrow = library_model("torchvision", "mobilenet_v3_small", 1000).state_dict()
+    narrow["features.0.0.weight"] = narrow["features.0.0.weight"][:8]  # the stem has 16 filters, as many as the
+    save_file(narrow, tmp_path / "narrow.safetensors")  # classes below: it is still not the classifier
     other = library_model("torchvision", "resnet18", 10)
     save_file(other.state_dict(), tmp_path / "resnet.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     for path, parts in [(tmp_path / "resnet.safetensors", ["does not fit this model", "same architecture"]),
+                        (tmp_path / "narrow.safetensors", ["1 of another shape beyond the classifier",
+                                                           "features.0.0.weight", "same architecture"]),
                         (tmp_path / "bad.safetensors", ["cannot be read", "safetensors file"]),
                         (tmp_path / "none.safetensors", ["cannot be read", "safetensors file"])]:
         with pytest.raises(ValueError) as e:
-            library_model("torchvision", "mobilenet_v3_small", 10, weights=str(path))
+            library_model("torchvision", "mobilenet_v3_small", 16, weights=str(path))
         says(e.value, f"model.weights={path}", *parts)

@@ -3,6 +3,7 @@ kill -9 mid-epoch, a rank's share, the crop for large images, and the errors."""
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -101,14 +102,25 @@ def test_a_bad_image_met_while_streaming_is_one_line_naming_the_file(tmp_path):
     says(e.value, f"cannot read image {bad}", "replace or remove the file")
 
 
-def test_images_of_another_size_met_while_streaming_say_to_set_image_size(tmp_path):
+def test_images_of_another_size_are_refused_when_the_split_is_listed_not_when_evaluation_meets_them(tmp_path):
     root = tmp_path / "images"
     write_image_folder(root)
-    Image.new("RGB", (40, 40)).save(sorted((root / "test").rglob("*.png"))[3])
-    data = prepare(*scan_image_folder(str(root)), storage="stream", workers=0)
-    with pytest.raises(SnapensError) as e:
-        list(eval_batches(data.test, 8, data.mean, data.std))
-    says(e.value, "images differ in size", "the first is 32x32, another 40x40", "data.image_size=N")
+    other = sorted((root / "test").rglob("*.png"))[3]
+    Image.new("RGB", (40, 40)).save(other)
+    with pytest.raises(SnapensError) as e:  # before training, though the test images are read only after it
+        prepare(*scan_image_folder(str(root)), storage="stream", workers=0)
+    says(e.value, "images differ in size", f"{other} is 40x40", "data.image_size=N")
+
+
+def test_a_broken_first_image_is_one_line_whatever_the_storage(tmp_path):
+    root = tmp_path / "images"
+    write_image_folder(root)
+    first = sorted((root / "train").rglob("*.png"))[0]
+    first.write_bytes(b"not an image")
+    for storage in ("auto", "stream"):
+        with pytest.raises(SnapensError) as e:
+            prepare(*scan_image_folder(str(root)), storage=storage, workers=0)
+        says(e.value, f"cannot read image {first}", "replace or remove the file")
 
 
 def test_storage_stream_on_arrays_names_the_key_and_the_fix(make_cfg, tmp_path):
@@ -151,11 +163,60 @@ def step_of(run_dir) -> int:
         return -1
 
 
+def test_a_run_resumed_with_its_images_held_otherwise_is_told_the_storage_it_started_with(folder, make_cfg,
+                                                                                            tmp_path, monkeypatch):
+    import snapens.training
+
+    real, done = snapens.training.train_step, []
+
+    def dies_after_5(*args, **kwargs):
+        if len(done) == 5:
+            raise KeyboardInterrupt  # as kill -9 would end it there: the step-5 checkpoint stays
+        done.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(snapens.training, "train_step", dies_after_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(*run_overrides(folder), "data.storage=memory"), tmp_path / "run")
+    monkeypatch.undo()
+    with pytest.raises(SnapensError) as e:
+        train(make_cfg(*run_overrides(folder), "data.storage=stream"), tmp_path / "run")
+    says(e.value, "data.storage=memory", "resume with data.storage=memory")
+    assert load_checkpoint(checkpoint_path(tmp_path / "run"))["progress"]["step"] == 5
+
+
+def test_the_ensemble_tool_holds_the_images_as_training_did_and_reuses_its_logits(folder, make_cfg, tmp_path,
+                                                                                  monkeypatch):
+    import snapens.ensemble.cache
+    import snapens.ensemble.tool as cli
+
+    from conftest import compose_config
+    run = tmp_path / "run"
+    train(make_cfg(*run_overrides(folder), "data.storage=stream"), run)
+    monkeypatch.setattr(snapens.ensemble.cache, "compute_logits", lambda *a, **k: pytest.fail("logits computed"))
+    accuracy = cli.evaluate(compose_config(f"run={run}", name="ensemble"))
+    assert accuracy == json.loads((run / "results.json").read_text())["ensemble"]["acc"]
+
+
+def test_runs_that_differ_in_how_their_images_are_held_are_scored_as_the_same_data(make_cfg):
+    from omegaconf import OmegaConf
+    from snapens.ensemble.tool import same_data
+
+    new = make_cfg(*EQUAL_CYCLES_3, "data.storage=stream", "data.workers=4", "data.memory_gib=2").data
+    old = OmegaConf.create(OmegaConf.to_container(make_cfg(*EQUAL_CYCLES_3).data))  # as a run's file holds it
+    for key in ("storage", "workers", "memory_gib", "crop"):  # a run made before these keys
+        del old[key]
+    assert same_data(old, new) and same_data(new, old)
+    assert not same_data(old, make_cfg(*EQUAL_CYCLES_3, "data.crop=resized").data)
+    assert not same_data(old, make_cfg(*EQUAL_CYCLES_3, "data.val_size=8").data)
+
+
 # ---- the crop for large images ------------------------------------------------------------------------------------
-def test_random_resized_crop_at_the_whole_area_and_aspect_1_is_the_image():
-    x = torch.rand(3, 3, 20, 28)
-    out = random_resized_crop(x, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1))
-    assert torch.allclose(out, x, atol=1e-5)
+def test_random_resized_crop_of_the_whole_area_at_the_image_s_aspect_ratio_is_the_image():
+    for h, w in ((24, 24), (20, 40)):  # the image's own aspect ratio, 1 and 2
+        x = torch.rand(3, 3, h, w)
+        out = random_resized_crop(x, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(w / h, w / h))
+        assert torch.allclose(out, x, atol=1e-5)
 
 
 def test_random_resized_crop_takes_a_window_of_the_asked_share_resized_to_the_image():
@@ -172,29 +233,26 @@ def test_random_resized_crop_takes_a_window_of_the_asked_share_resized_to_the_im
         assert not torch.equal(across[0], across[1])  # each image its own window
 
 
+def test_random_resized_crop_keeps_the_aspect_ratio_in_pixels_on_a_wide_image():
+    h, w = 32, 64
+    columns = torch.arange(float(w)).expand(3, 3, h, w)
+    rows = torch.arange(float(h))[:, None].expand(3, 3, h, w)
+    g = dict(scale=(0.25, 0.25), ratio=(2, 2))  # a quarter of 32 x 64 at 2:1: a 32 x 16 pixel window
+    across = random_resized_crop(columns, torch.Generator().manual_seed(1), **g)[:, 0, 0, 1:-1].diff()
+    down = random_resized_crop(rows, torch.Generator().manual_seed(1), **g)[:, 0, 1:-1, 0].diff()
+    assert torch.allclose(across, torch.full_like(across, 32 / w), atol=1e-4)  # 32 pixels over 64 outputs
+    assert torch.allclose(down, torch.full_like(down, 16 / h), atol=1e-4)  # 16 pixels over 32 outputs
+
+
 def test_crop_resized_trains_end_to_end_and_pad_keeps_the_hash_of_runs_made_before_the_key(make_cfg, tmp_path):
     from snapens.build import config_hash, recipe
 
-    assert train(make_cfg(*EQUAL_CYCLES_3, "data.crop=resized"), tmp_path / "run") is not None
+    for crop in ("pad", "resized"):
+        train(make_cfg(*EQUAL_CYCLES_3, f"data.crop={crop}"), tmp_path / crop)
+    resized, pad = (json.loads((tmp_path / c / "metrics.jsonl").read_text().splitlines()[0])
+                    for c in ("resized", "pad"))
+    assert resized["train_loss"] != pad["train_loss"] and math.isfinite(resized["train_loss"])  # other images seen
     before = recipe(make_cfg(*EQUAL_CYCLES_3))
     del before["data"]["crop"]  # a run made before data.crop existed
     assert config_hash(before) == config_hash(recipe(make_cfg(*EQUAL_CYCLES_3)))
     assert config_hash(recipe(make_cfg(*EQUAL_CYCLES_3, "data.crop=resized"))) != config_hash(before)
-
-
-@pytest.mark.slow
-def test_two_ranks_streaming_their_shares_write_the_snapshots_of_two_ranks_in_memory(folder, tmp_path):
-    """torchrun with 2 CPU processes (gloo): each rank decodes only its half of every batch."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {}
-    for storage in ("memory", "stream"):
-        runs[storage] = tmp_path / storage
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                   "snapens.train", *run_overrides(folder), "trainer.batch_size=8", f"data.storage={storage}",
-                   f"hydra.run.dir={runs[storage]}"]
-        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=HANG, env=env)
-        assert done.returncode == 0, done.stderr[-3000:]
-    first, second = json.loads((runs["stream"] / "results.json").read_text())["training"]["rank_weights_sha256"]
-    assert first == second
-    ours = {p.name: p.read_bytes() for p in list_snapshots(runs["stream"])}
-    assert ours == {p.name: p.read_bytes() for p in list_snapshots(runs["memory"])} and len(ours) == 3

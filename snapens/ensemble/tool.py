@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from snapens.build import data_source, pick_device, pick_precision, subsets
-from snapens.checkpoint import refuse_while_training
+from snapens.checkpoint import deciding_values, refuse_while_training
 from snapens.config import check_inference_options, schema_of
-from snapens.data import Split, choose, load
+from snapens.data import Split, choose, placement
 from snapens.images import IMAGE_EXTENSIONS, read_images
 from snapens.ensemble import calibration, members as found, metrics, rules, selection, uncertainty
 from snapens.ensemble.cache import cached_logits, compute_logits
@@ -44,9 +44,13 @@ def load_yaml(path: Path) -> DictConfig:
 
 
 def same_data(a: DictConfig, b: DictConfig) -> bool:
-    """The same images and splits: everything but where the files are and whether they may be downloaded."""
-    a, b = OmegaConf.to_container(a), OmegaConf.to_container(b)
-    return all(a.get(k) == b.get(k) for k in a.keys() | b.keys() if k not in ("root", "download"))
+    """The same images and splits: the data keys that decide a result (checkpoint.deciding_values: not how the
+    images are held, nor keys added since at the value that trains as before), but where the files are and whether
+    they may be downloaded."""
+    def deciding(data: DictConfig) -> dict:
+        values = deciding_values({"data": OmegaConf.to_container(data)})
+        return {k: v for k, v in values.items() if k not in ("data.root", "data.download")}
+    return deciding(a) == deciding(b)
 
 
 def check_same_data(runs: list[Path], train_cfg: DictConfig, source) -> None:
@@ -230,11 +234,13 @@ def load_split(cfg: DictConfig, paths: list[Path], metas: list[dict]) -> tuple[S
     data = training_config(cfg).data
     train, test, classes = data_source(data)
     found.check_same_classes(paths, metas, classes)
-    _, val, test = choose(train, test, **subsets(data))  # the training images are not read, only their labels
+    splits = choose(train, test, **subsets(data))  # the training images are not read, only their labels
+    _, val, test = splits
     if cfg.split == "val" and val is None:
         raise SnapensError("split=val but the run held out no validation images (train with data.val_size=N)")
-    val = load(val)
-    return (load(test), val) if cfg.split == "test" else (val, None)
+    place = placement(splits, data.get("storage", "memory"), data.get("workers", 0), data.get("memory_gib", 8))
+    val = place(val)  # held as training held it (runs made before data.storage held theirs in memory)
+    return (place(test), val) if cfg.split == "test" else (val, None)
 
 
 def report_dir(cfg: DictConfig, paths: list[Path]) -> Path:

@@ -7,6 +7,7 @@ arguments, and `snapens.models.model_from_metadata` rebuilds it through this sam
 name a model its library registers, with plain keyword values: it runs no code of its own choosing.
 """
 
+import hashlib
 import logging
 import math
 
@@ -41,28 +42,41 @@ def library_model(library: str, name: str, num_classes: int, kwargs: dict | None
 
 def load_pretrained(model: nn.Module, path: str, num_classes: int) -> None:
     """The tensors of a safetensors file (a state_dict: safetensors.torch.save_file(model.state_dict(), PATH)) into
-    the model, which must have every one of them under the same name. Only the classifier may differ in shape (its
-    rows are the data's classes: weights trained on ImageNet's 1,000 fit no 10-class head): it then stays random,
-    and the log says so. BatchNorm's num_batches_tracked counters may be absent."""
+    the model, which must have every one of them under the same name and shape, but for its classifier (its rows
+    are the data's classes: weights trained on ImageNet's 1,000 fit no 10-class head), which then stays random, as
+    the log says. BatchNorm's num_batches_tracked counters may be absent."""
     try:
         state = load_file(path)
     except (OSError, SafetensorError) as e:
         raise ValueError(f"model.weights={path} cannot be read ({e}): give a safetensors file of the model's "
                          "state_dict") from None
-    own = model.state_dict()
+    own, head = model.state_dict(), classifier_keys(model, num_classes)
     unknown = sorted(state.keys() - own.keys())
     missing = sorted(k for k in own.keys() - state.keys() if not k.endswith("num_batches_tracked"))
     reshaped = sorted(k for k in state.keys() & own.keys() if state[k].shape != own[k].shape)
-    not_head = [k for k in reshaped if own[k].shape[:1] != (num_classes,)]
+    not_head = [k for k in reshaped if k not in head]
     if unknown or missing or not_head:
         example = (unknown or missing or not_head)[0]
         raise ValueError(f"model.weights={path} does not fit this model ({len(unknown)} tensors it lacks, "
                          f"{len(missing)} it needs missing, {len(not_head)} of another shape beyond the classifier; "
                          f"e.g. {example}): give weights saved from the same architecture")
     model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=False)
-    if reshaped:
-        log.info(f"model.weights={path}: loaded but for the classifier ({', '.join(reshaped)}), whose shape in the "
-                 f"file is not {num_classes} classes': it starts random")
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    but = (f", but for the classifier ({', '.join(reshaped)}), which in the file is not for {num_classes} classes: it "
+           "starts random") if reshaped else ""
+    log.info(f"model.weights={path} (SHA-256 {digest[:16]}) loaded{but}")
+
+
+def classifier_keys(model: nn.Module, num_classes: int) -> set[str]:
+    """The state_dict keys of the model's classifier: timm's get_classifier(), else the last linear or convolution
+    layer with one output per class (torchvision's fc, classifier[-1], heads.head)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for name, module in reversed(list(model.named_modules())):
+        if module is head or (head is None and getattr(module, "out_features", getattr(module, "out_channels", None))
+                              == num_classes and isinstance(module, (nn.Linear, nn.Conv2d))):
+            return {f"{name}.{key}" for key in module.state_dict()}
+    return set()
 
 
 def check_kwargs(kwargs: dict) -> None:

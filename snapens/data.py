@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from snapens.errors import SnapensError
 from snapens.folders import Listing, load, load_image_folder, same_size, scan_image_folder
 from snapens.splits import Dataset, Split, split_digest
-from snapens.streaming import streamed, streams
+from snapens.streaming import statistics, streamed, streams
 
 __all__ = ["Dataset", "Listing", "SOURCES", "Split", "balanced_subset", "channel_stats", "choose", "load", "placement",
            "load_cifar", "load_digits", "load_image_folder", "make_synthetic", "prepare", "scan_image_folder",
@@ -185,7 +185,7 @@ def prepare(train: Split | Listing, test: Split | Listing, classes: list[str], s
     splits = choose(train, test, **subsets)
     train, val, test = map(placement(splits, storage, workers, memory_gib), splits)
     same_size(train, test)
-    mean, std = channel_stats(train.images)
+    mean, std = statistics(train, channel_stats)
     return Dataset(train, test, val, classes, mean, std)
 
 

@@ -67,7 +67,7 @@ def file_manifest(paths: list[Path], root: Path, size: int) -> str:
     return h.hexdigest()
 
 
-def _cache_dir(root: Path) -> Path | None:
+def cache_dir(root: Path) -> Path | None:
     """Next to the data; in ~/.cache/snapens when the data folder is read-only; None when neither can be written
     (the images are then decoded at every run)."""
     def elsewhere() -> Path:  # only looked up when needed: HOME may be unset where the data folder is writable
@@ -178,7 +178,7 @@ def _cached_only(split: str, root: Path, paths: list[Path], size: int) -> Split 
 
 def _cache_file(split: str, root: Path, paths: list[Path], size: int) -> tuple[Path | None, str]:
     """Where the decode cache of exactly these files is (None: nowhere writable), and their fingerprint."""
-    folder = _cache_dir(root)
+    folder = cache_dir(root)
     if folder is None:
         return None, ""
     source = file_manifest(paths, root, size)

@@ -8,9 +8,11 @@ exactly the batches an in-memory run does (bit-identical snapshots), resumes mid
 memory does not grow with the data set: what is held is the file names, and a few batches.
 """
 
+import contextlib
+import json
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -19,9 +21,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from snapens.errors import SnapensError
-from snapens.folders import Listing, file_manifest
+from snapens.files import write_atomic
+from snapens.folders import Listing, cache_dir, file_manifest
 from snapens.images import read_image, read_size
-from snapens.splits import Split
+from snapens.splits import STREAMED, Split, split_digest
 
 log = logging.getLogger(__name__)
 FIRST_DECODE_FACTOR = 4  # a split's first decode peaks near 4x its decoded bytes (docs/configuration.md)
@@ -137,6 +140,25 @@ def decoded_bytes(listing: Listing) -> int:
     """What a Listing's chosen images take decoded (the first file's size for all, when data.image_size is 0)."""
     width, height = (listing.size, listing.size) if listing.size else read_size(listing.paths[int(listing.index[0])])
     return len(listing) * 3 * width * height
+
+
+def statistics(split: Split, compute: Callable) -> tuple:
+    """`compute(split.images)` (the channel statistics), kept for a streamed split beside the decode caches, keyed
+    by its digest (its files' names, sizes and times, its labels): computing them reads every training file, which
+    a start of a large data set should not repeat. The values are exactly those computed."""
+    if isinstance(split.images, torch.Tensor):
+        return compute(split.images)
+    folder = cache_dir(split.images.root)
+    if folder is None:  # nowhere to keep them
+        return compute(split.images)
+    path = folder / f"stats-{split_digest(split).removeprefix(STREAMED)[:32]}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: computed again
+        saved = json.loads(path.read_text())
+        return tuple(map(float, saved["mean"])), tuple(map(float, saved["std"]))
+    mean, std = compute(split.images)
+    with contextlib.suppress(SnapensError):  # a full disk: computed again next time
+        write_atomic(path, json.dumps({"mean": mean, "std": std}).encode())
+    return mean, std
 
 
 class StorageError(ValueError):

@@ -57,6 +57,22 @@ def test_a_streamed_data_set_gives_the_batches_and_statistics_of_the_in_memory_o
             assert torch.equal(x, mx) and torch.equal(y, my)
 
 
+def test_a_streamed_split_s_statistics_are_computed_once_and_again_when_a_file_changes(tmp_path, monkeypatch):
+    import snapens.data
+
+    root = tmp_path / "images"
+    write_image_folder(root)
+    first = prepare(*scan_image_folder(str(root)), storage="stream", workers=0)
+    real, computed = snapens.data.channel_stats, []
+    monkeypatch.setattr(snapens.data, "channel_stats", lambda images: computed.append(1) or real(images))
+    again = prepare(*scan_image_folder(str(root)), storage="stream", workers=0)
+    assert (again.mean, again.std) == (first.mean, first.std) and not computed  # read back, to the last bit
+    image = sorted((root / "train").rglob("*.png"))[0]
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(image)
+    changed = prepare(*scan_image_folder(str(root)), storage="stream", workers=0)
+    assert computed == [1] and changed.mean != first.mean
+
+
 def test_a_rank_decodes_only_its_share_of_each_batch(folder, monkeypatch):
     memory = prepare(*scan_image_folder(str(folder)), storage="memory", **SUBSETS)
     stream = prepare(*scan_image_folder(str(folder)), storage="stream", workers=0, **SUBSETS)

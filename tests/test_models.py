@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import hydra.utils
@@ -12,7 +14,7 @@ from snapens.models import CifarResNet, WideResNet, model_from_metadata
 from snapens.training import train
 from torch import nn
 
-from conftest import EQUAL_CYCLES_2, says
+from conftest import EQUAL_CYCLES_2, HANG, says
 
 MODEL_CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
 LIBRARIES = ("timm", "torchvision")  # conf/model/'s models by name (tested below the CIFAR families)
@@ -211,6 +213,14 @@ def test_a_library_model_trains_and_every_tool_rebuilds_it_from_its_snapshots(ma
     program = export_run(compose_config(f"run={run}", f"out={tmp_path / 'e.pt2'}", name="export"))
     assert torch.allclose(torch.export.load(program).module()(images), ensemble.probs(images).float(), atol=1e-5)
     assert results["ensemble"]["members"] == [p.name for p in snapshots]
+    import snapens.ensemble.tool
+    assert snapens.ensemble.tool.evaluate(compose_config(f"run={run}", name="ensemble")) == \
+        results["ensemble"]["acc"]  # the ensemble tool rebuilds the members too
+    student = tmp_path / "student"  # and distillation, whose teacher they are and whose student has their model
+    done = subprocess.run([sys.executable, "-m", "snapens.distill", f"run={run}", "trainer.epochs=1",
+                           f"hydra.run.dir={student}"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_metadata(list_snapshots(student)[-1])["model"] == f"{library}.{name}"
 
 
 def test_a_library_models_keywords_pass_through_and_its_metadata_is_bounded():

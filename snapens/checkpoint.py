@@ -329,15 +329,11 @@ class Progress:
     compile_seconds: float = 0.0  # the first step's time under torch.compile
 
 
-def restore(run: "Run", saved: dict) -> None:
-    """Put the checkpoint's weights, optimizer state, random streams and progress back."""
-    s = run.setup
-    if saved["device"] != s.device.type:
-        raise SnapensError(f"the checkpoint of {run.dir} was written on {saved['device']}; resume it there "
-                           f"(trainer.device={saved['device']}): the random streams of one cannot continue on another")
-    changed = [name for name in ("train", "val", "test") if saved.get("data", run.data_digests).get(name)
-               != run.data_digests.get(name)]  # checkpoints written before the digests were kept: not checked
-    streamed = {str(saved["data"][name]).startswith(STREAMED) for name in changed}
+def check_same_data(run: "Run", saved: dict[str, str]) -> None:
+    """The splits' digests as the checkpoint has them; a streamed split's (marked) cannot be compared with one in
+    memory, so a change of data.storage is named as such."""
+    changed = [name for name in ("train", "val", "test") if saved.get(name) != run.data_digests.get(name)]
+    streamed = {str(saved[name]).startswith(STREAMED) for name in changed}
     if changed and streamed != {str(run.data_digests[name]).startswith(STREAMED) for name in changed}:
         was = "stream" if streamed == {True} else "memory"
         raise SnapensError(f"cannot resume {run.dir}: it started with data.storage={was} and this run holds its "
@@ -346,6 +342,15 @@ def restore(run: "Run", saved: dict) -> None:
         raise SnapensError(f"cannot resume {run.dir}: the {' and '.join(changed)} images differ from those it started "
                            "with (files under data.root were replaced, added or removed); put them back, or pass a "
                            "new hydra.run.dir=DIR to train on the data as it is now")
+
+
+def restore(run: "Run", saved: dict) -> None:
+    """Put the checkpoint's weights, optimizer state, random streams and progress back."""
+    s = run.setup
+    if saved["device"] != s.device.type:
+        raise SnapensError(f"the checkpoint of {run.dir} was written on {saved['device']}; resume it there "
+                           f"(trainer.device={saved['device']}): the random streams of one cannot continue on another")
+    check_same_data(run, saved.get("data", run.data_digests))  # checkpoints before the digests: not checked
     if "processes" in saved:  # earlier checkpoints: their CUDA streams say it (set_rng_state)
         check_processes(saved["processes"], run.ranks)
     s.model.load_state_dict(saved["model"])

@@ -172,15 +172,19 @@ def streams(storage: str, splits: list[Split | Listing], memory_gib: float) -> b
     if storage not in STORAGES:
         raise StorageError(f"storage={storage!r}: give one of {', '.join(STORAGES)}")
     listings = [s for s in splits if isinstance(s, Listing)]
+    if not listings and storage == "stream":
+        raise StorageError("storage='stream' reads image files, and this data set is arrays in memory already")
     if not listings:
-        if storage == "stream":
-            raise StorageError("storage='stream' reads image files, and this data set is arrays in memory already")
         return False
-    if storage != "auto":
-        log.info(f"data {'streamed from the files' if storage == 'stream' else 'in memory'}: asked for")
-        return storage == "stream"
-    need = FIRST_DECODE_FACTOR * sum(decoded_bytes(s) for s in listings) / 2**30
-    stream = need > memory_gib
-    log.info(f"data {'streamed from the files' if stream else 'in memory'}: its first decode needs about {need:.2f} "
-             f"GiB, {'over' if stream else 'within'} the budget of {memory_gib:g} GiB")
+    stream, why = (storage == "stream", "asked for") if storage != "auto" else beyond_budget(listings, memory_gib)
+    log.info(f"data {'streamed from the files' if stream else 'in memory'}: {why}")
     return stream
+
+
+def beyond_budget(listings: list[Listing], memory_gib: float) -> tuple[bool, str]:
+    """Whether a first decode of the listed images (FIRST_DECODE_FACTOR x their decoded bytes) exceeds memory_gib
+    GiB, and why."""
+    need = FIRST_DECODE_FACTOR * sum(decoded_bytes(s) for s in listings) / 2**30
+    over = need > memory_gib
+    return over, f"its first decode needs about {need:.2f} GiB, {'over' if over else 'within'} the budget of " \
+                 f"{memory_gib:g} GiB"

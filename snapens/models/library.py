@@ -44,28 +44,32 @@ def load_pretrained(model: nn.Module, path: str, num_classes: int) -> None:
     """The tensors of a safetensors file (a state_dict: safetensors.torch.save_file(model.state_dict(), PATH)) into
     the model, which must have every one of them under the same name and shape, but for its classifier (its rows
     are the data's classes: weights trained on ImageNet's 1,000 fit no 10-class head), which then stays random, as
-    the log says. BatchNorm's num_batches_tracked counters may be absent."""
+    the log says (check_fit)."""
     try:
         state = load_file(path)
     except (OSError, SafetensorError) as e:
         raise ValueError(f"model.weights={path} cannot be read ({e}): give a safetensors file of the model's "
                          "state_dict") from None
-    own, head = model.state_dict(), classifier_keys(model, num_classes)
-    unknown = sorted(state.keys() - own.keys())
-    missing = sorted(k for k in own.keys() - state.keys() if not k.endswith("num_batches_tracked"))
+    own = model.state_dict()
     reshaped = sorted(k for k in state.keys() & own.keys() if state[k].shape != own[k].shape)
-    not_head = [k for k in reshaped if k not in head]
-    if unknown or missing or not_head:
-        example = (unknown or missing or not_head)[0]
-        raise ValueError(f"model.weights={path} does not fit this model ({len(unknown)} tensors it lacks, "
-                         f"{len(missing)} it needs missing, {len(not_head)} of another shape beyond the classifier; "
-                         f"e.g. {example}): give weights saved from the same architecture")
+    check_fit(path, state, own, [k for k in reshaped if k not in classifier_keys(model, num_classes)])
     model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=False)
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     but = (f", but for the classifier ({', '.join(reshaped)}), which in the file is not for {num_classes} classes: it "
            "starts random") if reshaped else ""
     log.info(f"model.weights={path} (SHA-256 {digest[:16]}) loaded{but}")
+
+
+def check_fit(path: str, state: dict, own: dict, reshaped: list[str]) -> None:
+    """The file holds the model's tensors, no others, and none of another shape (`reshaped`, the classifier's left
+    out); BatchNorm's num_batches_tracked counters may be absent."""
+    unknown = sorted(state.keys() - own.keys())
+    missing = sorted(k for k in own.keys() - state.keys() if not k.endswith("num_batches_tracked"))
+    if unknown or missing or reshaped:
+        raise ValueError(f"model.weights={path} does not fit this model ({len(unknown)} tensors it lacks, "
+                         f"{len(missing)} it needs missing, {len(reshaped)} of another shape beyond the classifier; "
+                         f"e.g. {(unknown or missing or reshaped)[0]}): give weights saved from the same architecture")
 
 
 def classifier_keys(model: nn.Module, num_classes: int) -> set[str]:

@@ -48,7 +48,7 @@ def test_a_streamed_data_set_gives_the_batches_and_statistics_of_the_in_memory_o
         assert torch.equal(getattr(stream, name).labels, getattr(memory, name).labels)
     ours, theirs = batches(stream, "train"), batches(memory, "train")
     assert len(ours) == 3
-    for (x, y), (mx, my) in zip(ours, theirs):
+    for (x, y), (mx, my) in zip(ours, theirs, strict=True):
         assert torch.equal(x, mx) and torch.equal(y, my)
     for name in ("val", "test"):
         split_s, split_m = getattr(stream, name), getattr(memory, name)

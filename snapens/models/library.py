@@ -7,14 +7,15 @@ arguments, and `snapens.models.model_from_metadata` rebuilds it through this sam
 name a model its library registers, with plain keyword values: it runs no code of its own choosing.
 """
 
-import hashlib
 import logging
 import math
+from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from snapens.files import file_digest
 from snapens.models.resnet import check_num_classes
 
 PLAIN = (bool, int, float, str)  # the keyword values a file may carry
@@ -54,8 +55,7 @@ def load_pretrained(model: nn.Module, path: str, num_classes: int) -> None:
     reshaped = sorted(k for k in state.keys() & own.keys() if state[k].shape != own[k].shape)
     check_fit(path, state, own, [k for k in reshaped if k not in classifier_keys(model, num_classes)])
     model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=False)
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = file_digest(Path(path))
     but = (f", but for the classifier ({', '.join(reshaped)}), which in the file is not for {num_classes} classes: it "
            "starts random") if reshaped else ""
     log.info(f"model.weights={path} (SHA-256 {digest[:16]}) loaded{but}")

@@ -140,10 +140,10 @@ def eval_batches(split: Split, batch_size: int, mean, std, device: torch.device 
     mean, std = channel_tensors(mean, std, device)
     pixels = split.images.shape[-2] * split.images.shape[-1]
     batch_size = max(1, batch_size * 1024 // pixels) if pixels > 1024 else batch_size
-    rows = torch.arange(len(split), device=split.images.device)
-    for index, images in zip(rows.split(batch_size), gathered(split.images, rows, batch_size)):
-        yield (normalize(images.to(device), mean, std).contiguous(memory_format=layout(channels_last)),
-               split.labels[index.to(split.labels.device)])
+    # Consecutive chunks: views of a tensor (callers that evaluate several models move the split once), decoded
+    # files of a streamed split
+    for images, labels in zip(split.images.split(batch_size), split.labels.split(batch_size), strict=True):
+        yield normalize(images.to(device), mean, std).contiguous(memory_format=layout(channels_last)), labels
 
 
 def gathered(images, order: torch.Tensor, batch_size: int, share: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:

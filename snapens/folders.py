@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from snapens.errors import SnapensError
 from snapens.files import write_atomic
-from snapens.images import IMAGE_EXTENSIONS, read_image
+from snapens.images import IMAGE_EXTENSIONS, read_image, sizes_differ
 from snapens.splits import Split, split_digest
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,7 @@ def _stack(images: list[torch.Tensor], paths: list[Path]) -> torch.Tensor:
     first = images[0].shape
     for image, path in zip(images, paths):
         if image.shape != first:
-            raise SnapensError(f"images differ in size: {paths[0]} is {first[2]}x{first[1]}, {path} is "
-                               f"{image.shape[2]}x{image.shape[1]}; set data.image_size=N to resize all to NxN")
+            raise SnapensError(sizes_differ(paths[0], (first[2], first[1]), path, (image.shape[2], image.shape[1])))
     return torch.stack(images)
 
 

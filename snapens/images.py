@@ -34,6 +34,12 @@ def read_size(path: Path) -> tuple[int, int]:
         raise SnapensError(f"cannot read image {path}: {e}; replace or remove the file") from None
 
 
+def sizes_differ(first: Path, first_size: tuple[int, int], other: Path, other_size: tuple[int, int]) -> str:
+    """The one-line refusal of images of two sizes in one data set ((width, height) each), with the fix."""
+    return (f"images differ in size: {first} is {first_size[0]}x{first_size[1]}, {other} is "
+            f"{other_size[0]}x{other_size[1]}; set data.image_size=N to resize all to NxN")
+
+
 def read_images(files: list[Path], size: tuple[int, int] | None = None) -> torch.Tensor:
     """uint8 N x 3 x H x W: image files read as the training data was (RGB), each resized to `size` (H, W) only
     when it differs (None: as they are, which must agree)."""

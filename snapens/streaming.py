@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from snapens.errors import SnapensError
 from snapens.files import write_atomic
 from snapens.folders import Listing, cache_dir, file_manifest
-from snapens.images import read_image, read_size
+from snapens.images import read_image, read_size, sizes_differ
 from snapens.splits import STREAMED, Split, split_digest
 
 log = logging.getLogger(__name__)
@@ -32,20 +32,25 @@ STORAGES = ("auto", "memory", "stream")
 
 
 class _Files(torch.utils.data.Dataset):
-    """File i decoded; a problem comes back as its message (raised in the main process as one line, not as the
-    DataLoader's wrapped worker traceback)."""
+    """File i decoded; a problem (an unreadable file, or one whose size is not the split's, as when it was replaced
+    since it was listed) comes back as its message, raised in the main process as one line rather than as the
+    DataLoader's wrapped worker traceback."""
 
-    def __init__(self, paths: list[Path], size: int):
-        self.paths, self.size = paths, size
+    def __init__(self, paths: list[Path], size: int, shape: torch.Size):
+        self.paths, self.size, self.shape = paths, size, shape
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor | str:
         try:
-            return read_image(self.paths[i], self.size)
+            image = read_image(self.paths[i], self.size)
         except SnapensError as e:
             return str(e)
+        if image.shape != self.shape[1:]:
+            (h, w), (ih, iw) = self.shape[2:], image.shape[1:]
+            return sizes_differ(self.paths[0], (w, h), self.paths[i], (iw, ih))
+        return image
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,7 +99,7 @@ class StreamedImages:
         batches = [b.cpu() for b in batches]
         rank, world = share
         wanted = [b.tensor_split(world)[rank] for b in batches]
-        loader = DataLoader(_Files(self.paths, self.size), batch_sampler=[w.tolist() for w in wanted],
+        loader = DataLoader(_Files(self.paths, self.size, self.shape), batch_sampler=[w.tolist() for w in wanted],
                             num_workers=self.workers, collate_fn=self._stack, pin_memory=self.device.type == "cuda",
                             generator=torch.Generator())  # its worker seeds, drawn from torch's global generator
         # otherwise, would shift dropout's random numbers by one draw per epoch (and per resume)
@@ -112,11 +117,6 @@ class StreamedImages:
         problem = next((i for i in images if isinstance(i, str)), None)
         if problem is not None:
             return problem
-        wrong = next((i for i in images if i.shape != self.shape[1:]), None)
-        if wrong is not None:
-            (h, w), (wh, ww) = self.shape[2:], wrong.shape[1:]
-            return (f"images differ in size under {self.root}: the first is {w}x{h}, another {ww}x{wh}; set "
-                    "data.image_size=N to resize all to NxN")
         return torch.stack(images) if images else torch.empty((0, *self.shape[1:]), dtype=torch.uint8)
 
 
@@ -127,11 +127,9 @@ def streamed(listing: Listing, workers: int) -> Split:
     height = width = listing.size
     if not listing.size:
         width, height = read_size(paths[0])
-        other = next((p for p in paths if read_size(p) != (width, height)), None)
+        other = next(((p, size) for p in paths if (size := read_size(p)) != (width, height)), None)
         if other is not None:
-            w, h = read_size(other)
-            raise SnapensError(f"images differ in size: {paths[0]} is {width}x{height}, {other} is {w}x{h}; set "
-                               "data.image_size=N to resize all to NxN")
+            raise SnapensError(sizes_differ(paths[0], (width, height), *other))
     shape = torch.Size((len(paths), 3, height, width))
     return Split(StreamedImages(listing.root, paths, listing.size, shape, workers), listing.labels)
 

@@ -128,6 +128,17 @@ def test_images_of_another_size_are_refused_when_the_split_is_listed_not_when_ev
     says(e.value, "images differ in size", f"{other} is 40x40", "data.image_size=N")
 
 
+def test_an_image_replaced_by_one_of_another_size_after_listing_is_one_line_from_the_worker(tmp_path):
+    root = tmp_path / "images"
+    write_image_folder(root)
+    data = prepare(*scan_image_folder(str(root)), storage="stream", workers=2)
+    other = sorted((root / "test").rglob("*.png"))[5]
+    Image.new("RGB", (40, 40)).save(other)
+    with pytest.raises(SnapensError) as e:
+        list(eval_batches(data.test, 8, data.mean, data.std))
+    says(e.value, "images differ in size", f"{other} is 40x40", "data.image_size=N")
+
+
 def test_a_broken_first_image_is_one_line_whatever_the_storage(tmp_path):
     root = tmp_path / "images"
     write_image_folder(root)

@@ -132,10 +132,8 @@ def _write_cache(cache: Path, split: Split, source: str, paths: list[Path]) -> N
         with contextlib.suppress(OSError):
             cache.with_suffix(".failed").touch()
         return
-    prefix = cache.name.rsplit("-", 1)[0]  # <split>-<size>
-    for stale in cache.parent.glob(f"{prefix}-*.safetensors"):
-        if stale != cache:
-            stale.unlink(missing_ok=True)
+    for stale in _other_caches(cache):
+        stale.unlink(missing_ok=True)
 
 
 def _waits_for_local_rank_0() -> bool:
@@ -162,11 +160,17 @@ def _wait_for(cache: Path, source: str) -> Split | None:
 
 def _cached_since(cache: Path, start: float) -> bool:
     """Whether a cache of this split and size other than `cache` was written after `start`."""
-    for other in cache.parent.glob(f"{cache.name.rsplit('-', 1)[0]}-*.safetensors"):
+    for other in _other_caches(cache):
         with contextlib.suppress(FileNotFoundError):  # removed as stale meanwhile
-            if other != cache and other.stat().st_mtime > start:
+            if other.stat().st_mtime > start:
                 return True
     return False
+
+
+def _other_caches(cache: Path) -> list[Path]:
+    """The decode caches of the same split and size as `cache` but of other files (<split>-<size>-<files>)."""
+    prefix = cache.name.rsplit("-", 1)[0]
+    return [p for p in cache.parent.glob(f"{prefix}-*.safetensors") if p != cache]
 
 
 def _cached_only(split: str, root: Path, paths: list[Path], size: int) -> Split | None:

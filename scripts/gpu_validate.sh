@@ -27,7 +27,7 @@ fi
 $PY -c 'import torch, hydra, omegaconf; print("torch", torch.__version__, "hydra", hydra.__version__)' \
   | tee -a "$OUT/summary.txt"
 if $DRY; then
-  DEVICE=cpu; DATA=(data=synthetic); ROOT_ARGS=(); QUICK=(--quick --threads 1); ENS=(--quick --threads 1)
+  DEVICE=cpu; DATA=(data=synthetic); ROOT_ARGS=(); QUICK=(--quick --threads 1); ENS=(--quick --threads 1 --images 128)
   SHORT=(model=resnet20 model.depth=8 data.train_size=300 data.test_size=128 trainer.batch_size=64)  # 44 left over
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"

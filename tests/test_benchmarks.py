@@ -70,9 +70,9 @@ def test_gpu_validation_script_dry_run(tmp_path):
     assert r["ratio"] == pytest.approx(speed["snapens"] / speed["plain"])
     assert r["snapshot_share"] == pytest.approx(5 * r["snapshot_write_s"] / (200 * 50_000 / speed["snapens"]))
     assert f"snapens / plain throughput, resnet20: {r['ratio']:.2f}x" in (tmp_path / "bench_train.log").read_text()
-    ensemble = json.loads((tmp_path / "bench_ensemble.json").read_text())  # bench_ensemble.py --quick, CPU
+    ensemble = json.loads((tmp_path / "bench_ensemble.json").read_text())  # --quick --images 128, CPU
     assert ensemble["agreement"]["agree"]  # snapens' and the naive ensemble's accuracy on the same images
-    assert ensemble["config"]["M"] == 3 and ensemble["config"]["images"] == 500
+    assert ensemble["config"]["M"] == 3 and ensemble["config"]["images"] == 128
     assert 0 < ensemble["logits_s"] < ensemble["median"]["snapens"]["wall_s"]
     assert ensemble["ratios"]["time"] == pytest.approx(ensemble["median"]["naive"]["wall_s"]
                                                        / ensemble["median"]["snapens"]["wall_s"])

@@ -107,6 +107,8 @@ def test_a_stop_signal_checkpoints_exits_75_and_resumes(uninterrupted, tmp_path,
     assert f"stopped by {signal.Signals(signum).name} after step" in stderr and "run the same command again" in stderr
     step = load_checkpoint(checkpoint_path(run_dir))["progress"]["step"]
     assert 4 <= step < 28
+    if signum != signal.SIGTERM:
+        return  # what follows the checkpoint is the same whichever signal stopped the run: resumed once, for SIGTERM
     again = subprocess.run([sys.executable, "-m", "snapens.train", *RUN, "trainer.checkpoint_every=0",
                             f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert again.returncode == 0, again.stderr

@@ -4,7 +4,6 @@ kill -9 mid-epoch, a rank's share, the crop for large images, and the errors."""
 import json
 import logging
 import math
-import os
 import signal
 import subprocess
 import sys

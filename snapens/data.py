@@ -201,32 +201,9 @@ def placement(splits: list, storage: str, workers: int, memory_gib: float) -> Ca
 
 # ---- the sources, by data.name: a data set is its loader here plus one YAML file under conf/data/ ----------------
 Loader = Callable[[Mapping], tuple[Split | Listing, Split | Listing, list[str]]]  # data config -> train, test, classes
-SOURCES: dict[str, Loader] = {}
-
-
-def source(*names: str) -> Callable[[Loader], Loader]:
-    """Function decorator: the loader is `data=NAME` for each name (conf/data/<name>.yaml)."""
-    def add(load: Loader) -> Loader:
-        SOURCES.update(dict.fromkeys(names, load))
-        return load
-    return add
-
-
-@source("cifar10", "cifar100")
-def _cifar(c: Mapping):
-    return load_cifar(c["root"], c["name"], c["download"])
-
-
-@source("imagefolder")
-def _image_folder(c: Mapping):
-    return scan_image_folder(c["root"], c["image_size"])
-
-
-@source("digits")
-def _digits(c: Mapping):
-    return load_digits(c["split_seed"])
-
-
-@source("synthetic")
-def _synthetic(c: Mapping):
-    return make_synthetic(c["num_classes"], c["train_size"], c["test_size"], c["size"])
+SOURCES: dict[str, Loader] = {
+    **dict.fromkeys(("cifar10", "cifar100"), lambda c: load_cifar(c["root"], c["name"], c["download"])),
+    "imagefolder": lambda c: scan_image_folder(c["root"], c["image_size"]),
+    "digits": lambda c: load_digits(c["split_seed"]),
+    "synthetic": lambda c: make_synthetic(c["num_classes"], c["train_size"], c["test_size"], c["size"]),
+}

@@ -18,11 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from snapens.build import Loss, build_data, pick_device, pick_precision
 from snapens.ensemble import calibration, metrics, members as found, rules
-from snapens.ensemble.cache import cached_logits
+from snapens.ensemble.cache import cached_logits, model_maker
 from snapens.ensemble.ensemble import Ensemble
 from snapens.errors import SnapensError
 from snapens.files import file_digest
-from snapens.models import model_from_metadata
 from snapens.snapshots import list_snapshots, read_metadata
 
 
@@ -121,9 +120,7 @@ def compare(student: DictConfig, d: dict, run_dir: Path) -> dict:
                "teacher": teacher_paths(d["run"], d["members"])}
     splits = {"test": data.test, "val": data.val} if data.val is not None else {"test": data.test}
 
-    def make(path: Path, meta: dict) -> torch.nn.Module:
-        return model_from_metadata(meta.get("model_config"), f"snapshot {path}").to(device)
-
+    make = model_maker(device)
     logits = {(who, name): cached_logits(paths, [read_metadata(p) for p in paths], split, name,
                                          student.ensemble.batch_size, device, make, precision,
                                          student.trainer.channels_last)

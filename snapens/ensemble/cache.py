@@ -22,6 +22,7 @@ from snapens.data import Split, split_digest
 from snapens.ensemble.batched import same_architecture, stacked_logits
 from snapens.errors import SnapensError
 from snapens.files import file_digest, sweep_leftovers, write_atomic
+from snapens.models import model_from_metadata
 from snapens.precision import autocast, describe, layout
 from snapens.snapshots import load_into
 
@@ -81,6 +82,20 @@ def write_cached(path: Path | None, key: dict, logits: torch.Tensor) -> None:
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def model_maker(device: torch.device) -> Callable[[Path, dict], torch.nn.Module]:
+    """model_for(path, metadata) for cached_logits: builds a snapshot's model, reusing it while the config repeats."""
+    built = {}
+
+    def model_for(path: Path, meta: dict) -> torch.nn.Module:
+        key = json.dumps(meta.get("model_config"), sort_keys=True)
+        if key not in built:
+            built.clear()  # one model in memory at a time
+            built[key] = model_from_metadata(meta.get("model_config"), f"snapshot {path}").to(device)
+        return built[key]
+
+    return model_for
 
 
 def cached_logits(paths: list[Path], metas: list[dict], split: Split, split_name: str, batch_size: int,

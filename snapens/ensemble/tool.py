@@ -23,11 +23,10 @@ from snapens.config import check_inference_options, schema_of
 from snapens.data import Split, choose, placement
 from snapens.images import IMAGE_EXTENSIONS, read_images
 from snapens.ensemble import calibration, members as found, metrics, rules, selection, uncertainty
-from snapens.ensemble.cache import cached_logits, compute_logits
+from snapens.ensemble.cache import cached_logits, compute_logits, model_maker
 from snapens.ensemble.report import build_report, format_report
 from snapens.ensemble.plots import plot_accuracy_vs_members, plot_disagreement, plot_reliability
 from snapens.errors import SnapensError
-from snapens.models import model_from_metadata
 from snapens.schemas import DataConfig, default_dir
 from snapens.files import refuse_to_replace, write_atomic, sweep_leftovers
 
@@ -85,25 +84,6 @@ def typed_data(train_cfg: DictConfig, source) -> DictConfig:
     except OmegaConfBaseException as e:
         raise SnapensError(f"{source}: data.{e.key}: {str(e).splitlines()[0]}") from None
     return train_cfg
-
-
-# ---- logits, one pass per snapshot ----------------------------------------------------------------------------------
-def build_snapshot_model(path: Path, meta: dict) -> torch.nn.Module:
-    return model_from_metadata(meta.get("model_config"), f"snapshot {path}")
-
-
-def model_maker(device: torch.device):
-    """model_for(path, metadata) for cached_logits: builds a snapshot's model, reusing it while the config repeats."""
-    built = {}
-
-    def model_for(path: Path, meta: dict) -> torch.nn.Module:
-        key = json.dumps(meta.get("model_config"), sort_keys=True)
-        if key not in built:
-            built.clear()  # one model in memory at a time
-            built[key] = build_snapshot_model(path, meta).to(device)
-        return built[key]
-
-    return model_for
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------

@@ -45,11 +45,6 @@ KINDS = {"last": "last snapshot", "last_t": "last snapshot, T (val)", "all": "al
 METRICS = ("acc", "nll", "ece")
 
 
-def training_command(arm: str, cycles: str, seeds: str, out: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "snapens.train", "-m", f"experiment=study_{arm}", f"scheduler.cycles={cycles}",
-            f"trainer.seed={seeds}", f"hydra.sweep.dir={out}", *overrides]
-
-
 def read_run(run: Path) -> dict:
     """One run's M, seed and the test scores of each kind of ensemble; a kind the run lacks (no validation split,
     or a vote's weights) is left out."""
@@ -180,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.arm or not (ROOT / "conf" / "experiment" / f"study_{args.arm}.yaml").exists():
         parser.error(f"arm {args.arm!r}: give one of digits, cifar (conf/experiment/study_<arm>.yaml)")
     out = args.out or Path("outputs") / "study" / args.arm
-    command = training_command(args.arm, args.cycles, args.seeds, out, overrides)
+    command = [sys.executable, "-m", "snapens.train", "-m", f"experiment=study_{args.arm}",
+               f"scheduler.cycles={args.cycles}", f"trainer.seed={args.seeds}", f"hydra.sweep.dir={out}", *overrides]
     print(" ".join(command[1:]), flush=True)
     subprocess.run(command, check=True)
     write_summary(out)

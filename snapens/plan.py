@@ -47,8 +47,9 @@ def short_cycles(snapshot_steps: list[int], floor: int = MIN_CYCLE) -> str | Non
             "trainer.batch_size")
 
 
-def log_plan(cfg, s, steps: list[int]) -> None:
-    """The plan before training (cfg: the training config, s: its snapens.build.Setup): budget, cycles, snapshots, split sizes; short cycles warned of."""
+def log_plan(s, steps: list[int]) -> None:
+    """The plan before training (s: a snapens.build.Setup): budget, cycles, snapshots, split sizes; short cycles
+    warned of."""
     sizes = {name: len(split) for name, split in (("train", s.data.train), ("val", s.data.val),
                                                   ("test", s.data.test)) if split is not None}
     for line in plan_lines(s.schedule.total_steps, s.steps_per_epoch, s.update_size, steps, sizes):
@@ -58,7 +59,8 @@ def log_plan(cfg, s, steps: list[int]) -> None:
 
 
 def log_start(run) -> None:
-    """One line (run: a snapens.training.Run): what trains on what, how long, where the snapshots go, on which device and how."""
+    """One line (run: a snapens.training.Run): what trains on what, how long, where the snapshots go, on which
+    device and how."""
     cfg, s, ranks = run.cfg, run.setup, run.ranks
     log.info(f"{run.metadata['model']} on {cfg.data.name} ({len(s.data.train)} train / {len(s.data.test)} test "
              f"images), {cfg.scheduler.name}: {s.schedule.total_steps} steps, snapshots after steps "
@@ -74,6 +76,3 @@ def snapshot_every(cfg, s) -> int:
         raise SnapensError(f"trainer.snapshot_every={cfg.trainer.snapshot_every} epochs is shorter than one step "
                            f"({s.steps_per_epoch} steps per epoch); give at least {1 / s.steps_per_epoch:.3g}")
     return every
-
-
-# ---- the training loop: one update per batch, lr (and momentum) from the schedule before each ----------------------

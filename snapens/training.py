@@ -62,7 +62,7 @@ def train(cfg: DictConfig, run_dir: str | Path, loss: Loss | None = None) -> flo
     check_config(cfg)
     if cfg.trainer.plan_only:  # the plan alone: nothing trained, nothing written
         s = setup(cfg)
-        log_plan(cfg, s, snapshot_steps(s.schedule, snapshot_every(cfg, s), cfg.scheduler.get("cycles")))
+        log_plan(s, snapshot_steps(s.schedule, snapshot_every(cfg, s), cfg.scheduler.get("cycles")))
         return None
     if cfg.logger.name == "tensorboard":
         require_tensorboard()
@@ -113,7 +113,7 @@ def begin(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, saved: dict 
         plot_lr_schedule(s.schedule, s.steps_per_epoch, run.snapshot_steps, run_dir / "lr_schedule.png",
                          cfg.scheduler.name)
     if ranks.main and not run.resumed:
-        log_plan(cfg, s, run.snapshot_steps)
+        log_plan(s, run.snapshot_steps)
     log_start(run)
     return run
 

@@ -147,11 +147,11 @@ def image_files(target: Path) -> list[Path]:
         return [target]
     if not target.is_dir():
         raise SnapensError(f"predict={target} does not exist: give an image file or a folder of images")
-    found = sorted(p for p in target.rglob("*") if p.is_file())
-    files = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
+    listed = sorted(p for p in target.rglob("*") if p.is_file())
+    files = [p for p in listed if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise SnapensError(f"predict={target} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    warn_skipped([str(p) for p in found if p not in files])
+    warn_skipped([str(p) for p in listed if p not in files])
     return files
 
 

@@ -71,12 +71,6 @@ class SnapshotEnsemble:
             if isinstance(dropped, Path):
                 dropped.unlink()
 
-    def _load(self, member: dict[str, torch.Tensor] | Path) -> None:
-        if isinstance(member, Path):
-            load_into(self._model, member)
-        else:
-            self._model.load_state_dict(member)
-
     @torch.no_grad()
     def logits(self, loader: Iterable, device: str | torch.device = "cpu",
                precision: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,7 +82,10 @@ class SnapshotEnsemble:
         device = torch.device(device)
         out, labels = [], None
         for member in self.members:
-            self._load(member)
+            if isinstance(member, Path):
+                load_into(self._model, member)
+            else:
+                self._model.load_state_dict(member)
             model = self._model.to(device).eval()
             batches, ys = [], []
             with autocast(device, precision):

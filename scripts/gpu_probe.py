@@ -10,6 +10,7 @@ with tiny models). Each probe's result goes to $OUT/probe.json and one printed l
   cudnn_benchmark_img_s images/s of a WRN-16-4 update with cudnn.benchmark off and on
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -131,13 +132,10 @@ def weights_after(steps: int, seed: int = 0) -> bytes:
     model = WRN().to(DEVICE, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     data, generator = random_split(BATCH * 4), torch.Generator(DEVICE).manual_seed(seed)
-    batches = iter(())
-    for _ in range(steps):
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = train_batches(data, BATCH // 2, generator, Augmentation(), (0.5,) * 3, (0.25,) * 3, None, True)
-            x, y = next(batches)
+    batches = itertools.chain.from_iterable(  # epoch after epoch, each drawing its order when it starts
+        train_batches(data, BATCH // 2, generator, Augmentation(), (0.5,) * 3, (0.25,) * 3, None, True)
+        for _ in itertools.count())
+    for x, y in itertools.islice(batches, steps):
         train_step(model, optimizer, x, y, OPTIONS)
     return b"".join(v.detach().cpu().contiguous().numpy().tobytes() for v in model.state_dict().values())
 

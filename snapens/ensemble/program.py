@@ -50,17 +50,15 @@ def export_run(cfg: DictConfig) -> Path:
     paths = [p for group in found.find(cfg.run, cfg.runs, cfg.snapshots, cfg.members, cfg.swa) for p in group]
     found.read(paths)  # copies and foreign files refused before anything is built
     how = found.combination(paths, cfg.run, cfg.rule, cfg.calibrate, cfg.chosen)
-    try:
+    try:  # a ValueError here is the ensemble's or the export's: one line
         ensemble = Ensemble.from_files(how["members"], cfg.rule, how["weights"], how["temperature"])
-    except ValueError as e:
-        raise SnapensError(str(e)) from None
-    members, weights = found.distinct(how)
-    record = {"classes": ensemble.classes, "image_size": list(ensemble.image_size), "input": "uint8 N x 3 x H x W",
-              "output": "float32 N x C probabilities", "members": [str(p) for p in members],
-              "weights": weights.tolist(), "rule": cfg.rule, "temperature": how["temperature"], "source": how["source"]}
-    out = Path(cfg.out)
-    sweep_leftovers(out.parent)  # the partial files of an export killed there before
-    try:
+        members, weights = found.distinct(how)  # as from_files: it cannot fail once that succeeded
+        record = {"classes": ensemble.classes, "image_size": list(ensemble.image_size),
+                  "input": "uint8 N x 3 x H x W", "output": "float32 N x C probabilities",
+                  "members": [str(p) for p in members], "weights": weights.tolist(), "rule": cfg.rule,
+                  "temperature": how["temperature"], "source": how["source"]}
+        out = Path(cfg.out)
+        sweep_leftovers(out.parent)  # the partial files of an export killed there before
         program = ensemble.export(out, {"snapens.json": json.dumps(record)})
     except ValueError as e:
         raise SnapensError(str(e)) from None

@@ -76,19 +76,17 @@ def evaluate_run(run_dir: Path, test: Split, val: Split | None, rule: str, batch
     temperatures fitted on it (calibration), each only then scored on test; each gain's paired interval
     (uncertainty); and the verdict (`restarts`: whether the schedule restarts, which the advice depends on)."""
     paths = list_snapshots(run_dir)
-    metas = [read_metadata(p) for p in paths]
+    metas, names = [read_metadata(p) for p in paths], [p.stem for p in paths]
     logits = {name: cached_logits(paths, metas, split, name, batch_size, device, model_for, precision, channels_last)
               for name, split in (("test", test), ("val", val)) if split is not None}
     result = ensemble_report(logits["test"], test.labels, paths, metas, rule)
     if val is not None:  # what a sweeper may tune on, and members chosen on it, never on test
         result["val"] = ensemble_report(logits["val"], val.labels, paths, metas, rule, split="val")
-        result["chosen"] = selection.choose(logits["val"], val.labels, logits["test"], test.labels,
-                                            [p.stem for p in paths], rule)
+        result["chosen"] = selection.choose(logits["val"], val.labels, logits["test"], test.labels, names, rule)
         fitted = calibration.calibrate_run(logits["val"], val.labels, logits["test"], test.labels, rule)
         if fitted:  # a temperature per model, fitted on validation (Guo et al. 2017); predict= applies it
             result["calibration"] = fitted
-    result["gains"] = uncertainty.gains(logits["test"], test.labels, rule, result.get("chosen", {}),
-                                        [p.stem for p in paths])
+    result["gains"] = uncertainty.gains(logits["test"], test.labels, rule, result.get("chosen", {}), names)
     result["verdict"] = selection.verdict(result, restarts=restarts)
     return result
 

@@ -20,8 +20,6 @@ first, then the confirmation seeds, then SWA and FGE of the two telling cells, t
 """
 
 import argparse
-import csv
-import io
 import json
 import re
 import statistics
@@ -247,6 +245,7 @@ def summarise(root: Path, out: Path, to: Path, runs: list[tuple[str, list[str]]]
     """regime.md, regime.csv and regime.png in `to`: every finished cell of `runs` (default: the map's) against its
     M1 run; the map's cells, the cells trained with several seeds, and SWA and FGE beside the snapshots."""
     from snapens.data import scan_image_folder
+    from snapens.report import table_csv
 
     test = scan_image_folder(str(root))[1].load()  # the whole test set, in the order every run scored it
     groups = dict.fromkeys(name.rsplit("_", 1)[0] for name, _ in runs or cells())  # cells, in run order
@@ -255,11 +254,7 @@ def summarise(root: Path, out: Path, to: Path, runs: list[tuple[str, list[str]]]
     sections = [map_table(first), seeds_table(rows), others_table(first)]
     to.mkdir(parents=True, exist_ok=True)
     (to / "regime.md").write_text("\n\n".join("\n".join(t) for t in sections if len(t) > 2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV)
-    writer.writerows(csv_row(r) for r in rows)
-    (to / "regime.csv").write_text(buffer.getvalue())
+    (to / "regime.csv").write_bytes(table_csv([CSV, *map(csv_row, rows)]))
     plot_map(first, to / "regime.png")
     print((to / "regime.md").read_text(), end="")
 

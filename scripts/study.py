@@ -23,8 +23,6 @@ whether M cycles beat one run of the same cost. Members and weights are chosen o
 itself (snapens/ensemble/selection.py); the test split is only read to score them."""
 
 import argparse
-import csv
-import io
 import json
 import subprocess
 import sys
@@ -37,7 +35,7 @@ sys.path.insert(0, str(ROOT))  # run as a file from anywhere: snapens is importa
 
 from snapens.errors import SnapensError, exit_with  # noqa: E402
 from snapens.files import save_figure, write_atomic  # noqa: E402
-from snapens.report import finished_runs, mean_std  # noqa: E402
+from snapens.report import finished_runs, mean_std, table_csv  # noqa: E402
 
 KINDS = {"last": "last snapshot", "last_t": "last snapshot, T (val)", "all": "all snapshots",
          "all_t": "all snapshots, T (val)", "last_m": "last m (val)", "greedy": "greedy (val)",
@@ -107,14 +105,10 @@ def format_table(rows: list[dict]) -> str:
 
 def csv_bytes(rows: list[dict]) -> bytes:
     """study.csv: raw fractions and nats, full precision; empty where a value is unknown."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["cycles", "kind", "n"] + [f"{m}_{s}" for m in (*METRICS, "gain") for s in ("mean", "std")])
-    for row in rows:
-        for kind, e in row["kinds"].items():
-            writer.writerow([row["cycles"], kind, len(row["seeds"])]
-                            + [x for m in (*METRICS, "gain") for x in (e.get(m) or (None, None))])
-    return out.getvalue().encode()
+    header = ["cycles", "kind", "n"] + [f"{m}_{s}" for m in (*METRICS, "gain") for s in ("mean", "std")]
+    return table_csv([header, *([row["cycles"], kind, len(row["seeds"])]
+                                + [x for m in (*METRICS, "gain") for x in (e.get(m) or (None, None))]
+                                for row in rows for kind, e in row["kinds"].items())])
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

@@ -202,15 +202,18 @@ def format_table(rows: list[dict], shared: list[str]) -> str:
     return "\n".join([line(header), rule, *map(line, cells)])
 
 
+def table_csv(rows) -> bytes:
+    """The rows, the header first, as CSV lines ending in a bare newline; None is an empty cell (report.csv,
+    study.csv, regime.csv)."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue().encode()
+
+
 def csv_bytes(rows: list[dict]) -> bytes:
     """report.csv: raw fractions and seconds at full precision; empty where a value is unknown."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for r in rows:
-        writer.writerow([r["config"], r["n"], *r["single"], *r["ensemble"], *r["gain"], *r["snapshots"],
-                         r["seconds"], *r["val"], *r["greedy"], " ".join(r["runs"])])  # None: an empty cell
-    return out.getvalue().encode()
+    return table_csv([COLUMNS, *([r["config"], r["n"], *r["single"], *r["ensemble"], *r["gain"], *r["snapshots"],
+                                 r["seconds"], *r["val"], *r["greedy"], " ".join(r["runs"])] for r in rows)])
 
 
 def plot_report(rows: list[dict], shared: list[str], path: Path, split: str = "test", chosen: tuple[int, ...] = ()

@@ -4,8 +4,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from snapens.schedules.base import (Schedule, Steps, _as_floats, _check_budget, _check_lr_range, _check_momentum,
-                                    _check_steps, _cosine, _is_steps, _require, register)
+from snapens.schedules.base import (Schedule, Steps, _check_budget, _check_momentum, _check_rates, _check_steps,
+                                    _cosine, _is_steps, _require, register)
 
 ANNEAL_STRATEGIES = ("cos", "linear")
 
@@ -24,8 +24,7 @@ class Constant(Schedule):
 
     def __post_init__(self) -> None:
         _check_budget(self)
-        _as_floats(self)
-        _check_lr_range(0.0, self.eta_max)
+        _check_rates(self)
 
     def lr(self, t: int) -> float:
         self._check_t(t)
@@ -51,8 +50,7 @@ class StepDecay(Schedule):
 
     def __post_init__(self) -> None:
         _check_budget(self)
-        _as_floats(self)
-        _check_lr_range(0.0, self.eta_max)
+        _check_rates(self)
         _require(all(_is_steps(m, minimum=0) for m in self.milestones),
                  f"milestones must all be non-negative numbers of steps, got {tuple(self.milestones)}")
         object.__setattr__(self, "milestones", tuple(sorted(self.milestones)))  # a list would make it unhashable
@@ -79,8 +77,7 @@ class Cosine(Schedule):
 
     def __post_init__(self) -> None:
         _check_steps("total_steps", self.total_steps)
-        _as_floats(self)
-        _check_lr_range(self.eta_min, self.eta_max)
+        _check_rates(self)
 
     def lr(self, t: int) -> float:
         self._check_t(t)
@@ -121,8 +118,7 @@ class OneCycle(Schedule):
 
     def __post_init__(self) -> None:
         _check_steps("total_steps", self.total_steps)
-        _as_floats(self)
-        _check_lr_range(0.0, self.eta_max)
+        _check_rates(self)
         _require(0 < self.pct_start < 1, f"pct_start must be in (0, 1), got {self.pct_start!r}")
         # Otherwise the warm-up phase has zero length and torch divides by zero at step 0.
         _require(self.pct_start * self.total_steps != 1, "pct_start * total_steps must not be exactly 1 "

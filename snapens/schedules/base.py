@@ -38,9 +38,10 @@ def _check_steps(name: str, value: int, minimum: int = 1) -> None:
     _require(_is_steps(value, minimum), f"{name} must be {kind} number of steps, got {value!r}")
 
 
-def _as_floats(schedule) -> None:
+def _check_rates(schedule) -> None:
     """eta_max and eta_min as Python floats: a tensor (an optimizer's tensor lr, say) would make lr() return tensors,
-    and one that is updated in place would change the schedule under it."""
+    and one that is updated in place would change the schedule under it. Then both in range (a schedule without
+    eta_min has 0)."""
     for name in ("eta_max", "eta_min"):
         value = getattr(schedule, name, None)
         if isinstance(value, (str, bytes, bool)):
@@ -50,18 +51,16 @@ def _as_floats(schedule) -> None:
                 object.__setattr__(schedule, name, float(value))  # a frozen dataclass
             except (TypeError, ValueError):
                 raise ValueError(f"{name} must be a number, got {value!r}") from None
+    eta_max, eta_min = schedule.eta_max, getattr(schedule, "eta_min", 0.0)
+    _require(0 < eta_max < math.inf, f"eta_max must be a finite learning rate > 0, got {eta_max!r}")
+    # eta_min > eta_max is allowed, as torch allows it: the cosine then anneals upwards (snapens.train refuses it).
+    _require(0 <= eta_min < math.inf, f"eta_min must be a learning rate >= 0, got {eta_min!r}")
 
 
 def _check_budget(schedule) -> None:
     """total_steps: a positive number of steps, or None for a schedule that runs open-ended."""
     if schedule.total_steps is not None:
         _check_steps("total_steps", schedule.total_steps)
-
-
-def _check_lr_range(eta_min: float, eta_max: float) -> None:
-    _require(0 < eta_max < math.inf, f"eta_max must be a finite learning rate > 0, got {eta_max!r}")
-    # eta_min > eta_max is allowed, as torch allows it: the cosine then anneals upwards (snapens.train refuses it).
-    _require(0 <= eta_min < math.inf, f"eta_min must be a learning rate >= 0, got {eta_min!r}")
 
 
 def _check_momentum(base_momentum: float, max_momentum: float) -> None:

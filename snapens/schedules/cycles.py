@@ -8,8 +8,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from snapens.schedules.base import (Schedule, Steps, _as_floats, _check_budget, _check_lr_range, _check_momentum,
-                                    _check_steps, _cosine, _is_steps, _require, register)
+from snapens.schedules.base import (Schedule, Steps, _check_budget, _check_momentum, _check_rates, _check_steps,
+                                    _cosine, _is_steps, _require, register)
 
 CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
 log = logging.getLogger(__name__)
@@ -49,8 +49,7 @@ class SGDR(Schedule):
     def __post_init__(self) -> None:
         _check_steps("T_0", self.T_0)
         _check_budget(self)
-        _as_floats(self)
-        _check_lr_range(self.eta_min, self.eta_max)
+        _check_rates(self)
         _require(1 <= self.T_mult < math.inf, f"T_mult must be a finite number >= 1, got {self.T_mult!r}")
         _require(0 < self.decay <= 1, f"decay must be in (0, 1], got {self.decay!r}")
         # Every rounded T_i is >= 1 without a check: T_0 is an int >= 1 and T_mult >= 1.
@@ -129,8 +128,7 @@ class Snapshot(Schedule):
         _check_steps("cycles", self.cycles)
         _require(self.cycles <= self.total_steps, f"cycles must not exceed total_steps ({self.total_steps}), as "
                  f"every cycle needs a step, got {self.cycles}")
-        _as_floats(self)
-        _check_lr_range(self.eta_min, self.eta_max)
+        _check_rates(self)
 
     def _start(self, k: int) -> int:
         return k * self.total_steps // self.cycles
@@ -164,8 +162,7 @@ class CosineCycles(Schedule):
         _require(len(self.lengths) > 0, "lengths must name at least one cycle")
         _require(all(_is_steps(n) for n in self.lengths),
                  f"lengths must all be positive numbers of steps, got {self.lengths}")
-        _as_floats(self)
-        _check_lr_range(self.eta_min, self.eta_max)
+        _check_rates(self)
         _require(0 < self.decay <= 1, f"decay must be in (0, 1], got {self.decay!r}")
         # the ends once (a cache of the lengths), so that lr(t) is a bisection: O(log M) however many cycles
         object.__setattr__(self, "_ends", tuple(itertools.accumulate(self.lengths)))
@@ -222,8 +219,7 @@ class FGE(Schedule):
         _require(_is_steps(self.cycle_length, 2) and self.cycle_length % 2 == 0,
                  "cycle_length must be an even number of steps >= 2 (the rate falls for half of them and rises for "
                  f"half), got {self.cycle_length!r}")
-        _as_floats(self)
-        _check_lr_range(0.0, self.eta_max)
+        _check_rates(self)
         for name in ("alpha_1", "alpha_2"):
             value = getattr(self, name)
             _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf,
@@ -305,8 +301,7 @@ class Cyclic(Schedule):
         if self.step_size_down is not None:
             _check_steps("step_size_down", self.step_size_down)
         _check_budget(self)
-        _as_floats(self)
-        _check_lr_range(self.eta_min, self.eta_max)
+        _check_rates(self)
         _require(self.mode in CYCLIC_MODES, f"mode must be one of {CYCLIC_MODES}, got {self.mode!r}")
         _require(self.gamma > 0, f"gamma must be > 0, got {self.gamma!r}")
         _check_momentum(self.base_momentum, self.max_momentum)

@@ -93,7 +93,9 @@ def _check_known_keys(cfg: DictConfig) -> None:
                 option = f"{group}={cfg[group].name}" if "name" in cfg[group] else group
                 message = unknown_key(f"{group}.{key}", known)
                 raise SnapensError(message.replace(f" is not a key of {group}", f" is not a key of {option}", 1))
-    _check_swa_keys(cfg)
+    for key in cfg.trainer.swa:
+        if key != "start":
+            raise SnapensError(f"trainer.swa.{key} is not a key of trainer.swa; did you mean trainer.swa.start?")
 
 
 def _check_sections(cfg: DictConfig) -> None:
@@ -101,12 +103,6 @@ def _check_sections(cfg: DictConfig) -> None:
     for key in cfg:
         if key not in sections and key not in ENTRY_SECTIONS:
             raise SnapensError(unknown_key(str(key), sections))
-
-
-def _check_swa_keys(cfg: DictConfig) -> None:
-    for key in cfg.trainer.swa:
-        if key != "start":
-            raise SnapensError(f"trainer.swa.{key} is not a key of trainer.swa; did you mean trainer.swa.start?")
 
 
 def _check_choices(cfg: DictConfig) -> None:

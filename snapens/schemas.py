@@ -121,8 +121,7 @@ class CosineConfig(ScheduleConfig):
 
 
 @dataclass
-class SGDRConfig(ScheduleConfig):
-    eta_min: float
+class SGDRConfig(CosineConfig):
     T_0: float
     T_mult: float
     decay: float
@@ -159,8 +158,7 @@ class OneCycleConfig(ScheduleConfig):
 
 
 @dataclass
-class CyclicConfig(ScheduleConfig):
-    eta_min: float
+class CyclicConfig(CosineConfig):
     step_size_up: float
     step_size_down: Optional[float]
     mode: str

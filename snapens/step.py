@@ -44,16 +44,11 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, momentum: f
     """Write the schedule's values for this update into every parameter group."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    set_momentum(optimizer, momentum)
-
-
-def set_momentum(optimizer: torch.optim.Optimizer, momentum: float | None) -> None:
-    """The momentum of every parameter group (beta1 stands for it in Adam); None leaves it as it is."""
-    for group in optimizer.param_groups:
         set_group_momentum(group, momentum)
 
 
 def set_group_momentum(group: dict, momentum: float | None) -> None:
+    """The momentum of a parameter group (beta1 stands for it in Adam); None leaves it as it is."""
     if momentum is None:
         return
     if "betas" in group:

@@ -274,7 +274,7 @@ def _holder(lock, wait: float = 2.0) -> str | None:
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:  # held: by whom?
+        except BlockingIOError:  # held: by whom?
             lock.seek(0)
             pid = lock.read().strip()
             if pid:
@@ -291,13 +291,9 @@ def training_holder(run_dir: Path) -> str | None:
     """The process training into `run_dir` now (the holder of its lock, as `run_dir_lock` wrote it), or None."""
     try:
         with open(run_dir / ".lock") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError as e:
-                return _holder(lock) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
-    except OSError:  # no lock file: never trained by this snapens, or not a run dir
+            return _holder(lock)
+    except OSError:  # no lock file (never trained by this snapens, or not a run dir), or a filesystem without flock
         return None
-    return None
 
 
 def refuse_while_training(run_dirs: list) -> None:

@@ -5,7 +5,6 @@ Library modules never see a config; entry points call these builders and hand th
 
 import hashlib
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass, replace
@@ -26,8 +25,6 @@ from snapens.models import short_name
 from snapens.precision import layout
 from snapens.step import StepOptions
 from snapens.swa import WeightAverage
-
-log = logging.getLogger(__name__)
 
 
 def pick_device(name: str, key: str = "trainer.device") -> torch.device:

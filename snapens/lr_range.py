@@ -8,7 +8,6 @@ kept: lr_find.json and lr_find.png in the run dir; the model's weights are throw
 
 import dataclasses
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,7 +29,6 @@ from snapens.step import set_hyperparameters, train_step
 matplotlib.use("Agg")  # files only: works on a headless machine
 import matplotlib.pyplot as plt  # noqa: E402
 
-log = logging.getLogger("snapens.lr_find")  # the command's name, as in every lr_find.log
 SKIP_START = 0.1  # fraction of the planned steps the suggestion ignores, as fastai's lr_find does
 RULE = ("eta_max: the lr where the smoothed loss falls fastest (most negative slope against log10 lr) between the "
         "first 10% of the steps and its minimum before the blow-up, at most a tenth of the lr where the loss blew up; "
@@ -124,15 +122,14 @@ def plot_curve(result: dict, path: Path) -> None:
     """Smoothed (and raw, faint) loss against lr on a log axis, with the suggestions marked."""
     lrs, s = result["lrs"], result["suggestion"]
     smoothed = np.where(np.isfinite(result["smoothed"]), result["smoothed"], np.nan)
+    raw = np.where(np.isfinite(result["losses"]), result["losses"], np.nan)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lrs, np.where(np.isfinite(result["losses"]), result["losses"], np.nan), color="0.6", lw=1,
-            label="loss (each update)")
+    ax.plot(lrs, raw, color="0.6", lw=1, label="loss (each update)")
     ax.plot(lrs, smoothed, color="C0", label="smoothed loss")
     if s:
         ax.plot(s["eta_max"], smoothed[s["steepest_step"]], "o", color="C3",
                 label=f"eta_max {s['eta_max']:.2g} (steepest descent)")
         ax.axvline(s["lr_at_min_over_10"], color="C2", ls=":", label=f"minimum / 10: {s['lr_at_min_over_10']:.2g}")
-    raw = np.where(np.isfinite(result["losses"]), result["losses"], np.nan)
     if np.isfinite(smoothed).any():  # both curves in view, but for the raw loss's top 5% (its blow-up at the end)
         top = max(np.nanmax(smoothed), np.nanpercentile(raw, 95))
         ax.set_ylim(min(np.nanmin(smoothed), np.nanmin(raw)) * 0.95, top * 1.05)

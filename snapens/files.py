@@ -114,12 +114,9 @@ def _umask() -> int:
 
 
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
+    """SHA-256 of a file's bytes, read in blocks."""
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def refuse_to_replace(path: Path, overwrite: bool) -> None:

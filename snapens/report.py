@@ -42,13 +42,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
     for path in paths:
         if not path.is_dir():
             raise SnapensError(f"{path} is not a directory; give run dirs or a multirun dir")
-        if is_run(path):
-            runs.append(path)
-            continue
-        subdirs = run_subdirs(path)
-        if not subdirs:  # a folder of multirun dirs (outputs/multirun/<date>): each one's runs, in time order
-            subdirs = [run for folder in sorted(d for d in path.iterdir() if d.is_dir()) for run in run_subdirs(folder)]
-        runs += subdirs
+        found = [path] if is_run(path) else run_subdirs(path)
+        if not found:  # a folder of multirun dirs (outputs/multirun/<date>): each one's runs, in time order
+            found = [run for folder in sorted(d for d in path.iterdir() if d.is_dir()) for run in run_subdirs(folder)]
+        runs += found
     return runs
 
 

@@ -144,10 +144,8 @@ def statistics(split: Split, compute: Callable) -> tuple:
     """`compute(split.images)` (the channel statistics), kept for a streamed split beside the decode caches, keyed
     by its digest (its files' names, sizes and times, its labels): computing them reads every training file, which
     a start of a large data set should not repeat. The values are exactly those computed."""
-    if isinstance(split.images, torch.Tensor):
-        return compute(split.images)
-    folder = cache_dir(split.images.root)
-    if folder is None:  # nowhere to keep them
+    folder = None if isinstance(split.images, torch.Tensor) else cache_dir(split.images.root)
+    if folder is None:  # in memory, or nowhere to keep them
         return compute(split.images)
     path = folder / f"stats-{split_digest(split).removeprefix(STREAMED)[:32]}.json"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: computed again

@@ -5,7 +5,6 @@ instead of indexing a tensor; everything else is the same.
 """
 
 import math
-
 from dataclasses import dataclass
 from typing import Iterator
 

@@ -26,9 +26,7 @@ log = logging.getLogger("snapens.train")  # its lines belong to the training log
 
 
 class Monitor(ExitStack):
-    """What the loop reports as it goes: the progress bar, metrics.jsonl, TensorBoard, the epoch's running sums
-    (kept on the device and read back at checkpoints and log intervals only) and the first non-finite update. As a
-    context, it closes (flushes) its files however the loop ends."""
+    """What the module's docstring lists. As a context, it closes (flushes) its files however the loop ends."""
 
     def __init__(self, run: "Run"):
         super().__init__()

@@ -46,8 +46,7 @@ def save_snapshot(path: Path, model: torch.nn.Module, metadata: dict[str, Any], 
 # ---- the manifest: which files a run wrote, and their bytes' SHA-256 -------------------------------------------------
 # <run>/manifest.json, rewritten whole (atomically) after every snapshot of the run: a file in <run>/snapshots/
 # whose bytes it does not list was not written by its run (a copy from another run) or was changed since (a flipped
-# byte, a replaced file). The snapshot files themselves stay as they were, so equal
-# runs stay bit-equal.
+# byte, a replaced file). The snapshot files themselves stay as they were, so equal runs stay bit-equal.
 MANIFEST = "manifest.json"
 
 

@@ -64,8 +64,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     The update is made even when loss or gradient norm are not finite, unless options.skip_nonfinite: then the flag
     is read back (one wait for the device per step) and such an update is dropped, with BatchNorm's running
     statistics, which the forward pass has already moved, put back (so are those of an update whose forward pass
-    left a non-finite statistic). Gradients are those of the fp32 weights, so
-    clipping is the same under bf16.
+    left a non-finite statistic). Gradients are those of the fp32 weights, so clipping is the same under bf16.
     """
     buffers = [b.clone() for b in model.buffers()] if options.skip_nonfinite else None
     optimizer.zero_grad(set_to_none=True)

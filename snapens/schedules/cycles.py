@@ -134,7 +134,6 @@ class Snapshot(Schedule):
         return k * self.total_steps // self.cycles
 
     def cycle(self, t: int) -> int:
-        """0-based index of the cycle containing update ``t``."""
         self._check_t(t)
         return ((t + 1) * self.cycles - 1) // self.total_steps  # largest k with k*T//M <= t, i.e. k*T < (t+1)*M
 
@@ -175,7 +174,6 @@ class CosineCycles(Schedule):
         return list(self._ends)
 
     def cycle(self, t: int) -> int:
-        """0-based index of the cycle containing update ``t``."""
         self._check_t(t)
         return bisect.bisect_right(self._ends, t)
 
@@ -293,8 +291,7 @@ class Cyclic(Schedule):
                    c["base_momentum"], c["max_momentum"])
 
     def budget_ends(self) -> list[int] | None:
-        length = self.step_size_up + (self.step_size_down or self.step_size_up)
-        return list(range(length, self.total_steps + length, length))
+        return list(range(self._period(), self.total_steps + self._period(), self._period()))
 
     def __post_init__(self) -> None:
         _check_steps("step_size_up", self.step_size_up)

@@ -158,7 +158,8 @@ class OneCycleConfig(ScheduleConfig):
 
 
 @dataclass
-class CyclicConfig(CosineConfig):
+class CyclicConfig(ScheduleConfig):
+    eta_min: float
     step_size_up: float
     step_size_down: Optional[float]
     mode: str

@@ -42,9 +42,11 @@ def test_a_stop_outside_training_says_whether_there_is_a_checkpoint(tmp_path, mo
         (tmp_path / "checkpoints").mkdir()
         (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
     monkeypatch.setattr(sys, "argv", ["snapens.train", f"hydra.run.dir={tmp_path}"])
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)}
-    try:
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, even when the tests run under nohup
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,
+                                              signal.SIGUSR2)}
+    try:  # as in a terminal, even when the tests run under nohup (SIGHUP ignored) or in the background (SIGINT)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with pytest.raises(SystemExit) as stop:
             cli.run(lambda: os.kill(os.getpid(), signal.Signals[name]))
     finally:

@@ -33,12 +33,18 @@ from conftest import (
 RUN = [*DOUBLING_CYCLES_7, "trainer.checkpoint_every=1"]
 
 
+def as_in_a_terminal():
+    """SIGHUP and SIGINT at their defaults even when the tests run under nohup (which ignores SIGHUP) or were started
+    in the background by a shell (which ignores SIGINT): snapens leaves an ignored signal ignored."""
+    for s in (signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def start(run_dir, *extra):
-    """The training command, with SIGHUP at its default even when the tests run under nohup (which ignores it, and
-    snapens leaves an ignored signal ignored)."""
+    """The training command, its signals as in a terminal."""
     return subprocess.Popen([sys.executable, "-m", "snapens.train", *RUN, *extra, f"hydra.run.dir={run_dir}"],
                             cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+                            preexec_fn=as_in_a_terminal)
 
 
 def wait_for(process, ready, timeout=HANG):

@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from snapens.batches import normalize
-from snapens.data import load_image_folder, prepare
+from snapens.data import prepare, scan_image_folder
 from snapens.snapshots import list_snapshots, load_into, read_metadata
 
 from conftest import HANG
@@ -48,7 +48,7 @@ def test_resnet20_sgdr_on_cifar10_subset(cifar_root, tmp_path):
 
     # Recompute from the files alone: the model from .hydra/config.yaml, normalisation and classes from metadata.
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    train, test, classes = load_image_folder(str(cifar_root))
+    train, test, classes = scan_image_folder(str(cifar_root))  # only the chosen images are decoded, as in training
     test = prepare(train, test, classes, train_limit=5000, test_limit=1000).test
     model = instantiate(cfg.model).eval()
     logits = []

@@ -43,7 +43,7 @@ fi
 # CUBLAS_WORKSPACE_CONFIG before CUDA starts, for the probe of deterministic mode
 PROBE_DEVICE=$DEVICE CUBLAS_WORKSPACE_CONFIG=:4096:8 step probe 90 $PY scripts/gpu_probe.py
 # 2. the gpu-marked tests (skipped on a CPU)
-step pytest_gpu 60 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+step pytest_gpu 60 $PY -m pytest -q -o addopts= -p no:cacheprovider -m gpu tests/test_gpu.py  # no xdist needed
 # 3. training throughput against the plain loop (bf16 on CUDA, channels_last); s/epoch = 50000 / img/s
 MODELS=resnet20,wrn16_4,wrn28_10; $DRY && MODELS=resnet20
 step bench_train 150 $PY scripts/bench_train.py "${ROOT_ARGS[@]}" --device $DEVICE "${QUICK[@]}" \

@@ -306,7 +306,7 @@ def test_open_ended_sgdr_stepped_200_000_times_is_torchs_warm_restarts():
     mine, theirs = three_groups(), three_groups()
     ours = snapens.SGDR(mine, T_0=7, T_mult=2, eta_min=0.001)  # no total_steps: it runs as long as you step it
     reference = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(theirs, T_0=7, T_mult=2, eta_min=0.001)
-    restarts = {7 * (2**i - 1) for i in range(1, 16)}  # cycle ends: 7, 21, 49, ..., 114,681 (the 14th)
+    restarts = {7 * (2**i - 1) for i in range(1, 15)}  # the cycle ends it reaches: 7, 21, 49, ..., 114,681
     for k in range(1, 200_001):
         ours.step()
         reference.step()

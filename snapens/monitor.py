@@ -26,7 +26,8 @@ log = logging.getLogger("snapens.train")  # its lines belong to the training log
 
 
 class Monitor(ExitStack):
-    """What the module's docstring lists. As a context, it closes (flushes) its files however the loop ends."""
+    """The loop's reports, as the module's docstring lists them; as a context, it closes (flushes) its files however
+    the loop ends."""
 
     def __init__(self, run: "Run"):
         super().__init__()
